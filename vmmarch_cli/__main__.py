@@ -1,0 +1,3 @@
+from vmmarch_cli.cli import main
+
+main()

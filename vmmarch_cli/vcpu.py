@@ -1,0 +1,310 @@
+"""The hypervisor-neutral interface: what a backend must offer the arch pipeline and the machine.
+
+Everything here is plain data or a ``typing.Protocol``. Nothing is KVM-specific: segments carry
+the architectural 16-bit attribute word (the GDT descriptor's flags, Intel SDM vol. 3A 3.4.5),
+limits are in bytes, the LAPIC is the architectural 1 KiB xAPIC register page (SDM vol. 3A
+10.4.1, table 10-1), and exits name what the guest did, not how a hypervisor reported it.
+A backend translates to its native form once, at its own boundary.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+# --- registers -----------------------------------------------------------------------------
+
+GPR_NAMES = (
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Regs:
+    """General-purpose registers, RIP and RFLAGS."""
+
+    rax: int = 0
+    rbx: int = 0
+    rcx: int = 0
+    rdx: int = 0
+    rsi: int = 0
+    rdi: int = 0
+    rsp: int = 0
+    rbp: int = 0
+    r8: int = 0
+    r9: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+    r14: int = 0
+    r15: int = 0
+    rip: int = 0
+    rflags: int = 0x2  # bit 1 is reserved and always 1 (SDM vol. 1 3.4.3)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment register with its hidden part.
+
+    ``attributes`` is the descriptor's flag word: bits 0-7 are the access byte (type, S, DPL, P),
+    bits 12-15 are AVL, L, D/B, G (SDM vol. 3A 3.4.5). ``limit`` is in bytes, already scaled by G.
+    A null/unusable segment has P (bit 7) clear.
+    """
+
+    selector: int = 0
+    base: int = 0
+    limit: int = 0
+    attributes: int = 0
+
+    @property
+    def present(self) -> bool:
+        return bool(self.attributes & 0x80)
+
+
+@dataclass(frozen=True)
+class DescriptorTable:
+    """GDTR or IDTR: a linear base and a limit in bytes (the last valid byte offset)."""
+
+    base: int = 0
+    limit: int = 0
+
+
+@dataclass(frozen=True)
+class Sregs:
+    """Segment, descriptor-table and control registers, EFER and the APIC base MSR."""
+
+    cs: Segment = Segment()
+    ds: Segment = Segment()
+    es: Segment = Segment()
+    fs: Segment = Segment()
+    gs: Segment = Segment()
+    ss: Segment = Segment()
+    tr: Segment = Segment()
+    ldt: Segment = Segment()
+    gdt: DescriptorTable = DescriptorTable()
+    idt: DescriptorTable = DescriptorTable()
+    cr0: int = 0
+    cr2: int = 0
+    cr3: int = 0
+    cr4: int = 0
+    cr8: int = 0
+    efer: int = 0
+    apic_base: int = 0
+
+
+SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+
+
+@dataclass(frozen=True)
+class Fpu:
+    """The x87 control word and the SSE control/status register (SDM vol. 1 8.1.5, 10.2.3)."""
+
+    fcw: int = 0x37F
+    mxcsr: int = 0x1F80
+
+
+@dataclass(frozen=True)
+class MsrEntry:
+    index: int
+    value: int
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """One CPUID leaf (function) and subleaf (index); ``indexed`` says ECX selects the subleaf."""
+
+    function: int
+    index: int = 0
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
+    indexed: bool = False
+
+
+LAPIC_PAGE_SIZE = 1024  # the xAPIC registers that matter live in the first KiB (SDM table 10-1)
+
+
+@dataclass(frozen=True)
+class Lapic:
+    """The local APIC register page: 32-bit registers at 16-byte strides (SDM vol. 3A 10.4.1)."""
+
+    page: bytes = bytes(LAPIC_PAGE_SIZE)
+
+    def register(self, offset: int) -> int:
+        return int.from_bytes(self.page[offset : offset + 4], "little")
+
+    def with_register(self, offset: int, value: int) -> Lapic:
+        page = bytearray(self.page)
+        page[offset : offset + 4] = (value & 0xFFFF_FFFF).to_bytes(4, "little")
+        return Lapic(bytes(page))
+
+
+# --- exits ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IoOut:
+    port: int
+    size: int
+    data: bytes  # ``count`` repetitions of ``size`` bytes for a rep outs
+
+
+@dataclass(frozen=True)
+class IoIn:
+    port: int
+    size: int
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class MmioWrite:
+    address: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class MmioRead:
+    address: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Halt:
+    pass
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """A triple fault (or the architectural shutdown state it leads to)."""
+
+    reason: str = "triple fault"
+
+
+@dataclass(frozen=True)
+class InternalError:
+    """The hypervisor could not run or emulate what the guest did."""
+
+    reason: str
+    instruction: bytes = b""
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """The run was cut short from the host side (stop request, signal)."""
+
+
+@dataclass(frozen=True)
+class Unknown:
+    reason: str
+
+
+VcpuExit = (
+    IoOut | IoIn | MmioWrite | MmioRead | Halt | Shutdown | InternalError | Interrupted | Unknown
+)
+
+
+# --- protocols -----------------------------------------------------------------------------
+
+
+@runtime_checkable
+class GuestMemory(Protocol):
+    """Guest-physical memory with bounds-checked access.
+
+    Every access that names a range outside RAM raises ``GuestMemoryError``; no caller ever
+    computes a host address from a guest value.
+    """
+
+    @property
+    def size(self) -> int:
+        """Bytes of RAM (the sum of the regions)."""
+        ...
+
+    def regions(self) -> Sequence[tuple[int, int]]:
+        """(guest-physical start, length) of each RAM region, sorted."""
+        ...
+
+    def read(self, address: int, length: int) -> bytes: ...
+
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def view(self, address: int, length: int) -> memoryview:
+        """A writable view of a range inside one region (for zero-copy loading)."""
+        ...
+
+    def contains(self, address: int, length: int) -> bool: ...
+
+
+class Vcpu(Protocol):
+    """One virtual CPU. Setters take the whole state at once; backends translate it once."""
+
+    index: int
+
+    def get_regs(self) -> Regs: ...
+    def set_regs(self, regs: Regs) -> None: ...
+    def get_sregs(self) -> Sregs: ...
+    def set_sregs(self, sregs: Sregs) -> None: ...
+    def get_fpu(self) -> Fpu: ...
+    def set_fpu(self, fpu: Fpu) -> None: ...
+    def get_msrs(self, indices: Sequence[int]) -> list[MsrEntry]: ...
+    def set_msrs(self, entries: Sequence[MsrEntry]) -> None:
+        """Set every entry or raise: a partial write is an error."""
+        ...
+
+    def get_cpuid(self) -> list[CpuidEntry]: ...
+    def set_cpuid(self, entries: Sequence[CpuidEntry]) -> None: ...
+    def get_lapic(self) -> Lapic: ...
+    def set_lapic(self, lapic: Lapic) -> None: ...
+    def run(self) -> VcpuExit: ...
+    def complete_io_in(self, data: bytes) -> None:
+        """Hand the bytes of the last ``IoIn`` to the guest before the next ``run``."""
+        ...
+
+    def complete_mmio_read(self, data: bytes) -> None: ...
+    def request_stop(self) -> None:
+        """Make a running or the next ``run`` return ``Interrupted``; callable from any thread."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Vm(Protocol):
+    """A virtual machine: memory, interrupt lines and vCPUs."""
+
+    memory: GuestMemory
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        """What the hypervisor can offer a guest, the starting point of the CPUID step."""
+        ...
+
+    def create_vcpu(self, index: int) -> Vcpu: ...
+    def set_irq_line(self, irq: int, level: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class HypervisorInfo:
+    """What ``vmm-arch backends`` shows about a backend."""
+
+    name: str
+    usable: bool
+    reason: str = ""
+    facts: dict[str, str] = field(default_factory=dict)
+
+
+class Hypervisor(Protocol):
+    name: str
+
+    def info(self) -> HypervisorInfo: ...
+
+    def default_cpu_mask(self) -> frozenset[str]:
+        """CPU features this host cannot run in a guest's ring 0, to hide from CPUID."""
+        ...
+
+    def create_vm(self, regions: Sequence[tuple[int, int]]) -> Vm:
+        """A VM whose RAM is the given (guest-physical start, length) regions."""
+        ...
