@@ -1,0 +1,196 @@
+"""The x86_64 boot pipeline: an ordered list of named steps, each pure state applied through
+``GuestMemory`` or ``Vcpu`` only. No backend, device or CLI is imported here.
+
+Order matters: guest memory first (tables the vCPU state points at), then per vCPU CPUID before
+MSRs (since Linux 6.13 KVM hides CPUID-gated MSRs until CPUID is set; Firecracker 4681a67f7),
+then FPU, GPRs, sregs, and the LAPIC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from vmmarch_cli.arch.x86_64 import (
+    boot_params,
+    cpuid,
+    e820,
+    gdt,
+    lapic,
+    layout,
+    mptable,
+    msr,
+    paging,
+    regs,
+)
+from vmmarch_cli.vcpu import CpuidEntry, GuestMemory, Vcpu
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """Everything the pipeline needs to know, decided before it runs."""
+
+    entry: int
+    cmdline: bytes
+    ram_regions: tuple[tuple[int, int], ...]
+    cpu_count: int = 1
+    cpu_mask: frozenset[str] = frozenset()
+    initrd_address: int = 0
+    initrd_size: int = 0
+    setup_header: bytes = b""
+    kernel_alignment: int = 0x100_0000  # what Firecracker reports for an ELF vmlinux
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step did, for ``dump-regs`` and for tests that run a step alone."""
+
+    step: str
+    target: str  # "memory" or "cpu<N>"
+    summary: dict[str, str] = field(default_factory=dict)
+
+
+MemoryStep = Callable[[BootPlan, GuestMemory], dict[str, str]]
+VcpuStep = Callable[[BootPlan, Vcpu, Sequence[CpuidEntry]], dict[str, str]]
+
+
+def _hex(v: int) -> str:
+    return f"{v:#x}"
+
+
+# --- memory steps --------------------------------------------------------------------------
+
+
+def write_cmdline(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+    mem.write(layout.CMDLINE_START, plan.cmdline + b"\0")
+    return {"address": _hex(layout.CMDLINE_START), "size": str(len(plan.cmdline) + 1)}
+
+
+def write_gdt(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+    table = gdt.linux64_gdt()
+    mem.write(layout.BOOT_GDT_START, gdt.pack_table(table))
+    mem.write(layout.BOOT_IDT_START, bytes(8))
+    return {"gdt": _hex(layout.BOOT_GDT_START), "entries": str(len(table)),
+            "idt": _hex(layout.BOOT_IDT_START)}  # fmt: skip
+
+
+def write_page_tables(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+    tables = paging.identity_tables()
+    for address, data in tables.tables:
+        mem.write(address, data)
+    return {"cr3": _hex(tables.cr3), "identity_map": f"{layout.IDENTITY_MAP_GIB} GiB"}
+
+
+def write_mptable(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+    table = mptable.build(plan.cpu_count)
+    mem.write(table.address, table.data)
+    return {"address": _hex(table.address), "size": str(len(table.data))}
+
+
+def write_zero_page(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+    entries = e820.memory_map(plan.ram_regions)
+    page = boot_params.build(
+        boot_params.ZeroPage(
+            cmdline_address=layout.CMDLINE_START,
+            cmdline_size=len(plan.cmdline) + 1,
+            e820=entries,
+            initrd_address=plan.initrd_address,
+            initrd_size=plan.initrd_size,
+            setup_header=plan.setup_header,
+            kernel_alignment=plan.kernel_alignment,
+        )
+    )
+    mem.write(layout.ZERO_PAGE_START, page)
+    return {"address": _hex(layout.ZERO_PAGE_START), "e820_entries": str(len(entries)),
+            "initrd": f"{plan.initrd_address:#x}+{plan.initrd_size:#x}"}  # fmt: skip
+
+
+# --- vCPU steps ----------------------------------------------------------------------------
+
+
+def set_cpuid(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
+    topology = cpuid.Topology(apic_id=vcpu.index, cpu_count=plan.cpu_count)
+    entries = cpuid.normalize(supported, topology, plan.cpu_mask)
+    vcpu.set_cpuid(entries)
+    return {"leaves": str(len(entries)), "apic_id": str(vcpu.index),
+            "masked": ",".join(sorted(plan.cpu_mask)) or "-"}  # fmt: skip
+
+
+def set_msrs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
+    entries = msr.boot_msrs()
+    vcpu.set_msrs(entries)
+    return {msr.MSR_NAMES[e.index]: _hex(e.value) for e in entries}
+
+
+def set_fpu(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
+    fpu = regs.boot_fpu()
+    vcpu.set_fpu(fpu)
+    return {"fcw": _hex(fpu.fcw), "mxcsr": _hex(fpu.mxcsr)}
+
+
+def set_regs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
+    r = regs.linux64_regs(plan.entry)
+    vcpu.set_regs(r)
+    return {"rip": _hex(r.rip), "rsp": _hex(r.rsp), "rbp": _hex(r.rbp), "rsi": _hex(r.rsi),
+            "rflags": _hex(r.rflags)}  # fmt: skip
+
+
+def set_sregs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
+    s = regs.linux64_sregs(vcpu.get_sregs(), cr3=layout.PML4_START)
+    vcpu.set_sregs(s)
+    return {"cs": _hex(s.cs.selector), "ds": _hex(s.ds.selector), "tr": _hex(s.tr.selector),
+            "cr0": _hex(s.cr0), "cr3": _hex(s.cr3), "cr4": _hex(s.cr4), "efer": _hex(s.efer),
+            "gdtr": f"{s.gdt.base:#x}/{s.gdt.limit:#x}",
+            "idtr": f"{s.idt.base:#x}/{s.idt.limit:#x}"}  # fmt: skip
+
+
+def set_lapic(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
+    state = lapic.virtual_wire(vcpu.get_lapic())
+    vcpu.set_lapic(state)
+    return {"lvt0": _hex(state.register(lapic.APIC_LVT0)),
+            "lvt1": _hex(state.register(lapic.APIC_LVT1))}  # fmt: skip
+
+
+#: The pipeline, in order. Names are what ``dump-regs`` and tests refer to.
+MEMORY_STEPS: tuple[tuple[str, MemoryStep], ...] = (
+    ("cmdline", write_cmdline),
+    ("gdt", write_gdt),
+    ("page_tables", write_page_tables),
+    ("mptable", write_mptable),
+    ("boot_params", write_zero_page),
+)
+VCPU_STEPS: tuple[tuple[str, VcpuStep], ...] = (
+    ("cpuid", set_cpuid),
+    ("msrs", set_msrs),
+    ("fpu", set_fpu),
+    ("regs", set_regs),
+    ("sregs", set_sregs),
+    ("lapic", set_lapic),
+)
+
+
+def probe_cpuid_mask(
+    vcpu: Vcpu, supported: Sequence[CpuidEntry], mask: frozenset[str], cpu_count: int
+) -> list[str]:
+    """Set the masked CPUID on ``vcpu`` and read it back: the masked features still visible.
+
+    Some hypervisors answer parts of CPUID themselves (a PVM host reports the host's leaves 1,
+    7 and 0DH whatever the VMM set); the caller then asks the kernel to ignore those features
+    (``clearcpuid=``). Detected per boot, so a hypervisor that honours the table needs nothing.
+    """
+    vcpu.set_cpuid(cpuid.normalize(supported, cpuid.Topology(vcpu.index, cpu_count), mask))
+    return cpuid.leaked(mask, vcpu.get_cpuid())
+
+
+def configure(
+    plan: BootPlan,
+    memory: GuestMemory,
+    vcpus: Sequence[Vcpu],
+    supported_cpuid: Sequence[CpuidEntry],
+) -> list[StepRecord]:
+    """Run every step: memory once, then each vCPU in index order."""
+    records = [StepRecord(name, "memory", step(plan, memory)) for name, step in MEMORY_STEPS]
+    for vcpu in vcpus:
+        for name, vstep in VCPU_STEPS:
+            records.append(StepRecord(name, f"cpu{vcpu.index}", vstep(plan, vcpu, supported_cpuid)))
+    return records

@@ -1,0 +1,65 @@
+"""Register state at the kernel's entry: GPRs, segments, control registers, EFER, FPU.
+
+The 64-bit entry follows Documentation/arch/x86/boot.rst, "64-bit Boot Protocol": long mode with
+paging on, an identity map covering the kernel, boot_params and cmdline; RSI = boot_params;
+CS = __BOOT_CS, DS/ES/SS = __BOOT_DS; interrupts off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from vmmarch_cli.arch.x86_64 import gdt, layout
+from vmmarch_cli.vcpu import DescriptorTable, Fpu, Regs, Sregs
+
+# Control-register bits (Intel SDM vol. 3A 2.5) and EFER bits (2.2.1).
+X86_CR0_PE = 1 << 0
+X86_CR0_ET = 1 << 4
+X86_CR0_PG = 1 << 31
+X86_CR4_PAE = 1 << 5
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+#: RFLAGS with only the reserved bit 1 set: IF clear (SDM vol. 1 3.4.3).
+RFLAGS_RESERVED = 0x2
+
+#: CR0 written whole, not OR-ed into a backend's reset value, so every backend starts equal:
+#: protected mode, paging, and ET (hard-wired to 1 on every CPU since the 486).
+BOOT_CR0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_PG
+BOOT_CR4 = X86_CR4_PAE
+BOOT_EFER = EFER_LME | EFER_LMA
+
+#: x87 control word after FNINIT and the MXCSR reset value (SDM vol. 1 8.1.5, 10.2.3.1).
+FPU_FCW_INIT = 0x37F
+MXCSR_INIT = 0x1F80
+
+
+def linux64_regs(entry: int, zero_page: int = layout.ZERO_PAGE_START) -> Regs:
+    return Regs(
+        rip=entry,
+        rsp=layout.BOOT_STACK_POINTER,
+        rbp=layout.BOOT_STACK_POINTER,
+        rsi=zero_page,
+        rflags=RFLAGS_RESERVED,
+    )
+
+
+def linux64_sregs(current: Sregs, cr3: int) -> Sregs:
+    """Long-mode sregs with segments loaded from ``gdt.linux64_gdt()``.
+
+    ``current`` supplies what the boot protocol leaves to the CPU's reset state (APIC base, LDT).
+    """
+    table = gdt.linux64_gdt()
+    code = gdt.segment_from_gdt(table[gdt.BOOT_CS_INDEX], gdt.BOOT_CS_INDEX)
+    data = gdt.segment_from_gdt(table[gdt.BOOT_DS_INDEX], gdt.BOOT_DS_INDEX)
+    tss = gdt.segment_from_gdt(table[gdt.BOOT_TSS_INDEX], gdt.BOOT_TSS_INDEX)
+    return replace(
+        current,
+        cs=code, ds=data, es=data, fs=data, gs=data, ss=data, tr=tss,
+        gdt=DescriptorTable(layout.BOOT_GDT_START, len(table) * 8 - 1),
+        idt=DescriptorTable(layout.BOOT_IDT_START, 8 - 1),
+        cr0=BOOT_CR0, cr2=0, cr3=cr3, cr4=BOOT_CR4, cr8=0, efer=BOOT_EFER,
+    )  # fmt: skip
+
+
+def boot_fpu() -> Fpu:
+    return Fpu(fcw=FPU_FCW_INIT, mxcsr=MXCSR_INIT)
