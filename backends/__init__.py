@@ -1,0 +1,44 @@
+"""Hypervisor backends, by name. Each one implements ``vmmarch_cli.vcpu.Hypervisor``.
+
+Backends are imported on first use, so ``vmm-arch --help`` pays for none of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from vmmarch_cli.errors import BadInputError, BackendUnavailableError
+from vmmarch_cli.vcpu import Hypervisor, HypervisorInfo
+
+#: name -> (module, class)
+REGISTRY: dict[str, tuple[str, str]] = {
+    "kvm": ("backends.kvm", "KvmHypervisor"),
+}
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def _class(name: str) -> Any:
+    if name not in REGISTRY:
+        raise BadInputError(f"unknown backend {name!r}; choose one of {', '.join(REGISTRY)}")
+    module, cls = REGISTRY[name]
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise BackendUnavailableError(f"backend {name!r} cannot load: {e}") from None
+
+
+def open_backend(name: str) -> Hypervisor:
+    hv: Hypervisor = _class(name)()
+    return hv
+
+
+def probe(name: str) -> HypervisorInfo:
+    try:
+        info: HypervisorInfo = _class(name).probe()
+    except BackendUnavailableError as e:
+        return HypervisorInfo(name, False, str(e))
+    return info

@@ -1,0 +1,309 @@
+"""A KVM vCPU behind the neutral ``Vcpu`` interface."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import signal
+import threading
+from collections import Counter
+from collections.abc import Sequence
+
+from backends.kvm import abi, convert
+from backends.kvm.emulation import OPCODE_FWAIT, SoftwareEvent, decode_software_event, fwait_event
+from backends.kvm.system import checked, ioctl
+from vmmarch_cli.errors import BackendError
+from vmmarch_cli.vcpu import (
+    LAPIC_PAGE_SIZE,
+    CpuidEntry,
+    Fpu,
+    Halt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    Lapic,
+    MmioRead,
+    MmioWrite,
+    MsrEntry,
+    Regs,
+    Shutdown,
+    Sregs,
+    Unknown,
+    VcpuExit,
+)
+
+#: The signal that kicks a vCPU thread out of KVM_RUN (a no-op handler is installed for it).
+KICK_SIGNAL = signal.SIGUSR1
+
+# Legacy FXSAVE region offsets inside the XSAVE area (SDM vol. 1 table 10-2, 13.4.1).
+XSAVE_FCW = 0
+XSAVE_MXCSR = 24
+XSAVE_XSTATE_BV = 512
+XFEATURE_X87_SSE = 0x3
+
+
+def install_kick_handler() -> None:
+    """Make KICK_SIGNAL interrupt KVM_RUN instead of killing the process (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+        signal.siginterrupt(KICK_SIGNAL, True)
+
+
+class KvmVcpu:
+    def __init__(self, index: int, fd: int, mmap_size: int, has_xsave: bool) -> None:
+        self.index = index
+        self._fd = fd
+        self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._run: abi.kvm_run | None = abi.kvm_run.from_buffer(self._map)
+        self._has_xsave = has_xsave
+        self._pending_in: tuple[int, int] | None = None  # (offset in kvm_run, length)
+        self._pending_mmio = False
+        self._stop = threading.Event()
+        self._thread_id: int | None = None
+        #: Software interrupts the hypervisor could not emulate and we injected, by mnemonic.
+        self.injected_events: Counter[str] = Counter()
+
+    @property
+    def run_struct(self) -> abi.kvm_run:
+        if self._run is None:
+            raise BackendError(f"vCPU {self.index} is closed")
+        return self._run
+
+    # --- state -------------------------------------------------------------------------
+
+    def get_regs(self) -> Regs:
+        k = abi.kvm_regs()
+        checked(self._fd, abi.KVM_GET_REGS, k, "KVM_GET_REGS")
+        return convert.regs_from_kvm(k)
+
+    def set_regs(self, regs: Regs) -> None:
+        checked(self._fd, abi.KVM_SET_REGS, convert.regs_to_kvm(regs), "KVM_SET_REGS")
+
+    def _kvm_sregs(self) -> abi.kvm_sregs:
+        k = abi.kvm_sregs()
+        checked(self._fd, abi.KVM_GET_SREGS, k, "KVM_GET_SREGS")
+        return k
+
+    def get_sregs(self) -> Sregs:
+        return convert.sregs_from_kvm(self._kvm_sregs())
+
+    def set_sregs(self, sregs: Sregs) -> None:
+        k = convert.sregs_to_kvm(sregs, self._kvm_sregs())
+        checked(self._fd, abi.KVM_SET_SREGS, k, "KVM_SET_SREGS")
+
+    def get_fpu(self) -> Fpu:
+        if self._has_xsave:
+            x = abi.kvm_xsave()
+            checked(self._fd, abi.KVM_GET_XSAVE, x, "KVM_GET_XSAVE")
+            raw = bytes(x)
+            return Fpu(fcw=int.from_bytes(raw[XSAVE_FCW : XSAVE_FCW + 2], "little"),
+                       mxcsr=int.from_bytes(raw[XSAVE_MXCSR : XSAVE_MXCSR + 4], "little"))  # fmt: skip
+        f = abi.kvm_fpu()
+        checked(self._fd, abi.KVM_GET_FPU, f, "KVM_GET_FPU")
+        return Fpu(fcw=f.fcw, mxcsr=f.mxcsr)
+
+    def set_fpu(self, fpu: Fpu) -> None:
+        """Through KVM_SET_XSAVE where offered: KVM_SET_FPU ignores kvm_fpu.mxcsr upstream."""
+        f = abi.kvm_fpu()
+        checked(self._fd, abi.KVM_GET_FPU, f, "KVM_GET_FPU")
+        f.fcw = fpu.fcw
+        f.mxcsr = fpu.mxcsr
+        checked(self._fd, abi.KVM_SET_FPU, f, "KVM_SET_FPU")
+        if not self._has_xsave:
+            return
+        x = abi.kvm_xsave()
+        checked(self._fd, abi.KVM_GET_XSAVE, x, "KVM_GET_XSAVE")
+        raw = (ctypes.c_uint8 * ctypes.sizeof(x)).from_buffer(x)
+        raw[XSAVE_FCW : XSAVE_FCW + 2] = list(fpu.fcw.to_bytes(2, "little"))
+        raw[XSAVE_MXCSR : XSAVE_MXCSR + 4] = list(fpu.mxcsr.to_bytes(4, "little"))
+        raw[XSAVE_XSTATE_BV] |= XFEATURE_X87_SSE  # else the CPU loads x87/SSE init state
+        checked(self._fd, abi.KVM_SET_XSAVE, x, "KVM_SET_XSAVE")
+
+    def get_msrs(self, indices: Sequence[int]) -> list[MsrEntry]:
+        header, entries = abi.msrs_buffer(len(indices))
+        for e, index in zip(entries, indices, strict=True):
+            e.index = index
+        n = checked(self._fd, abi.KVM_GET_MSRS, header, "KVM_GET_MSRS")
+        return [MsrEntry(entries[i].index, entries[i].data) for i in range(n)]
+
+    def set_msrs(self, msrs: Sequence[MsrEntry]) -> None:
+        header, entries = abi.msrs_buffer(len(msrs))
+        for e, m in zip(entries, msrs, strict=True):
+            e.index, e.data = m.index, m.value
+        n = checked(self._fd, abi.KVM_SET_MSRS, header, "KVM_SET_MSRS")
+        if n != len(msrs):
+            # KVM stops at the first MSR it refuses and returns how many it set.
+            bad = msrs[n]
+            raise BackendError(
+                f"KVM_SET_MSRS set {n} of {len(msrs)} MSRs: it refused MSR {bad.index:#x} "
+                f"= {bad.value:#x}"
+            )
+
+    def get_cpuid(self) -> list[CpuidEntry]:
+        header, entries = abi.cpuid_buffer(256)
+        checked(self._fd, abi.KVM_GET_CPUID2, header, "KVM_GET_CPUID2")
+        return [cpuid_from_kvm(entries[i]) for i in range(header.nent)]
+
+    def set_cpuid(self, cpuid: Sequence[CpuidEntry]) -> None:
+        header, entries = abi.cpuid_buffer(len(cpuid))
+        for k, e in zip(entries, cpuid, strict=True):
+            k.function, k.index = e.function, e.index
+            k.flags = abi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX if e.indexed else 0
+            k.eax, k.ebx, k.ecx, k.edx = e.eax, e.ebx, e.ecx, e.edx
+        checked(self._fd, abi.KVM_SET_CPUID2, header, "KVM_SET_CPUID2")
+
+    def get_lapic(self) -> Lapic:
+        k = abi.kvm_lapic_state()
+        checked(self._fd, abi.KVM_GET_LAPIC, k, "KVM_GET_LAPIC")
+        return Lapic(bytes(k)[:LAPIC_PAGE_SIZE])
+
+    def set_lapic(self, lapic: Lapic) -> None:
+        k = abi.kvm_lapic_state.from_buffer_copy(lapic.page.ljust(abi.KVM_APIC_REG_SIZE, b"\0"))
+        checked(self._fd, abi.KVM_SET_LAPIC, k, "KVM_SET_LAPIC")
+
+    # --- running -----------------------------------------------------------------------
+
+    def run(self) -> VcpuExit:
+        run = self.run_struct
+        while True:
+            if self._stop.is_set():
+                return Interrupted()
+            self._thread_id = threading.get_ident()
+            try:
+                ioctl(self._fd, abi.KVM_RUN)
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.EAGAIN):
+                    if self._stop.is_set():
+                        return Interrupted()
+                    continue
+                raise BackendError(f"KVM_RUN failed: {e.strerror} (errno {e.errno})") from None
+            finally:
+                self._thread_id = None
+            reason = run.exit_reason
+            if reason == abi.KVM_EXIT_IO:
+                return self._io_exit(run)
+            if reason == abi.KVM_EXIT_MMIO:
+                m = run.exit.mmio
+                if m.is_write:
+                    return MmioWrite(m.phys_addr, bytes(m.data)[: m.len])
+                self._pending_mmio = True
+                return MmioRead(m.phys_addr, m.len)
+            if reason == abi.KVM_EXIT_INTERNAL_ERROR:
+                handled = self._internal_error(run)
+                if handled is None:
+                    continue
+                return handled
+            if reason == abi.KVM_EXIT_HLT:
+                return Halt()
+            if reason == abi.KVM_EXIT_SHUTDOWN:
+                return Shutdown("triple fault")
+            if reason == abi.KVM_EXIT_INTR:
+                if self._stop.is_set():
+                    return Interrupted()
+                continue
+            if reason == abi.KVM_EXIT_FAIL_ENTRY:
+                code = run.exit.fail_entry.hardware_entry_failure_reason
+                return InternalError(f"VM entry failed (hardware reason {code:#x})")
+            if reason == abi.KVM_EXIT_SYSTEM_EVENT:
+                kind = run.exit.system_event.type
+                if kind == abi.KVM_SYSTEM_EVENT_RESET:
+                    return Shutdown("reset")
+                return Shutdown(f"system event {kind}")
+            return Unknown(f"KVM exit reason {reason}")
+
+    def _io_exit(self, run: abi.kvm_run) -> VcpuExit:
+        io = run.exit.io
+        length = io.size * io.count
+        if io.direction == abi.KVM_EXIT_IO_OUT:
+            start = io.data_offset
+            return IoOut(io.port, io.size, self._map[start : start + length])
+        self._pending_in = (io.data_offset, length)
+        return IoIn(io.port, io.size, io.count)
+
+    def _internal_error(self, run: abi.kvm_run) -> VcpuExit | None:
+        """Inject the software interrupts the emulator rejects; anything else is a fault."""
+        internal = run.exit.internal
+        if internal.suberror != abi.KVM_INTERNAL_ERROR_EMULATION:
+            return InternalError(f"KVM internal error, suberror {internal.suberror}")
+        failure = run.exit.emulation_failure
+        insn = b""
+        if failure.ndata >= 3 and failure.flags & abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            insn = bytes(failure.insn_bytes)[: min(failure.insn_size, 15)]
+        event = decode_software_event(insn)
+        if event is None and insn[:1] == bytes((OPCODE_FWAIT,)):
+            fpu = abi.kvm_fpu()
+            checked(self._fd, abi.KVM_GET_FPU, fpu, "KVM_GET_FPU")
+            event = fwait_event(fpu.fsw)
+        if event is None:
+            return InternalError("KVM could not emulate an instruction", insn)
+        self._complete(event)
+        return None
+
+    def _complete(self, event: SoftwareEvent) -> None:
+        """Step past the instruction and inject what it raises.
+
+        The hypervisor pushes the current RIP for an injected event, so RIP moves first: the
+        handler's iretq then resumes after the instruction, as on hardware.
+        """
+        if event.length:
+            regs = self.get_regs()
+            self.set_regs(Regs(**{**regs.__dict__, "rip": regs.rip + event.length}))
+        self.injected_events[event.mnemonic] += 1
+        if event.vector is None:
+            return
+        events = abi.kvm_vcpu_events()
+        checked(self._fd, abi.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        if event.exception:
+            events.exception.injected = 1
+            events.exception.nr = event.vector
+            events.exception.has_error_code = 0
+        else:
+            events.interrupt.injected = 1
+            events.interrupt.nr = event.vector
+            events.interrupt.soft = 1
+        events.flags = 0
+        checked(self._fd, abi.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+
+    def complete_io_in(self, data: bytes) -> None:
+        if self._pending_in is None:
+            return
+        offset, length = self._pending_in
+        self._map[offset : offset + length] = data[:length].ljust(length, b"\xff")
+        self._pending_in = None
+
+    def complete_mmio_read(self, data: bytes) -> None:
+        if not self._pending_mmio:
+            return
+        m = self.run_struct.exit.mmio
+        for i in range(m.len):
+            m.data[i] = data[i] if i < len(data) else 0xFF
+        self._pending_mmio = False
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        run = self._run
+        if run is not None:
+            run.immediate_exit = 1
+        thread_id = self._thread_id
+        if thread_id is not None:
+            try:
+                signal.pthread_kill(thread_id, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def close(self) -> None:
+        self._run = None  # release the buffer export before unmapping
+        self._map.close()
+        os.close(self._fd)
+
+
+def cpuid_from_kvm(k: abi.kvm_cpuid_entry2) -> CpuidEntry:
+    return CpuidEntry(
+        function=k.function, index=k.index, eax=k.eax, ebx=k.ebx, ecx=k.ecx, edx=k.edx,
+        indexed=bool(k.flags & abi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX),
+    )  # fmt: skip

@@ -1,0 +1,74 @@
+"""A KVM VM: memory slots over the shared guest mappings, in-kernel irqchip and PIT, vCPUs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from backends.kvm import abi
+from backends.kvm.system import check_extension, checked, ioctl
+from backends.kvm.vcpu import KvmVcpu, cpuid_from_kvm
+from vmmarch_cli.arch.x86_64 import layout
+from vmmarch_cli.memory import MmapGuestMemory
+from vmmarch_cli.vcpu import CpuidEntry
+
+#: Room for KVM_GET_SUPPORTED_CPUID; KVM answers E2BIG if it has more leaves (none does today).
+MAX_CPUID_ENTRIES = 256
+
+
+class KvmVm:
+    def __init__(self, kvm_fd: int, regions: Sequence[tuple[int, int]]) -> None:
+        self._kvm_fd = kvm_fd
+        self.memory = MmapGuestMemory(regions)
+        self._vcpus: list[KvmVcpu] = []
+        self._fd = -1
+        try:
+            self._fd = checked(kvm_fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+            self._mmap_size = checked(kvm_fd, abi.KVM_GET_VCPU_MMAP_SIZE, None,
+                                      "KVM_GET_VCPU_MMAP_SIZE")  # fmt: skip
+            self._has_xsave = check_extension(kvm_fd, abi.KVM_CAP_XSAVE) > 0
+            # The VMX real-mode TSS needs three pages of guest-physical space outside RAM.
+            checked(self._fd, abi.KVM_SET_TSS_ADDR, layout.KVM_TSS_ADDRESS, "KVM_SET_TSS_ADDR")
+            # The irqchip must exist before any vCPU (Documentation/virt/kvm/api.rst 4.24).
+            checked(self._fd, abi.KVM_CREATE_IRQCHIP, None, "KVM_CREATE_IRQCHIP")
+            pit = abi.kvm_pit_config()
+            pit.flags = abi.KVM_PIT_SPEAKER_DUMMY  # port 0x61 answered in the kernel
+            checked(self._fd, abi.KVM_CREATE_PIT2, pit, "KVM_CREATE_PIT2")
+            for slot, (start, length, host) in enumerate(self.memory.host_regions()):
+                region = abi.kvm_userspace_memory_region()
+                region.slot, region.guest_phys_addr = slot, start
+                region.memory_size, region.userspace_addr = length, host
+                checked(self._fd, abi.KVM_SET_USER_MEMORY_REGION, region,
+                        "KVM_SET_USER_MEMORY_REGION")  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        header, entries = abi.cpuid_buffer(MAX_CPUID_ENTRIES)
+        checked(self._kvm_fd, abi.KVM_GET_SUPPORTED_CPUID, header, "KVM_GET_SUPPORTED_CPUID")
+        return [cpuid_from_kvm(entries[i]) for i in range(header.nent)]
+
+    def create_vcpu(self, index: int) -> KvmVcpu:
+        fd = checked(self._fd, abi.KVM_CREATE_VCPU, index, f"KVM_CREATE_VCPU {index}")
+        try:
+            vcpu = KvmVcpu(index, fd, self._mmap_size, self._has_xsave)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._vcpus.append(vcpu)
+        return vcpu
+
+    def set_irq_line(self, irq: int, level: bool) -> None:
+        line = abi.kvm_irq_level()
+        line.irq, line.level = irq, int(level)
+        ioctl(self._fd, abi.KVM_IRQ_LINE, line)
+
+    def close(self) -> None:
+        for vcpu in self._vcpus:
+            vcpu.close()
+        self._vcpus.clear()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.memory.close()
