@@ -1,0 +1,60 @@
+"""What a boot is asked to do, as one frozen value built from the command line or the API."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmmarch_cli.arch.x86_64 import layout
+from vmmarch_cli.loader.errors import InvalidMemorySize
+
+MIN_MEM = 16 * layout.MiB
+#: 1 TiB: far beyond this machine, but below anything that overflows the 52-bit address space.
+MAX_MEM = 1 << 40
+DEFAULT_MEM = 256 * layout.MiB
+
+#: The command line every boot starts from (Firecracker's defaults, adapted): serial console from
+#: the first printk, reset through the keyboard controller, no PCI scan, reboot on panic at once
+#: (a panic must never look like a hang), i8042 probing kept short.
+BASE_CMDLINE = (
+    "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 pci=off nomodule "
+    "i8042.noaux i8042.nomux i8042.dumbkbd"
+)
+#: Added when the backend hides CPU features for a ring-0 emulator: the MDS/TAA mitigations
+#: execute ``verw`` on every return to user space, which such an emulator rejects.
+EMULATED_RING0_CMDLINE = "mitigations=off"
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": layout.MiB, "k": layout.KiB, "m": layout.MiB, "g": layout.GiB, "t": 1 << 40}
+
+
+def parse_mem_size(text: str) -> int:
+    """``256M``, ``4G``, ``512MiB``, ``1048576K``; a bare number is MiB (as QEMU's ``-m``)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise InvalidMemorySize(
+            f"memory size {text!r} is not a number with an optional K/M/G/T suffix"
+        )
+    size = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if size % 4096:
+        raise InvalidMemorySize(f"memory size {text!r} is not a multiple of 4 KiB")
+    if not MIN_MEM <= size <= MAX_MEM:
+        raise InvalidMemorySize(
+            f"memory size {text!r} is outside {MIN_MEM >> 20} MiB .. {MAX_MEM >> 40} TiB"
+        )
+    return size
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    kernel: Path
+    backend: str = "kvm"
+    initrd: Path | None = None
+    cmdline: str | None = None  # None: BASE_CMDLINE (+ the backend's extras)
+    append: str = ""
+    mem_size: int = DEFAULT_MEM
+    cpus: int = 1
+    cpu_mask: frozenset[str] | None = None  # None: the backend's default for this host
+    timeout: float | None = None
+    expect: tuple[str, ...] = field(default=())

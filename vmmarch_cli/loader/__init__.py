@@ -1,0 +1,102 @@
+"""Kernel, initrd and command-line loading. The format is detected from the bytes, never the name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmmarch_cli.arch.x86_64 import layout
+from vmmarch_cli.loader import elf, errors
+from vmmarch_cli.vcpu import GuestMemory
+
+PAGE_SIZE = 4096
+#: boot.rst: without a header saying otherwise the initrd must end below 0x37FFFFFF + 1.
+DEFAULT_INITRD_ADDR_MAX = 0x37FF_FFFF
+
+
+@dataclass(frozen=True)
+class KernelImage:
+    """What the loader put in guest memory, and what the boot protocol needs to know of it."""
+
+    path: str
+    format: str
+    entry: int
+    load_start: int
+    load_end: int
+    pvh_entry: int | None = None
+    setup_header: bytes = b""
+    cmdline_max: int = layout.CMDLINE_MAX_SIZE  # bytes including the NUL
+    initrd_addr_max: int = DEFAULT_INITRD_ADDR_MAX
+
+
+def load_kernel(path: Path, memory: GuestMemory) -> KernelImage:
+    name = str(path)
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise errors.KernelNotFound(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise errors.KernelNotFound(f"{name}: is a directory, not a kernel image") from None
+    except OSError as e:
+        raise errors.KernelNotFound(f"{name}: cannot read: {e.strerror}") from None
+    with f:
+        size = path.stat().st_size
+        magic = f.read(4)
+        f.seek(0)
+        if size == 0:
+            raise errors.UnknownKernelFormat(f"{name}: empty file")
+        if magic != elf.ELF_MAGIC:
+            raise errors.UnknownKernelFormat(
+                f"{name}: not an ELF kernel (starts with {magic.hex(' ')}); pass a vmlinux"
+            )
+        info = elf.parse(f, size, name)
+        elf.load(f, info, memory, name)
+    return KernelImage(
+        path=name,
+        format="elf",
+        entry=info.entry,
+        load_start=info.load_start,
+        load_end=info.load_end,
+        pvh_entry=info.pvh_entry,
+    )
+
+
+def load_initrd(path: Path, memory: GuestMemory, kernel: KernelImage) -> tuple[int, int]:
+    """Place the initrd at the top of low RAM (below the MMIO gap and initrd_addr_max).
+
+    Returns (address, size). Like Firecracker and Cloud Hypervisor, the top of the first region
+    keeps it far from the kernel's own decompression and early allocations.
+    """
+    try:
+        data_size = path.stat().st_size
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise errors.InitrdNotFound(f"{path}: no such initrd file") from None
+    except OSError as e:
+        raise errors.InitrdNotFound(f"{path}: cannot read initrd: {e.strerror}") from None
+    with f:
+        low_start, low_len = memory.regions()[0]
+        top = min(low_start + low_len, kernel.initrd_addr_max + 1, layout.MMIO32_START)
+        address = (top - data_size) & ~(PAGE_SIZE - 1)
+        if data_size == 0 or address < kernel.load_end:
+            raise errors.InitrdTooLarge(
+                f"{path}: initrd of {data_size} bytes does not fit between the kernel's end "
+                f"({kernel.load_end:#x}) and {top:#x}; raise --mem"
+            )
+        got = f.readinto(memory.view(address, data_size))
+        if got != data_size:
+            raise errors.InitrdNotFound(f"{path}: short read ({got} of {data_size} bytes)")
+    return address, data_size
+
+
+def check_cmdline(cmdline: str, kernel: KernelImage) -> bytes:
+    """The command line as the bytes to write, refused if the kernel could not take it."""
+    raw = cmdline.encode()
+    if b"\0" in raw:
+        raise errors.InvalidCommandLine("the kernel command line contains a NUL byte")
+    if len(raw) + 1 > kernel.cmdline_max:
+        raise errors.CommandLineTooLong(
+            f"kernel command line is {len(raw)} bytes; this kernel accepts at most "
+            f"{kernel.cmdline_max - 1}"
+        )
+    return raw
