@@ -1,0 +1,34 @@
+"""``vmm-arch backends``: which hypervisor backends work here, and why not."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import backends
+
+
+@click.command("backends")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def backends_command(as_json: bool) -> None:
+    """List each backend, whether it is usable on this machine, and why not.
+
+    For KVM this opens /dev/kvm and checks the API version and every capability vmm-arch
+    needs; it also says whether guest ring 0 runs in hardware or is emulated (then the CPU
+    mask and the int3 fallback apply).
+    """
+    infos = [backends.probe(name) for name in backends.names()]
+    if as_json:
+        click.echo(json.dumps([{"name": i.name, "usable": i.usable, "reason": i.reason,
+                                "facts": i.facts} for i in infos], indent=2))  # fmt: skip
+        return
+    t = Table(title="backends")
+    for col in ("backend", "usable", "why not / facts"):
+        t.add_column(col)
+    for i in infos:
+        facts = i.reason or "; ".join(f"{k}: {v}" for k, v in i.facts.items())
+        t.add_row(i.name, "yes" if i.usable else "[red]no[/]", facts)
+    Console().print(t)

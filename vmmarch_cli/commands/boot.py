@@ -1,0 +1,128 @@
+"""``vmm-arch boot``: boot a kernel, stream its console, end with a status a script can use."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import click
+
+from vmmarch_cli import machine
+from vmmarch_cli.commands import options
+from vmmarch_cli.machine import BootResult
+from vmmarch_cli.render import regs_dict, regs_table, sregs_dict, sregs_tables, stderr_console
+
+
+@click.command("boot")
+@options.kernel_argument
+@options.boot_options
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop the guest after SECONDS and exit 124, saying what was last seen.")
+@click.option("--expect", "expect", multiple=True, metavar="REGEX",
+              help="Stop with status 0 once the console has matched every REGEX, in order. "
+                   "Repeatable.")
+@click.option("--console-log", type=click.Path(dir_okay=False, writable=True, path_type=Path),
+              help="Also write the full guest console to this file.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but the result.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON result on stdout; the console goes to stderr (or nowhere "
+                   "with --quiet).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also show unhandled ports, exit counts and injected events.")
+@click.pass_context
+def boot_command(ctx: click.Context, as_json: bool, quiet: bool, verbose: bool,
+                 console_log: Path | None, **kwargs: Any) -> None:  # fmt: skip
+    """Boot KERNEL and stream the guest console to stdout.
+
+    KERNEL is an ELF vmlinux (x86_64). The run ends when the guest writes a status to the exit
+    port 0xf4 (that status is the exit status), powers off or resets (0), panics (255), faults
+    (70, registers printed), matches every --expect (0), or hits --timeout (124).
+
+    A phase timing summary goes to stderr. On this kind of host (a KVM that emulates ring 0)
+    the default CPU mask and `mitigations=off` are applied; `vmm-arch backends` says which.
+    """
+    config = options.boot_config(kwargs)
+    sink: BinaryIO | None = None
+    if not quiet:
+        sink = sys.stderr.buffer if as_json else sys.stdout.buffer
+    log = console_log.open("wb") if console_log is not None else None
+    try:
+        result = machine.run(config, sink, log)
+    finally:
+        if log is not None:
+            log.close()
+    if as_json:
+        doc = result_json(result)
+        if console_log is not None:
+            doc["console_log"] = str(console_log)
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        report(result, quiet=quiet, verbose=verbose)
+    ctx.exit(result.status)
+
+
+def result_json(r: BootResult) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "status": r.status,
+        "reason": r.reason,
+        "guest_exit_code": r.guest_status,
+        "detail": r.detail,
+        "backend": r.backend,
+        "cmdline": r.cmdline,
+        "cpu_mask": list(r.cpu_mask),
+        "timings": {k: round(v, 6) for k, v in r.timings.items()},
+        "exits": dict(r.exits),
+        "injected_events": r.injected_events,
+        "unhandled_ports": r.unhandled_ports,
+        "console_tail": r.console_tail[-10:],
+    }
+    if r.kernel is not None:
+        doc["kernel"] = {"path": r.kernel.path, "format": r.kernel.format,
+                         "entry": f"{r.kernel.entry:#x}",
+                         "load": [f"{r.kernel.load_start:#x}", f"{r.kernel.load_end:#x}"]}  # fmt: skip
+    if r.fault is not None:
+        doc["fault"] = {
+            "cpu": r.fault.cpu,
+            "reason": r.fault.reason,
+            "instruction": r.fault.instruction.hex(),
+            "regs": regs_dict(r.fault.regs) if r.fault.regs else None,
+            "sregs": sregs_dict(r.fault.sregs) if r.fault.sregs else None,
+        }
+    return doc
+
+
+PHASES = ("open", "load", "setup", "first_console_byte", "linux_banner", "memory_line",
+          "run_init", "run", "total")  # fmt: skip
+
+
+def report(r: BootResult, quiet: bool, verbose: bool) -> None:
+    err = stderr_console()
+    if r.fault is not None:
+        err.print(f"[bold red]guest fault[/] on cpu{r.fault.cpu}: {r.fault.reason}")
+        if r.fault.instruction:
+            err.print(f"instruction bytes: {r.fault.instruction.hex(' ')}")
+        if r.fault.regs is not None:
+            err.print(regs_table(r.fault.regs, "registers at the fault"))
+        if r.fault.sregs is not None:
+            for t in sregs_tables(r.fault.sregs):
+                err.print(t)
+        if r.console_tail:
+            err.print("last console lines:")
+            for line in r.console_tail[-10:]:
+                err.print(f"  {line}", markup=False)
+    if r.reason == "timeout" and r.console_tail:
+        err.print(f"last console line: {r.console_tail[-1]}", markup=False)
+    summary = f"vmm-arch: {r.reason} (status {r.status})"
+    if r.detail and r.reason not in ("fault",):
+        summary += f": {r.detail}"
+    err.print(summary, markup=False)
+    if quiet:
+        return
+    phases = "  ".join(f"{k}={r.timings[k]:.3f}s" for k in PHASES if k in r.timings)
+    err.print(f"timings: {phases}", markup=False, highlight=False)
+    if verbose:
+        err.print(f"exits: {dict(r.exits)}  injected events: {r.injected_events}", markup=False)
+        if r.unhandled_ports:
+            err.print(f"unhandled ports: {r.unhandled_ports}", markup=False)

@@ -1,0 +1,61 @@
+"""Options shared by the commands that build a VM (one definition, one meaning everywhere)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from vmmarch_cli.arch.x86_64 import cpuid
+from vmmarch_cli.config import BASE_CMDLINE, BootConfig, parse_mem_size
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+kernel_argument = click.argument("kernel", type=click.Path(path_type=Path))
+
+
+def boot_options(f: F) -> F:
+    decorators = [
+        click.option("--backend", default="kvm", show_default=True,
+                     help="Hypervisor backend (see `vmm-arch backends`)."),
+        click.option("--initrd", type=click.Path(path_type=Path),
+                     help="Initramfs to load at the top of low memory."),
+        click.option("--cmdline", default=None, metavar="TEXT",
+                     help=f"Kernel command line, replacing the default: '{BASE_CMDLINE}' "
+                          "(plus 'mitigations=off' on a ring-0-emulating KVM)."),
+        click.option("--append", default="", metavar="TEXT",
+                     help="Appended to the (default or given) command line."),
+        click.option("--mem", "mem", default="256M", show_default=True, metavar="SIZE",
+                     help="Guest RAM: a number with K/M/G suffix (bare number = MiB)."),
+        click.option("--cpus", type=click.IntRange(1, 1), default=1, show_default=True,
+                     help="Number of vCPUs."),
+        click.option("--cpu-mask", default=None, metavar="LIST",
+                     help="CPU features to hide from the guest, comma-separated "
+                          "(e.g. cx16,xsave,smap; 'none' hides nothing). Default: what this "
+                          "host's KVM cannot run in guest ring 0 (empty on hardware KVM)."),
+    ]  # fmt: skip
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def boot_config(kwargs: dict[str, Any]) -> BootConfig:
+    """Build the frozen config from the shared options; consumes them from ``kwargs``."""
+    mask_text = kwargs.pop("cpu_mask")
+    mask: frozenset[str] | None = None
+    if mask_text is not None:
+        mask = frozenset() if mask_text.strip().lower() == "none" else cpuid.parse_mask(mask_text)
+    return BootConfig(
+        kernel=kwargs.pop("kernel"),
+        backend=kwargs.pop("backend"),
+        initrd=kwargs.pop("initrd"),
+        cmdline=kwargs.pop("cmdline"),
+        append=kwargs.pop("append"),
+        mem_size=parse_mem_size(kwargs.pop("mem")),
+        cpus=kwargs.pop("cpus"),
+        cpu_mask=mask,
+        timeout=kwargs.pop("timeout", None),
+        expect=tuple(kwargs.pop("expect", ())),
+    )

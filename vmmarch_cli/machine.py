@@ -1,0 +1,329 @@
+"""One boot: backend, VM, memory, kernel, arch pipeline, devices, run loop, result.
+
+vCPUs run one thread each; the main thread only waits for a stop condition (guest exit status,
+reset, poweroff, panic, a fault, ``--expect`` matched, the timeout, or Ctrl-C) and then stops
+every vCPU. The first stop condition wins; the result records it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import backends
+from vmmarch_cli import errors, loader
+from vmmarch_cli.arch.x86_64 import e820
+from vmmarch_cli.arch.x86_64.pipeline import BootPlan, StepRecord, configure, probe_cpuid_mask
+from vmmarch_cli.config import BASE_CMDLINE, EMULATED_RING0_CMDLINE, BootConfig
+from vmmarch_cli.console import Console
+from vmmarch_cli.devices.bus import IoBus
+from vmmarch_cli.devices.exit_port import EXIT_PORT, ExitPort
+from vmmarch_cli.devices.i8042 import I8042, I8042_DATA_PORT
+from vmmarch_cli.devices.rtc import CmosRtc
+from vmmarch_cli.devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial8250
+from vmmarch_cli.loader import KernelImage
+from vmmarch_cli.vcpu import (
+    Halt,
+    Hypervisor,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Regs,
+    Shutdown,
+    Sregs,
+    Unknown,
+    Vcpu,
+    Vm,
+)
+
+#: Stop reason -> exit status (DESIGN.md); "exit-port" carries the guest's own status.
+STATUS_FOR_REASON = {
+    "poweroff": 0,
+    "reset": 0,
+    "halt": 0,
+    "expect": 0,
+    "timeout": errors.EX_TIMEOUT,
+    "panic": errors.EX_PANIC,
+    "fault": errors.EX_SOFTWARE,
+    "interrupted": errors.EX_INTERRUPTED,
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Where a guest fault left the vCPU, for the crash report."""
+
+    cpu: int
+    reason: str
+    instruction: bytes
+    regs: Regs | None
+    sregs: Sregs | None
+
+
+@dataclass
+class BootResult:
+    reason: str = ""
+    status: int = 0
+    guest_status: int | None = None
+    detail: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    kernel: KernelImage | None = None
+    cmdline: str = ""
+    backend: str = ""
+    cpu_mask: tuple[str, ...] = ()
+    fault: Fault | None = None
+    console_tail: list[str] = field(default_factory=list)
+    exits: Counter[str] = field(default_factory=Counter)
+    unhandled_ports: dict[str, int] = field(default_factory=dict)
+    injected_events: dict[str, int] = field(default_factory=dict)
+    setup: list[StepRecord] = field(default_factory=list)
+
+
+#: clearcpuid= is parsed into a 128-byte buffer (arch/x86/kernel/cpu/common.c,
+#: cpu_parse_early_param); a longer list would be cut mid-name.
+CLEARCPUID_MAX = 127
+
+
+def build_cmdline(config: BootConfig, emulated_ring0: bool, leaked: list[str]) -> str:
+    """The user's (or default) command line plus what the host's workarounds need.
+
+    Each extra is added only if the user did not set that parameter themselves.
+    """
+    base = config.cmdline if config.cmdline is not None else BASE_CMDLINE
+    parts = [base]
+    given = f" {base} {config.append} "
+    if emulated_ring0 and " mitigations=" not in given:
+        parts.append(EMULATED_RING0_CMDLINE)
+    if leaked and " clearcpuid=" not in given:
+        value = ""
+        for name in leaked:
+            candidate = f"{value},{name}" if value else name
+            if len(candidate) > CLEARCPUID_MAX:
+                break
+            value = candidate
+        parts.append(f"clearcpuid={value}")
+    if config.append:
+        parts.append(config.append)
+    return " ".join(p for p in parts if p)
+
+
+@dataclass
+class Prepared:
+    """A VM with the kernel loaded and every vCPU configured, not yet running."""
+
+    hypervisor: Hypervisor
+    vm: Vm
+    vcpus: list[Vcpu]
+    kernel: KernelImage
+    cmdline: str
+    cpu_mask: frozenset[str]
+    setup: list[StepRecord]
+    timings: dict[str, float]
+
+
+@contextmanager
+def prepare(config: BootConfig) -> Iterator[Prepared]:
+    """Open the backend, build the VM, load the kernel and run the arch pipeline."""
+    t0 = time.monotonic()
+    hv = backends.open_backend(config.backend)
+    try:
+        mask = config.cpu_mask if config.cpu_mask is not None else hv.default_cpu_mask()
+        vm = hv.create_vm(e820.ram_layout(config.mem_size))
+        try:
+            t1 = time.monotonic()
+            kernel = loader.load_kernel(config.kernel, vm.memory)
+            initrd = (0, 0)
+            if config.initrd is not None:
+                initrd = loader.load_initrd(config.initrd, vm.memory, kernel)
+            vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
+            supported = vm.supported_cpuid()
+            leaked = probe_cpuid_mask(vcpus[0], supported, mask, config.cpus) if mask else []
+            cmdline = build_cmdline(config, bool(mask and hv.default_cpu_mask()), leaked)
+            raw_cmdline = loader.check_cmdline(cmdline, kernel)
+            t2 = time.monotonic()
+            plan = BootPlan(
+                entry=kernel.entry,
+                cmdline=raw_cmdline,
+                ram_regions=tuple(vm.memory.regions()),
+                cpu_count=config.cpus,
+                cpu_mask=mask,
+                initrd_address=initrd[0],
+                initrd_size=initrd[1],
+                setup_header=kernel.setup_header,
+            )
+            records = configure(plan, vm.memory, vcpus, supported)
+            t3 = time.monotonic()
+            timings = {"open": t1 - t0, "load": t2 - t1, "setup": t3 - t2}
+            yield Prepared(hv, vm, vcpus, kernel, cmdline, mask, records, timings)
+        finally:
+            vm.close()
+    finally:
+        close = getattr(hv, "close", None)
+        if close is not None:
+            close()
+
+
+class _Run:
+    """The state shared by the vCPU threads and the waiting main thread of one boot."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        self.done = threading.Event()
+        self.lock = threading.Lock()  # guards the stop decision
+        self.device_lock = threading.Lock()  # serialises device access between vCPUs
+        self.reason = ""
+        self.detail = ""
+        self.guest_status: int | None = None
+        self.fault: Fault | None = None
+        self.exits: Counter[str] = Counter()
+
+    def stop(self, reason: str, detail: str = "", guest_status: int | None = None) -> None:
+        with self.lock:
+            if self.reason:
+                return
+            self.reason, self.detail, self.guest_status = reason, detail, guest_status
+        for vcpu in self.prepared.vcpus:
+            vcpu.request_stop()
+        self.done.set()
+
+
+def run(
+    config: BootConfig,
+    console_sink: BinaryIO | None,
+    console_log: BinaryIO | None = None,
+    on_ready: Callable[[Prepared], None] | None = None,
+) -> BootResult:
+    """Boot ``config`` and return how it ended. Raises only for problems before the guest runs."""
+    start = time.monotonic()
+    with prepare(config) as prepared:
+        if on_ready is not None:
+            on_ready(prepared)
+        state = _Run(prepared)
+        console = Console(console_sink, lambda kind, text: state.stop(kind, text),
+                          config.expect, console_log)  # fmt: skip
+        bus = _devices(prepared.vm, console, state)
+        threads = [
+            threading.Thread(target=_vcpu_loop, args=(v, bus, state), name=f"vcpu{v.index}",
+                             daemon=True)
+            for v in prepared.vcpus
+        ]  # fmt: skip
+        running_at = time.monotonic()
+        for t in threads:
+            t.start()
+        try:
+            if not state.done.wait(config.timeout):
+                state.stop("timeout", f"no stop condition within {config.timeout:g} s")
+        except KeyboardInterrupt:
+            state.stop("interrupted", "interrupted by SIGINT")
+        finally:
+            state.stop("interrupted")  # no-op if something already stopped it
+            for t in threads:
+                t.join()
+        console.flush()
+        end = time.monotonic()
+        timings = dict(prepared.timings)
+        timings["run"] = end - running_at
+        timings["total"] = end - start
+        if console.first_byte_at is not None:
+            timings["first_console_byte"] = console.first_byte_at - start
+        for name, at in console.milestones.items():
+            timings[name] = at - start
+        injected: Counter[str] = Counter()
+        for v in prepared.vcpus:
+            injected.update(getattr(v, "injected_events", {}))
+        status = (state.guest_status if state.reason == "exit-port" and
+                  state.guest_status is not None else STATUS_FOR_REASON[state.reason])  # fmt: skip
+        return BootResult(
+            reason=state.reason,
+            status=status,
+            guest_status=state.guest_status,
+            detail=state.detail,
+            timings=timings,
+            kernel=prepared.kernel,
+            cmdline=prepared.cmdline,
+            backend=config.backend,
+            cpu_mask=tuple(sorted(prepared.cpu_mask)),
+            fault=state.fault,
+            console_tail=list(console.tail),
+            exits=state.exits,
+            unhandled_ports={f"{d} {p:#x}": n for (d, p), n in bus.unhandled.items()},
+            injected_events=dict(injected),
+            setup=prepared.setup,
+        )
+
+
+def _devices(vm: Vm, console: Console, state: _Run) -> IoBus:
+    bus = IoBus()
+
+    def serial_irq(level: bool) -> None:
+        vm.set_irq_line(COM1_IRQ, level)
+
+    bus.add(COM1_BASE, REGISTER_COUNT, Serial8250(console.write, serial_irq))
+    bus.add(I8042_DATA_PORT, 5, I8042(lambda: state.stop("reset", "i8042 reset (0xfe)")))
+    bus.add(0x70, 2, CmosRtc())
+    bus.add(EXIT_PORT, 1, ExitPort(lambda status: state.stop(
+        "exit-port", f"guest wrote {status} to port {EXIT_PORT:#x}", status)))  # fmt: skip
+    return bus
+
+
+def _vcpu_loop(vcpu: Vcpu, bus: IoBus, state: _Run) -> None:
+    exits = state.exits
+    try:
+        while not state.done.is_set():
+            ex = vcpu.run()
+            if isinstance(ex, IoOut):
+                exits["io"] += 1
+                size = ex.size
+                with state.device_lock:
+                    for i in range(0, len(ex.data), size):
+                        bus.write(ex.port, size, int.from_bytes(ex.data[i : i + size], "little"))
+            elif isinstance(ex, IoIn):
+                exits["io"] += 1
+                with state.device_lock:
+                    data = b"".join(bus.read(ex.port, ex.size).to_bytes(ex.size, "little")
+                                    for _ in range(ex.count))  # fmt: skip
+                vcpu.complete_io_in(data)
+            elif isinstance(ex, MmioRead):
+                exits["mmio"] += 1
+                vcpu.complete_mmio_read(b"\xff" * ex.size)
+            elif isinstance(ex, MmioWrite):
+                exits["mmio"] += 1
+            elif isinstance(ex, Interrupted):
+                return
+            elif isinstance(ex, Halt):
+                state.stop("halt", f"cpu{vcpu.index} halted with interrupts off")
+            elif isinstance(ex, Shutdown):
+                if ex.reason == "reset":
+                    state.stop("reset", "guest reset")
+                else:
+                    _fault(vcpu, state, ex.reason, b"")
+            elif isinstance(ex, InternalError):
+                _fault(vcpu, state, ex.reason, ex.instruction)
+            elif isinstance(ex, Unknown):
+                _fault(vcpu, state, ex.reason, b"")
+    except errors.VmmArchError as e:
+        _fault(vcpu, state, str(e), b"")
+
+
+def _fault(vcpu: Vcpu, state: _Run, reason: str, instruction: bytes) -> None:
+    regs: Regs | None
+    sregs: Sregs | None
+    try:
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+    except errors.VmmArchError:
+        regs, sregs = None, None
+    with state.lock:
+        if state.fault is None:
+            state.fault = Fault(vcpu.index, reason, instruction, regs, sregs)
+    detail = f"cpu{vcpu.index}: {reason}"
+    if instruction:
+        detail += f" (instruction bytes {instruction.hex(' ')})"
+    state.stop("fault", detail)
