@@ -1,0 +1,162 @@
+"""Build the example guest kernels in ``examples/guests/`` into ELF64 executables.
+
+Each guest is one GNU ``as`` source file, ``examples/guests/<name>.S``. It is
+assembled with ``as --64`` and linked with ``ld -m elf_x86_64`` using the shared
+linker script ``examples/guests/bootcheck.ld``. The result is
+``<out_dir>/<name>.elf``: loaded by PT_LOAD at physical 0x1000000, entry
+0x1000000. No binary is committed; build them when needed.
+
+Library use::
+
+    from examples.build import build_guest
+    elf = build_guest("bootcheck", Path("build/guests"))
+
+Command line::
+
+    python examples/build.py [--out DIR] [NAME ...]
+
+With no NAME, every guest is built. The default output directory is
+``build/guests/`` at the repository root. A guest is rebuilt only when its
+source or the linker script is newer than the existing ELF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXAMPLES_DIR = Path(__file__).resolve().parent
+GUESTS_DIR = EXAMPLES_DIR / "guests"
+LINKER_SCRIPT = GUESTS_DIR / "bootcheck.ld"
+DEFAULT_OUT_DIR = EXAMPLES_DIR.parent / "build" / "guests"
+
+AS_FLAGS = ("--64", "--fatal-warnings", "--noexecstack")
+LD_FLAGS = (
+    "-m",
+    "elf_x86_64",
+    "-nostdlib",
+    "-static",
+    "--build-id=none",
+    "-z",
+    "max-page-size=0x1000",
+    "-z",
+    "noexecstack",
+    "--fatal-warnings",
+)
+
+
+def available_guests() -> list[str]:
+    """Return the names of all guests (the stems of ``examples/guests/*.S``), sorted."""
+    return sorted(p.stem for p in GUESTS_DIR.glob("*.S"))
+
+
+def _require_tool(tool: str) -> str:
+    """Return the full path of ``tool``, or raise RuntimeError naming it."""
+    path = shutil.which(tool)
+    if path is None:
+        raise RuntimeError(
+            f"cannot build guests: the GNU binutils tool {tool!r} was not found on PATH "
+            "(install binutils)"
+        )
+    return path
+
+
+def _run(argv: Sequence[str]) -> None:
+    """Run one build command; raise RuntimeError with its output if it fails."""
+    proc = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        output = (proc.stdout + proc.stderr).strip()
+        raise RuntimeError(
+            f"command failed with exit status {proc.returncode}: {' '.join(argv)}\n{output}"
+        )
+
+
+def _is_up_to_date(output: Path, inputs: Sequence[Path]) -> bool:
+    """True if ``output`` exists and is at least as new as every input."""
+    try:
+        out_mtime = output.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+    return all(p.stat().st_mtime_ns <= out_mtime for p in inputs)
+
+
+def build_guest(name: str, out_dir: Path) -> Path:
+    """Assemble and link ``examples/guests/<name>.S`` into ``<out_dir>/<name>.elf``.
+
+    The ELF is rebuilt only if the source or the linker script is newer than
+    an existing output. ``out_dir`` is created if needed.
+
+    Args:
+        name: guest name, e.g. ``"bootcheck"``.
+        out_dir: directory for the object file and the ELF.
+
+    Returns:
+        The path of the ELF executable.
+
+    Raises:
+        FileNotFoundError: if there is no source for ``name``.
+        RuntimeError: if ``as`` or ``ld`` is missing, or assembling/linking fails.
+    """
+    known = available_guests()
+    if name not in known:
+        raise FileNotFoundError(
+            f"no guest named {name!r} in {GUESTS_DIR} (known guests: {', '.join(known) or 'none'})"
+        )
+    source = GUESTS_DIR / f"{name}.S"
+
+    out_dir = Path(out_dir)
+    elf = out_dir / f"{name}.elf"
+    if _is_up_to_date(elf, (source, LINKER_SCRIPT)):
+        return elf
+
+    assembler = _require_tool("as")
+    linker = _require_tool("ld")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    obj = out_dir / f"{name}.o"
+    tmp_elf = out_dir / f"{name}.elf.tmp"
+
+    _run([assembler, *AS_FLAGS, "-o", str(obj), str(source)])
+    _run([linker, *LD_FLAGS, "-T", str(LINKER_SCRIPT), "-o", str(tmp_elf), str(obj)])
+    # Rename into place so a failed link never leaves a fresh-looking ELF behind.
+    os.replace(tmp_elf, elf)
+    return elf
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: build the named guests (default: all)."""
+    parser = argparse.ArgumentParser(
+        description="Build the example guest kernels (examples/guests/*.S) into ELF64 files."
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT_DIR,
+        metavar="DIR",
+        help=f"output directory (default: {DEFAULT_OUT_DIR})",
+    )
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"guests to build (default: all of {', '.join(available_guests())})",
+    )
+    args = parser.parse_args(argv)
+    out_dir: Path = args.out
+    names: list[str] = args.names or available_guests()
+
+    try:
+        for name in names:
+            print(build_guest(name, out_dir))
+    except (RuntimeError, FileNotFoundError) as exc:
+        print(f"build.py: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
