@@ -1,0 +1,61 @@
+"""Shared fixtures: the project's own guests (built from examples/), /dev/kvm, the stock kernel.
+
+A test that needs a part skips only when the part is truly absent here, and says which.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+import build as guest_build  # noqa: E402  (examples/build.py)
+
+
+def kvm_unusable_reason() -> str | None:
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist on this machine"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not readable and writable by this user"
+    return None
+
+
+@pytest.fixture(scope="session")
+def kvm() -> None:
+    reason = kvm_unusable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def guests(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every guest under examples/guests, assembled and linked by examples/build.py."""
+    out = tmp_path_factory.mktemp("guests")
+    names = sorted(p.stem for p in (ROOT / "examples" / "guests").glob("*.S"))
+    return {name: guest_build.build_guest(name, out) for name in names}
+
+
+@pytest.fixture(scope="session")
+def stock() -> Iterator[dict[str, Path]]:
+    """Debian's cloud kernel (ELF and bzImage) and the marker initramfs, fetched with apt."""
+    from vmmarch_cli import assets
+
+    k = assets.fetch_debian_kernel("cloud")
+    yield {"vmlinux": k.vmlinux, "bzimage": k.bzimage, "initramfs": assets.stock_initramfs()}
+
+
+def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run ``python -m vmmarch_cli ARGS`` as a user would; returns the finished process."""
+    return subprocess.run(
+        [sys.executable, "-m", "vmmarch_cli", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip

@@ -1,0 +1,96 @@
+"""The ctypes mirrors in backends.kvm.abi against the real linux/kvm.h, compiled here."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from backends.kvm import abi
+
+HEADER = Path("/usr/include/linux/kvm.h")
+
+#: (C expression, Python value) pairs: every struct size, the kvm_run offsets the run loop reads,
+#: and the ioctl numbers computed by ioctl-opt.
+CHECKS: list[tuple[str, int]] = [
+    ("sizeof(struct kvm_userspace_memory_region)", ctypes.sizeof(abi.kvm_userspace_memory_region)),
+    ("sizeof(struct kvm_regs)", ctypes.sizeof(abi.kvm_regs)),
+    ("sizeof(struct kvm_segment)", ctypes.sizeof(abi.kvm_segment)),
+    ("sizeof(struct kvm_dtable)", ctypes.sizeof(abi.kvm_dtable)),
+    ("sizeof(struct kvm_sregs)", ctypes.sizeof(abi.kvm_sregs)),
+    ("sizeof(struct kvm_fpu)", ctypes.sizeof(abi.kvm_fpu)),
+    ("sizeof(struct kvm_msr_entry)", ctypes.sizeof(abi.kvm_msr_entry)),
+    ("sizeof(struct kvm_msrs)", ctypes.sizeof(abi.kvm_msrs)),
+    ("sizeof(struct kvm_cpuid_entry2)", ctypes.sizeof(abi.kvm_cpuid_entry2)),
+    ("sizeof(struct kvm_cpuid2)", ctypes.sizeof(abi.kvm_cpuid2)),
+    ("sizeof(struct kvm_lapic_state)", ctypes.sizeof(abi.kvm_lapic_state)),
+    ("sizeof(struct kvm_xsave)", ctypes.sizeof(abi.kvm_xsave)),
+    ("sizeof(struct kvm_irq_level)", ctypes.sizeof(abi.kvm_irq_level)),
+    ("sizeof(struct kvm_pit_config)", ctypes.sizeof(abi.kvm_pit_config)),
+    ("sizeof(struct kvm_vcpu_events)", ctypes.sizeof(abi.kvm_vcpu_events)),
+    ("sizeof(struct kvm_enable_cap)", ctypes.sizeof(abi.kvm_enable_cap)),
+    ("sizeof(struct kvm_run)", ctypes.sizeof(abi.kvm_run)),
+    ("offsetof(struct kvm_run, exit_reason)", abi.kvm_run.exit_reason.offset),
+    ("offsetof(struct kvm_run, io)", abi.kvm_run.exit.offset),
+    ("offsetof(struct kvm_run, kvm_valid_regs)", abi.kvm_run.kvm_valid_regs.offset),
+    ("offsetof(struct kvm_run, s)", abi.kvm_run.s.offset),
+    ("offsetof(struct kvm_run, emulation_failure.insn_size)",
+     abi.kvm_run.exit.offset + abi._run_emulation_failure.insn_size.offset),
+    ("offsetof(struct kvm_run, emulation_failure.insn_bytes)",
+     abi.kvm_run.exit.offset + abi._run_emulation_failure.insn_bytes.offset),
+    ("offsetof(struct kvm_run, mmio.is_write)",
+     abi.kvm_run.exit.offset + abi._run_mmio.is_write.offset),
+    ("offsetof(struct kvm_vcpu_events, exception_payload)",
+     abi.kvm_vcpu_events.exception_payload.offset),
+    ("offsetof(struct kvm_vcpu_events, smi)", abi.kvm_vcpu_events.smi.offset),
+    ("KVM_RUN", abi.KVM_RUN),
+    ("KVM_GET_REGS", abi.KVM_GET_REGS),
+    ("KVM_SET_REGS", abi.KVM_SET_REGS),
+    ("KVM_GET_SREGS", abi.KVM_GET_SREGS),
+    ("KVM_SET_SREGS", abi.KVM_SET_SREGS),
+    ("KVM_GET_MSRS", abi.KVM_GET_MSRS),
+    ("KVM_SET_MSRS", abi.KVM_SET_MSRS),
+    ("KVM_GET_FPU", abi.KVM_GET_FPU),
+    ("KVM_SET_FPU", abi.KVM_SET_FPU),
+    ("KVM_GET_LAPIC", abi.KVM_GET_LAPIC),
+    ("KVM_SET_LAPIC", abi.KVM_SET_LAPIC),
+    ("KVM_SET_CPUID2", abi.KVM_SET_CPUID2),
+    ("KVM_GET_CPUID2", abi.KVM_GET_CPUID2),
+    ("KVM_GET_SUPPORTED_CPUID", abi.KVM_GET_SUPPORTED_CPUID),
+    ("KVM_SET_USER_MEMORY_REGION", abi.KVM_SET_USER_MEMORY_REGION),
+    ("KVM_CREATE_PIT2", abi.KVM_CREATE_PIT2),
+    ("KVM_IRQ_LINE", abi.KVM_IRQ_LINE),
+    ("KVM_GET_VCPU_EVENTS", abi.KVM_GET_VCPU_EVENTS),
+    ("KVM_SET_VCPU_EVENTS", abi.KVM_SET_VCPU_EVENTS),
+    ("KVM_GET_XSAVE", abi.KVM_GET_XSAVE),
+    ("KVM_SET_XSAVE", abi.KVM_SET_XSAVE),
+    ("KVM_ENABLE_CAP", abi.KVM_ENABLE_CAP),
+    ("KVM_CREATE_VM", abi.KVM_CREATE_VM),
+    ("KVM_CREATE_VCPU", abi.KVM_CREATE_VCPU),
+    ("KVM_SET_TSS_ADDR", abi.KVM_SET_TSS_ADDR),
+    ("KVM_CREATE_IRQCHIP", abi.KVM_CREATE_IRQCHIP),
+    ("KVM_EXIT_INTERNAL_ERROR", abi.KVM_EXIT_INTERNAL_ERROR),
+    ("KVM_INTERNAL_ERROR_EMULATION", abi.KVM_INTERNAL_ERROR_EMULATION),
+    ("KVM_CAP_IMMEDIATE_EXIT", abi.KVM_CAP_IMMEDIATE_EXIT),
+    ("KVM_CAP_XSAVE", abi.KVM_CAP_XSAVE),
+    ("KVM_CAP_PIT2", abi.KVM_CAP_PIT2),
+]
+
+
+def test_structures_and_numbers_match_the_kernel_headers(tmp_path: Path) -> None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not HEADER.exists():
+        pytest.skip("needs a C compiler and linux/kvm.h (Debian: gcc, linux-libc-dev)")
+    body = "\n".join(f'    printf("%llu\\n", (unsigned long long)({expr}));' for expr, _ in CHECKS)
+    src = tmp_path / "abi.c"
+    src.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\n"
+                   f"int main(void) {{\n{body}\n    return 0;\n}}\n")  # fmt: skip
+    exe = tmp_path / "abi"
+    subprocess.run([cc, "-o", str(exe), str(src)], check=True, capture_output=True)
+    got = [int(v) for v in subprocess.run([str(exe)], check=True, capture_output=True,
+                                          text=True).stdout.split()]  # fmt: skip
+    mismatches = [(expr, c, py) for (expr, py), c in zip(CHECKS, got, strict=True) if c != py]
+    assert not mismatches

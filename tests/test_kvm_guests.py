@@ -1,0 +1,105 @@
+"""The project's own guests on the real /dev/kvm: boot state checked from inside the guest."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from vmmarch_cli import machine
+from vmmarch_cli.config import BootConfig
+
+pytestmark = pytest.mark.usefixtures("kvm")
+
+CHECK_LINE = re.compile(r"^CHECK (\w+) ([0-9a-f]{16}) (ok|FAIL)$", re.M)
+EXPECTED_CHECKS = 30
+
+
+def test_bootcheck_guest_sees_the_promised_state(guests: dict[str, Path]) -> None:
+    p = run_cli("boot", str(guests["bootcheck"]), "--timeout", "60")
+    checks = CHECK_LINE.findall(p.stdout)
+    assert len(checks) == EXPECTED_CHECKS, p.stdout + p.stderr
+    failed = [c for c in checks if c[2] != "ok"]
+    assert not failed, p.stdout
+    values = {name: int(v, 16) for name, v, _ in checks}
+    assert values["cr0"] == 0x80000011 and values["cr4"] == 0x20 and values["efer"] == 0x500
+    assert values["gdt_code"] == 0x00AF9B000000FFFF
+    assert "BOOTCHECK DONE 0" in p.stdout
+    assert p.returncode == 0, p.stderr
+    assert "exit-port (status 0)" in p.stderr
+    assert "timings:" in p.stderr
+
+
+def test_bootcheck_through_the_library_api(guests: dict[str, Path]) -> None:
+    sink = io.BytesIO()
+    result = machine.run(BootConfig(kernel=guests["bootcheck"], timeout=60), sink)
+    assert result.reason == "exit-port" and result.status == 0 and result.guest_status == 0
+    assert sink.getvalue().count(b" ok\n") == EXPECTED_CHECKS
+    assert [r.step for r in result.setup] == [
+        "cmdline", "gdt", "page_tables", "mptable", "boot_params",
+        "cpuid", "msrs", "fpu", "regs", "sregs", "lapic",
+    ]  # fmt: skip
+    assert result.timings["total"] >= result.timings["run"] > 0
+
+
+def test_triple_fault_is_a_guest_fault_with_registers(guests: dict[str, Path]) -> None:
+    p = run_cli("boot", str(guests["triplefault"]), "--timeout", "60")
+    assert p.returncode == 70, p.stderr
+    assert "TRIPLE" in p.stdout
+    assert "guest fault" in p.stderr and "triple fault" in p.stderr
+    assert re.search(r"rip\s+0x[0-9a-f]{16}", p.stderr)
+
+
+def test_json_result_of_a_fault(guests: dict[str, Path]) -> None:
+    p = run_cli("boot", str(guests["triplefault"]), "--timeout", "60", "--json")
+    assert p.returncode == 70
+    doc = json.loads(p.stdout)
+    assert doc["reason"] == "fault" and doc["status"] == 70
+    assert re.fullmatch(r"0x[0-9a-f]{16}", doc["fault"]["regs"]["rip"])
+    assert doc["fault"]["sregs"]["cr0"] == "0x0000000080000011"
+    assert "TRIPLE" in p.stderr  # the console goes to stderr with --json
+
+
+def test_timeout_ends_with_124(guests: dict[str, Path]) -> None:
+    # The outloop guest makes 100000 port exits; a 0.2 s budget ends it first.
+    p = run_cli("boot", str(guests["outloop"]), "--timeout", "0.2")
+    assert p.returncode == 124, p.stderr
+    assert "timeout" in p.stderr
+
+
+def test_outloop_reaches_its_exit_status(guests: dict[str, Path]) -> None:
+    p = run_cli("boot", str(guests["outloop"]), "--timeout", "120", "-v")
+    assert p.returncode == 0, p.stderr
+    assert "'io': 100001" in p.stderr
+
+
+def test_dump_regs_reads_the_state_back(guests: dict[str, Path]) -> None:
+    p = run_cli("dump-regs", str(guests["bootcheck"]), "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    cpu = doc["cpus"][0]
+    assert cpu["regs"]["rip"] == "0x0000000001000000"
+    assert cpu["regs"]["rsi"] == "0x0000000000007000"
+    assert cpu["regs"]["rflags"] == "0x0000000000000002"
+    s = cpu["sregs"]
+    assert (s["cr0"], s["cr3"], s["cr4"], s["efer"]) == (
+        "0x0000000080000011", "0x0000000000009000", "0x0000000000000020", "0x0000000000000500",
+    )  # fmt: skip
+    assert s["cs"] == {"selector": "0x0010", "base": "0x0000000000000000",
+                       "limit": "0xffffffff", "attributes": "0xa09b"}  # fmt: skip
+    assert s["gdt"] == {"base": "0x0000000000000500", "limit": "0x002f"}
+    assert cpu["fpu"] == {"fcw": "0x037f", "mxcsr": "0x00001f80"}
+    assert cpu["msrs"]["IA32_MTRR_DEF_TYPE"] == "0x0000000000000806"
+    assert cpu["msrs"]["IA32_MISC_ENABLE"] == "0x0000000000000001"
+    assert int(cpu["lapic"]["lvt0"], 16) & 0x700 == 0x700
+    assert int(cpu["lapic"]["lvt1"], 16) & 0x700 == 0x400
+    leaf1 = next(e for e in cpu["cpuid"] if e["function"] == "0x1")
+    assert int(leaf1["ecx"], 16) >> 31 == 1
+    assert [st["step"] for st in doc["steps"]][:5] == [
+        "cmdline", "gdt", "page_tables", "mptable", "boot_params"]
+    p2 = run_cli("dump-regs", str(guests["bootcheck"]))
+    assert p2.returncode == 0 and "cpu0 registers (read back)" in p2.stdout
