@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from vmmarch_cli.errors import BadInputError, BackendUnavailableError
+from vmmarch_cli.errors import BackendUnavailableError, BadInputError
 from vmmarch_cli.vcpu import Hypervisor, HypervisorInfo
 
 #: name -> (module, class)

@@ -19,7 +19,7 @@ SUPPORTED = [
     CpuidEntry(0xD, 1, eax=0xF, indexed=True),
     CpuidEntry(0x1F, 0, indexed=True),
     CpuidEntry(0x8000_0001, 0, edx=(1 << 27) | (1 << 29)),
-]  # fmt: skip
+]
 
 
 def _leaf(entries: list[CpuidEntry], fn: int, idx: int = 0) -> CpuidEntry:
@@ -46,7 +46,7 @@ def test_topology_leaves_rebuilt() -> None:
     b = [e for e in out if e.function == 0xB]
     assert [(e.index, e.eax, e.ebx, e.ecx, e.edx) for e in b] == [
         (0, 0, 1, 0x100, 2), (1, 2, 4, 0x201, 2), (2, 0, 0, 2, 2),
-    ]  # fmt: skip
+    ]
     assert all(e.indexed for e in b)
     assert [e.index for e in out if e.function == 0x1F] == [0, 1, 2]
 

@@ -1,5 +1,6 @@
 """e820 map and the zero page (bootparam.h offsets, boot.rst fields)."""
 
+import itertools
 import struct
 
 from vmmarch_cli.arch.x86_64 import boot_params, e820, layout
@@ -23,11 +24,11 @@ def test_memory_map_sorted_with_low_reserved_areas() -> None:
         e820.E820Entry(0x100000, 3 * GiB - 0x100000, e820.E820_RAM),
         e820.E820Entry(4 * GiB, 2 * GiB, e820.E820_RAM),
     ]
-    for a, b in zip(m, m[1:], strict=False):
+    for a, b in itertools.pairwise(m):
         assert a.end <= b.address
     # the MP table lives in the reserved range
     assert any(e.type == e820.E820_RESERVED and e.address <= layout.SYSTEM_MEM_START < e.end
-               for e in m)  # fmt: skip
+               for e in m)
 
 
 def test_zero_page_fields_at_bootparam_h_offsets() -> None:
@@ -35,7 +36,7 @@ def test_zero_page_fields_at_bootparam_h_offsets() -> None:
     page = boot_params.build(boot_params.ZeroPage(
         cmdline_address=0x20000, cmdline_size=12, e820=entries,
         initrd_address=0x0F000000, initrd_size=0x123456, acpi_rsdp_address=0xE0000,
-    ))  # fmt: skip
+    ))
     assert len(page) == 4096
     u8 = lambda o: page[o]  # noqa: E731
     u16 = lambda o: struct.unpack_from("<H", page, o)[0]  # noqa: E731
@@ -66,6 +67,6 @@ def test_zero_page_copies_the_image_setup_header_then_overrides() -> None:
 
 def test_initrd_above_4g_uses_ext_fields() -> None:
     page = boot_params.build(boot_params.ZeroPage(0x20000, 1, [], initrd_address=0x1_2000_0000,
-                                                  initrd_size=0x1000))  # fmt: skip
+                                                  initrd_size=0x1000))
     assert boot_params.get(page, "ramdisk_image") == 0x2000_0000
     assert boot_params.get(page, "ext_ramdisk_image") == 1

@@ -87,10 +87,10 @@ def test_structures_and_numbers_match_the_kernel_headers(tmp_path: Path) -> None
     body = "\n".join(f'    printf("%llu\\n", (unsigned long long)({expr}));' for expr, _ in CHECKS)
     src = tmp_path / "abi.c"
     src.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\n"
-                   f"int main(void) {{\n{body}\n    return 0;\n}}\n")  # fmt: skip
+                   f"int main(void) {{\n{body}\n    return 0;\n}}\n")
     exe = tmp_path / "abi"
     subprocess.run([cc, "-o", str(exe), str(src)], check=True, capture_output=True)
     got = [int(v) for v in subprocess.run([str(exe)], check=True, capture_output=True,
-                                          text=True).stdout.split()]  # fmt: skip
+                                          text=True).stdout.split()]
     mismatches = [(expr, c, py) for (expr, py), c in zip(CHECKS, got, strict=True) if c != py]
     assert not mismatches

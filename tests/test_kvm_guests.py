@@ -42,7 +42,7 @@ def test_bootcheck_through_the_library_api(guests: dict[str, Path]) -> None:
     assert [r.step for r in result.setup] == [
         "cmdline", "gdt", "page_tables", "mptable", "boot_params",
         "cpuid", "msrs", "fpu", "regs", "sregs", "lapic",
-    ]  # fmt: skip
+    ]
     assert result.timings["total"] >= result.timings["run"] > 0
 
 
@@ -88,9 +88,9 @@ def test_dump_regs_reads_the_state_back(guests: dict[str, Path]) -> None:
     s = cpu["sregs"]
     assert (s["cr0"], s["cr3"], s["cr4"], s["efer"]) == (
         "0x0000000080000011", "0x0000000000009000", "0x0000000000000020", "0x0000000000000500",
-    )  # fmt: skip
+    )
     assert s["cs"] == {"selector": "0x0010", "base": "0x0000000000000000",
-                       "limit": "0xffffffff", "attributes": "0xa09b"}  # fmt: skip
+                       "limit": "0xffffffff", "attributes": "0xa09b"}
     assert s["gdt"] == {"base": "0x0000000000000500", "limit": "0x002f"}
     assert cpu["fpu"] == {"fcw": "0x037f", "mxcsr": "0x00001f80"}
     assert cpu["msrs"]["IA32_MTRR_DEF_TYPE"] == "0x0000000000000806"

@@ -1,5 +1,7 @@
 """Identity page tables (SDM vol. 3A 4.5) and the walker used by crash reports."""
 
+import itertools
+
 import pytest
 
 from vmmarch_cli.arch.x86_64 import layout, paging
@@ -22,7 +24,7 @@ def test_table_entries() -> None:
     pdpt = tables[0xA000]
     assert [int.from_bytes(pdpt[i * 8 : i * 8 + 8], "little") for i in range(5)] == [
         0xB003, 0xC003, 0xD003, 0xE003, 0,
-    ]  # fmt: skip
+    ]
     pd0 = tables[0xB000]
     assert int.from_bytes(pd0[:8], "little") == 0x83
     assert int.from_bytes(pd0[8:16], "little") == 0x200083
@@ -39,7 +41,7 @@ def test_covers_kernel_and_init_size_beyond_1g() -> None:
 
 def test_tables_do_not_overlap_other_boot_structures() -> None:
     ranges = sorted((a, a + len(d)) for a, d in paging.identity_tables().tables)
-    for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(ranges):
         assert end <= start
     assert ranges[0][0] > layout.BOOT_STACK_POINTER
     assert ranges[-1][1] <= layout.CMDLINE_START

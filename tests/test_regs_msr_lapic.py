@@ -27,7 +27,7 @@ def test_boot_msrs_match_firecracker_list() -> None:
     assert values == {
         0x174: 0, 0x175: 0, 0x176: 0, 0xC0000081: 0, 0xC0000083: 0, 0xC0000102: 0,
         0xC0000084: 0, 0xC0000082: 0, 0x10: 0, 0x1A0: 1, 0x2FF: 0x806,
-    }  # fmt: skip
+    }
 
 
 def test_fpu_values() -> None:

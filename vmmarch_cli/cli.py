@@ -20,6 +20,7 @@ COMMANDS = {
     "dump-regs": ("vmmarch_cli.commands.dump_regs", "dump_regs_command"),
     "fetch": ("vmmarch_cli.commands.fetch", "fetch_command"),
     "backends": ("vmmarch_cli.commands.backends", "backends_command"),
+    "stock": ("vmmarch_cli.commands.stock", "stock_command"),
 }
 
 

@@ -58,3 +58,4 @@ class BootConfig:
     cpu_mask: frozenset[str] | None = None  # None: the backend's default for this host
     timeout: float | None = None
     expect: tuple[str, ...] = field(default=())
+    boot_protocol: str = "auto"  # "auto", "linux" or "pvh"

@@ -18,7 +18,14 @@ from typing import BinaryIO
 import backends
 from vmmarch_cli import errors, loader
 from vmmarch_cli.arch.x86_64 import e820
-from vmmarch_cli.arch.x86_64.pipeline import BootPlan, StepRecord, configure, probe_cpuid_mask
+from vmmarch_cli.arch.x86_64.pipeline import (
+    LINUX64,
+    PVH,
+    BootPlan,
+    StepRecord,
+    configure,
+    probe_cpuid_mask,
+)
 from vmmarch_cli.config import BASE_CMDLINE, EMULATED_RING0_CMDLINE, BootConfig
 from vmmarch_cli.console import Console
 from vmmarch_cli.devices.bus import IoBus
@@ -76,6 +83,7 @@ class BootResult:
     detail: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     kernel: KernelImage | None = None
+    protocol: str = ""
     cmdline: str = ""
     backend: str = ""
     cpu_mask: tuple[str, ...] = ()
@@ -115,6 +123,19 @@ def build_cmdline(config: BootConfig, emulated_ring0: bool, leaked: list[str]) -
     return " ".join(p for p in parts if p)
 
 
+def choose_protocol(kernel: KernelImage, requested: str) -> tuple[str, int]:
+    """(pipeline protocol, entry address). ``auto`` takes PVH when the ELF offers it, as
+    Firecracker does since v1.12: it skips the 64-bit page-table handover entirely."""
+    if requested == "pvh" or (requested == "auto" and kernel.pvh_entry is not None):
+        if kernel.pvh_entry is None:
+            raise errors.BadInputError(
+                f"{kernel.path}: --boot-protocol pvh needs a Xen PVH entry note "
+                "(XEN_ELFNOTE_PHYS32_ENTRY), which this kernel lacks; use --boot-protocol linux"
+            )
+        return PVH, kernel.pvh_entry
+    return LINUX64, kernel.entry
+
+
 @dataclass
 class Prepared:
     """A VM with the kernel loaded and every vCPU configured, not yet running."""
@@ -123,6 +144,8 @@ class Prepared:
     vm: Vm
     vcpus: list[Vcpu]
     kernel: KernelImage
+    protocol: str
+    plan_entry: int
     cmdline: str
     cpu_mask: frozenset[str]
     setup: list[StepRecord]
@@ -148,9 +171,11 @@ def prepare(config: BootConfig) -> Iterator[Prepared]:
             leaked = probe_cpuid_mask(vcpus[0], supported, mask, config.cpus) if mask else []
             cmdline = build_cmdline(config, bool(mask and hv.default_cpu_mask()), leaked)
             raw_cmdline = loader.check_cmdline(cmdline, kernel)
+            protocol, entry = choose_protocol(kernel, config.boot_protocol)
             t2 = time.monotonic()
             plan = BootPlan(
-                entry=kernel.entry,
+                entry=entry,
+                protocol=protocol,
                 cmdline=raw_cmdline,
                 ram_regions=tuple(vm.memory.regions()),
                 cpu_count=config.cpus,
@@ -158,11 +183,13 @@ def prepare(config: BootConfig) -> Iterator[Prepared]:
                 initrd_address=initrd[0],
                 initrd_size=initrd[1],
                 setup_header=kernel.setup_header,
+                kernel_alignment=kernel.kernel_alignment,
             )
             records = configure(plan, vm.memory, vcpus, supported)
             t3 = time.monotonic()
             timings = {"open": t1 - t0, "load": t2 - t1, "setup": t3 - t2}
-            yield Prepared(hv, vm, vcpus, kernel, cmdline, mask, records, timings)
+            yield Prepared(hv, vm, vcpus, kernel, protocol, entry, cmdline, mask, records,
+                           timings)
         finally:
             vm.close()
     finally:
@@ -208,13 +235,13 @@ def run(
             on_ready(prepared)
         state = _Run(prepared)
         console = Console(console_sink, lambda kind, text: state.stop(kind, text),
-                          config.expect, console_log)  # fmt: skip
+                          config.expect, console_log)
         bus = _devices(prepared.vm, console, state)
         threads = [
             threading.Thread(target=_vcpu_loop, args=(v, bus, state), name=f"vcpu{v.index}",
                              daemon=True)
             for v in prepared.vcpus
-        ]  # fmt: skip
+        ]
         running_at = time.monotonic()
         for t in threads:
             t.start()
@@ -240,7 +267,7 @@ def run(
         for v in prepared.vcpus:
             injected.update(getattr(v, "injected_events", {}))
         status = (state.guest_status if state.reason == "exit-port" and
-                  state.guest_status is not None else STATUS_FOR_REASON[state.reason])  # fmt: skip
+                  state.guest_status is not None else STATUS_FOR_REASON[state.reason])
         return BootResult(
             reason=state.reason,
             status=status,
@@ -248,6 +275,7 @@ def run(
             detail=state.detail,
             timings=timings,
             kernel=prepared.kernel,
+            protocol=prepared.protocol,
             cmdline=prepared.cmdline,
             backend=config.backend,
             cpu_mask=tuple(sorted(prepared.cpu_mask)),
@@ -270,7 +298,7 @@ def _devices(vm: Vm, console: Console, state: _Run) -> IoBus:
     bus.add(I8042_DATA_PORT, 5, I8042(lambda: state.stop("reset", "i8042 reset (0xfe)")))
     bus.add(0x70, 2, CmosRtc())
     bus.add(EXIT_PORT, 1, ExitPort(lambda status: state.stop(
-        "exit-port", f"guest wrote {status} to port {EXIT_PORT:#x}", status)))  # fmt: skip
+        "exit-port", f"guest wrote {status} to port {EXIT_PORT:#x}", status)))
     return bus
 
 
@@ -289,7 +317,7 @@ def _vcpu_loop(vcpu: Vcpu, bus: IoBus, state: _Run) -> None:
                 exits["io"] += 1
                 with state.device_lock:
                     data = b"".join(bus.read(ex.port, ex.size).to_bytes(ex.size, "little")
-                                    for _ in range(ex.count))  # fmt: skip
+                                    for _ in range(ex.count))
                 vcpu.complete_io_in(data)
             elif isinstance(ex, MmioRead):
                 exits["mmio"] += 1

@@ -35,7 +35,8 @@ class MmapGuestMemory:
         self._regions: list[_Region] = []
         previous_end = 0
         for start, length in sorted(regions):
-            if length <= 0 or start < previous_end or start % mmap.PAGESIZE or length % mmap.PAGESIZE:
+            misaligned = start % mmap.PAGESIZE or length % mmap.PAGESIZE
+            if length <= 0 or start < previous_end or misaligned:
                 raise GuestMemoryError(
                     f"bad memory region [{start:#x}, +{length:#x}): regions must be page-aligned, "
                     "non-empty and must not overlap"

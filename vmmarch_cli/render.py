@@ -24,7 +24,7 @@ def regs_dict(r: Regs) -> dict[str, str]:
 
 def segment_dict(s: Segment) -> dict[str, str]:
     return {"selector": f"{s.selector:#06x}", "base": hex64(s.base),
-            "limit": f"{s.limit:#010x}", "attributes": f"{s.attributes:#06x}"}  # fmt: skip
+            "limit": f"{s.limit:#010x}", "attributes": f"{s.attributes:#06x}"}
 
 
 def sregs_dict(s: Sregs) -> dict[str, Any]:

@@ -9,7 +9,6 @@ A backend translates to its native form once, at its own boundary.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -19,7 +18,7 @@ from typing import Protocol, runtime_checkable
 GPR_NAMES = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)

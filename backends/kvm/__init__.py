@@ -34,7 +34,7 @@ RING0_EMULATOR_MASK = frozenset({
     "fsgsbase",    # rdgsbase/wrgsbase on every kernel entry
     "pku", "la57", "rtm", "hle", "waitpkg", "movdiri", "movdir64b", "rdseed",
     "avx", "avx2", "avx512f",
-})  # fmt: skip
+})
 
 
 class KvmHypervisor:
@@ -63,7 +63,7 @@ class KvmHypervisor:
             "xsave": "yes" if check_extension(self._fd, abi.KVM_CAP_XSAVE) else "no",
             "ring0": "emulated (PVM or no VMX/SVM): CPU mask and int3 fallback apply"
             if host_needs_ring0_workarounds() else "hardware",
-        }  # fmt: skip
+        }
         return HypervisorInfo("kvm", True, "", facts)
 
     def default_cpu_mask(self) -> frozenset[str]:

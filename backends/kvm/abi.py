@@ -37,7 +37,7 @@ class kvm_regs(ctypes.Structure):
             "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
         )
-    ]  # fmt: skip
+    ]
 
 
 class kvm_segment(ctypes.Structure):
@@ -157,7 +157,7 @@ KVM_PIT_SPEAKER_DUMMY = 1
 
 class _events_exception(ctypes.Structure):
     _fields_ = [("injected", c_u8), ("nr", c_u8), ("has_error_code", c_u8),
-                ("pending", c_u8), ("error_code", c_u32)]  # fmt: skip
+                ("pending", c_u8), ("error_code", c_u32)]
 
 
 class _events_interrupt(ctypes.Structure):
@@ -170,7 +170,7 @@ class _events_nmi(ctypes.Structure):
 
 class _events_smi(ctypes.Structure):
     _fields_ = [("smm", c_u8), ("pending", c_u8), ("smm_inside_nmi", c_u8),
-                ("latched_init", c_u8)]  # fmt: skip
+                ("latched_init", c_u8)]
 
 
 class kvm_vcpu_events(ctypes.Structure):
@@ -202,7 +202,7 @@ class kvm_enable_cap(ctypes.Structure):
 
 class _run_io(ctypes.Structure):
     _fields_ = [("direction", c_u8), ("size", c_u8), ("port", c_u16), ("count", c_u32),
-                ("data_offset", c_u64)]  # fmt: skip
+                ("data_offset", c_u64)]
 
 
 class _run_mmio(ctypes.Structure):
@@ -215,7 +215,7 @@ class _run_internal(ctypes.Structure):
 
 class _run_emulation_failure(ctypes.Structure):
     _fields_ = [("suberror", c_u32), ("ndata", c_u32), ("flags", c_u64), ("insn_size", c_u8),
-                ("insn_bytes", c_u8 * 15)]  # fmt: skip
+                ("insn_bytes", c_u8 * 15)]
 
 
 class _run_fail_entry(ctypes.Structure):

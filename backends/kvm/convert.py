@@ -42,7 +42,7 @@ def segment_from_kvm(k: abi.kvm_segment) -> Segment:
     attributes = (
         k.type | k.s << 4 | k.dpl << 5 | (1 if present else 0) << 7
         | k.avl << 12 | k.l << 13 | k.db << 14 | k.g << 15
-    )  # fmt: skip
+    )
     return Segment(selector=k.selector, base=k.base, limit=k.limit, attributes=attributes)
 
 
@@ -65,9 +65,12 @@ def sregs_to_kvm(s: Sregs, into: abi.kvm_sregs) -> abi.kvm_sregs:
 
 
 def sregs_from_kvm(k: abi.kvm_sregs) -> Sregs:
+    seg = segment_from_kvm
     return Sregs(
-        **{name: segment_from_kvm(getattr(k, name)) for name in SEGMENTS},
+        cs=seg(k.cs), ds=seg(k.ds), es=seg(k.es), fs=seg(k.fs), gs=seg(k.gs), ss=seg(k.ss),
+        tr=seg(k.tr), ldt=seg(k.ldt),
         gdt=DescriptorTable(k.gdt.base, k.gdt.limit),
         idt=DescriptorTable(k.idt.base, k.idt.limit),
-        **{name: getattr(k, name) for name in CONTROL},
+        cr0=k.cr0, cr2=k.cr2, cr3=k.cr3, cr4=k.cr4, cr8=k.cr8, efer=k.efer,
+        apic_base=k.apic_base,
     )

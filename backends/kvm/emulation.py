@@ -42,7 +42,8 @@ class SoftwareEvent:
 
 
 def fwait_event(fsw: int) -> SoftwareEvent:
-    """FWAIT (SDM vol. 2A, WAIT/FWAIT): #MF if an unmasked x87 exception is pending, else a no-op."""
+    """FWAIT (SDM vol. 2A, WAIT/FWAIT): #MF if an unmasked x87 exception is pending, else
+    nothing."""
     if fsw & FSW_ERROR_SUMMARY:
         # #MF is a fault: the saved RIP stays on the FWAIT, so nothing is skipped.
         return SoftwareEvent("fwait", VECTOR_MATH_FAULT, 0, exception=True)

@@ -72,7 +72,12 @@ def open_kvm(device: Path = KVM_DEVICE) -> int:
     except OSError as e:
         raise BackendUnavailableError(f"cannot open {device}: {e.strerror}") from None
     try:
-        version = ioctl(fd, abi.KVM_GET_API_VERSION)
+        try:
+            version = ioctl(fd, abi.KVM_GET_API_VERSION)
+        except OSError as e:
+            raise BackendUnavailableError(
+                f"{device} does not answer KVM_GET_API_VERSION ({e.strerror}): not a KVM device"
+            ) from None
         if version != abi.KVM_API_VERSION:
             raise BackendUnavailableError(
                 f"{device} speaks KVM API version {version}; vmm-arch needs {abi.KVM_API_VERSION}"
@@ -107,7 +112,7 @@ def host_needs_ring0_workarounds() -> bool:
         flags = next(
             (line for line in Path("/proc/cpuinfo").read_text().splitlines()
              if line.startswith("flags")), ""
-        )  # fmt: skip
+        )
     except OSError:
         return False
     words = set(flags.split())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -102,7 +103,7 @@ class KvmVcpu:
             checked(self._fd, abi.KVM_GET_XSAVE, x, "KVM_GET_XSAVE")
             raw = bytes(x)
             return Fpu(fcw=int.from_bytes(raw[XSAVE_FCW : XSAVE_FCW + 2], "little"),
-                       mxcsr=int.from_bytes(raw[XSAVE_MXCSR : XSAVE_MXCSR + 4], "little"))  # fmt: skip
+                       mxcsr=int.from_bytes(raw[XSAVE_MXCSR : XSAVE_MXCSR + 4], "little"))
         f = abi.kvm_fpu()
         checked(self._fd, abi.KVM_GET_FPU, f, "KVM_GET_FPU")
         return Fpu(fcw=f.fcw, mxcsr=f.mxcsr)
@@ -232,7 +233,8 @@ class KvmVcpu:
             return InternalError(f"KVM internal error, suberror {internal.suberror}")
         failure = run.exit.emulation_failure
         insn = b""
-        if failure.ndata >= 3 and failure.flags & abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+        has_bytes = failure.flags & abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+        if failure.ndata >= 3 and has_bytes:
             insn = bytes(failure.insn_bytes)[: min(failure.insn_size, 15)]
         event = decode_software_event(insn)
         if event is None and insn[:1] == bytes((OPCODE_FWAIT,)):
@@ -291,10 +293,8 @@ class KvmVcpu:
             run.immediate_exit = 1
         thread_id = self._thread_id
         if thread_id is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pthread_kill(thread_id, KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
 
     def close(self) -> None:
         self._run = None  # release the buffer export before unmapping
@@ -306,4 +306,4 @@ def cpuid_from_kvm(k: abi.kvm_cpuid_entry2) -> CpuidEntry:
     return CpuidEntry(
         function=k.function, index=k.index, eax=k.eax, ebx=k.ebx, ecx=k.ecx, edx=k.edx,
         indexed=bool(k.flags & abi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX),
-    )  # fmt: skip
+    )

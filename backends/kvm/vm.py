@@ -25,7 +25,7 @@ class KvmVm:
         try:
             self._fd = checked(kvm_fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
             self._mmap_size = checked(kvm_fd, abi.KVM_GET_VCPU_MMAP_SIZE, None,
-                                      "KVM_GET_VCPU_MMAP_SIZE")  # fmt: skip
+                                      "KVM_GET_VCPU_MMAP_SIZE")
             self._has_xsave = check_extension(kvm_fd, abi.KVM_CAP_XSAVE) > 0
             # The VMX real-mode TSS needs three pages of guest-physical space outside RAM.
             checked(self._fd, abi.KVM_SET_TSS_ADDR, layout.KVM_TSS_ADDRESS, "KVM_SET_TSS_ADDR")
@@ -39,7 +39,7 @@ class KvmVm:
                 region.slot, region.guest_phys_addr = slot, start
                 region.memory_size, region.userspace_addr = length, host
                 checked(self._fd, abi.KVM_SET_USER_MEMORY_REGION, region,
-                        "KVM_SET_USER_MEMORY_REGION")  # fmt: skip
+                        "KVM_SET_USER_MEMORY_REGION")
         except BaseException:
             self.close()
             raise

@@ -23,7 +23,7 @@ def backends_command(as_json: bool) -> None:
     infos = [backends.probe(name) for name in backends.names()]
     if as_json:
         click.echo(json.dumps([{"name": i.name, "usable": i.usable, "reason": i.reason,
-                                "facts": i.facts} for i in infos], indent=2))  # fmt: skip
+                                "facts": i.facts} for i in infos], indent=2))
         return
     t = Table(title="backends")
     for col in ("backend", "usable", "why not / facts"):

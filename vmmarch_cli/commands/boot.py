@@ -11,6 +11,7 @@ import click
 
 from vmmarch_cli import machine
 from vmmarch_cli.commands import options
+from vmmarch_cli.config import BootConfig
 from vmmarch_cli.machine import BootResult
 from vmmarch_cli.render import regs_dict, regs_table, sregs_dict, sregs_tables, stderr_console
 
@@ -32,8 +33,8 @@ from vmmarch_cli.render import regs_dict, regs_table, sregs_dict, sregs_tables, 
 @click.option("-v", "--verbose", is_flag=True,
               help="Also show unhandled ports, exit counts and injected events.")
 @click.pass_context
-def boot_command(ctx: click.Context, as_json: bool, quiet: bool, verbose: bool,
-                 console_log: Path | None, **kwargs: Any) -> None:  # fmt: skip
+def boot_command(ctx: click.Context, /, as_json: bool, quiet: bool, verbose: bool,
+                 console_log: Path | None, **kwargs: Any) -> None:
     """Boot KERNEL and stream the guest console to stdout.
 
     KERNEL is an ELF vmlinux (x86_64). The run ends when the guest writes a status to the exit
@@ -43,13 +44,24 @@ def boot_command(ctx: click.Context, as_json: bool, quiet: bool, verbose: bool,
     A phase timing summary goes to stderr. On this kind of host (a KVM that emulates ring 0)
     the default CPU mask and `mitigations=off` are applied; `vmm-arch backends` says which.
     """
-    config = options.boot_config(kwargs)
+    execute(ctx, options.boot_config(kwargs), as_json, quiet, verbose, console_log)
+
+
+def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, verbose: bool,
+            console_log: Path | None) -> None:
+    """Run one boot and end the command with its status (shared by ``boot`` and ``stock``)."""
     sink: BinaryIO | None = None
     if not quiet:
         sink = sys.stderr.buffer if as_json else sys.stdout.buffer
     log = console_log.open("wb") if console_log is not None else None
+    def announce(p: machine.Prepared) -> None:
+        if not quiet:
+            click.echo(f"vmm-arch: {p.kernel.format} {p.kernel.path} via the "
+                       f"{PROTOCOL_NAMES[p.protocol]} (entry {p.plan_entry:#x}) on "
+                       f"{config.backend}, cmdline: {p.cmdline}", err=True)
+
     try:
-        result = machine.run(config, sink, log)
+        result = machine.run(config, sink, log, on_ready=announce)
     finally:
         if log is not None:
             log.close()
@@ -80,8 +92,8 @@ def result_json(r: BootResult) -> dict[str, Any]:
     }
     if r.kernel is not None:
         doc["kernel"] = {"path": r.kernel.path, "format": r.kernel.format,
-                         "entry": f"{r.kernel.entry:#x}",
-                         "load": [f"{r.kernel.load_start:#x}", f"{r.kernel.load_end:#x}"]}  # fmt: skip
+                         "entry": f"{r.kernel.entry:#x}", "boot_protocol": r.protocol,
+                         "load": [f"{r.kernel.load_start:#x}", f"{r.kernel.load_end:#x}"]}
     if r.fault is not None:
         doc["fault"] = {
             "cpu": r.fault.cpu,
@@ -93,8 +105,10 @@ def result_json(r: BootResult) -> dict[str, Any]:
     return doc
 
 
+PROTOCOL_NAMES = {"linux64": "64-bit Linux boot protocol", "pvh": "Xen PVH entry"}
+
 PHASES = ("open", "load", "setup", "first_console_byte", "linux_banner", "memory_line",
-          "run_init", "run", "total")  # fmt: skip
+          "run_init", "run", "total")
 
 
 def report(r: BootResult, quiet: bool, verbose: bool) -> None:

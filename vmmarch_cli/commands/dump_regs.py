@@ -38,14 +38,14 @@ def readback(vcpu: Vcpu) -> dict[str, Any]:
         "sregs": sregs_dict(vcpu.get_sregs()),
         "fpu": {"fcw": f"{fpu.fcw:#06x}", "mxcsr": f"{fpu.mxcsr:#010x}"},
         "msrs": {msr.MSR_NAMES.get(e.index, f"{e.index:#x}"): hex64(e.value)
-                 for e in vcpu.get_msrs(READBACK_MSRS)},  # fmt: skip
+                 for e in vcpu.get_msrs(READBACK_MSRS)},
         "lapic": {"lvt0": f"{lap.register(lapic.APIC_LVT0):#010x}",
-                  "lvt1": f"{lap.register(lapic.APIC_LVT1):#010x}"},  # fmt: skip
+                  "lvt1": f"{lap.register(lapic.APIC_LVT1):#010x}"},
         "cpuid": [
             {"function": f"{e.function:#x}", "index": f"{e.index:#x}", "eax": f"{e.eax:#010x}",
              "ebx": f"{e.ebx:#010x}", "ecx": f"{e.ecx:#010x}", "edx": f"{e.edx:#010x}"}
             for e in vcpu.get_cpuid()
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -68,11 +68,12 @@ def dump_regs_command(as_json: bool, show_cpuid: bool, **kwargs: Any) -> None:
         doc = {
             "backend": config.backend,
             "kernel": {"path": prepared.kernel.path, "format": prepared.kernel.format,
-                       "entry": f"{prepared.kernel.entry:#x}"},  # fmt: skip
+                       "entry": f"{prepared.kernel.entry:#x}",
+                       "boot_protocol": prepared.protocol},
             "cmdline": prepared.cmdline,
             "cpu_mask": sorted(prepared.cpu_mask),
             "steps": [{"step": r.step, "target": r.target, "set": r.summary}
-                      for r in prepared.setup],  # fmt: skip
+                      for r in prepared.setup],
             "cpus": cpus,
         }
     if as_json:
@@ -80,7 +81,7 @@ def dump_regs_command(as_json: bool, show_cpuid: bool, **kwargs: Any) -> None:
         return
     out = Console(highlight=False)
     steps = [(f"{r.target}:{r.step}", "  ".join(f"{k}={v}" for k, v in r.summary.items()))
-             for r in prepared.setup]  # fmt: skip
+             for r in prepared.setup]
     out.print(kv_table("pipeline steps", steps))
     out.print(regs_table(regs0, "cpu0 registers (read back)"))
     for t in sregs_tables(sregs0):
@@ -92,5 +93,5 @@ def dump_regs_command(as_json: bool, show_cpuid: bool, **kwargs: Any) -> None:
     if show_cpuid:
         rows = [(f"{e['function']}.{e['index']}",
                  f"eax={e['eax']} ebx={e['ebx']} ecx={e['ecx']} edx={e['edx']}")
-                for e in cpu0["cpuid"]]  # fmt: skip
+                for e in cpu0["cpuid"]]
         out.print(kv_table("cpuid", rows))

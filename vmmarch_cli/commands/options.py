@@ -29,13 +29,17 @@ def boot_options(f: F) -> F:
                      help="Appended to the (default or given) command line."),
         click.option("--mem", "mem", default="256M", show_default=True, metavar="SIZE",
                      help="Guest RAM: a number with K/M/G suffix (bare number = MiB)."),
+        click.option("--boot-protocol", type=click.Choice(["auto", "linux", "pvh"]),
+                     default="auto", show_default=True,
+                     help="linux: the 64-bit Linux boot protocol; pvh: the Xen PVH entry of an "
+                          "ELF with a PVH note; auto: PVH when the note exists, else linux."),
         click.option("--cpus", type=click.IntRange(1, 1), default=1, show_default=True,
                      help="Number of vCPUs."),
         click.option("--cpu-mask", default=None, metavar="LIST",
                      help="CPU features to hide from the guest, comma-separated "
                           "(e.g. cx16,xsave,smap; 'none' hides nothing). Default: what this "
                           "host's KVM cannot run in guest ring 0 (empty on hardware KVM)."),
-    ]  # fmt: skip
+    ]
     for d in reversed(decorators):
         f = d(f)
     return f
@@ -58,4 +62,5 @@ def boot_config(kwargs: dict[str, Any]) -> BootConfig:
         cpu_mask=mask,
         timeout=kwargs.pop("timeout", None),
         expect=tuple(kwargs.pop("expect", ())),
+        boot_protocol=kwargs.pop("boot_protocol"),
     )

@@ -47,7 +47,7 @@ class CmosRtc:
             RTC_SECONDS: t.tm_sec, RTC_MINUTES: t.tm_min, RTC_HOURS: t.tm_hour,
             RTC_DAY_OF_WEEK: (t.tm_wday + 1) % 7 + 1, RTC_DAY_OF_MONTH: t.tm_mday,
             RTC_MONTH: t.tm_mon, RTC_YEAR: t.tm_year % 100, RTC_CENTURY: t.tm_year // 100,
-        }  # fmt: skip
+        }
         if index in clock:
             return _bcd(clock[index])
         return self._ram[index]

@@ -1,4 +1,4 @@
-"""Kernel, initrd and command-line loading. The format is detected from the bytes, never the name."""
+"""Kernel, initrd and command-line loading; the format is detected from the bytes, not the name."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmmarch_cli.arch.x86_64 import layout
-from vmmarch_cli.loader import elf, errors
+from vmmarch_cli.loader import bzimage, elf, errors
 from vmmarch_cli.vcpu import GuestMemory
 
 PAGE_SIZE = 4096
@@ -27,6 +27,8 @@ class KernelImage:
     setup_header: bytes = b""
     cmdline_max: int = layout.CMDLINE_MAX_SIZE  # bytes including the NUL
     initrd_addr_max: int = DEFAULT_INITRD_ADDR_MAX
+    #: boot_params.kernel_alignment to report; 0 keeps the image's own (bzImage).
+    kernel_alignment: int = 0x100_0000
 
 
 def load_kernel(path: Path, memory: GuestMemory) -> KernelImage:
@@ -41,13 +43,28 @@ def load_kernel(path: Path, memory: GuestMemory) -> KernelImage:
         raise errors.KernelNotFound(f"{name}: cannot read: {e.strerror}") from None
     with f:
         size = path.stat().st_size
-        magic = f.read(4)
+        head = f.read(1024)
         f.seek(0)
         if size == 0:
             raise errors.UnknownKernelFormat(f"{name}: empty file")
-        if magic != elf.ELF_MAGIC:
+        if bzimage.is_bzimage(head):
+            bz = bzimage.parse(head, size, name)
+            bzimage.load(f, bz, memory, name)
+            return KernelImage(
+                path=name,
+                format="bzimage",
+                entry=bz.entry,
+                load_start=bz.load_address,
+                load_end=bz.end,
+                setup_header=bzimage.zero_page_header(bz),
+                cmdline_max=bzimage.cmdline_max(bz),
+                initrd_addr_max=bzimage.initrd_addr_max(bz, DEFAULT_INITRD_ADDR_MAX),
+                kernel_alignment=0,
+            )
+        if head[:4] != elf.ELF_MAGIC:
             raise errors.UnknownKernelFormat(
-                f"{name}: not an ELF kernel (starts with {magic.hex(' ')}); pass a vmlinux"
+                f"{name}: neither an ELF vmlinux nor a bzImage (starts with "
+                f"{head[:4].hex(' ')})"
             )
         info = elf.parse(f, size, name)
         elf.load(f, info, memory, name)

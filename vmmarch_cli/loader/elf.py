@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import BufferedReader
 from typing import BinaryIO
 
 from elftools.common.exceptions import ELFError
@@ -73,7 +74,7 @@ def parse(f: BinaryIO, size: int, name: str) -> ElfInfo:
         raise errors.UnknownKernelFormat(f"{name}: not an ELF file")
     if ident[4] != ELFCLASS64:
         raise errors.InvalidElfClass(f"{name}: ELF class {ident[4]} is not ELF64; "
-                                     "an x86_64 kernel is a 64-bit ELF")  # fmt: skip
+                                     "an x86_64 kernel is a 64-bit ELF")
     if ident[5] != ELFDATA2LSB:
         raise errors.BigEndianElfOnLittle(f"{name}: big-endian ELF, not an x86 kernel")
     try:
@@ -89,7 +90,7 @@ def parse(f: BinaryIO, size: int, name: str) -> ElfInfo:
             )
         if header["e_phoff"] + header["e_phnum"] * PHDR64_SIZE > size:
             raise errors.ElfReadError(f"{name}: program headers run past the end of the file "
-                                      "(truncated image?)")  # fmt: skip
+                                      "(truncated image?)")
         segments: list[LoadSegment] = []
         pvh_entry: int | None = None
         for seg in elf.iter_segments():
@@ -100,7 +101,7 @@ def parse(f: BinaryIO, size: int, name: str) -> ElfInfo:
             if h["p_type"] != "PT_LOAD" or h["p_memsz"] == 0:
                 continue
             s = LoadSegment(h["p_paddr"], h["p_vaddr"], h["p_offset"], h["p_filesz"],
-                            h["p_memsz"], h["p_flags"])  # fmt: skip
+                            h["p_memsz"], h["p_flags"])
             if s.filesz > s.memsz:
                 raise errors.SegmentSizeMismatch(
                     f"{name}: segment at {s.paddr:#x} has p_filesz {s.filesz:#x} > "
@@ -161,7 +162,7 @@ def find_pvh_entry(note_segment: bytes, name: str) -> int | None:
     return None
 
 
-def load(f: BinaryIO, info: ElfInfo, memory: GuestMemory, name: str) -> None:
+def load(f: BufferedReader, info: ElfInfo, memory: GuestMemory, name: str) -> None:
     """Check every segment against guest RAM, then copy and zero-fill them."""
     for s in info.segments:
         if s.paddr < layout.HIMEM_START:

@@ -84,3 +84,27 @@ class InitrdTooLarge(BadInputError):
 
 class InvalidMemorySize(BadInputError):
     """The --mem value cannot be parsed or is out of range."""
+
+
+class InvalidBzImage(BadInputError):
+    """No "HdrS" signature or no 0xAA55 boot flag where the setup header should be."""
+
+
+class BzImageTruncated(BadInputError):
+    """The file ends inside the setup sectors or has no protected-mode code after them."""
+
+
+class BzImageProtocolTooOld(BadInputError):
+    """Boot protocol below 2.12: no 64-bit entry point."""
+
+
+class BzImageMissing64BitEntry(BadInputError):
+    """xloadflags lacks XLF_KERNEL_64: the kernel has no 64-bit entry at load + 0x200."""
+
+
+class BzImageNotLoadableHigh(BadInputError):
+    """loadflags lacks LOADED_HIGH: a zImage that wants 0x10000, not a bzImage."""
+
+
+class KernelDoesNotFit(BadInputError):
+    """init_size from the (aligned) load address runs past the end of low RAM."""

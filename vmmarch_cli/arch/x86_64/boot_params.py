@@ -124,4 +124,4 @@ def read_e820(page: bytes) -> list[E820Entry]:
     """Decode the e820 table from a zero page (as read back from guest memory)."""
     count = min(get(page, "e820_entries"), E820_MAX_ENTRIES_ZEROPAGE)
     return [E820Entry(*struct.unpack_from(E820_ENTRY_FORMAT, page, E820_TABLE + 20 * i))
-            for i in range(count)]  # fmt: skip
+            for i in range(count)]

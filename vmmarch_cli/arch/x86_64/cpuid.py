@@ -25,7 +25,9 @@ class FeatureBit:
     bit: int
 
 
-def _bits(function: int, index: int, register: Register, names: dict[str, int]) -> dict[str, FeatureBit]:
+def _bits(
+    function: int, index: int, register: Register, names: dict[str, int]
+) -> dict[str, FeatureBit]:
     return {name: FeatureBit(function, index, register, bit) for name, bit in names.items()}
 
 
@@ -60,8 +62,10 @@ FEATURES: dict[str, FeatureBit] = {
     **_bits(0x7, 1, "eax", {"avx_vnni": 4, "avx512_bf16": 5}),
     **_bits(0xD, 1, "eax", {"xsaveopt": 0, "xsavec": 1, "xgetbv1": 2, "xsaves": 3}),
     **_bits(0x8000_0001, 0, "ecx", {"lahf_lm": 0, "abm": 5, "sse4a": 6, "topoext": 22}),
-    **_bits(0x8000_0001, 0, "edx", {"syscall": 11, "nx": 20, "pdpe1gb": 26, "rdtscp": 27, "lm": 29}),
-}  # fmt: skip
+    **_bits(0x8000_0001, 0, "edx", {
+        "syscall": 11, "nx": 20, "pdpe1gb": 26, "rdtscp": 27, "lm": 29,
+    }),
+}
 
 #: Masking a feature masks what cannot work without it: exactly the pairs of Linux's
 #: arch/x86/kernel/cpu/cpuid-deps.c (v6.1) among the features named here, so that a kernel told
@@ -75,11 +79,11 @@ DEPENDENTS: dict[str, tuple[str, ...]] = {
     ),
     "avx512vl": ("gfni", "vaes", "vpclmulqdq", "avx512_vnni", "avx512_bitalg", "avx512_bf16"),
     "pku": ("ospke",),
-}  # fmt: skip
+}
 
 #: Features that must stay: the 64-bit boot path and the pipeline itself rely on them.
 REQUIRED = frozenset({"fpu", "tsc", "msr", "pae", "apic", "cx8", "cmov", "fxsr", "sse", "sse2",
-                      "lm", "nx", "syscall", "hypervisor"})  # fmt: skip
+                      "lm", "nx", "syscall", "hypervisor"})
 
 
 def parse_mask(text: str) -> frozenset[str]:
@@ -193,7 +197,7 @@ def _topology_leaves(function: int, t: Topology) -> list[CpuidEntry]:
         CpuidEntry(function, 1, eax=core_shift, ebx=t.cpu_count, ecx=(LEVEL_TYPE_CORE << 8) | 1,
                    edx=t.apic_id, indexed=True),
         CpuidEntry(function, 2, eax=0, ebx=0, ecx=2, edx=t.apic_id, indexed=True),
-    ]  # fmt: skip
+    ]
 
 
 def _apply_mask(e: CpuidEntry, mask: frozenset[str]) -> CpuidEntry:

@@ -18,7 +18,7 @@ E820_ACPI = 3
 E820_NVS = 4
 
 TYPE_NAMES = {E820_RAM: "usable", E820_RESERVED: "reserved", E820_ACPI: "ACPI data",
-              E820_NVS: "ACPI NVS"}  # fmt: skip
+              E820_NVS: "ACPI NVS"}
 
 
 @dataclass(frozen=True, order=True)
@@ -35,7 +35,7 @@ class E820Entry:
 def memory_map(ram_regions: Sequence[tuple[int, int]]) -> list[E820Entry]:
     """The map for guest RAM laid out as ``ram_regions`` (sorted, non-overlapping)."""
     entries = [E820Entry(layout.SYSTEM_MEM_START, layout.BIOS_END - layout.SYSTEM_MEM_START,
-                         E820_RESERVED)]  # fmt: skip
+                         E820_RESERVED)]
     for start, length in ram_regions:
         end = start + length
         # Conventional memory below the EBDA, then everything from 1 MiB on.

@@ -86,6 +86,23 @@ BOOT_DS_INDEX = 3
 BOOT_TSS_INDEX = 4
 
 
+# The PVH entry GDT (docs/misc/pvh.pandoc, "CS: must be a 32-bit read/execute code segment with
+# a base of '0' and a limit of '0xFFFFFFFF'", DS/ES/SS alike for data, TR a 32-bit TSS, active,
+# base 0, limit 0x67). Selectors as Firecracker's: 0x08, 0x10, 0x18.
+PVH_CS_INDEX = 1
+PVH_DS_INDEX = 2
+PVH_TSS_INDEX = 3
+
+
+def pvh_gdt() -> list[int]:
+    return [
+        0,
+        gdt_entry(CODE32_FLAGS, 0, 0xFFFFF),
+        gdt_entry(DATA_FLAGS, 0, 0xFFFFF),
+        gdt_entry(TSS32_BUSY_FLAGS, 0, TSS_LIMIT),
+    ]
+
+
 def linux64_gdt() -> list[int]:
     """The boot GDT as u64 words: null, null, __BOOT_CS, __BOOT_DS, a 16-byte busy TSS."""
     tss_low, tss_high = tss64_entry(TSS64_BUSY_FLAGS, 0, TSS_LIMIT)

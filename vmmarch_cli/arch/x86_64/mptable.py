@@ -62,7 +62,7 @@ def size(cpus: int) -> int:
     return (struct.calcsize(MPF_FORMAT) + struct.calcsize(MPC_HEADER_FORMAT)
             + cpus * struct.calcsize(MPC_CPU_FORMAT) + struct.calcsize(MPC_BUS_FORMAT)
             + struct.calcsize(MPC_IOAPIC_FORMAT) + IOAPIC_PINS * struct.calcsize(MPC_INTSRC_FORMAT)
-            + 2 * struct.calcsize(MPC_LINTSRC_FORMAT))  # fmt: skip
+            + 2 * struct.calcsize(MPC_LINTSRC_FORMAT))
 
 
 def build(cpus: int, address: int = layout.SYSTEM_MEM_START) -> MpTable:
@@ -73,29 +73,29 @@ def build(cpus: int, address: int = layout.SYSTEM_MEM_START) -> MpTable:
     entries = [cpu_entry(i) for i in range(cpus)]
     entries.append(struct.pack(MPC_BUS_FORMAT, MP_BUS, 0, b"ISA   "))
     entries.append(struct.pack(MPC_IOAPIC_FORMAT, MP_IOAPIC, ioapic_id, APIC_VERSION,
-                               IOAPIC_USABLE, layout.IOAPIC_ADDRESS))  # fmt: skip
+                               IOAPIC_USABLE, layout.IOAPIC_ADDRESS))
     entries += [struct.pack(MPC_INTSRC_FORMAT, MP_INTSRC, MP_IRQ_INT, MP_IRQ_POLARITY_DEFAULT,
-                            0, irq, ioapic_id, irq) for irq in range(IOAPIC_PINS)]  # fmt: skip
+                            0, irq, ioapic_id, irq) for irq in range(IOAPIC_PINS)]
     entries.append(struct.pack(MPC_LINTSRC_FORMAT, MP_LINTSRC, MP_IRQ_EXTINT,
-                               MP_IRQ_POLARITY_DEFAULT, 0, 0, 0, 0))  # fmt: skip
+                               MP_IRQ_POLARITY_DEFAULT, 0, 0, 0, 0))
     entries.append(struct.pack(MPC_LINTSRC_FORMAT, MP_LINTSRC, MP_IRQ_NMI,
-                               MP_IRQ_POLARITY_DEFAULT, 0, 0, ALL_APICS, 1))  # fmt: skip
+                               MP_IRQ_POLARITY_DEFAULT, 0, 0, ALL_APICS, 1))
     body = b"".join(entries)
     table_address = address + struct.calcsize(MPF_FORMAT)
     header_len = struct.calcsize(MPC_HEADER_FORMAT)
     header = struct.pack(MPC_HEADER_FORMAT, MPC_SIGNATURE, header_len + len(body),
                          MP_SPEC_REVISION, 0, b"VMMARCH ", b"000000000000", 0, 0, len(entries),
-                         layout.APIC_DEFAULT_ADDRESS, 0)  # fmt: skip
+                         layout.APIC_DEFAULT_ADDRESS, 0)
     table = with_checksum(header + body, offset=7)
     mpf = struct.pack(MPF_FORMAT, MPF_SIGNATURE, table_address, 1, MP_SPEC_REVISION, 0, 0,
-                      b"\0\0\0", 0)  # fmt: skip
+                      b"\0\0\0", 0)
     return MpTable(address, with_checksum(mpf, offset=10) + table)
 
 
 def cpu_entry(index: int) -> bytes:
     flags = CPU_ENABLED | (CPU_BOOTPROCESSOR if index == 0 else 0)
     return struct.pack(MPC_CPU_FORMAT, MP_PROCESSOR, index, APIC_VERSION, flags, CPU_SIGNATURE,
-                       CPU_FEATURE_APIC | CPU_FEATURE_FPU, bytes(8))  # fmt: skip
+                       CPU_FEATURE_APIC | CPU_FEATURE_FPU, bytes(8))
 
 
 def with_checksum(data: bytes, offset: int) -> bytes:

@@ -21,6 +21,7 @@ from vmmarch_cli.arch.x86_64 import (
     mptable,
     msr,
     paging,
+    pvh,
     regs,
 )
 from vmmarch_cli.vcpu import CpuidEntry, GuestMemory, Vcpu
@@ -32,6 +33,9 @@ class BootPlan:
 
     entry: int
     cmdline: bytes
+    #: "linux64": the 64-bit Linux boot protocol (boot_params, long mode);
+    #: "pvh": the Xen PVH entry (hvm_start_info, 32-bit protected mode, paging off).
+    protocol: str
     ram_regions: tuple[tuple[int, int], ...]
     cpu_count: int = 1
     cpu_mask: frozenset[str] = frozenset()
@@ -50,6 +54,9 @@ class StepRecord:
     summary: dict[str, str] = field(default_factory=dict)
 
 
+LINUX64 = "linux64"
+PVH = "pvh"
+
 MemoryStep = Callable[[BootPlan, GuestMemory], dict[str, str]]
 VcpuStep = Callable[[BootPlan, Vcpu, Sequence[CpuidEntry]], dict[str, str]]
 
@@ -67,11 +74,11 @@ def write_cmdline(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
 
 
 def write_gdt(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
-    table = gdt.linux64_gdt()
+    table = gdt.pvh_gdt() if plan.protocol == PVH else gdt.linux64_gdt()
     mem.write(layout.BOOT_GDT_START, gdt.pack_table(table))
     mem.write(layout.BOOT_IDT_START, bytes(8))
     return {"gdt": _hex(layout.BOOT_GDT_START), "entries": str(len(table)),
-            "idt": _hex(layout.BOOT_IDT_START)}  # fmt: skip
+            "idt": _hex(layout.BOOT_IDT_START)}
 
 
 def write_page_tables(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
@@ -102,7 +109,24 @@ def write_zero_page(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
     )
     mem.write(layout.ZERO_PAGE_START, page)
     return {"address": _hex(layout.ZERO_PAGE_START), "e820_entries": str(len(entries)),
-            "initrd": f"{plan.initrd_address:#x}+{plan.initrd_size:#x}"}  # fmt: skip
+            "initrd": f"{plan.initrd_address:#x}+{plan.initrd_size:#x}"}
+
+
+def write_start_info(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+    entries = e820.memory_map(plan.ram_regions)
+    modules = [(plan.initrd_address, plan.initrd_size)] if plan.initrd_size else []
+    info = pvh.StartInfo(
+        cmdline_address=layout.CMDLINE_START,
+        memmap_address=layout.PVH_MEMMAP_START,
+        memmap=entries,
+        modlist_address=layout.PVH_MODLIST_START,
+        modules=modules,
+    )
+    mem.write(layout.PVH_INFO_START, pvh.build_start_info(info))
+    mem.write(layout.PVH_MODLIST_START, pvh.build_modlist(modules))
+    mem.write(layout.PVH_MEMMAP_START, pvh.build_memmap(entries))
+    return {"address": _hex(layout.PVH_INFO_START), "memmap_entries": str(len(entries)),
+            "modules": str(len(modules))}
 
 
 # --- vCPU steps ----------------------------------------------------------------------------
@@ -113,7 +137,7 @@ def set_cpuid(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> di
     entries = cpuid.normalize(supported, topology, plan.cpu_mask)
     vcpu.set_cpuid(entries)
     return {"leaves": str(len(entries)), "apic_id": str(vcpu.index),
-            "masked": ",".join(sorted(plan.cpu_mask)) or "-"}  # fmt: skip
+            "masked": ",".join(sorted(plan.cpu_mask)) or "-"}
 
 
 def set_msrs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
@@ -129,36 +153,52 @@ def set_fpu(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict
 
 
 def set_regs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
+    if plan.protocol == PVH:
+        r = regs.pvh_regs(plan.entry)
+        vcpu.set_regs(r)
+        return {"rip": _hex(r.rip), "rbx": _hex(r.rbx), "rflags": _hex(r.rflags)}
     r = regs.linux64_regs(plan.entry)
     vcpu.set_regs(r)
     return {"rip": _hex(r.rip), "rsp": _hex(r.rsp), "rbp": _hex(r.rbp), "rsi": _hex(r.rsi),
-            "rflags": _hex(r.rflags)}  # fmt: skip
+            "rflags": _hex(r.rflags)}
 
 
 def set_sregs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
-    s = regs.linux64_sregs(vcpu.get_sregs(), cr3=layout.PML4_START)
+    current = vcpu.get_sregs()
+    if plan.protocol == PVH:
+        s = regs.pvh_sregs(current)
+    else:
+        s = regs.linux64_sregs(current, cr3=layout.PML4_START)
     vcpu.set_sregs(s)
     return {"cs": _hex(s.cs.selector), "ds": _hex(s.ds.selector), "tr": _hex(s.tr.selector),
             "cr0": _hex(s.cr0), "cr3": _hex(s.cr3), "cr4": _hex(s.cr4), "efer": _hex(s.efer),
             "gdtr": f"{s.gdt.base:#x}/{s.gdt.limit:#x}",
-            "idtr": f"{s.idt.base:#x}/{s.idt.limit:#x}"}  # fmt: skip
+            "idtr": f"{s.idt.base:#x}/{s.idt.limit:#x}"}
 
 
 def set_lapic(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
     state = lapic.virtual_wire(vcpu.get_lapic())
     vcpu.set_lapic(state)
     return {"lvt0": _hex(state.register(lapic.APIC_LVT0)),
-            "lvt1": _hex(state.register(lapic.APIC_LVT1))}  # fmt: skip
+            "lvt1": _hex(state.register(lapic.APIC_LVT1))}
 
 
-#: The pipeline, in order. Names are what ``dump-regs`` and tests refer to.
-MEMORY_STEPS: tuple[tuple[str, MemoryStep], ...] = (
-    ("cmdline", write_cmdline),
-    ("gdt", write_gdt),
-    ("page_tables", write_page_tables),
-    ("mptable", write_mptable),
-    ("boot_params", write_zero_page),
-)
+#: The pipeline, in order, per boot protocol. Names are what ``dump-regs`` and tests use.
+MEMORY_STEPS: dict[str, tuple[tuple[str, MemoryStep], ...]] = {
+    LINUX64: (
+        ("cmdline", write_cmdline),
+        ("gdt", write_gdt),
+        ("page_tables", write_page_tables),
+        ("mptable", write_mptable),
+        ("boot_params", write_zero_page),
+    ),
+    PVH: (
+        ("cmdline", write_cmdline),
+        ("gdt", write_gdt),
+        ("mptable", write_mptable),
+        ("start_info", write_start_info),
+    ),
+}
 VCPU_STEPS: tuple[tuple[str, VcpuStep], ...] = (
     ("cpuid", set_cpuid),
     ("msrs", set_msrs),
@@ -189,7 +229,8 @@ def configure(
     supported_cpuid: Sequence[CpuidEntry],
 ) -> list[StepRecord]:
     """Run every step: memory once, then each vCPU in index order."""
-    records = [StepRecord(name, "memory", step(plan, memory)) for name, step in MEMORY_STEPS]
+    records = [StepRecord(name, "memory", step(plan, memory))
+               for name, step in MEMORY_STEPS[plan.protocol]]
     for vcpu in vcpus:
         for name, vstep in VCPU_STEPS:
             records.append(StepRecord(name, f"cpu{vcpu.index}", vstep(plan, vcpu, supported_cpuid)))

@@ -58,7 +58,31 @@ def linux64_sregs(current: Sregs, cr3: int) -> Sregs:
         gdt=DescriptorTable(layout.BOOT_GDT_START, len(table) * 8 - 1),
         idt=DescriptorTable(layout.BOOT_IDT_START, 8 - 1),
         cr0=BOOT_CR0, cr2=0, cr3=cr3, cr4=BOOT_CR4, cr8=0, efer=BOOT_EFER,
-    )  # fmt: skip
+    )
+
+
+#: PVH entry: protected mode with paging off (docs/misc/pvh.pandoc: "CR0: bit 0 (PE) must be
+#: set. All the other writeable bits are cleared", ET being hard-wired), CR4 and EFER zero.
+PVH_CR0 = X86_CR0_PE | X86_CR0_ET
+
+
+def pvh_regs(entry: int, start_info: int = layout.PVH_INFO_START) -> Regs:
+    """EBX = start_info; RFLAGS with IF and VM clear."""
+    return Regs(rip=entry, rbx=start_info, rflags=RFLAGS_RESERVED)
+
+
+def pvh_sregs(current: Sregs) -> Sregs:
+    table = gdt.pvh_gdt()
+    code = gdt.segment_from_gdt(table[gdt.PVH_CS_INDEX], gdt.PVH_CS_INDEX)
+    data = gdt.segment_from_gdt(table[gdt.PVH_DS_INDEX], gdt.PVH_DS_INDEX)
+    tss = gdt.segment_from_gdt(table[gdt.PVH_TSS_INDEX], gdt.PVH_TSS_INDEX)
+    return replace(
+        current,
+        cs=code, ds=data, es=data, fs=data, gs=data, ss=data, tr=tss,
+        gdt=DescriptorTable(layout.BOOT_GDT_START, len(table) * 8 - 1),
+        idt=DescriptorTable(layout.BOOT_IDT_START, 8 - 1),
+        cr0=PVH_CR0, cr2=0, cr3=0, cr4=0, cr8=0, efer=0,
+    )
 
 
 def boot_fpu() -> Fpu:
