@@ -1,8 +1,9 @@
 """Build the example guest kernels in ``examples/guests/`` into ELF64 executables.
 
 Each guest is one GNU ``as`` source file, ``examples/guests/<name>.S``. It is
-assembled with ``as --64`` and linked with ``ld -m elf_x86_64`` using the shared
-linker script ``examples/guests/bootcheck.ld``. The result is
+assembled with ``as --64`` and linked with ``ld -m elf_x86_64`` using its own
+linker script ``examples/guests/<name>.ld`` if there is one (``pvhcheck`` needs
+a PT_NOTE), else the shared ``examples/guests/bootcheck.ld``. The result is
 ``<out_dir>/<name>.elf``: loaded by PT_LOAD at physical 0x1000000, entry
 0x1000000. No binary is committed; build them when needed.
 
@@ -55,6 +56,12 @@ def available_guests() -> list[str]:
     return sorted(p.stem for p in GUESTS_DIR.glob("*.S"))
 
 
+def linker_script_for(name: str) -> Path:
+    """Return guest ``name``'s linker script: ``<name>.ld`` if present, else the shared one."""
+    own = GUESTS_DIR / f"{name}.ld"
+    return own if own.is_file() else LINKER_SCRIPT
+
+
 def _require_tool(tool: str) -> str:
     """Return the full path of ``tool``, or raise RuntimeError naming it."""
     path = shutil.which(tool)
@@ -88,8 +95,9 @@ def _is_up_to_date(output: Path, inputs: Sequence[Path]) -> bool:
 def build_guest(name: str, out_dir: Path) -> Path:
     """Assemble and link ``examples/guests/<name>.S`` into ``<out_dir>/<name>.elf``.
 
-    The ELF is rebuilt only if the source or the linker script is newer than
-    an existing output. ``out_dir`` is created if needed.
+    The ELF is rebuilt only if the source or the guest's linker script (see
+    :func:`linker_script_for`) is newer than an existing output. ``out_dir``
+    is created if needed.
 
     Args:
         name: guest name, e.g. ``"bootcheck"``.
@@ -111,7 +119,8 @@ def build_guest(name: str, out_dir: Path) -> Path:
 
     out_dir = Path(out_dir)
     elf = out_dir / f"{name}.elf"
-    if _is_up_to_date(elf, (source, LINKER_SCRIPT)):
+    script = linker_script_for(name)
+    if _is_up_to_date(elf, (source, script)):
         return elf
 
     assembler = _require_tool("as")
@@ -121,7 +130,7 @@ def build_guest(name: str, out_dir: Path) -> Path:
     tmp_elf = out_dir / f"{name}.elf.tmp"
 
     _run([assembler, *AS_FLAGS, "-o", str(obj), str(source)])
-    _run([linker, *LD_FLAGS, "-T", str(LINKER_SCRIPT), "-o", str(tmp_elf), str(obj)])
+    _run([linker, *LD_FLAGS, "-T", str(script), "-o", str(tmp_elf), str(obj)])
     # Rename into place so a failed link never leaves a fresh-looking ELF behind.
     os.replace(tmp_elf, elf)
     return elf

@@ -103,3 +103,32 @@ def test_dump_regs_reads_the_state_back(guests: dict[str, Path]) -> None:
         "cmdline", "gdt", "page_tables", "mptable", "boot_params"]
     p2 = run_cli("dump-regs", str(guests["bootcheck"]))
     assert p2.returncode == 0 and "cpu0 registers (read back)" in p2.stdout
+
+
+def test_pvh_guest_sees_the_pvh_entry_state(guests: dict[str, Path], tmp_path: Path) -> None:
+    module = tmp_path / "module.bin"
+    module.write_bytes(b"m" * 5000)
+    p = run_cli("boot", str(guests["pvhcheck"]), "--initrd", str(module), "--timeout", "60",
+                "--append", "pvh-test")
+    checks = CHECK_LINE.findall(p.stdout)
+    assert [c[0] for c in checks][:4] == ["pvh_cr0", "pvh_cr4", "pvh_efer", "pvh_cs"]
+    assert not [c for c in checks if c[2] != "ok"], p.stdout
+    assert "pvh-test" in p.stdout
+    m = re.search(r"^MODULE0 ([0-9a-f]{16}) ([0-9a-f]{16})$", p.stdout, re.M)
+    assert m and int(m.group(2), 16) == 5000
+    assert int(m.group(1), 16) == ((256 << 20) - 5000) & ~0xFFF  # top of low RAM
+    assert p.returncode == 0
+    assert "via the Xen PVH entry" in p.stderr  # auto picked PVH from the note
+
+
+def test_pvh_refused_without_the_note(guests: dict[str, Path]) -> None:
+    p = run_cli("boot", str(guests["bootcheck"]), "--boot-protocol", "pvh")
+    assert p.returncode == 65
+    assert "PVH entry note" in p.stderr
+
+
+def test_crash_report_disassembles_the_faulting_instruction(guests: dict[str, Path]) -> None:
+    p = run_cli("boot", str(guests["triplefault"]), "--timeout", "60")
+    assert p.returncode == 70
+    assert re.search(r"=> 0x0000000001[0-9a-f]{6}\s+0f 0b\s+ud2", p.stderr), p.stderr
+    assert "lidt" in p.stderr  # the instruction before it

@@ -21,6 +21,7 @@ COMMANDS = {
     "fetch": ("vmmarch_cli.commands.fetch", "fetch_command"),
     "backends": ("vmmarch_cli.commands.backends", "backends_command"),
     "stock": ("vmmarch_cli.commands.stock", "stock_command"),
+    "run": ("vmmarch_cli.commands.run", "run_command"),
 }
 
 

@@ -7,10 +7,11 @@ every vCPU. The first stop condition wins; the result records it.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -28,6 +29,7 @@ from vmmarch_cli.arch.x86_64.pipeline import (
 )
 from vmmarch_cli.config import BASE_CMDLINE, EMULATED_RING0_CMDLINE, BootConfig
 from vmmarch_cli.console import Console
+from vmmarch_cli.crash import CodeWindow, read_code
 from vmmarch_cli.devices.bus import IoBus
 from vmmarch_cli.devices.exit_port import EXIT_PORT, ExitPort
 from vmmarch_cli.devices.i8042 import I8042, I8042_DATA_PORT
@@ -73,6 +75,7 @@ class Fault:
     instruction: bytes
     regs: Regs | None
     sregs: Sregs | None
+    code: CodeWindow | None = None
 
 
 @dataclass
@@ -227,8 +230,13 @@ def run(
     console_sink: BinaryIO | None,
     console_log: BinaryIO | None = None,
     on_ready: Callable[[Prepared], None] | None = None,
+    serial_sinks: Sequence[Callable[[bytes], None]] = (),
 ) -> BootResult:
-    """Boot ``config`` and return how it ended. Raises only for problems before the guest runs."""
+    """Boot ``config`` and return how it ended. Raises only for problems before the guest runs.
+
+    ``serial_sinks`` receive what the guest writes to COM2, COM3, ... (``vmm-arch run`` puts
+    the command's stdout and stderr there, apart from the kernel log on COM1).
+    """
     start = time.monotonic()
     with prepare(config) as prepared:
         if on_ready is not None:
@@ -236,7 +244,7 @@ def run(
         state = _Run(prepared)
         console = Console(console_sink, lambda kind, text: state.stop(kind, text),
                           config.expect, console_log)
-        bus = _devices(prepared.vm, console, state)
+        bus = _devices(prepared.vm, console, state, serial_sinks)
         threads = [
             threading.Thread(target=_vcpu_loop, args=(v, bus, state), name=f"vcpu{v.index}",
                              daemon=True)
@@ -288,13 +296,44 @@ def run(
         )
 
 
-def _devices(vm: Vm, console: Console, state: _Run) -> IoBus:
+#: The legacy PC serial ports after COM1: base port and ISA IRQ (Linux
+#: include/asm-generic/serial.h SERIAL_PORT_DFNS). COM3 shares IRQ 4 with COM1.
+EXTRA_SERIAL_PORTS = ((0x2F8, 3), (0x3E8, 4), (0x2E8, 3))
+
+
+class IrqLines:
+    """ISA interrupt lines shared by several devices: a line is high while any source drives it
+    (a wired OR, as on the ISA bus with the 8250's OUT2 gating)."""
+
+    def __init__(self, vm: Vm) -> None:
+        self._vm = vm
+        self._high: dict[int, set[int]] = {}
+        self._ids = itertools.count()
+
+    def source(self, irq: int) -> Callable[[bool], None]:
+        key = next(self._ids)
+        self._high.setdefault(irq, set())
+
+        def drive(level: bool) -> None:
+            sources = self._high[irq]
+            was = bool(sources)
+            if level:
+                sources.add(key)
+            else:
+                sources.discard(key)
+            if bool(sources) != was:
+                self._vm.set_irq_line(irq, bool(sources))
+
+        return drive
+
+
+def _devices(vm: Vm, console: Console, state: _Run,
+             serial_sinks: Sequence[Callable[[bytes], None]] = ()) -> IoBus:
     bus = IoBus()
-
-    def serial_irq(level: bool) -> None:
-        vm.set_irq_line(COM1_IRQ, level)
-
-    bus.add(COM1_BASE, REGISTER_COUNT, Serial8250(console.write, serial_irq))
+    lines = IrqLines(vm)
+    bus.add(COM1_BASE, REGISTER_COUNT, Serial8250(console.write, lines.source(COM1_IRQ)))
+    for (base, irq), sink in zip(EXTRA_SERIAL_PORTS, serial_sinks, strict=False):
+        bus.add(base, REGISTER_COUNT, Serial8250(sink, lines.source(irq)))
     bus.add(I8042_DATA_PORT, 5, I8042(lambda: state.stop("reset", "i8042 reset (0xfe)")))
     bus.add(0x70, 2, CmosRtc())
     bus.add(EXIT_PORT, 1, ExitPort(lambda status: state.stop(
@@ -344,13 +383,15 @@ def _vcpu_loop(vcpu: Vcpu, bus: IoBus, state: _Run) -> None:
 def _fault(vcpu: Vcpu, state: _Run, reason: str, instruction: bytes) -> None:
     regs: Regs | None
     sregs: Sregs | None
+    code: CodeWindow | None = None
     try:
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        code = read_code(state.prepared.vm.memory, sregs, regs.rip)
     except errors.VmmArchError:
         regs, sregs = None, None
     with state.lock:
         if state.fault is None:
-            state.fault = Fault(vcpu.index, reason, instruction, regs, sregs)
+            state.fault = Fault(vcpu.index, reason, instruction, regs, sregs, code)
     detail = f"cpu{vcpu.index}: {reason}"
     if instruction:
         detail += f" (instruction bytes {instruction.hex(' ')})"

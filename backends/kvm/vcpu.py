@@ -68,6 +68,9 @@ class KvmVcpu:
         self._thread_id: int | None = None
         #: Software interrupts the hypervisor could not emulate and we injected, by mnemonic.
         self.injected_events: Counter[str] = Counter()
+        #: Guest RIPs seen by ``sample()`` kicks, for ``--profile``.
+        self.rip_samples: Counter[int] = Counter()
+        self._sample = threading.Event()
 
     @property
     def run_struct(self) -> abi.kvm_run:
@@ -181,6 +184,9 @@ class KvmVcpu:
                 if e.errno in (errno.EINTR, errno.EAGAIN):
                     if self._stop.is_set():
                         return Interrupted()
+                    if self._sample.is_set():
+                        self._sample.clear()
+                        self.rip_samples[self.get_regs().rip] += 1
                     continue
                 raise BackendError(f"KVM_RUN failed: {e.strerror} (errno {e.errno})") from None
             finally:
@@ -291,6 +297,14 @@ class KvmVcpu:
         run = self._run
         if run is not None:
             run.immediate_exit = 1
+        thread_id = self._thread_id
+        if thread_id is not None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pthread_kill(thread_id, KICK_SIGNAL)
+
+    def sample(self) -> None:
+        """Interrupt the running vCPU once to record where the guest is (from any thread)."""
+        self._sample.set()
         thread_id = self._thread_id
         if thread_id is not None:
             with contextlib.suppress(ProcessLookupError, OSError):

@@ -12,6 +12,7 @@ import click
 from vmmarch_cli import machine
 from vmmarch_cli.commands import options
 from vmmarch_cli.config import BootConfig
+from vmmarch_cli.crash import disassemble
 from vmmarch_cli.machine import BootResult
 from vmmarch_cli.render import regs_dict, regs_table, sregs_dict, sregs_tables, stderr_console
 
@@ -99,6 +100,8 @@ def result_json(r: BootResult) -> dict[str, Any]:
             "cpu": r.fault.cpu,
             "reason": r.fault.reason,
             "instruction": r.fault.instruction.hex(),
+            "code": ({"address": f"{r.fault.code.address:#x}", "bytes": r.fault.code.data.hex()}
+                     if r.fault.code else None),
             "regs": regs_dict(r.fault.regs) if r.fault.regs else None,
             "sregs": sregs_dict(r.fault.sregs) if r.fault.sregs else None,
         }
@@ -117,6 +120,11 @@ def report(r: BootResult, quiet: bool, verbose: bool) -> None:
         err.print(f"[bold red]guest fault[/] on cpu{r.fault.cpu}: {r.fault.reason}")
         if r.fault.instruction:
             err.print(f"instruction bytes: {r.fault.instruction.hex(' ')}")
+        if r.fault.code is not None and r.fault.sregs is not None:
+            err.print("code at the fault:")
+            long_mode = bool(r.fault.sregs.cs.attributes & 0x2000)  # CS.L (SDM 3.4.5)
+            for line in disassemble(r.fault.code, mode64=long_mode):
+                err.print(f"  {line}", markup=False)
         if r.fault.regs is not None:
             err.print(regs_table(r.fault.regs, "registers at the fault"))
         if r.fault.sregs is not None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+#: A bounds-checked guest-physical u64 reader.
+ReadU64 = Callable[[int], int]
+
 from vmmarch_cli.arch.x86_64 import layout
 
 # Paging-structure entry bits (SDM vol. 3A tables 4-15 to 4-18).
@@ -52,7 +55,7 @@ def _table(entries: list[int]) -> bytes:
     return bytes(out)
 
 
-def translate(cr3: int, virtual: int, read_u64: Callable[[int], int]) -> int | None:
+def translate(cr3: int, virtual: int, read_u64: ReadU64) -> int | None:
     """Walk 4-level tables from ``cr3`` the way the CPU does; None where a level is absent.
 
     ``read_u64`` is a bounds-checked guest-memory reader: a table outside RAM raises there,
