@@ -37,6 +37,7 @@ class ProcessRun:
     maxrss_kib: int = 0
     cpu_seconds: float = 0.0
     tail: dict[str, bytes] = field(default_factory=dict)
+    stdout: bytes = b""  # all of it, with measure(keep_stdout=True)
 
     def describe_tail(self, lines: int = 5) -> str:
         text = b"".join(self.tail.values()).decode(errors="replace")
@@ -73,12 +74,14 @@ def measure(
     timeout: float = 60.0,
     env: Mapping[str, str] | None = None,
     stdin_data: bytes | None = None,
+    keep_stdout: bool = False,
 ) -> ProcessRun:
     """Run ``argv`` and time the first line matching each of ``milestones`` (name -> regex).
 
     ``kill_on`` (name -> regex): SIGKILL the process at the first matching line (the name lands
     in ``killed_by``; a pattern may also be a milestone). ``stop_when_all``: kill it once every
     milestone is seen. The process gets ``stdin_data`` (then EOF), or /dev/null.
+    ``keep_stdout``: keep all of stdout in ``ProcessRun.stdout`` (for a JSON result).
     """
     patterns = {name: re.compile(p.encode()) for name, p in milestones.items()}
     killers = {name: re.compile(p.encode()) for name, p in (kill_on or {}).items()}
@@ -124,6 +127,7 @@ def measure(
         if stop_when_all and len(run.milestones) == len(patterns):
             kill("all-milestones")
 
+    kept: list[bytes] = []
     deadline = start + timeout
     while sel.get_map():
         remaining = deadline - time.monotonic()
@@ -144,6 +148,8 @@ def measure(
                 on_lines(stream.drain(), at)
                 continue
             run.first_byte.setdefault(stream.name, at)
+            if keep_stdout and stream.name == "stdout":
+                kept.append(data)
             on_lines(stream.feed(data), at)
     sel.close()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -153,6 +159,7 @@ def measure(
     run.maxrss_kib = int(usage.ru_maxrss)
     run.cpu_seconds = usage.ru_utime + usage.ru_stime
     run.tail = {s.name: bytes(s.tail) for s in streams.values()}
+    run.stdout = b"".join(kept)
     for f in (proc.stdout, proc.stderr, proc.stdin):
         if f is not None:
             f.close()

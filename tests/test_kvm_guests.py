@@ -65,10 +65,27 @@ def test_json_result_of_a_fault(guests: dict[str, Path]) -> None:
 
 
 def test_timeout_ends_with_124(guests: dict[str, Path]) -> None:
-    # The outloop guest makes 100000 port exits; a 0.2 s budget ends it first.
-    p = run_cli("boot", str(guests["outloop"]), "--timeout", "0.2")
+    p = run_cli("boot", str(guests["spin"]), "--timeout", "0.5")
     assert p.returncode == 124, p.stderr
     assert "timeout" in p.stderr
+    assert "last console line: SPIN" in p.stderr
+
+
+def test_sigint_stops_the_guest_with_130(guests: dict[str, Path]) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "vmmarch_cli", "boot", str(guests["spin"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"SPIN\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and b"interrupted" in err
 
 
 def test_outloop_reaches_its_exit_status(guests: dict[str, Path]) -> None:
@@ -132,3 +149,20 @@ def test_crash_report_disassembles_the_faulting_instruction(guests: dict[str, Pa
     assert p.returncode == 70
     assert re.search(r"=> 0x0000000001[0-9a-f]{6}\s+0f 0b\s+ud2", p.stderr), p.stderr
     assert "lidt" in p.stderr  # the instruction before it
+
+
+def test_expect_matches_in_order(guests: dict[str, Path]) -> None:
+    p = run_cli("boot", str(guests["bootcheck"]), "--expect", r"CHECK cr0 \w+ ok",
+                "--expect", "CHECK rsp", "--timeout", "60", "--json", "--quiet")
+    doc = json.loads(p.stdout)
+    assert (p.returncode, doc["reason"]) == (0, "expect")
+    assert "CHECK rsp" in doc["detail"]
+
+
+def test_expect_that_never_comes_times_out(guests: dict[str, Path]) -> None:
+    import time
+
+    start = time.monotonic()
+    p = run_cli("boot", str(guests["spin"]), "--expect", "never printed", "--timeout", "1")
+    assert p.returncode == 124
+    assert time.monotonic() - start < 1 + 5  # the timeout plus start-up

@@ -137,3 +137,11 @@ def test_workarounds_were_needed_and_used_on_this_host(boot: Boot) -> None:
     else:
         assert boot.result["injected_events"] == {}
         assert boot.result["cpu_mask"] == []
+
+
+def test_json_result_validates(boot: Boot) -> None:
+    import jsonschema
+    from conftest import ROOT
+
+    schema = json.loads((ROOT / "docs" / "result.schema.json").read_text())
+    jsonschema.validate(boot.result, schema)

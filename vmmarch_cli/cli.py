@@ -22,6 +22,7 @@ COMMANDS = {
     "backends": ("vmmarch_cli.commands.backends", "backends_command"),
     "stock": ("vmmarch_cli.commands.stock", "stock_command"),
     "run": ("vmmarch_cli.commands.run", "run_command"),
+    "mkinitramfs": ("vmmarch_cli.commands.mkinitramfs", "mkinitramfs_command"),
 }
 
 

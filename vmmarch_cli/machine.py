@@ -8,6 +8,7 @@ every vCPU. The first stop condition wins; the result records it.
 from __future__ import annotations
 
 import itertools
+import signal
 import threading
 import time
 from collections import Counter
@@ -341,7 +342,13 @@ def _devices(vm: Vm, console: Console, state: _Run,
     return bus
 
 
+#: Signals only the main thread takes: the kernel then never picks a vCPU thread for them,
+#: so Ctrl-C always wakes the thread that waits for the stop condition.
+MAIN_THREAD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 def _vcpu_loop(vcpu: Vcpu, bus: IoBus, state: _Run) -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
     exits = state.exits
     try:
         while not state.done.is_set():

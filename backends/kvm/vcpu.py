@@ -60,7 +60,11 @@ class KvmVcpu:
         self.index = index
         self._fd = fd
         self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._run: abi.kvm_run | None = abi.kvm_run.from_buffer(self._map)
+        # from_address, not from_buffer: a buffer export would make close() fail while any
+        # frame (a traceback, a finished thread's) still holds the structure.
+        anchor = ctypes.c_char.from_buffer(self._map)
+        self._run: abi.kvm_run | None = abi.kvm_run.from_address(ctypes.addressof(anchor))
+        del anchor
         self._has_xsave = has_xsave
         self._pending_in: tuple[int, int] | None = None  # (offset in kvm_run, length)
         self._pending_mmio = False
@@ -311,7 +315,7 @@ class KvmVcpu:
                 signal.pthread_kill(thread_id, KICK_SIGNAL)
 
     def close(self) -> None:
-        self._run = None  # release the buffer export before unmapping
+        self._run = None  # nothing may touch kvm_run once it is unmapped
         self._map.close()
         os.close(self._fd)
 

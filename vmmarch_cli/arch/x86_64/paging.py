@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vmmarch_cli.arch.x86_64 import layout
+
 #: A bounds-checked guest-physical u64 reader.
 ReadU64 = Callable[[int], int]
-
-from vmmarch_cli.arch.x86_64 import layout
 
 # Paging-structure entry bits (SDM vol. 3A tables 4-15 to 4-18).
 PTE_PRESENT = 1 << 0

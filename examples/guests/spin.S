@@ -1,0 +1,47 @@
+/*
+ * spin.S - a guest that prints "SPIN" on COM1 and then loops forever, touching a port now and
+ * then so that a VMM sees it alive.
+ *
+ * It is what a hung kernel looks like to a VMM: tests use it for --timeout (exit 124),
+ * Ctrl-C (exit 130) and for stopping vCPU threads cleanly. The `out` to port 0x80 (the POST
+ * diagnostic port, ignored by vmm-arch) every 2^20 iterations gives the host an exit to act on
+ * even where a backend only checks for stop requests between exits.
+ */
+
+        .intel_syntax noprefix
+
+        .set COM1_THR, 0x3f8
+        .set COM1_LSR, 0x3fd
+        .set LSR_THRE, 0x20
+        .set POST_PORT, 0x80
+
+        .section .text.entry, "ax", @progbits
+        .globl  _start
+        .type   _start, @function
+_start:
+        cli
+        lea     rsi, [rip + msg]
+1:      movzx   ebx, byte ptr [rsi]
+        test    ebx, ebx
+        jz      3f
+        mov     edx, COM1_LSR
+2:      in      al, dx                  /* wait for THRE: the transmitter can take a byte */
+        test    al, LSR_THRE
+        jz      2b
+        mov     eax, ebx
+        mov     edx, COM1_THR
+        out     dx, al
+        inc     rsi
+        jmp     1b
+3:      xor     ecx, ecx
+4:      inc     ecx
+        test    ecx, 0xfffff            /* every 2^20 iterations ... */
+        jnz     4b
+        out     POST_PORT, al           /* ... one exit to the VMM */
+        jmp     4b
+
+        .section .rodata
+msg:    .asciz  "SPIN\n"
+
+        .section .data
+        .quad   0                       /* a non-empty data segment (see bootcheck.ld) */

@@ -1,0 +1,63 @@
+"""``vmm-arch run`` and panics on the stock kernel: each case is one (slow) boot, started
+together so that they share the wall-clock time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+pytestmark = [pytest.mark.stock, pytest.mark.usefixtures("kvm")]
+
+TIMEOUT = 1500
+
+CASES: dict[str, list[str]] = {
+    "true": ["run", "{vmlinux}", "--", "true"],
+    "false": ["run", "{vmlinux}", "--", "false"],
+    "exit7": ["run", "{vmlinux}", "--", "sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7"],
+    # rdinit names a program that does not exist, and init= too: the kernel panics
+    # ("No working init found"), and panic=-1 resets at once; that must never read as success.
+    "panic": ["boot", "{vmlinux}", "--initrd", "{initramfs}", "--append",
+              "rdinit=/nonexistent init=/nonexistent"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(stock: dict[str, Path]) -> dict[str, subprocess.CompletedProcess[str]]:
+    procs = {}
+    for name, args in CASES.items():
+        argv = [a.format(**{k: str(v) for k, v in stock.items()}) for a in args]
+        argv[2:2] = ["--timeout", str(TIMEOUT)]
+        procs[name] = subprocess.Popen([sys.executable, "-m", "vmmarch_cli", *argv],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True, cwd=ROOT)
+    done = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=TIMEOUT + 60)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
+def test_true_and_false(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    assert runs["true"].returncode == 0, runs["true"].stderr[-2000:]
+    assert runs["false"].returncode == 1, runs["false"].stderr[-2000:]
+
+
+def test_exit_status_and_streams_kept_apart(
+    runs: dict[str, subprocess.CompletedProcess[str]],
+) -> None:
+    p = runs["exit7"]
+    assert p.returncode == 7, p.stderr[-2000:]
+    assert p.stdout == "to-stdout\n"
+    assert "to-stderr\n" in p.stderr
+    assert "to-stdout" not in p.stderr
+    assert "Linux version" not in p.stdout + p.stderr  # the kernel log stays out without -v
+
+
+def test_panic_never_reads_as_success(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    p = runs["panic"]
+    assert p.returncode == 255, p.stderr[-2000:]
+    assert "panic" in p.stderr
