@@ -83,7 +83,7 @@ def test_sigint_stops_the_guest_with_130(guests: dict[str, Path]) -> None:
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"SPIN\n"
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert b"Traceback" not in err and b"interrupted" in err
 
