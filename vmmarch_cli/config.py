@@ -59,3 +59,4 @@ class BootConfig:
     timeout: float | None = None
     expect: tuple[str, ...] = field(default=())
     boot_protocol: str = "auto"  # "auto", "linux" or "pvh"
+    profile_hz: float = 0.0  # sample the guest RIP this often (0: off)

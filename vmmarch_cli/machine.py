@@ -96,6 +96,7 @@ class BootResult:
     exits: Counter[str] = field(default_factory=Counter)
     unhandled_ports: dict[str, int] = field(default_factory=dict)
     injected_events: dict[str, int] = field(default_factory=dict)
+    rip_samples: Counter[int] = field(default_factory=Counter)
     setup: list[StepRecord] = field(default_factory=list)
 
 
@@ -254,6 +255,9 @@ def run(
         running_at = time.monotonic()
         for t in threads:
             t.start()
+        if config.profile_hz:
+            threading.Thread(target=_sampler, args=(prepared.vcpus, state, config.profile_hz),
+                             name="profiler", daemon=True).start()
         try:
             if not state.done.wait(config.timeout):
                 state.stop("timeout", f"no stop condition within {config.timeout:g} s")
@@ -293,6 +297,7 @@ def run(
             exits=state.exits,
             unhandled_ports={f"{d} {p:#x}": n for (d, p), n in bus.unhandled.items()},
             injected_events=dict(injected),
+            rip_samples=_merged_samples(prepared.vcpus),
             setup=prepared.setup,
         )
 
@@ -326,6 +331,22 @@ class IrqLines:
                 self._vm.set_irq_line(irq, bool(sources))
 
         return drive
+
+
+def _sampler(vcpus: Sequence[Vcpu], state: _Run, hz: float) -> None:
+    """Ask each vCPU where the guest is, ``hz`` times a second, until the run stops."""
+    while not state.done.wait(1 / hz):
+        for v in vcpus:
+            sample = getattr(v, "sample", None)  # a backend may not offer sampling
+            if sample is not None:
+                sample()
+
+
+def _merged_samples(vcpus: Sequence[Vcpu]) -> Counter[int]:
+    total: Counter[int] = Counter()
+    for v in vcpus:
+        total.update(getattr(v, "rip_samples", {}))
+    return total
 
 
 def _devices(vm: Vm, console: Console, state: _Run,

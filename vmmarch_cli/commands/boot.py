@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -14,6 +15,7 @@ from vmmarch_cli.commands import options
 from vmmarch_cli.config import BootConfig
 from vmmarch_cli.crash import disassemble
 from vmmarch_cli.machine import BootResult
+from vmmarch_cli.profile import Symbols, fold
 from vmmarch_cli.render import regs_dict, regs_table, sregs_dict, sregs_tables, stderr_console
 
 
@@ -33,9 +35,14 @@ from vmmarch_cli.render import regs_dict, regs_table, sregs_dict, sregs_tables, 
                    "with --quiet).")
 @click.option("-v", "--verbose", is_flag=True,
               help="Also show unhandled ports, exit counts and injected events.")
+@click.option("--profile", "profile_hz", type=click.FloatRange(min=0), default=0, metavar="HZ",
+              help="Sample the guest RIP HZ times a second and print the hottest places.")
+@click.option("--symbols", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Kernel symbols (/proc/kallsyms or System.map format) for --profile.")
 @click.pass_context
 def boot_command(ctx: click.Context, /, as_json: bool, quiet: bool, verbose: bool,
-                 console_log: Path | None, **kwargs: Any) -> None:
+                 console_log: Path | None, profile_hz: float, symbols: Path | None,
+                 **kwargs: Any) -> None:
     """Boot KERNEL and stream the guest console to stdout.
 
     KERNEL is an ELF vmlinux (x86_64). The run ends when the guest writes a status to the exit
@@ -45,11 +52,13 @@ def boot_command(ctx: click.Context, /, as_json: bool, quiet: bool, verbose: boo
     A phase timing summary goes to stderr. On this kind of host (a KVM that emulates ring 0)
     the default CPU mask and `mitigations=off` are applied; `vmm-arch backends` says which.
     """
-    execute(ctx, options.boot_config(kwargs), as_json, quiet, verbose, console_log)
+    config = replace(options.boot_config(kwargs), profile_hz=profile_hz)
+    syms = Symbols.load(symbols) if symbols is not None else None
+    execute(ctx, config, as_json, quiet, verbose, console_log, syms)
 
 
 def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, verbose: bool,
-            console_log: Path | None) -> None:
+            console_log: Path | None, symbols: Symbols | None = None) -> None:
     """Run one boot and end the command with its status (shared by ``boot`` and ``stock``)."""
     sink: BinaryIO | None = None
     if not quiet:
@@ -66,13 +75,21 @@ def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, 
     finally:
         if log is not None:
             log.close()
+    hot = fold(result.rip_samples, symbols).most_common(PROFILE_TOP)
     if as_json:
         doc = result_json(result)
         if console_log is not None:
             doc["console_log"] = str(console_log)
+        if config.profile_hz:
+            doc["profile"] = [{"where": w, "samples": n} for w, n in hot]
         click.echo(json.dumps(doc, indent=2))
     else:
         report(result, quiet=quiet, verbose=verbose)
+        if config.profile_hz:
+            total = sum(result.rip_samples.values()) or 1
+            click.echo(f"profile: {total} samples at {config.profile_hz:g} Hz", err=True)
+            for where, n in hot:
+                click.echo(f"  {100 * n / total:5.1f}%  {where}", err=True)
     ctx.exit(result.status)
 
 
@@ -107,6 +124,8 @@ def result_json(r: BootResult) -> dict[str, Any]:
         }
     return doc
 
+
+PROFILE_TOP = 20
 
 PROTOCOL_NAMES = {"linux64": "64-bit Linux boot protocol", "pvh": "Xen PVH entry"}
 

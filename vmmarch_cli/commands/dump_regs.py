@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.table import Table
 
 from vmmarch_cli import machine
 from vmmarch_cli.arch.x86_64 import lapic, msr
 from vmmarch_cli.commands import options
+from vmmarch_cli.config import BootConfig
 from vmmarch_cli.render import (
     hex64,
     kv_table,
@@ -49,19 +52,81 @@ def readback(vcpu: Vcpu) -> dict[str, Any]:
     }
 
 
+#: Read-back values that legitimately differ between backends (docs/backends.md, "Backend-
+#: specific values"), as paths below ``cpus.<n>.``: the TSC counts on KVM and is kept as written
+#: by the emulator; CR2 is whatever the hypervisor last left there; CPUID starts from each
+#: hypervisor's own model.
+BACKEND_SPECIFIC = ("msrs.IA32_TSC", "sregs.cr2", "cpuid")
+#: Room for a path and two 64-bit values side by side, even when stdout is a pipe.
+COMPARE_WIDTH = 110
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c": [2]} -> {"a.b": 1, "c.0": 2}."""
+    if isinstance(value, dict):
+        items: list[tuple[str, Any]] = list(value.items())
+    elif isinstance(value, list):
+        items = [(str(i), v) for i, v in enumerate(value)]
+    else:
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, v in items:
+        out.update(flatten(v, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def backend_specific(path: str) -> bool:
+    parts = path.split(".")
+    rest = ".".join(parts[2:]) if parts[0] == "cpus" else path
+    return any(rest == p or rest.startswith(p + ".") for p in BACKEND_SPECIFIC)
+
+
+def diff_states(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Paths under ``cpus`` whose values differ, without the backend-specific ones."""
+    fa, fb = flatten(a["cpus"], "cpus"), flatten(b["cpus"], "cpus")
+    paths = list(fa) + [p for p in fb if p not in fa]
+    return [{"path": p, "a": fa.get(p), "b": fb.get(p)} for p in paths
+            if fa.get(p) != fb.get(p) and not backend_specific(p)]
+
+
+def state_document(config: BootConfig) -> dict[str, Any]:
+    """Run the pipeline on ``config.backend`` and read everything back."""
+    with machine.prepare(config) as prepared:
+        cpus = [readback(v) for v in prepared.vcpus]
+        return {
+            "backend": config.backend,
+            "kernel": {"path": prepared.kernel.path, "format": prepared.kernel.format,
+                       "entry": f"{prepared.kernel.entry:#x}",
+                       "boot_protocol": prepared.protocol},
+            "cmdline": prepared.cmdline,
+            "cpu_mask": sorted(prepared.cpu_mask),
+            "steps": [{"step": r.step, "target": r.target, "set": r.summary}
+                      for r in prepared.setup],
+            "cpus": cpus,
+        }
+
+
 @click.command("dump-regs")
 @options.kernel_argument
 @options.boot_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (64-bit values as hex strings).")
 @click.option("--cpuid/--no-cpuid", "show_cpuid", default=False,
               help="Also list every CPUID leaf set (always in --json).")
-def dump_regs_command(as_json: bool, show_cpuid: bool, **kwargs: Any) -> None:
+@click.option("--compare", "compare", default=None, metavar="BACKEND",
+              help="Also run the pipeline on BACKEND and show both states side by side, "
+                   "differences in red (JSON: {a, b, diff}). Backend-specific values (TSC, CR2, "
+                   "CPUID) are not counted as differences.")
+def dump_regs_command(as_json: bool, show_cpuid: bool, compare: str | None,
+                      **kwargs: Any) -> None:
     """Load KERNEL, run the arch setup pipeline, and show the vCPU state it left, read back
     from the hypervisor, without starting the guest.
 
     The steps and what each set are listed first, so a difference can be traced to a step.
     """
     config = options.boot_config(kwargs)
+    if compare is not None:
+        _compare(config, replace(config, backend=compare), as_json)
+        return
     with machine.prepare(config) as prepared:
         cpus = [readback(v) for v in prepared.vcpus]
         regs0, sregs0 = prepared.vcpus[0].get_regs(), prepared.vcpus[0].get_sregs()
@@ -95,3 +160,37 @@ def dump_regs_command(as_json: bool, show_cpuid: bool, **kwargs: Any) -> None:
                  f"eax={e['eax']} ebx={e['ebx']} ecx={e['ecx']} edx={e['edx']}")
                 for e in cpu0["cpuid"]]
         out.print(kv_table("cpuid", rows))
+
+
+def _compare(config_a: BootConfig, config_b: BootConfig, as_json: bool) -> None:
+    a, b = state_document(config_a), state_document(config_b)
+    diff = diff_states(a, b)
+    if as_json:
+        click.echo(json.dumps({"a": a, "b": b, "diff": diff}, indent=2))
+        return
+    out = Console(highlight=False, width=max(Console().width, COMPARE_WIDTH))
+    out.print(compare_table(a, b, {d["path"] for d in diff}))
+    verdict = (f"[red]{len(diff)} difference(s)[/]" if diff else "[green]no differences[/]")
+    out.print(f"{config_a.backend} vs {config_b.backend}: {verdict} "
+              f"(not counted: {', '.join(BACKEND_SPECIFIC)})")
+
+
+def compare_table(a: dict[str, Any], b: dict[str, Any], differing: set[str]) -> Table:
+    t = Table(title=f"boot state: {a['backend']} vs {b['backend']}", padding=(0, 1))
+    t.add_column("value", no_wrap=True)
+    t.add_column(a["backend"], no_wrap=True)
+    t.add_column(b["backend"], no_wrap=True)
+    fa, fb = flatten(a["cpus"], "cpus"), flatten(b["cpus"], "cpus")
+    for path in [p for p in fa if ".cpuid." not in p] + [p for p in fb if p not in fa
+                                                          and ".cpuid." not in p]:
+        va, vb = str(fa.get(path, "-")), str(fb.get(path, "-"))
+        if path in differing:
+            t.add_row(f"[red]{path}[/]", f"[red]{va}[/]", f"[red]{vb}[/]")
+        elif backend_specific(path) and va != vb:
+            t.add_row(f"[dim]{path} (backend-specific)[/]", f"[dim]{va}[/]", f"[dim]{vb}[/]")
+        else:
+            t.add_row(path, va, vb)
+    for i, (ca, cb) in enumerate(zip(a["cpus"], b["cpus"], strict=False)):
+        t.add_row(f"[dim]cpus.{i}.cpuid (backend-specific)[/]",
+                  f"[dim]{len(ca['cpuid'])} leaves[/]", f"[dim]{len(cb['cpuid'])} leaves[/]")
+    return t
