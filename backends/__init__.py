@@ -14,6 +14,7 @@ from vmmarch_cli.vcpu import Hypervisor, HypervisorInfo
 #: name -> (module, class)
 REGISTRY: dict[str, tuple[str, str]] = {
     "kvm": ("backends.kvm", "KvmHypervisor"),
+    "emulate": ("backends.emulate", "EmulateHypervisor"),
 }
 
 

@@ -9,6 +9,7 @@ timeout; its peak RSS and CPU time come from ``os.wait4``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import selectors
@@ -17,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 #: Bytes of each stream kept for error reports (the tail).
 TAIL_BYTES = 4096
@@ -75,6 +77,7 @@ def measure(
     env: Mapping[str, str] | None = None,
     stdin_data: bytes | None = None,
     keep_stdout: bool = False,
+    log: Path | None = None,
 ) -> ProcessRun:
     """Run ``argv`` and time the first line matching each of ``milestones`` (name -> regex).
 
@@ -82,6 +85,7 @@ def measure(
     in ``killed_by``; a pattern may also be a milestone). ``stop_when_all``: kill it once every
     milestone is seen. The process gets ``stdin_data`` (then EOF), or /dev/null.
     ``keep_stdout``: keep all of stdout in ``ProcessRun.stdout`` (for a JSON result).
+    ``log``: also write everything both streams say to this file, as it arrives.
     """
     patterns = {name: re.compile(p.encode()) for name, p in milestones.items()}
     killers = {name: re.compile(p.encode()) for name, p in (kill_on or {}).items()}
@@ -96,11 +100,9 @@ def measure(
         start_new_session=True,  # so a kill takes any helper children with it
     )
     if stdin_data is not None and proc.stdin is not None:
-        try:
+        with contextlib.suppress(BrokenPipeError):
             proc.stdin.write(stdin_data)
             proc.stdin.flush()
-        except BrokenPipeError:
-            pass
     assert proc.stdout is not None and proc.stderr is not None
     streams = {proc.stdout.fileno(): _Stream("stdout"), proc.stderr.fileno(): _Stream("stderr")}
     sel = selectors.DefaultSelector()
@@ -111,10 +113,8 @@ def measure(
     def kill(reason: str) -> None:
         if not run.killed_by:
             run.killed_by = reason
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def on_lines(lines: list[bytes], at: float) -> None:
         for line in lines:
@@ -128,29 +128,40 @@ def measure(
             kill("all-milestones")
 
     kept: list[bytes] = []
+    log_file = log.open("wb") if log is not None else None
     deadline = start + timeout
-    while sel.get_map():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            kill("timeout")
-            remaining = 5.0  # the pipes close once the process is gone
-            deadline = time.monotonic() + remaining
-        for key, _ in sel.select(min(remaining, 1.0)):
-            fd = int(key.fd)
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            at = time.monotonic() - start
-            stream = streams[fd]
-            if not data:
-                sel.unregister(fd)
-                on_lines(stream.drain(), at)
-                continue
-            run.first_byte.setdefault(stream.name, at)
-            if keep_stdout and stream.name == "stdout":
-                kept.append(data)
-            on_lines(stream.feed(data), at)
+    try:
+        while sel.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                kill("timeout")
+                remaining = 5.0  # the pipes close once the process is gone
+                deadline = time.monotonic() + remaining
+            for key, _ in sel.select(min(remaining, 1.0)):
+                fd = int(key.fd)
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                at = time.monotonic() - start
+                stream = streams[fd]
+                if not data:
+                    sel.unregister(fd)
+                    on_lines(stream.drain(), at)
+                    continue
+                run.first_byte.setdefault(stream.name, at)
+                if keep_stdout and stream.name == "stdout":
+                    kept.append(data)
+                if log_file is not None:
+                    log_file.write(data)
+                    log_file.flush()
+                on_lines(stream.feed(data), at)
+    except BaseException:  # Ctrl-C or SIGTERM: never leave the VMM running on its own
+        kill("interrupted")
+        raise
+    finally:
+        if log_file is not None:
+            log_file.close()
     sel.close()
     _, status, usage = os.wait4(proc.pid, 0)
     run.wall = time.monotonic() - start

@@ -79,6 +79,7 @@ class Inputs:
 
     progress: Progress
     want_peer: bool = True
+    install_peer: bool = True  # apt-get install qemu-system-x86 if missing (root only)
     _qemu: peers.Qemu | None = None
     _qemu_error: str = ""
     _stock: Stock | None = None
@@ -91,7 +92,7 @@ class Inputs:
                 self._qemu_error = "the peer was turned off (--no-peer)"
                 return None
             try:
-                self._qemu = peers.find_qemu()
+                self._qemu = peers.find_qemu(install=self.install_peer)
             except peers.PeerUnavailable as e:
                 self._qemu_error = str(e)
                 self.progress(f"peer unavailable: {e}")

@@ -153,3 +153,20 @@ def host_cpu_extras(qemu: str, bios: Path) -> tuple[str, ...]:
     run = harness.measure(tiny_guest(qemu, bios), {"refused": _MSR_REFUSED},
                           kill_on={"ran": TINY_BANNER}, timeout=15)
     return ("-arch-capabilities",) if "refused" in run.milestones else ()
+
+
+def tcg_tsc_parameter() -> str:
+    """``tsc_early_khz=`` with this host's TSC rate (``cpu MHz`` of /proc/cpuinfo).
+
+    Under TCG, microvm offers the guest no PIT/HPET reference to calibrate the TSC against; the
+    stock kernel then marks the TSC unstable and often hangs (../shared/reference/peers-boot.md).
+    """
+    mhz = 2300.0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                mhz = float(line.split(":", 1)[1])
+                break
+    except (OSError, ValueError):
+        pass
+    return f"tsc_early_khz={round(mhz * 1000)}"

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.stats import CaseResult, Row, Summary
+from bench.stats import CaseResult, Row, Summary, Table
 
 
 def _num(v: float, unit: str) -> str:
@@ -61,6 +61,38 @@ def render(results: Sequence[CaseResult]) -> str:
             out += [f"  * {n}" for n in table.notes]
         out += [f"  * {n}" for n in case.notes]
     return "\n".join(out)
+
+
+def render_markdown(results: Sequence[CaseResult]) -> str:
+    """The same tables as ``render``, as Markdown (for docs/benchmarks.md)."""
+    out: list[str] = []
+    for case in results:
+        for table in case.tables:
+            out += [f"#### {case.case}: {table.title}", "",
+                    f"| metric | A: {table.a_label} | B: {table.b_label} | A/B (pairs) | n | "
+                    "target | note |", "| --- | --- | --- | --- | --- | --- | --- |"]
+            out += ["| " + " | ".join(c.replace("|", "\\|") for c in render_row(r)) + " |"
+                    for r in table.rows]
+            out += [""] + [f"- {n}" for n in table.notes] + [""]
+        out += [f"- {n}" for n in case.notes]
+    return "\n".join(out)
+
+
+def from_json(doc: dict[str, Any]) -> list[CaseResult]:
+    """Results back from ``to_json`` (to render a saved run again)."""
+    def summary(d: dict[str, Any] | None) -> Summary | None:
+        if d is None:
+            return None
+        return Summary(d["n"], d["min"], d["median"], d["max"], tuple(d["samples"]))
+
+    cases = []
+    for c in doc["cases"]:
+        tables = [Table(t["title"], t["a_label"], t["b_label"],
+                        [Row(r["metric"], r["unit"], summary(r["a"]), summary(r["b"]),
+                             summary(r["ratio"]), r["target"], r["note"]) for r in t["rows"]],
+                        list(t["notes"])) for t in c["tables"]]
+        cases.append(CaseResult(c["case"], tables, list(c["notes"])))
+    return cases
 
 
 def machine_facts() -> dict[str, Any]:

@@ -6,6 +6,7 @@ Commands are imported lazily: ``vmm-arch --help`` loads none of the backends.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 from typing import Any
 
@@ -49,12 +50,20 @@ def cli() -> None:
       N    the status the guest wrote to the exit port (0xf4)
       64   usage error          65  bad input (kernel, initrd, cmdline, size)
       69   backend unavailable  70  guest fault (registers are printed)
-      124  timeout              130 interrupted (Ctrl-C)
+      124  timeout              130 interrupted (Ctrl-C, SIGTERM, SIGHUP)
       255  kernel panic seen on the console
     """
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM and SIGHUP stop a boot the same orderly way Ctrl-C does: the guest is stopped,
+    # every vCPU thread joined, the VM closed, then the process exits 130.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> Any:
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     try:
         # Without standalone mode Click returns ctx.exit()'s status instead of exiting.
         status = cli.main(args=argv, prog_name="vmm-arch", standalone_mode=False)

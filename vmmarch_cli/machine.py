@@ -262,7 +262,7 @@ def run(
             if not state.done.wait(config.timeout):
                 state.stop("timeout", f"no stop condition within {config.timeout:g} s")
         except KeyboardInterrupt:
-            state.stop("interrupted", "interrupted by SIGINT")
+            state.stop("interrupted", "interrupted by a signal (SIGINT, SIGTERM or SIGHUP)")
         finally:
             state.stop("interrupted")  # no-op if something already stopped it
             for t in threads:

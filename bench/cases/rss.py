@@ -10,6 +10,8 @@ the guest then touches tens of MiB itself).
 
 from __future__ import annotations
 
+import functools
+
 from bench import harness, inputs, peers
 from bench.cases import Context, Settings
 from bench.stats import CaseResult, Sample, Table, alternate, paired_row
@@ -50,6 +52,10 @@ def _qemu(ctx: Context, qemu: peers.Qemu, mib: int) -> Sample:
     return {"peak_rss_mib": run.maxrss_kib / 1024, "wall_s": run.wall}
 
 
+def _say(ctx: Context, prefix: str, label: str) -> None:
+    ctx.say(f"{prefix}: {label}")
+
+
 def run(ctx: Context) -> CaseResult:
     s = ctx.settings
     bootcheck = str(inputs.guest("bootcheck"))
@@ -60,10 +66,10 @@ def run(ctx: Context) -> CaseResult:
     table = Table("peak RSS of the VMM process", "vmm-arch (bootcheck.elf)",
                   f"QEMU microvm ({peer_guest})")
     for mib in sizes:
+        peer = functools.partial(_qemu, ctx, qemu, mib) if qemu is not None else None
         a_runs, b_runs = alternate(
-            lambda mib=mib: _vmm_arch(bootcheck, mib),  # type: ignore[misc]
-            (lambda mib=mib: _qemu(ctx, qemu, mib)) if qemu is not None else None,  # type: ignore[misc]
-            s.runs, s.warmup, lambda label, mib=mib: ctx.say(f"rss {mib} MiB: {label}"),
+            functools.partial(_vmm_arch, bootcheck, mib), peer, s.runs, s.warmup,
+            functools.partial(_say, ctx, f"rss {mib} MiB"),
         )
         table.rows.append(paired_row("peak_rss_mib", "MiB", a_runs, b_runs,
                                      note=f"guest RAM {mib} MiB"))
