@@ -1,0 +1,111 @@
+"""CPUID for the emulated CPU: what it supports, and answering the guest from the VMM's table.
+
+unicorn answers CPUID from its own CPU model; the VMM's table (``Vcpu.set_cpuid``) would be
+ignored. So the vCPU hooks the instruction and answers from the table with ``answer`` below,
+which follows KVM's lookup (arch/x86/kvm/cpuid.c, ``kvm_cpuid`` and
+``get_out_of_range_cpuid_entry``) so both backends give the guest the same answer for the same
+table, including for leaves the table does not have.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+from vmmarch_cli.vcpu import CpuidEntry
+
+#: Leaves whose ECX selects a subleaf (SDM vol. 2A, CPUID, "INPUT EAX = ..." notes).
+INDEXED_LEAVES = frozenset({
+    0x4, 0x7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1E, 0x1F, 0x20,
+    0x8000_001D, 0x8000_0020,
+})
+#: Subleaves probed per indexed leaf (leaf 0DH has components up to 63).
+MAX_SUBLEAF = 64
+#: Guards against a model that reports an absurd maximum leaf.
+MAX_LEAVES_PER_RANGE = 0x40
+EXTENDED_BASE = 0x8000_0000
+HYPERVISOR_BASE = 0x4000_0000
+CENTAUR_BASE = 0xC000_0000
+#: "AuthenticAMD" / "HygonGenuine" in EBX: AMD CPUs return zeros out of range (APM vol. 3, CPUID).
+AMD_LIKE_EBX = frozenset({0x6874_7541, 0x6F67_7948})
+
+Answer = tuple[int, int, int, int]
+QueryFn = Callable[[int, int], Answer]
+
+
+def find(table: Sequence[CpuidEntry], function: int, index: int) -> CpuidEntry | None:
+    for e in table:
+        if e.function == function and (not e.indexed or e.index == index):
+            return e
+    return None
+
+
+def answer(table: Sequence[CpuidEntry], function: int, index: int) -> Answer:
+    """EAX..EDX for CPUID(function, index) from ``table``, as KVM computes it.
+
+    A leaf above the maximum of its range returns the highest basic leaf on Intel (SDM vol. 2A,
+    CPUID: "If a value entered for CPUID.EAX is higher than the maximum input value ... the data
+    for the highest basic information leaf is returned"); anything else missing reads as zeros.
+    """
+    entry = find(table, function, index)
+    if entry is None:
+        entry = _out_of_range(table, function, index)
+    if entry is None:
+        return (0, 0, 0, 0)
+    return (entry.eax, entry.ebx, entry.ecx, entry.edx)
+
+
+def _out_of_range(table: Sequence[CpuidEntry], function: int, index: int) -> CpuidEntry | None:
+    basic = find(table, 0, 0)
+    if basic is None or basic.ebx in AMD_LIKE_EBX:
+        return None
+    if HYPERVISOR_BASE <= function <= 0x4FFF_FFFF:
+        range_leaf = find(table, function & 0xFFFF_FF00, 0)
+    elif function >= CENTAUR_BASE:
+        range_leaf = find(table, CENTAUR_BASE, 0)
+    else:
+        range_leaf = find(table, function & EXTENDED_BASE, 0)
+    if range_leaf is not None and function <= range_leaf.eax:
+        return None  # inside its range, just absent: zeros
+    return find(table, basic.eax, index)
+
+
+@functools.cache
+def model_cpuid() -> tuple[CpuidEntry, ...]:
+    """Every leaf unicorn's CPU model reports, read by running CPUID in a scratch engine.
+
+    This is what the emulator can run (TCG implements what its model advertises), the
+    counterpart of KVM_GET_SUPPORTED_CPUID. It is the same on every call, so it is cached.
+    """
+    from backends.emulate.engine import scratch_cpuid
+
+    query = scratch_cpuid()
+    entries: list[CpuidEntry] = []
+    for base in (0, EXTENDED_BASE):
+        top = min(query(base, 0)[0], base + MAX_LEAVES_PER_RANGE)
+        for function in range(base, top + 1):
+            entries.extend(_leaf(query, function))
+    return tuple(entries)
+
+
+def _leaf(query: QueryFn, function: int) -> list[CpuidEntry]:
+    if function not in INDEXED_LEAVES:
+        return [CpuidEntry(function, 0, *query(function, 0))]
+    out: list[CpuidEntry] = []
+    for index in range(MAX_SUBLEAF):
+        regs = query(function, index)
+        if index > 0 and _past_last_subleaf(function, regs):
+            if function == 0xD:
+                continue  # 0DH has holes between state components (SDM vol. 1 13.2)
+            break
+        out.append(CpuidEntry(function, index, *regs, indexed=True))
+    return out
+
+
+def _past_last_subleaf(function: int, regs: Answer) -> bool:
+    eax, _, ecx, _ = regs
+    if function == 0x4:
+        return eax & 0x1F == 0  # cache type 0: no more caches
+    if function in (0xB, 0x1F):
+        return (ecx >> 8) & 0xFF == 0  # level type 0: invalid level
+    return not any(regs)

@@ -1,0 +1,235 @@
+"""One unicorn instance: memory shared with the VMM, neutral state in and out, in the right order.
+
+Everything here is unicorn-specific; the vCPU (vcpu.py) speaks the neutral interface. Facts this
+module relies on were measured on unicorn 2.1.4 (../shared/reference/backends-on-this-machine.md):
+
+* the CPU mode is fixed when the instance is made: UC_MODE_64 presets EFER.LMA and 64-bit code,
+  so a vCPU entered in 32-bit protected mode (PVH) needs a UC_MODE_32 instance;
+* CS/SS/DS/ES take a selector only in 64-bit mode (no descriptor load), while FS/GS, and every
+  segment in 32-bit mode, are loaded from the GDT in guest memory: so memory, CR3, CR4, EFER,
+  CR0, GDTR and IDTR are written before any selector;
+* ``until`` of emu_start is translated as a guest address and clobbers CR2 when it is unmapped:
+  exits are switched to the explicit (empty) exit list instead, so ``until`` is ignored.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from unicorn import unicorn_const as uc_const
+from unicorn import x86_const as x86
+
+from backends.emulate.descriptors import ATTR_DB, ATTR_L
+from vmmarch_cli.arch.x86_64 import msr, regs
+from vmmarch_cli.errors import BackendError
+from vmmarch_cli.memory import MmapGuestMemory
+from vmmarch_cli.vcpu import GPR_NAMES, DescriptorTable, Fpu, Regs, Segment, Sregs
+
+#: The binding's classes, untyped for mypy (its stubs leave most methods unannotated).
+_binding: Any = importlib.import_module("unicorn")
+Uc: Any = _binding.Uc
+UcError: type[Exception] = _binding.UcError
+
+MODE_64 = uc_const.UC_MODE_64
+MODE_32 = uc_const.UC_MODE_32
+MODE_16 = uc_const.UC_MODE_16
+MODE_NAMES = {MODE_64: "64-bit", MODE_32: "32-bit", MODE_16: "16-bit"}
+
+#: Passing ``count`` makes unicorn run its (C) per-instruction counting hook, after which it
+#: checks for a stop request: emu_stop() then takes effect after the current instruction instead
+#: of at the end of the translation block. Port I/O needs that precision (an IN must not be
+#: followed by instructions that use its value before the VMM supplied it). The count itself is
+#: never reached.
+RUN_UNTIL_STOPPED = 1 << 62
+
+_GPR64 = {name: getattr(x86, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
+_GPR32 = {f"r{n[1:]}": getattr(x86, f"UC_X86_REG_E{n[1:].upper()}")
+          for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp")}
+_SEGMENT_REGS = {"cs": x86.UC_X86_REG_CS, "ss": x86.UC_X86_REG_SS, "ds": x86.UC_X86_REG_DS,
+                 "es": x86.UC_X86_REG_ES, "fs": x86.UC_X86_REG_FS, "gs": x86.UC_X86_REG_GS}
+#: unicorn keeps TR/LDTR flags in QEMU's layout: the descriptor's high dword, where the access
+#: byte sits at bits 8-15 and AVL/L/D/G at 20-23, i.e. our attribute word shifted by 8.
+_QEMU_FLAGS_SHIFT = 8
+_QEMU_FLAGS_MASK = 0xF0FF << _QEMU_FLAGS_SHIFT
+
+#: MSRs unicorn stores and returns (measured round trips); it silently drops the rest.
+ENGINE_MSRS = frozenset({
+    msr.MSR_IA32_SYSENTER_CS, msr.MSR_IA32_SYSENTER_ESP, msr.MSR_IA32_SYSENTER_EIP,
+    msr.MSR_IA32_MISC_ENABLE, msr.MSR_MTRR_DEF_TYPE, msr.MSR_EFER, msr.MSR_STAR,
+    msr.MSR_LSTAR, msr.MSR_CSTAR, msr.MSR_SYSCALL_MASK, msr.MSR_KERNEL_GS_BASE,
+})
+
+
+def mode_for(s: Sregs) -> int:
+    """The unicorn mode a vCPU with these sregs executes in (SDM vol. 3A 2.2, 5.2.1)."""
+    if s.efer & regs.EFER_LMA:
+        if not s.cs.attributes & ATTR_L:
+            raise BackendError("compatibility mode (EFER.LMA with CS.L=0) is not supported by "
+                               "the emulate backend")
+        return MODE_64
+    if s.cr0 & regs.X86_CR0_PE and s.cs.attributes & ATTR_DB:
+        return MODE_32
+    return MODE_16
+
+
+class Engine:
+    """A unicorn instance over the VM's memory. Hooks are added by the vCPU before it runs."""
+
+    def __init__(self, mode: int, memory: MmapGuestMemory) -> None:
+        self.mode = mode
+        self.uc: Any = Uc(uc_const.UC_ARCH_X86, mode)
+        for start, length, host in memory.host_regions():
+            # The same host pages KVM maps: loader and pipeline writes are seen as they are.
+            self.uc.mem_map_ptr(start, length, uc_const.UC_PROT_ALL, host)
+        self.uc.ctl_exits_enabled(True)  # ``until`` ignored: see the module docstring
+
+    @property
+    def long_mode(self) -> bool:
+        return self.mode == MODE_64
+
+    def _gprs(self) -> dict[str, int]:
+        return _GPR64 if self.long_mode else _GPR32
+
+    @property
+    def pc_reg(self) -> int:
+        return int(x86.UC_X86_REG_RIP if self.long_mode else x86.UC_X86_REG_EIP)
+
+    def pc(self) -> int:
+        return int(self.uc.reg_read(self.pc_reg))
+
+    def add_hook(self, kind: int, callback: Callable[..., Any], insn: int = 0) -> None:
+        self.uc.hook_add(kind, callback, None, 1, 0, insn)
+
+    def run(self) -> None:
+        """Emulate from the current PC until a hook or another thread stops it, HLT, or an
+        error (raised as UcError)."""
+        self.uc.emu_start(self.pc(), 0, 0, RUN_UNTIL_STOPPED)
+
+    def stop(self) -> None:
+        self.uc.emu_stop()
+
+    # --- registers ------------------------------------------------------------------------
+
+    def read_regs(self, previous: Regs) -> Regs:
+        values = {name: int(self.uc.reg_read(reg)) for name, reg in self._gprs().items()}
+        values["rip"] = self.pc()
+        values["rflags"] = int(self.uc.reg_read(x86.UC_X86_REG_EFLAGS))
+        if not self.long_mode:  # R8-R15 do not exist outside 64-bit mode: keep what was set
+            values.update({f"r{n}": getattr(previous, f"r{n}") for n in range(8, 16)})
+        return Regs(**values)
+
+    def write_regs(self, r: Regs) -> None:
+        for name, reg in self._gprs().items():
+            self.uc.reg_write(reg, getattr(r, name))
+        self.uc.reg_write(self.pc_reg, r.rip)
+        self.uc.reg_write(x86.UC_X86_REG_EFLAGS, r.rflags)
+
+    def write_sregs(self, s: Sregs) -> None:
+        """In the order unicorn needs: tables and control registers, then selectors."""
+        uc = self.uc
+        uc.reg_write(x86.UC_X86_REG_CR3, s.cr3)
+        uc.reg_write(x86.UC_X86_REG_CR4, s.cr4)
+        uc.msr_write(msr.MSR_EFER, s.efer)
+        uc.reg_write(x86.UC_X86_REG_CR0, s.cr0)
+        if self.long_mode:
+            uc.reg_write(x86.UC_X86_REG_CR8, s.cr8)
+        uc.reg_write(x86.UC_X86_REG_GDTR, (0, s.gdt.base, s.gdt.limit, 0))
+        uc.reg_write(x86.UC_X86_REG_IDTR, (0, s.idt.base, s.idt.limit, 0))
+        for name, reg in _SEGMENT_REGS.items():
+            try:
+                uc.reg_write(reg, getattr(s, name).selector)
+            except UcError as e:
+                raise BackendError(f"unicorn refused {name.upper()} = "
+                                   f"{getattr(s, name).selector:#x}: {e}") from None
+        if self.long_mode:  # a base set through the MSRs survives the descriptor load
+            uc.reg_write(x86.UC_X86_REG_FS_BASE, s.fs.base)
+            uc.reg_write(x86.UC_X86_REG_GS_BASE, s.gs.base)
+        for seg, reg in ((s.tr, x86.UC_X86_REG_TR), (s.ldt, x86.UC_X86_REG_LDTR)):
+            uc.reg_write(reg, (seg.selector, seg.base, seg.limit,
+                               (seg.attributes << _QEMU_FLAGS_SHIFT) & _QEMU_FLAGS_MASK))
+
+    def selectors(self) -> dict[str, int]:
+        return {name: int(self.uc.reg_read(reg)) for name, reg in _SEGMENT_REGS.items()}
+
+    def fs_gs_base(self) -> tuple[int, int] | None:
+        if not self.long_mode:
+            return None
+        return (int(self.uc.reg_read(x86.UC_X86_REG_FS_BASE)),
+                int(self.uc.reg_read(x86.UC_X86_REG_GS_BASE)))
+
+    def system_segment(self, name: str) -> Segment:
+        reg = x86.UC_X86_REG_TR if name == "tr" else x86.UC_X86_REG_LDTR
+        selector, base, limit, flags = self.uc.reg_read(reg)
+        return Segment(selector, base, limit, (flags & _QEMU_FLAGS_MASK) >> _QEMU_FLAGS_SHIFT)
+
+    def tables(self) -> tuple[DescriptorTable, DescriptorTable]:
+        _, gbase, glimit, _ = self.uc.reg_read(x86.UC_X86_REG_GDTR)
+        _, ibase, ilimit, _ = self.uc.reg_read(x86.UC_X86_REG_IDTR)
+        return DescriptorTable(gbase, glimit), DescriptorTable(ibase, ilimit)
+
+    def control(self) -> dict[str, int]:
+        names = {"cr0": x86.UC_X86_REG_CR0, "cr2": x86.UC_X86_REG_CR2,
+                 "cr3": x86.UC_X86_REG_CR3, "cr4": x86.UC_X86_REG_CR4}
+        if self.long_mode:
+            names["cr8"] = x86.UC_X86_REG_CR8
+        out = {name: int(self.uc.reg_read(reg)) for name, reg in names.items()}
+        out["efer"] = int(self.uc.msr_read(msr.MSR_EFER))
+        return out
+
+    def read_fpu(self) -> Fpu:
+        return Fpu(fcw=int(self.uc.reg_read(x86.UC_X86_REG_FPCW)),
+                   mxcsr=int(self.uc.reg_read(x86.UC_X86_REG_MXCSR)))
+
+    def write_fpu(self, fpu: Fpu) -> None:
+        self.uc.reg_write(x86.UC_X86_REG_FPCW, fpu.fcw)
+        self.uc.reg_write(x86.UC_X86_REG_MXCSR, fpu.mxcsr)
+
+    def read_msr(self, index: int) -> int:
+        return int(self.uc.msr_read(index))
+
+    def write_msr(self, index: int, value: int) -> None:
+        self.uc.msr_write(index, value)
+
+    # --- the accumulator and string registers an IN touches -------------------------------
+
+    def io_registers(self) -> tuple[int, ...]:
+        """PC, RAX, RCX, RDI: everything IN / REP INS changes apart from memory."""
+        g = self._gprs()
+        return (self.pc(), *(int(self.uc.reg_read(g[n])) for n in ("rax", "rcx", "rdi")))
+
+    def restore_io_registers(self, saved: Sequence[int]) -> None:
+        g = self._gprs()
+        self.uc.reg_write(self.pc_reg, saved[0])
+        for name, value in zip(("rax", "rcx", "rdi"), saved[1:], strict=True):
+            self.uc.reg_write(g[name], value)
+
+    def write_cpuid_result(self, eax: int, ebx: int, ecx: int, edx: int) -> None:
+        # CPUID writes the 32-bit registers, which clears bits 63:32 in 64-bit mode
+        # (SDM vol. 1 3.4.1.1): writing the full register with the 32-bit value does that.
+        g = self._gprs()
+        for name, value in zip(("rax", "rbx", "rcx", "rdx"), (eax, ebx, ecx, edx), strict=True):
+            self.uc.reg_write(g[name], value)
+
+    def cpuid_inputs(self) -> tuple[int, int]:
+        g = self._gprs()
+        return (int(self.uc.reg_read(g["rax"])) & 0xFFFF_FFFF,
+                int(self.uc.reg_read(g["rcx"])) & 0xFFFF_FFFF)
+
+
+def scratch_cpuid() -> Callable[[int, int], tuple[int, int, int, int]]:
+    """CPUID(leaf, subleaf) as unicorn's CPU model answers it, from a throwaway instance."""
+    uc: Any = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
+    code = 0x1000
+    uc.mem_map(code, 0x1000)
+    uc.mem_write(code, b"\x0f\xa2\xf4")  # cpuid; hlt
+
+    def query(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        uc.reg_write(x86.UC_X86_REG_RAX, leaf)
+        uc.reg_write(x86.UC_X86_REG_RCX, subleaf)
+        uc.emu_start(code, 0)
+        return tuple(int(uc.reg_read(r)) & 0xFFFF_FFFF for r in (  # type: ignore[return-value]
+            x86.UC_X86_REG_RAX, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX))
+
+    return query

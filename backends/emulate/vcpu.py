@@ -1,0 +1,375 @@
+"""An emulated vCPU behind the neutral ``Vcpu`` interface.
+
+Until its first ``run`` the vCPU is only neutral state held here; ``run`` then makes the unicorn
+instance in the mode that state asks for (unicorn cannot change mode later) and loads it. From
+then on unicorn holds the registers, except what it cannot hold: the hidden part of CS/SS/DS/ES
+(kept here, checked against the GDT), the TSC (unicorn drops writes), IA32_APIC_BASE, the LAPIC
+page and the CPUID table (answered from here through an instruction hook).
+
+Exits follow KVM's model: an OUT or IN stops the vCPU at that instruction and ``run`` returns
+IoOut / IoIn. An OUT has completed when ``run`` returns; an IN is undone and replayed on the next
+``run`` with the data ``complete_io_in`` gave, as KVM completes it on the next KVM_RUN.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from unicorn import unicorn_const as uc_const
+from unicorn import x86_const as x86
+
+from backends.emulate import cpuid, descriptors, faults
+from backends.emulate.engine import ENGINE_MSRS, MODE_NAMES, Engine, UcError, mode_for
+from backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
+from vmmarch_cli.arch.x86_64 import msr
+from vmmarch_cli.errors import BackendError
+from vmmarch_cli.memory import MmapGuestMemory
+from vmmarch_cli.vcpu import (
+    LAPIC_PAGE_SIZE,
+    CpuidEntry,
+    Fpu,
+    Halt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    Lapic,
+    MsrEntry,
+    Regs,
+    Shutdown,
+    Sregs,
+    VcpuExit,
+)
+
+#: How often a stop request is repeated while the vCPU is still emulating (see ``_kick``).
+KICK_RETRY_SECONDS = 0.001
+OPCODE_HLT = 0xF4
+#: MSRs only this backend holds: unicorn drops TSC writes and has no APIC base MSR.
+BACKEND_MSRS = frozenset({msr.MSR_IA32_TSC, msr.MSR_IA32_APIC_BASE})
+#: MSRs KVM refuses a non-canonical address for (arch/x86/kvm/x86.c, __kvm_set_msr); unicorn
+#: takes anything, so the check is here and both backends reject the same input.
+CANONICAL_MSRS = frozenset({msr.MSR_LSTAR, msr.MSR_CSTAR, msr.MSR_KERNEL_GS_BASE})
+UNMAPPED_ACCESS = {
+    uc_const.UC_MEM_READ_UNMAPPED: "read", uc_const.UC_MEM_WRITE_UNMAPPED: "write",
+    uc_const.UC_MEM_FETCH_UNMAPPED: "instruction fetch",
+}
+UNMAPPED_ERRORS = {uc_const.UC_ERR_READ_UNMAPPED, uc_const.UC_ERR_WRITE_UNMAPPED,
+                   uc_const.UC_ERR_FETCH_UNMAPPED}
+VECTOR_UD = 6
+
+
+def canonical(address: int) -> bool:
+    """Bits 63:47 all equal (48-bit linear addresses, SDM vol. 1 3.3.7.1)."""
+    top = address >> 47
+    return top in (0, (1 << 17) - 1)
+
+
+class EmulateVcpu:
+    def __init__(self, index: int, memory: MmapGuestMemory) -> None:
+        self.index = index
+        self._memory = memory
+        self._regs = reset_regs()
+        self._sregs = reset_sregs(index)
+        self._fpu = Fpu()
+        self._msrs: dict[int, int] = {}  # until the engine exists
+        self._tsc = 0
+        self._cpuid: list[CpuidEntry] = []
+        self._lapic = reset_lapic(index)
+        self._engine: Engine | None = None
+        # Stopping from other threads: ``_emulating`` is the number of the burst inside
+        # emu_start (0 when none), guarded by ``_lock`` with the engine reference.
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._burst = 0
+        self._emulating = 0
+        self._kicked = False
+        # What the hooks saw during the last burst.
+        self._exit: VcpuExit | None = None
+        self._vector: int | None = None
+        self._unmapped: tuple[str, int] | None = None
+        self._in_undo: tuple[int, ...] | None = None
+        self._in_reply: tuple[int, int] | None = None  # (port, value) for the replayed IN
+
+    # --- state -------------------------------------------------------------------------
+
+    def get_regs(self) -> Regs:
+        return self._engine.read_regs(self._regs) if self._engine else self._regs
+
+    def set_regs(self, regs: Regs) -> None:
+        self._regs = regs
+        if self._engine:
+            self._engine.write_regs(regs)
+
+    def get_sregs(self) -> Sregs:
+        engine = self._engine
+        if engine is None:
+            return self._sregs
+        gdt, idt = engine.tables()
+        c = engine.control()
+        now = replace(self._sregs, gdt=gdt, idt=idt, cr0=c["cr0"], cr2=c["cr2"], cr3=c["cr3"],
+                      cr4=c["cr4"], cr8=c.get("cr8", self._sregs.cr8), efer=c["efer"])
+        seg = {name: descriptors.current_segment(self._memory, now, name, selector)
+               for name, selector in engine.selectors().items()}
+        bases = engine.fs_gs_base()
+        if bases is not None:
+            seg["fs"] = replace(seg["fs"], base=bases[0])
+            seg["gs"] = replace(seg["gs"], base=bases[1])
+        return replace(now, cs=seg["cs"], ds=seg["ds"], es=seg["es"], fs=seg["fs"],
+                       gs=seg["gs"], ss=seg["ss"], tr=engine.system_segment("tr"),
+                       ldt=engine.system_segment("ldt"))
+
+    def set_sregs(self, sregs: Sregs) -> None:
+        # unicorn cannot hold CS/SS/DS/ES hidden state: check it against the GDT instead, so
+        # a wrong descriptor fails here as it would misbehave on a real CPU or KVM.
+        descriptors.check_segments(self._memory, sregs)
+        if self._engine and mode_for(sregs) != self._engine.mode:
+            raise BackendError(
+                f"the emulate backend cannot switch a vCPU from {MODE_NAMES[self._engine.mode]} "
+                f"to {MODE_NAMES[mode_for(sregs)]} mode after it ran"
+            )
+        self._sregs = sregs
+        if self._engine:
+            self._engine.write_sregs(sregs)
+
+    def get_fpu(self) -> Fpu:
+        return self._engine.read_fpu() if self._engine else self._fpu
+
+    def set_fpu(self, fpu: Fpu) -> None:
+        self._fpu = fpu
+        if self._engine:
+            self._engine.write_fpu(fpu)
+
+    def get_msrs(self, indices: Sequence[int]) -> list[MsrEntry]:
+        """Like KVM_GET_MSRS: stops at the first MSR this backend does not have."""
+        out: list[MsrEntry] = []
+        for index in indices:
+            if index == msr.MSR_IA32_TSC:
+                value = self._tsc
+            elif index == msr.MSR_IA32_APIC_BASE:
+                value = self._sregs.apic_base
+            elif index == msr.MSR_EFER and not self._engine:
+                value = self._sregs.efer
+            elif index in ENGINE_MSRS:
+                value = (self._engine.read_msr(index) if self._engine
+                         else self._msrs.get(index, 0))
+            else:
+                break
+            out.append(MsrEntry(index, value))
+        return out
+
+    def set_msrs(self, entries: Sequence[MsrEntry]) -> None:
+        for e in entries:  # all or nothing: check every entry first
+            if e.index not in ENGINE_MSRS | BACKEND_MSRS:
+                raise BackendError(f"MSR {e.index:#x} is not supported by the emulate backend")
+            if e.index in CANONICAL_MSRS and not canonical(e.value):
+                raise BackendError(f"MSR {e.index:#x} = {e.value:#x} is not a canonical address")
+        for e in entries:
+            if e.index == msr.MSR_IA32_TSC:
+                self._tsc = e.value
+            elif e.index == msr.MSR_IA32_APIC_BASE:
+                self._sregs = replace(self._sregs, apic_base=e.value)
+            elif e.index == msr.MSR_EFER and not self._engine:
+                self._sregs = replace(self._sregs, efer=e.value)
+            elif self._engine:
+                self._engine.write_msr(e.index, e.value)
+            else:
+                self._msrs[e.index] = e.value
+
+    def get_cpuid(self) -> list[CpuidEntry]:
+        return list(self._cpuid)
+
+    def set_cpuid(self, entries: Sequence[CpuidEntry]) -> None:
+        self._cpuid = list(entries)
+
+    def get_lapic(self) -> Lapic:
+        return self._lapic
+
+    def set_lapic(self, lapic: Lapic) -> None:
+        if len(lapic.page) != LAPIC_PAGE_SIZE:
+            raise BackendError(f"a LAPIC page is {LAPIC_PAGE_SIZE} bytes, not {len(lapic.page)}")
+        self._lapic = lapic
+
+    # --- running -----------------------------------------------------------------------
+
+    def run(self) -> VcpuExit:
+        engine = self._engine or self._start()
+        while True:
+            decided = self._between_bursts()
+            if decided is not None:
+                return decided
+            ex = self._run_burst(engine)
+            if ex is not None:
+                return ex
+
+    def _between_bursts(self) -> VcpuExit | None:
+        """Everything decided while the guest is not executing, in one place: a stop request
+        ends the run. (Pending interrupts will be delivered here, after a ``_kick``.)"""
+        if self._stop.is_set():
+            return Interrupted()
+        return None
+
+    def _run_burst(self, engine: Engine) -> VcpuExit | None:
+        """Emulate until something stops unicorn; the exit it means, or None to go on."""
+        self._exit, self._vector, self._unmapped, self._kicked = None, None, None, False
+        with self._lock:
+            if self._stop.is_set():
+                return Interrupted()
+            self._burst += 1
+            self._emulating = self._burst
+        error: Exception | None = None
+        try:
+            engine.run()
+        except UcError as e:
+            error = e
+        except Exception as e:  # a hook failed; unicorn re-raises it after stopping
+            raise BackendError(f"emulate backend hook failed: {e!r}") from e
+        finally:
+            with self._lock:
+                self._emulating = 0
+        if self._exit is not None:
+            if isinstance(self._exit, IoIn) and self._in_undo is not None:
+                engine.restore_io_registers(self._in_undo)  # replayed by the next run
+                self._in_undo = None
+            return self._exit
+        if self._vector is not None:
+            return self._deliver_exception(self._vector)
+        if error is not None:
+            return self._engine_error(error)
+        if self._stop.is_set() or self._kicked:
+            return None  # _between_bursts decides
+        # Nothing stopped emulation but the guest itself: unicorn returns from emu_start after
+        # HLT with the PC past it (it has no HLT hook), so check the byte before the PC.
+        if self._byte_before_pc(engine) == OPCODE_HLT:
+            return Halt()
+        return None
+
+    def _deliver_exception(self, vector: int) -> VcpuExit:
+        """The one place a guest exception goes. unicorn never uses the guest IDT, so this reads
+        the IDT itself: no usable gate ends as a triple fault, as on a CPU (faults.py). Delivering
+        through a present gate (pushing the frame, loading CS:RIP) is not implemented yet."""
+        sregs = self.get_sregs()
+        outcome = faults.escalate(
+            vector, lambda v: descriptors.gate_problem(self._memory, sregs, v),
+            descriptors.not_present)
+        trail = " -> ".join(faults.vector_name(v) for v in outcome.trail)
+        if outcome.delivered is None:
+            return Shutdown("triple fault")
+        return InternalError(
+            f"exception {outcome.delivered} ({trail}) has a gate in the guest IDT, but exception "
+            "delivery is not implemented in the emulate backend"
+        )
+
+    def _engine_error(self, error: Exception) -> VcpuExit:
+        errno = getattr(error, "errno", None)
+        if errno == uc_const.UC_ERR_INSN_INVALID:
+            return self._deliver_exception(VECTOR_UD)  # unicorn reports #UD as this error
+        if errno in UNMAPPED_ERRORS and self._unmapped is not None:
+            kind, address = self._unmapped
+            return InternalError(
+                f"{kind} at guest-physical {address:#x}, outside guest RAM (the emulate backend "
+                "has no MMIO devices)"
+            )
+        return InternalError(f"unicorn stopped: {error}")
+
+    def _byte_before_pc(self, engine: Engine) -> int | None:
+        s = self.get_sregs()
+        base = 0 if engine.long_mode else s.cs.base
+        data = descriptors.read_linear(self._memory, s, base + engine.pc() - 1, 1)
+        return data[0] if data else None
+
+    def _start(self) -> Engine:
+        engine = Engine(mode_for(self._sregs), self._memory)
+        # Hooks before anything runs: unicorn does not retranslate code for a later hook.
+        engine.add_hook(uc_const.UC_HOOK_INSN, self._on_out, x86.UC_X86_INS_OUT)
+        engine.add_hook(uc_const.UC_HOOK_INSN, self._on_in, x86.UC_X86_INS_IN)
+        engine.add_hook(uc_const.UC_HOOK_INSN, self._on_cpuid, x86.UC_X86_INS_CPUID)
+        engine.add_hook(uc_const.UC_HOOK_INTR, self._on_interrupt)
+        engine.add_hook(uc_const.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        engine.write_sregs(self._sregs)  # guest memory (GDT, page tables) is already there
+        engine.write_regs(self._regs)
+        engine.write_fpu(self._fpu)
+        for index, value in self._msrs.items():
+            engine.write_msr(index, value)
+        self._engine = engine
+        return engine
+
+    # --- hooks (called by unicorn on the vCPU thread, inside emu_start) ------------------
+
+    def _on_out(self, uc: Any, port: int, size: int, value: int, _: object) -> None:
+        self._exit = IoOut(port, size, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
+        uc.emu_stop()  # after this instruction, as the engine runs with per-instruction checks
+
+    def _on_in(self, uc: Any, port: int, size: int, _: object) -> int:
+        reply = self._in_reply
+        if reply is not None and reply[0] == port:
+            self._in_reply = None
+            return reply[1]  # the replay: the value complete_io_in gave
+        assert self._engine is not None
+        self._in_undo = self._engine.io_registers()
+        self._exit = IoIn(port, size)
+        uc.emu_stop()
+        return (1 << 8 * size) - 1  # discarded: the instruction is undone and replayed
+
+    def _on_cpuid(self, uc: Any, _: object) -> int:
+        assert self._engine is not None
+        leaf, subleaf = self._engine.cpuid_inputs()
+        self._engine.write_cpuid_result(*cpuid.answer(self._cpuid, leaf, subleaf))
+        return 1  # skip unicorn's own CPUID
+
+    def _on_interrupt(self, uc: Any, vector: int, _: object) -> None:
+        self._vector = vector  # every exception and INT n; handled after emu_start returns
+        uc.emu_stop()
+
+    def _on_unmapped(self, uc: Any, access: int, address: int, size: int, value: int,
+                     _: object) -> bool:
+        self._unmapped = (UNMAPPED_ACCESS.get(access, "access"), address)
+        return False  # not handled: emu_start fails with the matching UC_ERR_*_UNMAPPED
+
+    # --- completing exits, stopping ------------------------------------------------------
+
+    def complete_io_in(self, data: bytes) -> None:
+        if not isinstance(self._exit, IoIn):
+            return
+        size = self._exit.size
+        self._in_reply = (self._exit.port,
+                          int.from_bytes(data[:size].ljust(size, b"\xff"), "little"))
+
+    def complete_mmio_read(self, data: bytes) -> None:
+        pass  # no MMIO exits: an access outside RAM is an InternalError
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._kick()
+
+    def _kick(self) -> None:
+        """Make a running burst return soon (from any thread).
+
+        uc_emu_start clears unicorn's stop flag when it begins, so an emu_stop that lands between
+        our "about to emulate" and that reset is lost; a helper thread repeats the stop until
+        the burst is over. Bounding bursts instead is worse here: ``count`` exhaustion looks
+        exactly like HLT, and ``timeout`` starts a thread per emu_start (~0.5 ms per exit).
+        """
+        with self._lock:
+            burst = self._emulating
+            if not burst or self._engine is None:
+                return
+            self._kicked = True
+            self._engine.stop()
+        threading.Thread(target=self._kick_until_out, args=(burst,), daemon=True,
+                         name=f"vcpu{self.index}-kick").start()
+
+    def _kick_until_out(self, burst: int) -> None:
+        while True:
+            time.sleep(KICK_RETRY_SECONDS)
+            with self._lock:
+                if self._emulating != burst or self._engine is None:
+                    return
+                self._engine.stop()
+
+    def close(self) -> None:
+        with self._lock:
+            self._engine = None

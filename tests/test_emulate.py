@@ -1,0 +1,318 @@
+"""The software backend (unicorn): the project's guests conform on it as on KVM, its exits follow
+KVM's model, and the arch pipeline is the same code on both backends."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli
+
+pytest.importorskip("unicorn", reason="the emulate backend needs unicorn: pip install "
+                    "'vmm-arch[emulate]'")
+
+import backends
+from vmmarch_cli import machine
+from vmmarch_cli.arch.x86_64 import msr
+from vmmarch_cli.commands.dump_regs import diff_states
+from vmmarch_cli.config import BootConfig
+from vmmarch_cli.errors import BackendError
+from vmmarch_cli.vcpu import (
+    DescriptorTable,
+    Halt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MsrEntry,
+    Shutdown,
+)
+
+CHECK_LINE = re.compile(r"^CHECK (\w+) ([0-9a-f]{16}) (ok|FAIL)$", re.M)
+DOCS = ROOT / "docs" / "backends.md"
+
+
+def backend_specific_lines() -> tuple[str, ...]:
+    """The console-line prefixes docs/backends.md lists as backend-specific."""
+    text = DOCS.read_text()
+    section = text.split("<!-- backend-specific-lines -->")[1].split(
+        "<!-- /backend-specific-lines -->")[0]
+    return tuple(re.findall(r"^- `([^`]+)`", section, re.M))
+
+
+def conformance_lines(stdout: str) -> list[str]:
+    specific = backend_specific_lines()
+    return [line for line in stdout.splitlines() if not line.startswith(specific)]
+
+
+# --- the conformance guests, on both backends -----------------------------------------------
+
+
+@pytest.mark.parametrize("guest", ["bootcheck", "pvhcheck"])
+def test_conformance_guest_passes_on_the_emulator(guests: dict[str, Path], guest: str) -> None:
+    p = run_cli("boot", str(guests[guest]), "--backend", "emulate", "--timeout", "60")
+    checks = CHECK_LINE.findall(p.stdout)
+    assert len(checks) >= 15, p.stdout + p.stderr
+    assert not [c for c in checks if c[2] != "ok"], p.stdout
+    assert p.returncode == 0, p.stderr
+    assert "on emulate" in p.stderr
+
+
+@pytest.mark.usefixtures("kvm")
+@pytest.mark.parametrize("guest", ["bootcheck", "pvhcheck"])
+def test_console_identical_to_kvm_but_for_documented_lines(guests: dict[str, Path],
+                                                           guest: str) -> None:
+    # --cpu-mask none: the KVM default mask depends on the host (docs/backends.md).
+    out = {b: run_cli("boot", str(guests[guest]), "--backend", b, "--cpu-mask", "none",
+                      "--timeout", "60") for b in ("kvm", "emulate")}
+    assert all(p.returncode == 0 for p in out.values()), {b: p.stderr for b, p in out.items()}
+    assert backend_specific_lines(), "docs/backends.md lists no backend-specific lines"
+    kvm, emulate = (conformance_lines(out[b].stdout) for b in ("kvm", "emulate"))
+    assert len(kvm) > 15 and kvm == emulate
+
+
+@pytest.mark.usefixtures("kvm")
+@pytest.mark.parametrize("backend", ["kvm", "emulate"])
+def test_triple_fault_is_a_fault_on_both(guests: dict[str, Path], backend: str) -> None:
+    p = run_cli("boot", str(guests["triplefault"]), "--backend", backend, "--timeout", "60",
+                "--json")
+    doc = json.loads(p.stdout)
+    assert (p.returncode, doc["reason"], doc["status"]) == (70, "fault", 70), p.stderr
+    assert "triple fault" in doc["detail"]
+    assert "TRIPLE" in p.stderr
+
+
+@pytest.mark.usefixtures("kvm")
+@pytest.mark.parametrize("backend", ["kvm", "emulate"])
+def test_spin_times_out_on_both(guests: dict[str, Path], backend: str) -> None:
+    p = run_cli("boot", str(guests["spin"]), "--backend", backend, "--timeout", "0.5")
+    assert p.returncode == 124, p.stderr
+    assert "last console line: SPIN" in p.stderr
+
+
+# --- the backend as a backend ---------------------------------------------------------------
+
+
+def test_probe_and_backends_command() -> None:
+    info = backends.probe("emulate")
+    assert info.usable and info.facts["engine"].startswith("unicorn 2.")
+    assert "no interrupts yet" in info.facts["cpu"]
+    p = run_cli("backends", "--json")
+    assert p.returncode == 0
+    emulate = next(b for b in json.loads(p.stdout) if b["name"] == "emulate")
+    assert emulate["usable"] and "unicorn" in emulate["facts"]["engine"]
+
+
+def test_without_unicorn_the_backend_says_how_to_get_it(guests: dict[str, Path]) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, runpy; sys.modules['unicorn'] = None; import backends; "
+            "print(backends.probe('emulate').reason); sys.argv = ['vmm-arch', 'boot', "
+            f"{str(guests['bootcheck'])!r}, '--backend', 'emulate']; "
+            "runpy.run_module('vmmarch_cli', run_name='__main__')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=60)
+    line = "unicorn is not installed: pip install 'vmm-arch[emulate]'"
+    assert p.stdout.strip() == line
+    assert p.returncode == 69 and line in p.stderr and "Traceback" not in p.stderr
+
+
+def test_arch_imports_no_backend() -> None:
+    arch = ROOT / "vmmarch_cli" / "arch"
+    offenders = []
+    for path in arch.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names
+                          if n == "backends" or n.startswith("backends.")]
+    assert not offenders
+
+
+def test_the_same_pipeline_runs_on_both_backends(guests: dict[str, Path]) -> None:
+    available = [b for b in ("kvm", "emulate") if backends.probe(b).usable]
+    if len(available) < 2:
+        pytest.skip("needs /dev/kvm as well")
+    records = {}
+    for b in available:
+        config = BootConfig(kernel=guests["bootcheck"], backend=b, cpu_mask=frozenset())
+        with machine.prepare(config) as prepared:
+            records[b] = prepared.setup
+    kvm, emulate = records["kvm"], records["emulate"]
+    assert [r.step for r in kvm] == [r.step for r in emulate]
+    for a, b in zip(kvm, emulate, strict=True):
+        if a.step == "cpuid":  # leaf counts follow each hypervisor's CPU model
+            a, b = replace(a, summary={**a.summary, "leaves": ""}), replace(
+                b, summary={**b.summary, "leaves": ""})
+        assert a == b
+
+
+@pytest.mark.usefixtures("kvm")
+def test_dump_regs_compare(guests: dict[str, Path]) -> None:
+    p = run_cli("dump-regs", str(guests["bootcheck"]), "--backend", "kvm",
+                "--compare", "emulate", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert (doc["a"]["backend"], doc["b"]["backend"]) == ("kvm", "emulate")
+    assert doc["diff"] == []
+    assert doc["b"]["cpus"][0]["sregs"]["cs"]["attributes"] == "0xa09b"
+    t = run_cli("dump-regs", str(guests["bootcheck"]), "--backend", "kvm", "--compare", "emulate")
+    assert t.returncode == 0 and "kvm vs emulate: no differences" in t.stdout
+    assert "cpus.0.sregs.cr0" in t.stdout
+
+
+def test_diff_leaves_out_backend_specific_values() -> None:
+    def doc(cr0: str, tsc: str, cr2: str) -> dict[str, object]:
+        return {"cpus": [{"sregs": {"cr0": cr0, "cr2": cr2}, "msrs": {"IA32_TSC": tsc},
+                          "cpuid": [{"function": cr0}]}]}
+    assert diff_states(doc("0x11", "1", "0"), doc("0x11", "2", "5")) == []
+    assert diff_states(doc("0x11", "1", "0"), doc("0x13", "1", "0")) == [
+        {"path": "cpus.0.sregs.cr0", "a": "0x11", "b": "0x13"}]
+
+
+# --- exits and faults, on tiny programs placed at the entry --------------------------------
+
+
+@contextmanager
+def emulated(guests: dict[str, Path], code: bytes) -> Iterator[machine.Prepared]:
+    """The bootcheck boot state (long mode, identity map) with ``code`` at the entry."""
+    config = BootConfig(kernel=guests["bootcheck"], backend="emulate", cpu_mask=frozenset())
+    with machine.prepare(config) as prepared:
+        prepared.vm.memory.write(prepared.plan_entry, code)
+        yield prepared
+
+
+def test_out_exits_one_instruction_at_a_time(guests: dict[str, Path]) -> None:
+    # mov al, 0x41; out 0x80, al; inc al; out 0x81, al; hlt
+    code = bytes.fromhex("b041 e680 fec0 e681 f4")
+    with emulated(guests, code) as p:
+        v = p.vcpus[0]
+        assert v.run() == IoOut(0x80, 1, b"A")
+        assert v.get_regs().rip == p.plan_entry + 4  # past the OUT, before inc
+        assert v.run() == IoOut(0x81, 1, b"B")
+        assert v.run() == Halt()
+
+
+def test_in_gets_the_value_before_the_guest_uses_it(guests: dict[str, Path]) -> None:
+    # mov dx, 0x3fd; in al, dx; mov rbx, rax; hlt
+    code = bytes.fromhex("66bafd03 ec 4889c3 f4")
+    with emulated(guests, code) as p:
+        v = p.vcpus[0]
+        assert v.run() == IoIn(0x3FD, 1)
+        v.complete_io_in(b"\x60")
+        assert v.run() == Halt()
+        r = v.get_regs()
+        assert r.rbx & 0xFF == 0x60 and r.rax & 0xFF == 0x60
+
+
+def test_cpuid_comes_from_the_table_set(guests: dict[str, Path]) -> None:
+    # mov eax, 1; cpuid; mov esi, eax; mov eax, 0x7fffffff; xor ecx, ecx; cpuid; hlt
+    code = bytes.fromhex("b801000000 0fa2 89c6 b8ffffff7f 31c9 0fa2 f4")
+    with emulated(guests, code) as p:
+        v = p.vcpus[0]
+        table = v.get_cpuid()
+        leaf1 = next(e for e in table if e.function == 1)
+        top = next(e for e in table if e.function == 0).eax  # the maximum basic leaf
+        highest = next(e for e in table if e.function == top and e.index == 0)
+        assert v.run() == Halt()
+        r = v.get_regs()
+        assert r.rsi == leaf1.eax
+        # Above the maximum basic leaf: the highest basic leaf, as on Intel and KVM.
+        assert (r.rax, r.rbx, r.rcx, r.rdx) == (highest.eax, highest.ebx, highest.ecx,
+                                                highest.edx)
+
+
+def test_page_fault_without_a_gate_is_a_triple_fault(guests: dict[str, Path]) -> None:
+    # mov rax, [0x200000000] (8 GiB: outside the 4 GiB identity map); hlt
+    code = bytes.fromhex("48a10000000002000000 f4")
+    with emulated(guests, code) as p:
+        assert p.vcpus[0].run() == Shutdown("triple fault")
+
+
+def test_exception_with_a_gate_is_reported_not_delivered(guests: dict[str, Path]) -> None:
+    code = bytes.fromhex("0f0b")  # ud2
+    idt = 0x3000
+    with emulated(guests, code) as p:
+        v = p.vcpus[0]
+        handler = p.plan_entry + 0x100
+        gate = (handler & 0xFFFF).to_bytes(2, "little") + (0x10).to_bytes(2, "little")
+        gate += bytes([0, 0x8E]) + ((handler >> 16) & 0xFFFF).to_bytes(2, "little")
+        gate += (handler >> 32).to_bytes(4, "little") + bytes(4)
+        p.vm.memory.write(idt + 6 * 16, gate)  # #UD: a present 64-bit interrupt gate
+        v.set_sregs(replace(v.get_sregs(), idt=DescriptorTable(idt, 0xFFF)))
+        ex = v.run()
+        assert isinstance(ex, InternalError) and "not implemented" in ex.reason
+        assert "#UD" in ex.reason
+
+
+def test_access_outside_ram_is_an_internal_error(guests: dict[str, Path]) -> None:
+    # mov rax, [0x40000000] (1 GiB: mapped by the page tables, but no RAM there at 256M)
+    code = bytes.fromhex("48a10000004000000000 f4")
+    with emulated(guests, code) as p:
+        ex = p.vcpus[0].run()
+        assert isinstance(ex, InternalError) and "0x40000000" in ex.reason
+
+
+def test_request_stop_from_another_thread(guests: dict[str, Path]) -> None:
+    with emulated(guests, b"\xeb\xfe") as p:  # jmp $: no exit ever
+        v = p.vcpus[0]
+        result: list[object] = []
+        t = threading.Thread(target=lambda: result.append(v.run()))
+        t.start()
+        t.join(0.2)
+        v.request_stop()
+        t.join(10)
+        assert result == [Interrupted()]
+
+
+def test_segment_state_is_checked_against_the_gdt(guests: dict[str, Path]) -> None:
+    with emulated(guests, b"\xf4") as p:
+        v = p.vcpus[0]
+        s = v.get_sregs()
+        wrong = replace(s, cs=replace(s.cs, attributes=0xC09B))  # 32-bit code, not 64-bit
+        with pytest.raises(BackendError, match="CS hidden state"):
+            v.set_sregs(wrong)
+        with pytest.raises(BackendError, match="beyond the GDT limit"):
+            v.set_sregs(replace(s, ds=replace(s.ds, selector=0x80)))
+
+
+def test_msrs_refused_like_kvm(guests: dict[str, Path]) -> None:
+    with emulated(guests, b"\xf4") as p:
+        v = p.vcpus[0]
+        with pytest.raises(BackendError, match="canonical"):
+            v.set_msrs([MsrEntry(msr.MSR_LSTAR, 0xDEADBEEF12345678)])
+        with pytest.raises(BackendError, match="not supported"):
+            v.set_msrs([MsrEntry(0x12345, 1)])
+        entries = [MsrEntry(msr.MSR_IA32_TSC, 1234), MsrEntry(msr.MSR_LSTAR, 0xFFFF_8000_0000_0000)]
+        v.set_msrs(entries)
+        assert v.run() == Halt()  # the state survives the engine's creation at the first run
+        assert v.get_msrs([e.index for e in entries]) == entries
+
+
+@pytest.mark.parametrize("guest", ["bootcheck", "pvhcheck"])
+def test_state_read_back_from_unicorn_equals_what_was_set(guests: dict[str, Path],
+                                                          guest: str) -> None:
+    """Before the first run the backend holds the state; after it unicorn does (64-bit and
+    32-bit engines): a HLT must change nothing but RIP."""
+    from vmmarch_cli.commands.dump_regs import READBACK_MSRS
+
+    config = BootConfig(kernel=guests[guest], backend="emulate", cpu_mask=frozenset())
+    with machine.prepare(config) as p:
+        p.vm.memory.write(p.plan_entry, b"\xf4")
+        v = p.vcpus[0]
+        before = (v.get_regs(), v.get_sregs(), v.get_fpu(), v.get_msrs(READBACK_MSRS))
+        assert v.run() == Halt()
+        after = (v.get_regs(), v.get_sregs(), v.get_fpu(), v.get_msrs(READBACK_MSRS))
+        assert after[0] == replace(before[0], rip=before[0].rip + 1)
+        assert after[1:] == before[1:]
