@@ -43,22 +43,28 @@ def linux64_regs(entry: int, zero_page: int = layout.ZERO_PAGE_START) -> Regs:
     )
 
 
-def linux64_sregs(current: Sregs, cr3: int) -> Sregs:
-    """Long-mode sregs with segments loaded from ``gdt.linux64_gdt()``.
+def _flat_sregs(current: Sregs, table: list[int], selectors: tuple[int, int, int],
+                cr0: int, cr3: int, cr4: int, efer: int) -> Sregs:
+    """Segments loaded from the boot GDT ``table`` (code, data and TSS at the given indices,
+    data in DS/ES/FS/GS/SS), the boot GDTR/IDTR and the control registers.
 
     ``current`` supplies what the boot protocol leaves to the CPU's reset state (APIC base, LDT).
     """
-    table = gdt.linux64_gdt()
-    code = gdt.segment_from_gdt(table[gdt.BOOT_CS_INDEX], gdt.BOOT_CS_INDEX)
-    data = gdt.segment_from_gdt(table[gdt.BOOT_DS_INDEX], gdt.BOOT_DS_INDEX)
-    tss = gdt.segment_from_gdt(table[gdt.BOOT_TSS_INDEX], gdt.BOOT_TSS_INDEX)
+    code, data, tss = (gdt.segment_from_gdt(table[i], i) for i in selectors)
     return replace(
         current,
         cs=code, ds=data, es=data, fs=data, gs=data, ss=data, tr=tss,
         gdt=DescriptorTable(layout.BOOT_GDT_START, len(table) * 8 - 1),
         idt=DescriptorTable(layout.BOOT_IDT_START, 8 - 1),
-        cr0=BOOT_CR0, cr2=0, cr3=cr3, cr4=BOOT_CR4, cr8=0, efer=BOOT_EFER,
+        cr0=cr0, cr2=0, cr3=cr3, cr4=cr4, cr8=0, efer=efer,
     )
+
+
+def linux64_sregs(current: Sregs, cr3: int) -> Sregs:
+    """Long mode with the segments of ``gdt.linux64_gdt()``."""
+    return _flat_sregs(current, gdt.linux64_gdt(),
+                       (gdt.BOOT_CS_INDEX, gdt.BOOT_DS_INDEX, gdt.BOOT_TSS_INDEX),
+                       BOOT_CR0, cr3, BOOT_CR4, BOOT_EFER)
 
 
 #: PVH entry: protected mode with paging off (docs/misc/pvh.pandoc: "CR0: bit 0 (PE) must be
@@ -72,17 +78,10 @@ def pvh_regs(entry: int, start_info: int = layout.PVH_INFO_START) -> Regs:
 
 
 def pvh_sregs(current: Sregs) -> Sregs:
-    table = gdt.pvh_gdt()
-    code = gdt.segment_from_gdt(table[gdt.PVH_CS_INDEX], gdt.PVH_CS_INDEX)
-    data = gdt.segment_from_gdt(table[gdt.PVH_DS_INDEX], gdt.PVH_DS_INDEX)
-    tss = gdt.segment_from_gdt(table[gdt.PVH_TSS_INDEX], gdt.PVH_TSS_INDEX)
-    return replace(
-        current,
-        cs=code, ds=data, es=data, fs=data, gs=data, ss=data, tr=tss,
-        gdt=DescriptorTable(layout.BOOT_GDT_START, len(table) * 8 - 1),
-        idt=DescriptorTable(layout.BOOT_IDT_START, 8 - 1),
-        cr0=PVH_CR0, cr2=0, cr3=0, cr4=0, cr8=0, efer=0,
-    )
+    """32-bit protected mode, paging off, with the segments of ``gdt.pvh_gdt()``."""
+    return _flat_sregs(current, gdt.pvh_gdt(),
+                       (gdt.PVH_CS_INDEX, gdt.PVH_DS_INDEX, gdt.PVH_TSS_INDEX),
+                       PVH_CR0, 0, 0, 0)
 
 
 def boot_fpu() -> Fpu:
