@@ -24,6 +24,7 @@ COMMANDS = {
     "stock": ("vmmarch_cli.commands.stock", "stock_command"),
     "run": ("vmmarch_cli.commands.run", "run_command"),
     "mkinitramfs": ("vmmarch_cli.commands.mkinitramfs", "mkinitramfs_command"),
+    "inspect": ("vmmarch_cli.commands.inspect", "inspect_command"),
 }
 
 

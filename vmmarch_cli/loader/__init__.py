@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
 
 from vmmarch_cli.arch.x86_64 import layout
@@ -31,17 +32,32 @@ class KernelImage:
     kernel_alignment: int = 0x100_0000
 
 
-def load_kernel(path: Path, memory: GuestMemory) -> KernelImage:
-    name = str(path)
+@dataclass(frozen=True)
+class ParsedKernel:
+    """A validated kernel image, before anything is written to guest memory."""
+
+    path: Path
+    size: int
+    image: KernelImage
+    elf: elf.ElfInfo | None = None
+    bzimage: bzimage.BzImageInfo | None = None
+
+
+def _open(path: Path) -> BufferedReader:
     try:
-        f = path.open("rb")
+        return path.open("rb")
     except FileNotFoundError:
-        raise errors.KernelNotFound(f"{name}: no such file") from None
+        raise errors.KernelNotFound(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise errors.KernelNotFound(f"{name}: is a directory, not a kernel image") from None
+        raise errors.KernelNotFound(f"{path}: is a directory, not a kernel image") from None
     except OSError as e:
-        raise errors.KernelNotFound(f"{name}: cannot read: {e.strerror}") from None
-    with f:
+        raise errors.KernelNotFound(f"{path}: cannot read: {e.strerror}") from None
+
+
+def parse_kernel(path: Path) -> ParsedKernel:
+    """Detect the format from the bytes and validate every header; reads headers only."""
+    name = str(path)
+    with _open(path) as f:
         size = path.stat().st_size
         head = f.read(1024)
         f.seek(0)
@@ -49,8 +65,7 @@ def load_kernel(path: Path, memory: GuestMemory) -> KernelImage:
             raise errors.UnknownKernelFormat(f"{name}: empty file")
         if bzimage.is_bzimage(head):
             bz = bzimage.parse(head, size, name)
-            bzimage.load(f, bz, memory, name)
-            return KernelImage(
+            image = KernelImage(
                 path=name,
                 format="bzimage",
                 entry=bz.entry,
@@ -61,14 +76,14 @@ def load_kernel(path: Path, memory: GuestMemory) -> KernelImage:
                 initrd_addr_max=bzimage.initrd_addr_max(bz, DEFAULT_INITRD_ADDR_MAX),
                 kernel_alignment=0,
             )
+            return ParsedKernel(path, size, image, bzimage=bz)
         if head[:4] != elf.ELF_MAGIC:
             raise errors.UnknownKernelFormat(
                 f"{name}: neither an ELF vmlinux nor a bzImage (starts with "
                 f"{head[:4].hex(' ')})"
             )
         info = elf.parse(f, size, name)
-        elf.load(f, info, memory, name)
-    return KernelImage(
+    image = KernelImage(
         path=name,
         format="elf",
         entry=info.entry,
@@ -76,6 +91,18 @@ def load_kernel(path: Path, memory: GuestMemory) -> KernelImage:
         load_end=info.load_end,
         pvh_entry=info.pvh_entry,
     )
+    return ParsedKernel(path, size, image, elf=info)
+
+
+def load_kernel(path: Path, memory: GuestMemory) -> KernelImage:
+    """Parse, check against guest RAM, then copy the image in."""
+    parsed = parse_kernel(path)
+    with _open(path) as f:
+        if parsed.bzimage is not None:
+            bzimage.load(f, parsed.bzimage, memory, str(path))
+        elif parsed.elf is not None:
+            elf.load(f, parsed.elf, memory, str(path))
+    return parsed.image
 
 
 def load_initrd(path: Path, memory: GuestMemory, kernel: KernelImage) -> tuple[int, int]:

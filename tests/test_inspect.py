@@ -1,0 +1,51 @@
+"""``vmm-arch inspect`` on the project's own guests and a bzImage-shaped header."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from conftest import run_cli
+from test_bad_input import bzimage
+
+
+def test_inspect_elf_with_pvh_note(guests: dict[str, Path]) -> None:
+    p = run_cli("inspect", str(guests["pvhcheck"]), "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["format"] == "elf"
+    assert doc["boot_protocols"] == ["linux64", "pvh"] and doc["boot_picks"] == "pvh"
+    assert doc["pvh_entry"] == "0x1000008"
+    assert doc["segments"][0]["paddr"] == "0x1000000"
+    assert "X" in doc["segments"][0]["flags"]
+
+
+def test_inspect_elf_without_note(guests: dict[str, Path]) -> None:
+    doc = json.loads(run_cli("inspect", str(guests["bootcheck"]), "--json").stdout)
+    assert doc["boot_protocols"] == ["linux64"] and doc["pvh_entry"] is None
+    assert doc["entry_64bit"] == "0x1000000"
+
+
+def test_inspect_bzimage_and_extract(tmp_path: Path) -> None:
+    # A bzImage whose payload is an (uncompressed) ELF, as CONFIG_KERNEL_UNCOMPRESSED builds.
+    elf = b"\x7fELF" + bytes(60)
+    d = bytearray(bzimage(size=2048 + len(elf)))
+    struct.pack_into("<II", d, 0x248, 0, len(elf))
+    d[2048:] = elf
+    (tmp_path / "bz").write_bytes(bytes(d))
+    p = run_cli("inspect", str(tmp_path / "bz"), "--json", "--extract-vmlinux",
+                str(tmp_path / "out.elf"))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["format"] == "bzimage" and doc["boot_picks"] == "linux64"
+    assert doc["entry_64bit"] == "0x100200"
+    assert doc["setup_header"]["version"]["value"] == "0x20f"
+    assert doc["payload_compression"] == "none"
+    assert (tmp_path / "out.elf").read_bytes() == elf
+
+
+def test_inspect_refuses_what_boot_refuses(tmp_path: Path) -> None:
+    (tmp_path / "x").write_bytes(b"\x1f\x8b" + bytes(100))
+    p = run_cli("inspect", str(tmp_path / "x"))
+    assert p.returncode == 65 and "neither an ELF" in p.stderr
