@@ -42,14 +42,13 @@ class _FetchCommand(click.Command):
 def fetch_command(flavour: str, as_json: bool) -> None:
     # Imported here so that `vmm-arch --help` does not load the asset machinery.
     from vmmarch_cli.assets import fetch_busybox, fetch_debian_kernel, stock_initramfs
+    from vmmarch_cli.progress import status
 
-    def progress(message: str) -> None:
-        # Status goes to stderr so that stdout stays the result alone.
-        click.echo(message, err=True)
-
-    kernel = fetch_debian_kernel(flavour, progress=progress)
-    busybox = fetch_busybox(progress=progress)
-    initramfs = stock_initramfs(progress=progress, busybox=busybox)
+    # Status goes to stderr so that stdout stays the result alone.
+    with status(f"fetching Debian's {flavour} kernel") as progress:
+        kernel = fetch_debian_kernel(flavour, progress=progress)
+        busybox = fetch_busybox(progress=progress)
+        initramfs = stock_initramfs(progress=progress, busybox=busybox)
     result = {
         "bzimage": str(kernel.bzimage),
         "vmlinux": str(kernel.vmlinux),

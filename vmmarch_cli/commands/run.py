@@ -85,9 +85,13 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
 
     if kwargs.get("initrd") is not None:
         raise BadInputError("run builds its own initramfs; use --add to put files in it")
-    box = busybox if busybox is not None else _static_busybox() or fetch_busybox()
+    from vmmarch_cli.progress import status
+
     extra = [parse_add(spec) for spec in adds]
-    image = initramfs.busybox_initramfs(box, initramfs.command_init_script(command), extra)
+    # Piped, run's stderr is the command's alone: no status lines there.
+    with status("building the initramfs", quiet=as_json or not sys.stderr.isatty()) as progress:
+        box = busybox if busybox is not None else _static_busybox() or fetch_busybox(progress)
+        image = initramfs.busybox_initramfs(box, initramfs.command_init_script(command), extra)
     with tempfile.NamedTemporaryFile(prefix="vmm-arch-run-", suffix=".cpio.gz") as rd:
         rd.write(image)
         rd.flush()

@@ -35,13 +35,11 @@ def stock_command(ctx: click.Context, /, flavour: str, image: str, as_json: bool
     about a second.
     """
     from vmmarch_cli.assets import fetch_busybox, fetch_debian_kernel, stock_initramfs
+    from vmmarch_cli.progress import status
 
-    def progress(message: str) -> None:
-        if not quiet:
-            click.echo(message, err=True)
-
-    kernel = fetch_debian_kernel(flavour, progress=progress)
-    initramfs = stock_initramfs(progress=progress, busybox=fetch_busybox(progress=progress))
+    with status(f"fetching Debian's {flavour} kernel", quiet=quiet or as_json) as progress:
+        kernel = fetch_debian_kernel(flavour, progress=progress)
+        initramfs = stock_initramfs(progress=progress, busybox=fetch_busybox(progress=progress))
     kwargs["kernel"] = kernel.vmlinux if image == "vmlinux" else kernel.bzimage
     if kwargs.get("initrd") is None:
         kwargs["initrd"] = initramfs

@@ -1,0 +1,36 @@
+"""What a user meets first: --help everywhere, completion, plain output when piped."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_cli
+
+from vmmarch_cli.cli import COMMANDS
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command: str) -> None:
+    p = run_cli(command, "--help")
+    assert p.returncode == 0, p.stderr
+    assert "Usage: vmm-arch " + command in p.stdout
+    assert len(p.stdout.splitlines()) > 5
+
+
+def test_top_level_help_lists_commands_and_exit_statuses() -> None:
+    p = run_cli("--help")
+    assert p.returncode == 0
+    for command in COMMANDS:
+        assert command in p.stdout
+    for status in ("64", "65", "69", "70", "124", "130", "255"):
+        assert status in p.stdout
+
+
+def test_shell_completion_script() -> None:
+    p = run_cli(env={"_VMM_ARCH_COMPLETE": "bash_source"})
+    assert p.returncode == 0
+    assert "_vmm_arch_completion" in p.stdout
+
+
+def test_piped_output_has_no_escape_codes(guests: dict[str, object]) -> None:
+    p = run_cli("backends")
+    assert "\x1b[" not in p.stdout
