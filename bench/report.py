@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -95,6 +94,20 @@ def from_json(doc: dict[str, Any]) -> list[CaseResult]:
     return cases
 
 
+def kvm_users() -> int:
+    """Other processes holding /dev/kvm open (other VMs compete for the same cores)."""
+    count = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == "/dev/kvm" for fd in (proc / "fd").iterdir()):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
 def machine_facts() -> dict[str, Any]:
     """Where the numbers came from: CPU, cores, kernel, KVM kind, load, Python."""
     model = ""
@@ -105,10 +118,6 @@ def machine_facts() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    busy = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False)
-    others = [a for a in busy.stdout.splitlines()
-              if ("vmm-arch" in a or "vmmarch_cli" in a or "qemu-system" in a)
-              and "bench" not in a and " ps " not in a]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "host": platform.node(),
@@ -117,7 +126,7 @@ def machine_facts() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "kvm_pvm": Path("/sys/module/kvm_pvm").exists(),
         "loadavg": os.getloadavg(),
-        "other_vmm_processes_at_start": len(others),
+        "other_kvm_users_at_start": kvm_users(),
         "python": sys.version.split()[0],
     }
 
