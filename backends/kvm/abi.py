@@ -8,6 +8,7 @@ imports this module.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 from ioctl_opt import IO, IOR, IOW, IOWR
 
@@ -329,21 +330,25 @@ KVM_GET_XSAVE = IOR(KVMIO, 0xA4, kvm_xsave)
 KVM_SET_XSAVE = IOW(KVMIO, 0xA5, kvm_xsave)
 
 
+@functools.cache
+def _with_entries(header: type[ctypes.Structure], entry: type[ctypes.Structure],
+                  count: int) -> type[ctypes.Structure]:
+    """A header followed by ``count`` entries; the class is built once per count."""
+
+    class Buffer(ctypes.Structure):
+        _fields_ = [("header", header), ("entries", entry * count)]
+
+    return Buffer
+
+
 def msrs_buffer(count: int) -> tuple[kvm_msrs, ctypes.Array[kvm_msr_entry]]:
     """A kvm_msrs header followed in memory by ``count`` entries (one contiguous buffer)."""
-
-    class _Msrs(ctypes.Structure):
-        _fields_ = [("header", kvm_msrs), ("entries", kvm_msr_entry * count)]
-
-    buf = _Msrs()
+    buf = _with_entries(kvm_msrs, kvm_msr_entry, count)()
     buf.header.nmsrs = count
     return buf.header, buf.entries
 
 
 def cpuid_buffer(count: int) -> tuple[kvm_cpuid2, ctypes.Array[kvm_cpuid_entry2]]:
-    class _Cpuid(ctypes.Structure):
-        _fields_ = [("header", kvm_cpuid2), ("entries", kvm_cpuid_entry2 * count)]
-
-    buf = _Cpuid()
+    buf = _with_entries(kvm_cpuid2, kvm_cpuid_entry2, count)()
     buf.header.nent = count
     return buf.header, buf.entries

@@ -34,6 +34,10 @@ REQUIRED_CAPS = {
 }
 
 
+#: The bare libc call for hot paths: returns -1 and leaves errno for ctypes.get_errno().
+raw_ioctl = _ioctl
+
+
 def ioctl(fd: int, request: int, arg: int | ctypes.Structure | None = None) -> int:
     """One ioctl; ``arg`` is an integer or a structure passed by address. Raises OSError."""
     if isinstance(arg, ctypes.Structure):

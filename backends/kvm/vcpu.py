@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from backends.kvm import abi, convert
 from backends.kvm.emulation import OPCODE_FWAIT, SoftwareEvent, decode_software_event, fwait_event
-from backends.kvm.system import checked, ioctl
+from backends.kvm.system import checked, raw_ioctl
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.vcpu import (
     LAPIC_PAGE_SIZE,
@@ -101,7 +101,9 @@ class KvmVcpu:
         return convert.sregs_from_kvm(self._kvm_sregs())
 
     def set_sregs(self, sregs: Sregs) -> None:
-        k = convert.sregs_to_kvm(sregs, self._kvm_sregs())
+        """One KVM_SET_SREGS, for a vCPU being set up (not yet run): the interrupt bitmap goes
+        in empty, as nothing can be pending before the first KVM_RUN."""
+        k = convert.sregs_to_kvm(sregs, abi.kvm_sregs())
         checked(self._fd, abi.KVM_SET_SREGS, k, "KVM_SET_SREGS")
 
     def get_fpu(self) -> Fpu:
@@ -116,13 +118,14 @@ class KvmVcpu:
         return Fpu(fcw=f.fcw, mxcsr=f.mxcsr)
 
     def set_fpu(self, fpu: Fpu) -> None:
-        """Through KVM_SET_XSAVE where offered: KVM_SET_FPU ignores kvm_fpu.mxcsr upstream."""
-        f = abi.kvm_fpu()
-        checked(self._fd, abi.KVM_GET_FPU, f, "KVM_GET_FPU")
-        f.fcw = fpu.fcw
-        f.mxcsr = fpu.mxcsr
-        checked(self._fd, abi.KVM_SET_FPU, f, "KVM_SET_FPU")
+        """Through KVM_SET_XSAVE where offered: KVM_SET_FPU ignores kvm_fpu.mxcsr upstream, and
+        the XSAVE area's legacy region holds both FCW and MXCSR (so one write sets both)."""
         if not self._has_xsave:
+            f = abi.kvm_fpu()
+            checked(self._fd, abi.KVM_GET_FPU, f, "KVM_GET_FPU")
+            f.fcw = fpu.fcw
+            f.mxcsr = fpu.mxcsr
+            checked(self._fd, abi.KVM_SET_FPU, f, "KVM_SET_FPU")
             return
         x = abi.kvm_xsave()
         checked(self._fd, abi.KVM_GET_XSAVE, x, "KVM_GET_XSAVE")
@@ -177,55 +180,63 @@ class KvmVcpu:
     # --- running -----------------------------------------------------------------------
 
     def run(self) -> VcpuExit:
+        """KVM_RUN until an exit the caller must see. The hot path is one libc call and one
+        field read: a stop request needs no check here, because it sets kvm_run.immediate_exit,
+        which makes KVM_RUN return EINTR at once (KVM_CAP_IMMEDIATE_EXIT is required)."""
         run = self.run_struct
-        while True:
-            if self._stop.is_set():
-                return Interrupted()
-            self._thread_id = threading.get_ident()
-            try:
-                ioctl(self._fd, abi.KVM_RUN)
-            except OSError as e:
-                if e.errno in (errno.EINTR, errno.EAGAIN):
-                    if self._stop.is_set():
-                        return Interrupted()
-                    if self._sample.is_set():
-                        self._sample.clear()
-                        self.rip_samples[self.get_regs().rip] += 1
-                    continue
-                raise BackendError(f"KVM_RUN failed: {e.strerror} (errno {e.errno})") from None
-            finally:
-                self._thread_id = None
-            reason = run.exit_reason
-            if reason == abi.KVM_EXIT_IO:
-                return self._io_exit(run)
-            if reason == abi.KVM_EXIT_MMIO:
-                m = run.exit.mmio
-                if m.is_write:
-                    return MmioWrite(m.phys_addr, bytes(m.data)[: m.len])
-                self._pending_mmio = True
-                return MmioRead(m.phys_addr, m.len)
-            if reason == abi.KVM_EXIT_INTERNAL_ERROR:
-                handled = self._internal_error(run)
-                if handled is None:
-                    continue
-                return handled
-            if reason == abi.KVM_EXIT_HLT:
-                return Halt()
-            if reason == abi.KVM_EXIT_SHUTDOWN:
-                return Shutdown("triple fault")
-            if reason == abi.KVM_EXIT_INTR:
-                if self._stop.is_set():
-                    return Interrupted()
-                continue
-            if reason == abi.KVM_EXIT_FAIL_ENTRY:
-                code = run.exit.fail_entry.hardware_entry_failure_reason
-                return InternalError(f"VM entry failed (hardware reason {code:#x})")
-            if reason == abi.KVM_EXIT_SYSTEM_EVENT:
-                kind = run.exit.system_event.type
-                if kind == abi.KVM_SYSTEM_EVENT_RESET:
-                    return Shutdown("reset")
-                return Shutdown(f"system event {kind}")
-            return Unknown(f"KVM exit reason {reason}")
+        fd = self._fd
+        self._thread_id = threading.get_ident()
+        try:
+            while True:
+                if raw_ioctl(fd, abi.KVM_RUN, None) < 0:
+                    exit_ = self._run_failed(ctypes.get_errno())
+                    if exit_ is None:
+                        continue
+                    return exit_
+                reason = run.exit_reason
+                if reason == abi.KVM_EXIT_IO:
+                    return self._io_exit(run)
+                exit_ = self._other_exit(run, reason)
+                if exit_ is not None:
+                    return exit_
+        finally:
+            self._thread_id = None
+
+    def _run_failed(self, err: int) -> VcpuExit | None:
+        if err not in (errno.EINTR, errno.EAGAIN):
+            raise BackendError(f"KVM_RUN failed: {os.strerror(err)} (errno {err})")
+        if self._stop.is_set():
+            return Interrupted()
+        if self._sample.is_set():
+            self._sample.clear()
+            self.rip_samples[self.get_regs().rip] += 1
+        return None
+
+    def _other_exit(self, run: abi.kvm_run, reason: int) -> VcpuExit | None:
+        """Every exit but port I/O; None means: handled here, run again."""
+        if reason == abi.KVM_EXIT_MMIO:
+            m = run.exit.mmio
+            if m.is_write:
+                return MmioWrite(m.phys_addr, bytes(m.data)[: m.len])
+            self._pending_mmio = True
+            return MmioRead(m.phys_addr, m.len)
+        if reason == abi.KVM_EXIT_INTERNAL_ERROR:
+            return self._internal_error(run)
+        if reason == abi.KVM_EXIT_HLT:
+            return Halt()
+        if reason == abi.KVM_EXIT_SHUTDOWN:
+            return Shutdown("triple fault")
+        if reason == abi.KVM_EXIT_INTR:
+            return Interrupted() if self._stop.is_set() else None
+        if reason == abi.KVM_EXIT_FAIL_ENTRY:
+            code = run.exit.fail_entry.hardware_entry_failure_reason
+            return InternalError(f"VM entry failed (hardware reason {code:#x})")
+        if reason == abi.KVM_EXIT_SYSTEM_EVENT:
+            kind = run.exit.system_event.type
+            if kind == abi.KVM_SYSTEM_EVENT_RESET:
+                return Shutdown("reset")
+            return Shutdown(f"system event {kind}")
+        return Unknown(f"KVM exit reason {reason}")
 
     def _io_exit(self, run: abi.kvm_run) -> VcpuExit:
         io = run.exit.io

@@ -159,7 +159,8 @@ def normalize(
     entries.extend(_topology_leaves(LEAF_TOPOLOGY, topology))
     if LEAF_V2_TOPOLOGY in present:
         entries.extend(_topology_leaves(LEAF_V2_TOPOLOGY, topology))
-    entries = [_apply_mask(e, mask) for e in entries]
+    clear = _clear_bits(mask)
+    entries = [_apply_mask(e, clear) for e in entries]
     return sorted(entries, key=lambda e: (e.function, e.index))
 
 
@@ -200,12 +201,21 @@ def _topology_leaves(function: int, t: Topology) -> list[CpuidEntry]:
     ]
 
 
-def _apply_mask(e: CpuidEntry, mask: frozenset[str]) -> CpuidEntry:
+def _clear_bits(mask: frozenset[str]) -> dict[tuple[int, int], dict[Register, int]]:
+    """(leaf, subleaf) -> register -> the bits the mask clears there."""
+    out: dict[tuple[int, int], dict[Register, int]] = {}
     for name in mask:
         f = FEATURES[name]
-        if f.function == e.function and f.index == e.index:
-            e = replace(e, **{f.register: getattr(e, f.register) & ~(1 << f.bit)})
-    return e
+        regs = out.setdefault((f.function, f.index), {})
+        regs[f.register] = regs.get(f.register, 0) | (1 << f.bit)
+    return out
+
+
+def _apply_mask(e: CpuidEntry, clear: dict[tuple[int, int], dict[Register, int]]) -> CpuidEntry:
+    bits = clear.get((e.function, e.index))
+    if not bits:
+        return e
+    return replace(e, **{reg: getattr(e, reg) & ~b for reg, b in bits.items()})
 
 
 def _next_pow2(n: int) -> int:
