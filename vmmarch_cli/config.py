@@ -21,9 +21,18 @@ BASE_CMDLINE = (
     "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 pci=off nomodule "
     "i8042.noaux i8042.nomux i8042.dumbkbd"
 )
-#: Added when the backend hides CPU features for a ring-0 emulator: the MDS/TAA mitigations
-#: execute ``verw`` on every return to user space, which such an emulator rejects.
-EMULATED_RING0_CMDLINE = "mitigations=off"
+#: Added when the backend hides CPU features for a ring-0 emulator (docs/limited-kvm.md):
+#: - the MDS/TAA mitigations execute ``verw`` on every return to user space, which such an
+#:   emulator rejects;
+#: - three tracing initcalls are pure set-up work that the emulator runs for minutes, measured
+#:   with initcall_debug on Debian's 6.1 cloud kernel: trace_eval_init 122 s,
+#:   tracer_init_tracefs (its tracefs work blocks init_kprobe_trace) 236 s, and
+#:   ftrace_check_for_weak_functions (37,697 symbol lookups that hold the only CPU) about 90 s.
+#:   Skipping them leaves tracefs without event files; nothing else in the boot needs them.
+EMULATED_RING0_CMDLINE = (
+    "mitigations=off "
+    "initcall_blacklist=trace_eval_init,tracer_init_tracefs,ftrace_check_for_weak_functions"
+)
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": layout.MiB, "k": layout.KiB, "m": layout.MiB, "g": layout.GiB, "t": 1 << 40}

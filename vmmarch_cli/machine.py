@@ -113,8 +113,9 @@ def build_cmdline(config: BootConfig, emulated_ring0: bool, leaked: list[str]) -
     base = config.cmdline if config.cmdline is not None else BASE_CMDLINE
     parts = [base]
     given = f" {base} {config.append} "
-    if emulated_ring0 and " mitigations=" not in given:
-        parts.append(EMULATED_RING0_CMDLINE)
+    if emulated_ring0:
+        parts += [p for p in EMULATED_RING0_CMDLINE.split()
+                  if f" {p.split('=')[0]}=" not in given]
     if leaked and " clearcpuid=" not in given:
         value = ""
         for name in leaked:
