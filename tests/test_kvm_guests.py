@@ -16,7 +16,7 @@ from vmmarch_cli.config import BootConfig
 pytestmark = pytest.mark.usefixtures("kvm")
 
 CHECK_LINE = re.compile(r"^CHECK (\w+) ([0-9a-f]{16}) (ok|FAIL)$", re.M)
-EXPECTED_CHECKS = 30
+EXPECTED_CHECKS = 31
 
 
 def test_bootcheck_guest_sees_the_promised_state(guests: dict[str, Path]) -> None:

@@ -65,6 +65,20 @@
         .set E820_TYPE_RAM,   1
 
         .set BOOT_PARAMS_PA,  0x7000    /* where this VMM puts the zero page */
+        .set LOAD_ADDR,       0x1000000 /* linked == loaded address (bootcheck.ld) */
+        .set IDMAP_MAGIC,     0x1d3a7c0ffee5a5a5 /* stored in magic_var by identity_map */
+
+        /*
+         * high_map: 0xffffffff81000000 is Linux's __START_KERNEL_map + 16 MiB.
+         * Under 4-level paging (SDM vol 3A 4.5) it splits into PML4 index 511
+         * (bits 47:39), PDPT index 510 (bits 38:30), PD index 8 (bits 29:21).
+         */
+        .set HIGH_BASE,       0xffffffff81000000
+        .set HIGH_PML4_IDX,   511
+        .set HIGH_PDPT_IDX,   510
+        .set HIGH_PD_IDX,     8
+        .set PTE_P_RW,        0x3       /* P (bit 0) | R/W (bit 1) */
+        .set PDE_2M_P_RW_PS,  0x83      /* P | R/W | PS (bit 7): 2 MiB page */
         .set CMDLINE_MAX,     0x10000   /* bound for the strlen scan */
 
 /* ---- macros ------------------------------------------------------------- */
@@ -267,7 +281,7 @@ main:
          * address 0x7000 + 0x202 instead of through RSI. Value = that qword;
          * ok iff the magic round-trips and its low dword is "HdrS".
          */
-        movabs  rax, 0x1d3a7c0ffee5a5a5
+        movabs  rax, IDMAP_MAGIC
         mov     qword ptr [rip + magic_var], rax
         mov     rcx, qword ptr [magic_var]
         xor     edx, edx
@@ -279,6 +293,76 @@ main:
         jmp     2f
 1:      mov     rax, qword ptr [BOOT_PARAMS_PA + BP_HEADER]
 2:      REPORT  identity_map
+
+        /*
+         * high_map: does the backend honour a non-identity 4-level mapping
+         * the guest builds itself? Linux runs at the "high kernel mapping"
+         * (__START_KERNEL_map = 0xffffffff80000000), which its early boot
+         * code sets up in page tables of its own; a backend that only copes
+         * with the VMM's identity tables, or caches translations across a
+         * CR3 write, would break there.
+         *
+         * Map the 2 MiB page at physical 16 MiB (where this guest is loaded)
+         * at HIGH_BASE = 0xffffffff81000000 (SDM vol 3A 4.5):
+         *   PD[8]        = 0x1000000 | P|RW|PS   (table 4-18, 2 MiB page)
+         *   PDPT[510]    = &high_pd   | P|RW     (table 4-17)
+         *   PML4[511]    = &high_pdpt | P|RW     (table 4-15)
+         * The PML4 is the VMM's, at CR3[51:12] (table 4-12); it only uses
+         * PML4[0], so slot 511 is free. high_pdpt/high_pd are 4 KiB aligned
+         * in .bss (zeroed at entry), and as the guest runs identity mapped
+         * their linked addresses are their physical addresses. MOV to CR3
+         * then invalidates the (non-global) TLB entries (SDM vol 3A
+         * 4.10.4.1), so the new entries are used.
+         *
+         * Read magic_var (IDMAP_MAGIC, stored by identity_map) through
+         * HIGH_BASE + (magic_var - LOAD_ADDR) and through its identity
+         * address. Value = the qword read through the high mapping; ok iff
+         * it equals both the identity read and IDMAP_MAGIC. If the mapping
+         * is not honoured at all the read page-faults, and with no IDT that
+         * is a triple fault: the run then ends without the later CHECK lines.
+         *
+         * Afterwards PML4[511] is cleared and CR3 reloaded again, so the
+         * VMM's tables are left as found (high_pdpt/high_pd stay unused).
+         */
+        mov     r8, cr3
+        and     r8, -0x1000                     /* PML4 physical address */
+        lea     r9, [rip + high_pdpt]
+        lea     r10, [rip + high_pd]
+        mov     qword ptr [r10 + HIGH_PD_IDX * 8], LOAD_ADDR | PDE_2M_P_RW_PS
+        lea     rax, [r10 + PTE_P_RW]
+        mov     qword ptr [r9 + HIGH_PDPT_IDX * 8], rax
+        lea     rax, [r9 + PTE_P_RW]
+        mov     qword ptr [r8 + HIGH_PML4_IDX * 8], rax
+        mov     rax, cr3                        /* flush the TLB (4.10.4.1) */
+        mov     cr3, rax
+
+        movabs  r11, HIGH_BASE
+        lea     rcx, [rip + magic_var]
+        sub     rcx, LOAD_ADDR
+        add     rcx, r11                        /* high alias of magic_var */
+        /*
+         * The high alias of code, e.g. of main, is formed the same way (it
+         * is where a kernel would jump to leave the identity map). It is
+         * only computed, never executed, and not checked.
+         */
+        lea     r13, [rip + main]
+        sub     r13, LOAD_ADDR
+        add     r13, r11                        /* high alias of main */
+
+        mov     rbx, qword ptr [rcx]            /* through the high mapping */
+        mov     rax, qword ptr [magic_var]      /* through the identity map */
+        movabs  rcx, IDMAP_MAGIC
+        xor     r12d, r12d
+        cmp     rbx, rax
+        jne     1f
+        cmp     rbx, rcx
+        sete    r12b
+1:      mov     qword ptr [r8 + HIGH_PML4_IDX * 8], 0
+        mov     rax, cr3                        /* flush again */
+        mov     cr3, rax
+        mov     rax, rbx
+        mov     edx, r12d
+        REPORT  high_map
 
         /* bp_hdrs: hdr.header = 0x53726448 "HdrS" (boot.rst, offset 0x202). */
         mov     eax, dword ptr [r15 + BP_HEADER]
@@ -641,6 +725,9 @@ magic_var:      .quad 0
 n_failed:       .long 0
 
         .bss
+        .balign 4096                    /* paging structures: 4 KiB aligned */
+high_pdpt:      .skip 4096              /* high_map: PDPT (SDM vol 3A 4.5) */
+high_pd:        .skip 4096              /* high_map: PD */
         .balign 16
 fxsave_area:    .skip 512               /* FXSAVE needs 16-byte alignment */
 gdtr_buf:       .skip 16                /* SGDT: u16 limit, u64 base */
