@@ -54,6 +54,17 @@ def stock() -> Iterator[dict[str, Path]]:
     yield {"vmlinux": k.vmlinux, "bzimage": k.bzimage, "initramfs": assets.stock_initramfs()}
 
 
+@pytest.fixture(scope="session")
+def user_syscalls(kvm: None, guests: dict[str, Path]) -> tuple[bool, str]:
+    """Whether a guest user process can enter the guest kernel with SYSCALL on this KVM, and
+    the usersyscall guest's report. False on a KVM that emulates ring 0 for guests not written
+    for it (kvm_pvm): there SYSCALL runs the kernel's entry at CPL 3 (docs/limited-kvm.md)."""
+    p = run_cli("boot", str(guests["usersyscall"]), "--timeout", "60")
+    line = next((x for x in p.stdout.splitlines() if x.startswith("SYSCALL_CS")), "")
+    assert line, f"usersyscall guest printed no verdict: {p.stdout!r} {p.stderr!r}"
+    return p.returncode == 0, line
+
+
 def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m vmmarch_cli ARGS`` as a user would; returns the finished process."""

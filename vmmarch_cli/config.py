@@ -29,9 +29,15 @@ BASE_CMDLINE = (
 #:   tracer_init_tracefs (its tracefs work blocks init_kprobe_trace) 236 s, and
 #:   ftrace_check_for_weak_functions (37,697 symbol lookups that hold the only CPU) about 90 s.
 #:   Skipping them leaves tracefs without event files; nothing else in the boot needs them.
+#: - load_system_certificate_list (61 s: X.509 parsing of the built-in keys, used only to check
+#:   module signatures, and vmm-arch boots with ``nomodule``) and slab_sysfs_init (42 s:
+#:   /sys/kernel/slab) are skipped too, and ``cryptomgr.notests`` skips the crypto self-tests
+#:   (crypto_algapi_init ran them for over 6 minutes).
 EMULATED_RING0_CMDLINE = (
     "mitigations=off "
-    "initcall_blacklist=trace_eval_init,tracer_init_tracefs,ftrace_check_for_weak_functions"
+    "initcall_blacklist=trace_eval_init,tracer_init_tracefs,ftrace_check_for_weak_functions,"
+    "load_system_certificate_list,slab_sysfs_init "
+    "cryptomgr.notests"
 )
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)

@@ -1,0 +1,201 @@
+/*
+ * usersyscall.S - can a user process reach the kernel on this hypervisor?
+ *
+ * The guest enters ring 3 with iretq and makes one SYSCALL (Intel SDM vol. 2B, SYSCALL: CS
+ * and SS come from IA32_STAR[47:32], CPL becomes 0, RIP = IA32_LSTAR). The entry at LSTAR
+ * records the CS it runs with and executes ud2; the #UD handler, reached through the IDT
+ * (which switches to ring 0 via the TSS's RSP0 on every hypervisor measured), prints
+ *
+ *     SYSCALL_CS <16 hex digits> <ok|FAIL>
+ *
+ * and writes the status to the exit port 0xf4: 0 when SYSCALL ran the entry with the kernel
+ * CS (0x08 here), 1 when it did not. On hardware KVM and in an emulator the answer is 0. On
+ * a KVM that emulates guest ring 0 for guests not written for it (kvm_pvm), the entry runs
+ * with CS=0x33, SS=0x2b and CPL 3, so a stock kernel's first system call faults: see
+ * docs/limited-kvm.md.
+ *
+ * GDT (Linux's order, SDM 3.4.5): 0x08 kernel code64, 0x10 kernel data, 0x18 user code32,
+ * 0x20 user data, 0x28 user code64, 0x30 a 64-bit TSS. STAR = 0x0018_0008 << 32, so SYSRET
+ * would load CS 0x28|3 and SS 0x20|3 (SDM vol. 2B, SYSRET).
+ */
+
+        .intel_syntax noprefix
+
+        .set COM1, 0x3f8
+        .set EXIT_PORT, 0xf4
+        .set MSR_EFER, 0xc0000080
+        .set MSR_STAR, 0xc0000081
+        .set MSR_LSTAR, 0xc0000082
+        .set MSR_FMASK, 0xc0000084
+        .set EFER_SCE, 1
+        .set KERNEL_CS, 0x08
+        .set KERNEL_DS, 0x10
+        .set USER_DS, 0x23
+        .set USER_CS, 0x2b
+        .set TSS_SEL, 0x30
+        .set PTE_USER, 4
+        .set VECTOR_UD, 6
+
+        .section .text.entry, "ax", @progbits
+        .globl  _start
+_start:
+        cli
+        lea     rsp, [rip + kstack_top]
+        /* Ring 3 needs the U bit at every level for the 2 MiB page holding this guest (the
+         * VMM's identity map leaves it clear): PML4[0], PDPT[0], PD[8] (SDM vol. 3A 4.6). */
+        mov     rax, cr3
+        and     rax, ~0xfff
+        or      qword ptr [rax], PTE_USER
+        mov     rbx, [rax]
+        and     rbx, ~0xfff
+        or      qword ptr [rbx], PTE_USER
+        mov     rcx, [rbx]
+        and     rcx, ~0xfff
+        or      qword ptr [rcx + 8 * 8], PTE_USER
+        mov     rax, cr3
+        mov     cr3, rax
+        /* The TSS descriptor's base, and RSP0 for ring-3 -> ring-0 interrupts (SDM 7.7). */
+        lea     rax, [rip + tss]
+        mov     word ptr [rip + gdt_tss + 2], ax
+        shr     rax, 16
+        mov     byte ptr [rip + gdt_tss + 4], al
+        mov     byte ptr [rip + gdt_tss + 7], ah
+        shr     rax, 16
+        mov     dword ptr [rip + gdt_tss + 8], eax
+        lea     rax, [rip + kstack_top]
+        mov     [rip + tss + 4], rax
+        lgdt    [rip + gdtr]
+        /* One interrupt gate, #UD (SDM 6.14.1: type 0xE, present, DPL 0). */
+        lea     rdi, [rip + idt + VECTOR_UD * 16]
+        lea     rax, [rip + ud_handler]
+        mov     word ptr [rdi], ax
+        mov     word ptr [rdi + 2], KERNEL_CS
+        mov     word ptr [rdi + 4], 0x8e00
+        shr     rax, 16
+        mov     word ptr [rdi + 6], ax
+        shr     rax, 16
+        mov     dword ptr [rdi + 8], eax
+        lidt    [rip + idtr]
+        push    KERNEL_CS
+        lea     rax, [rip + 1f]
+        push    rax
+        retfq
+1:      mov     ax, KERNEL_DS
+        mov     ds, ax
+        mov     es, ax
+        mov     ss, ax
+        mov     ax, TSS_SEL
+        ltr     ax
+        mov     ecx, MSR_STAR
+        xor     eax, eax
+        mov     edx, 0x00180008
+        wrmsr
+        mov     ecx, MSR_LSTAR
+        lea     rax, [rip + syscall_entry]
+        mov     rdx, rax
+        shr     rdx, 32
+        wrmsr
+        mov     ecx, MSR_FMASK
+        mov     eax, 0x47700                /* TF, DF, IF, IOPL, AC cleared on entry */
+        xor     edx, edx
+        wrmsr
+        mov     ecx, MSR_EFER
+        rdmsr
+        or      eax, EFER_SCE
+        wrmsr
+        /* iretq to ring 3 (SDM vol. 2A, IRET: SS, RSP, RFLAGS, CS, RIP). */
+        push    USER_DS
+        lea     rax, [rip + ustack_top]
+        push    rax
+        push    0x2
+        push    USER_CS
+        lea     rax, [rip + user_code]
+        push    rax
+        iretq
+
+user_code:
+        mov     eax, 39                     /* any number: the entry does not look at it */
+        syscall
+        jmp     .                           /* never reached: the entry ends in ud2 */
+
+syscall_entry:
+        mov     ax, cs
+        mov     word ptr [rip + entry_cs], ax
+        ud2                                 /* into the kernel through the IDT, either way */
+
+ud_handler:
+        lea     rsi, [rip + msg]
+        call    puts
+        movzx   rax, word ptr [rip + entry_cs]
+        call    puthex
+        xor     ebx, ebx
+        cmp     word ptr [rip + entry_cs], KERNEL_CS
+        je      2f
+        mov     ebx, 1
+2:      lea     rsi, [rip + msg_ok]
+        test    ebx, ebx
+        jz      3f
+        lea     rsi, [rip + msg_fail]
+3:      call    puts
+        mov     eax, ebx
+        out     EXIT_PORT, al
+        cli
+4:      hlt
+        jmp     4b
+
+/* puts: the NUL-terminated string at RSI to COM1 (the VMM's UART is always ready). */
+puts:   lodsb
+        test    al, al
+        jz      5f
+        mov     dx, COM1
+        out     dx, al
+        jmp     puts
+5:      ret
+
+/* puthex: RAX as 16 hex digits. */
+puthex: mov     rbx, rax
+        mov     ecx, 16
+6:      rol     rbx, 4
+        mov     al, bl
+        and     al, 15
+        add     al, '0'
+        cmp     al, '9'
+        jbe     7f
+        add     al, 'a' - '9' - 1
+7:      mov     dx, COM1
+        out     dx, al
+        dec     ecx
+        jnz     6b
+        ret
+
+        .section .rodata
+msg:      .asciz "SYSCALL_CS "
+msg_ok:   .asciz " ok\n"
+msg_fail: .asciz " FAIL\n"
+
+        .section .data
+        .p2align 4
+gdt:    .quad 0
+        .quad 0x00af9b000000ffff            /* 0x08 kernel code64 */
+        .quad 0x00cf93000000ffff            /* 0x10 kernel data */
+        .quad 0x00cffb000000ffff            /* 0x18 user code32 */
+        .quad 0x00cff3000000ffff            /* 0x20 user data */
+        .quad 0x00affb000000ffff            /* 0x28 user code64 */
+gdt_tss: .quad 0x0000890000000067           /* 0x30 available 64-bit TSS, base patched */
+        .quad 0
+gdt_end:
+gdtr:   .word gdt_end - gdt - 1
+        .quad gdt
+idtr:   .word 256 * 16 - 1
+        .quad idt
+entry_cs: .quad 0
+        .p2align 4
+tss:    .fill 104, 1, 0
+
+        .section .bss
+        .p2align 12
+idt:    .fill 4096, 1, 0
+        .fill 4096, 1, 0
+kstack_top:
+        .fill 4096, 1, 0
+ustack_top:
