@@ -34,3 +34,14 @@ def test_shell_completion_script() -> None:
 def test_piped_output_has_no_escape_codes(guests: dict[str, object]) -> None:
     p = run_cli("backends")
     assert "\x1b[" not in p.stdout
+
+
+def test_long_result_lines_are_never_wrapped(capsys: pytest.CaptureFixture[str]) -> None:
+    from vmmarch_cli.commands.boot import report
+    from vmmarch_cli.machine import BootResult
+
+    line = "[  609.5] Kernel panic - not syncing: " + "x" * 300
+    report(BootResult(reason="panic", status=255, detail=line,
+                      timings={f"phase{i}": 1.0 for i in range(30)}), quiet=False, verbose=False)
+    err = capsys.readouterr().err
+    assert f"vmm-arch: panic (status 255): {line}\n" in err

@@ -73,5 +73,6 @@ def kv_table(title: str, rows: Mapping[str, str] | Sequence[tuple[str, str]]) ->
 
 
 def stderr_console() -> Console:
-    # Wide enough for three 64-bit registers per row even when stderr is a pipe.
-    return Console(stderr=True, highlight=False, width=120)
+    # Wide enough for three 64-bit registers per row even when stderr is a pipe; soft_wrap so a
+    # long text line (a panic message, the timings) is never broken for a script to grep.
+    return Console(stderr=True, highlight=False, width=120, soft_wrap=True)
