@@ -89,21 +89,24 @@ def diff_states(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
             if fa.get(p) != fb.get(p) and not backend_specific(p)]
 
 
+def _document(config: BootConfig, prepared: machine.Prepared) -> dict[str, Any]:
+    """The steps, the read-back state of every vCPU, and what was booted."""
+    return {
+        "backend": config.backend,
+        "kernel": {"path": prepared.kernel.path, "format": prepared.kernel.format,
+                   "entry": f"{prepared.kernel.entry:#x}", "boot_protocol": prepared.protocol},
+        "cmdline": prepared.cmdline,
+        "cpu_mask": sorted(prepared.cpu_mask),
+        "steps": [{"step": r.step, "target": r.target, "set": r.summary}
+                  for r in prepared.setup],
+        "cpus": [readback(v) for v in prepared.vcpus],
+    }
+
+
 def state_document(config: BootConfig) -> dict[str, Any]:
     """Run the pipeline on ``config.backend`` and read everything back."""
     with machine.prepare(config) as prepared:
-        cpus = [readback(v) for v in prepared.vcpus]
-        return {
-            "backend": config.backend,
-            "kernel": {"path": prepared.kernel.path, "format": prepared.kernel.format,
-                       "entry": f"{prepared.kernel.entry:#x}",
-                       "boot_protocol": prepared.protocol},
-            "cmdline": prepared.cmdline,
-            "cpu_mask": sorted(prepared.cpu_mask),
-            "steps": [{"step": r.step, "target": r.target, "set": r.summary}
-                      for r in prepared.setup],
-            "cpus": cpus,
-        }
+        return _document(config, prepared)
 
 
 @click.command("dump-regs")
@@ -128,19 +131,8 @@ def dump_regs_command(as_json: bool, show_cpuid: bool, compare: str | None,
         _compare(config, replace(config, backend=compare), as_json)
         return
     with machine.prepare(config) as prepared:
-        cpus = [readback(v) for v in prepared.vcpus]
+        doc = _document(config, prepared)
         regs0, sregs0 = prepared.vcpus[0].get_regs(), prepared.vcpus[0].get_sregs()
-        doc = {
-            "backend": config.backend,
-            "kernel": {"path": prepared.kernel.path, "format": prepared.kernel.format,
-                       "entry": f"{prepared.kernel.entry:#x}",
-                       "boot_protocol": prepared.protocol},
-            "cmdline": prepared.cmdline,
-            "cpu_mask": sorted(prepared.cpu_mask),
-            "steps": [{"step": r.step, "target": r.target, "set": r.summary}
-                      for r in prepared.setup],
-            "cpus": cpus,
-        }
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -151,7 +143,7 @@ def dump_regs_command(as_json: bool, show_cpuid: bool, compare: str | None,
     out.print(regs_table(regs0, "cpu0 registers (read back)"))
     for t in sregs_tables(sregs0):
         out.print(t)
-    cpu0 = cpus[0]
+    cpu0 = doc["cpus"][0]
     out.print(kv_table("fpu", cpu0["fpu"]))
     out.print(kv_table("msrs", cpu0["msrs"]))
     out.print(kv_table("lapic", cpu0["lapic"]))
