@@ -1,0 +1,21 @@
+"""``vmm-arch stock`` (the README's first command): fetches, builds, boots; here only until a
+short timeout, since the full boot is what tests/test_stock_boot.py checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+pytestmark = [pytest.mark.stock, pytest.mark.usefixtures("kvm")]
+
+
+def test_stock_command_fetches_and_boots(stock: dict[str, Path]) -> None:
+    p = run_cli("stock", "--timeout", "3", "--json", "--quiet", timeout=300)
+    assert p.returncode == 124, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["reason"] == "timeout"
+    assert doc["kernel"]["path"] == str(stock["vmlinux"])
+    assert doc["kernel"]["boot_protocol"] == "pvh"  # auto: the Debian vmlinux has the PVH note
