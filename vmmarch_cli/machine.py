@@ -164,7 +164,9 @@ def prepare(config: BootConfig) -> Iterator[Prepared]:
     t0 = time.monotonic()
     hv = backends.open_backend(config.backend)
     try:
-        mask = config.cpu_mask if config.cpu_mask is not None else hv.default_cpu_mask()
+        # The host's own mask says whether its ring 0 is emulated (it reads /sys and /proc).
+        host_mask = hv.default_cpu_mask()
+        mask = config.cpu_mask if config.cpu_mask is not None else host_mask
         vm = hv.create_vm(e820.ram_layout(config.mem_size))
         try:
             t1 = time.monotonic()
@@ -175,7 +177,7 @@ def prepare(config: BootConfig) -> Iterator[Prepared]:
             vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
             supported = vm.supported_cpuid()
             leaked = probe_cpuid_mask(vcpus[0], supported, mask, config.cpus) if mask else []
-            cmdline = build_cmdline(config, bool(mask and hv.default_cpu_mask()), leaked)
+            cmdline = build_cmdline(config, bool(mask and host_mask), leaked)
             raw_cmdline = loader.check_cmdline(cmdline, kernel)
             protocol, entry = choose_protocol(kernel, config.boot_protocol)
             t2 = time.monotonic()
