@@ -70,3 +70,16 @@ def test_initrd_above_4g_uses_ext_fields() -> None:
                                                   initrd_size=0x1000))
     assert boot_params.get(page, "ramdisk_image") == 0x2000_0000
     assert boot_params.get(page, "ext_ramdisk_image") == 1
+
+
+def test_memory_map_just_below_at_and_above_the_gap() -> None:
+    gap = layout.MMIO32_START
+    for size, high in ((gap - 4096, None), (gap, None), (gap + 4096, 4096)):
+        m = e820.memory_map(e820.ram_layout(size))
+        ram = [(e.address, e.end) for e in m if e.type == e820.E820_RAM]
+        assert ram[:2] == [(0, layout.EBDA_START), (layout.HIMEM_START, min(size, gap))]
+        assert ram[2:] == ([] if high is None else [(layout.MMIO32_END, layout.MMIO32_END + high)])
+        # nothing in the gap, and every byte of RAM asked for is in the map (less the low hole)
+        assert not [e for e in m if e.address < layout.MMIO32_END and e.end > gap]
+        hole = layout.HIMEM_START - layout.EBDA_START
+        assert sum(e.size for e in m if e.type == e820.E820_RAM) == size - hole

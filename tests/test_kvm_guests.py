@@ -40,7 +40,7 @@ def test_bootcheck_through_the_library_api(guests: dict[str, Path]) -> None:
     assert result.reason == "exit-port" and result.status == 0 and result.guest_status == 0
     assert sink.getvalue().count(b" ok\n") == EXPECTED_CHECKS
     assert [r.step for r in result.setup] == [
-        "cmdline", "gdt", "page_tables", "mptable", "boot_params",
+        "cmdline", "gdt", "page_tables", "mptable", "acpi", "boot_params",
         "cpuid", "msrs", "fpu", "regs", "sregs", "lapic",
     ]
     assert result.timings["total"] >= result.timings["run"] > 0
@@ -116,8 +116,8 @@ def test_dump_regs_reads_the_state_back(guests: dict[str, Path]) -> None:
     assert int(cpu["lapic"]["lvt1"], 16) & 0x700 == 0x400
     leaf1 = next(e for e in cpu["cpuid"] if e["function"] == "0x1")
     assert int(leaf1["ecx"], 16) >> 31 == 1
-    assert [st["step"] for st in doc["steps"]][:5] == [
-        "cmdline", "gdt", "page_tables", "mptable", "boot_params"]
+    assert [st["step"] for st in doc["steps"]][:6] == [
+        "cmdline", "gdt", "page_tables", "mptable", "acpi", "boot_params"]
     p2 = run_cli("dump-regs", str(guests["bootcheck"]))
     assert p2.returncode == 0 and "cpu0 registers (read back)" in p2.stdout
 

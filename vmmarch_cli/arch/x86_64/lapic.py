@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from vmmarch_cli.vcpu import Lapic
 
+#: xAPIC IDs are 8 bits and 0xFF is the broadcast ID (SDM vol. 3A 10.6.2.1); the IOAPIC takes
+#: the ID after the CPUs' 0..N-1 in both the MP table and the MADT: at most 254 CPUs.
+MAX_XAPIC_CPUS = 254
+
 APIC_LVT0 = 0x350
 APIC_LVT1 = 0x360
 DELIVERY_MODE_MASK = 0x700  # LVT bits 10:8

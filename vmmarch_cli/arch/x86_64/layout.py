@@ -37,6 +37,9 @@ EBDA_START = 0x9FC00
 #: System area: MP table at 0x9fc00, then up to the end of the BIOS area, reserved in e820.
 SYSTEM_MEM_START = 0x9FC00
 BIOS_END = 0x100000
+#: ACPI RSDP and the tables after it, in the BIOS read-only area a kernel scans for the RSDP
+#: (ACPI 6.5, 5.2.5.1: 0xE0000-0xFFFFF), reserved in e820 with the rest of the system area.
+ACPI_RSDP_START = 0xE0000
 #: Where the kernel (or any high memory) may begin.
 HIMEM_START = 0x100000
 #: The 32-bit MMIO gap: RAM stops at 3 GiB and resumes at 4 GiB.

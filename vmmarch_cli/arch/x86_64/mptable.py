@@ -7,9 +7,12 @@ one writer per record type; the composer lays them out and fixes both checksums.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from vmmarch_cli.arch.x86_64 import layout
+from vmmarch_cli.arch.x86_64.lapic import MAX_XAPIC_CPUS
 
 MPF_SIGNATURE = b"_MP_"
 MPC_SIGNATURE = b"PCMP"
@@ -48,8 +51,7 @@ MP_IRQ_POLARITY_DEFAULT = 0
 IOAPIC_PINS = 24  # KVM's in-kernel IOAPIC
 ALL_APICS = 0xFF
 
-#: xAPIC IDs are 8 bits and 0xFF is broadcast; one ID goes to the IOAPIC.
-MAX_CPUS = 254
+MAX_CPUS = MAX_XAPIC_CPUS
 
 
 @dataclass(frozen=True)
@@ -104,3 +106,46 @@ def with_checksum(data: bytes, offset: int) -> bytes:
     out[offset] = 0
     out[offset] = -sum(out) & 0xFF
     return bytes(out)
+
+
+# --- reader: decode the table back from guest memory (``dump-regs --tables``) ----------------
+
+ENTRY_SIZES = {MP_PROCESSOR: struct.calcsize(MPC_CPU_FORMAT), MP_BUS: 8, MP_IOAPIC: 8,
+               MP_INTSRC: 8, MP_LINTSRC: 8}
+
+
+def read(read_fn: Callable[[int, int], bytes], address: int) -> dict[str, Any]:
+    """The floating pointer at ``address`` and the configuration table it points at."""
+    mpf = read_fn(address, struct.calcsize(MPF_FORMAT))
+    signature, table_address, _, revision, _, _, _, _ = struct.unpack(MPF_FORMAT, mpf)
+    if signature != MPF_SIGNATURE:
+        raise ValueError(f"no MP floating pointer at {address:#x}")
+    header = read_fn(table_address, struct.calcsize(MPC_HEADER_FORMAT))
+    fields = struct.unpack(MPC_HEADER_FORMAT, header)
+    length, count, lapic_address = fields[1], fields[8], fields[9]
+    if fields[0] != MPC_SIGNATURE or length < len(header):
+        raise ValueError(f"no MP configuration table at {table_address:#x}")
+    table = read_fn(table_address, length)
+    cpus: list[dict[str, Any]] = []
+    ioapics: list[dict[str, Any]] = []
+    kinds: dict[str, int] = {}
+    pos = len(header)
+    for _ in range(count):
+        kind = table[pos]
+        size = ENTRY_SIZES.get(kind)
+        if size is None or pos + size > length:
+            raise ValueError(f"MP table entry {kind} at offset {pos} does not fit")
+        if kind == MP_PROCESSOR:
+            _, apic_id, _, flags, _, _, _ = struct.unpack_from(MPC_CPU_FORMAT, table, pos)
+            cpus.append({"apic_id": apic_id, "enabled": bool(flags & CPU_ENABLED),
+                         "bsp": bool(flags & CPU_BOOTPROCESSOR)})
+        elif kind == MP_IOAPIC:
+            _, ioapic_id, _, _, ioapic_address = struct.unpack_from(MPC_IOAPIC_FORMAT, table, pos)
+            ioapics.append({"id": ioapic_id, "address": ioapic_address})
+        name = {MP_BUS: "buses", MP_INTSRC: "io_interrupts", MP_LINTSRC: "local_interrupts"}
+        if kind in name:
+            kinds[name[kind]] = kinds.get(name[kind], 0) + 1
+        pos += size
+    return {"address": address, "table_address": table_address, "spec_revision": revision,
+            "lapic_address": lapic_address, "checksum_ok": sum(mpf) & 0xFF == 0
+            and sum(table) & 0xFF == 0, "cpus": cpus, "ioapics": ioapics, **kinds}

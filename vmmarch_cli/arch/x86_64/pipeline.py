@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vmmarch_cli.arch.x86_64 import (
+    acpi,
     boot_params,
     cpuid,
     e820,
@@ -94,6 +95,14 @@ def write_mptable(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
     return {"address": _hex(table.address), "size": str(len(table.data))}
 
 
+def write_acpi(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+    tables = acpi.build(plan.cpu_count)
+    for address, data in tables.blobs:
+        mem.write(address, data)
+    return {"rsdp": _hex(tables.rsdp_address), "end": _hex(tables.end),
+            "cpus": str(plan.cpu_count)}
+
+
 def write_zero_page(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
     entries = e820.memory_map(plan.ram_regions)
     page = boot_params.build(
@@ -105,6 +114,7 @@ def write_zero_page(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
             initrd_size=plan.initrd_size,
             setup_header=plan.setup_header,
             kernel_alignment=plan.kernel_alignment,
+            acpi_rsdp_address=layout.ACPI_RSDP_START,
         )
     )
     mem.write(layout.ZERO_PAGE_START, page)
@@ -121,6 +131,7 @@ def write_start_info(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
         memmap=entries,
         modlist_address=layout.PVH_MODLIST_START,
         modules=modules,
+        rsdp_address=layout.ACPI_RSDP_START,
     )
     mem.write(layout.PVH_INFO_START, pvh.build_start_info(info))
     mem.write(layout.PVH_MODLIST_START, pvh.build_modlist(modules))
@@ -190,12 +201,14 @@ MEMORY_STEPS: dict[str, tuple[tuple[str, MemoryStep], ...]] = {
         ("gdt", write_gdt),
         ("page_tables", write_page_tables),
         ("mptable", write_mptable),
+        ("acpi", write_acpi),
         ("boot_params", write_zero_page),
     ),
     PVH: (
         ("cmdline", write_cmdline),
         ("gdt", write_gdt),
         ("mptable", write_mptable),
+        ("acpi", write_acpi),
         ("start_info", write_start_info),
     ),
 }
