@@ -166,6 +166,11 @@ def prepare(config: BootConfig) -> Iterator[Prepared]:
     try:
         # The host's own mask says whether its ring 0 is emulated (it reads /sys and /proc).
         host_mask = hv.default_cpu_mask()
+        limit = hv.max_vcpus()
+        if config.cpus > limit:
+            raise errors.BackendUnavailableError(
+                f"--cpus {config.cpus}: the {hv.name} backend runs at most {limit} vCPU"
+                f"{'s' if limit > 1 else ''} per VM here")
         mask = config.cpu_mask if config.cpu_mask is not None else host_mask
         vm = hv.create_vm(e820.ram_layout(config.mem_size))
         try:

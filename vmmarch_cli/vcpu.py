@@ -304,6 +304,10 @@ class Hypervisor(Protocol):
         """CPU features this host cannot run in a guest's ring 0, to hide from CPUID."""
         ...
 
+    def max_vcpus(self) -> int:
+        """The most vCPUs one VM of this backend can have."""
+        ...
+
     def create_vm(self, regions: Sequence[tuple[int, int]]) -> Vm:
         """A VM whose RAM is the given (guest-physical start, length) regions."""
         ...

@@ -48,13 +48,17 @@ class EmulateHypervisor:
     def info(self) -> HypervisorInfo:
         return HypervisorInfo(NAME, True, "", {
             "engine": f"unicorn {self._version}",
-            "cpu": "software CPU; no interrupts yet",
+            "cpu": "one software CPU; no interrupts yet",
             "exits": "port I/O, HLT, faults (no MMIO devices)",
         })
 
     def default_cpu_mask(self) -> frozenset[str]:
         # The emulator runs every instruction it reports in CPUID: nothing to hide.
         return frozenset()
+
+    def max_vcpus(self) -> int:
+        # One unicorn engine is one CPU, with no INIT/SIPI or IPIs between engines yet.
+        return 1
 
     def create_vm(self, regions: Sequence[tuple[int, int]]) -> EmulateVm:
         from backends.emulate.vm import EmulateVm

@@ -59,7 +59,7 @@ class KvmHypervisor:
         facts = {
             "device": str(KVM_DEVICE),
             "api_version": str(abi.KVM_API_VERSION),
-            "max_vcpus": str(check_extension(self._fd, abi.KVM_CAP_MAX_VCPUS)),
+            "max_vcpus": str(self.max_vcpus()),
             "xsave": "yes" if check_extension(self._fd, abi.KVM_CAP_XSAVE) else "no",
             "ring0": "emulated (PVM or no VMX/SVM): CPU mask and int3 fallback apply"
             if host_needs_ring0_workarounds() else "hardware",
@@ -68,6 +68,12 @@ class KvmHypervisor:
 
     def default_cpu_mask(self) -> frozenset[str]:
         return RING0_EMULATOR_MASK if host_needs_ring0_workarounds() else frozenset()
+
+    def max_vcpus(self) -> int:
+        # KVM_CAP_MAX_VCPUS; 0 from a kernel that predates it means KVM_CAP_NR_VCPUS
+        # (Documentation/virt/kvm/api.rst 4.7, KVM_CREATE_VCPU).
+        return (check_extension(self._fd, abi.KVM_CAP_MAX_VCPUS)
+                or check_extension(self._fd, abi.KVM_CAP_NR_VCPUS))
 
     def create_vm(self, regions: Sequence[tuple[int, int]]) -> KvmVm:
         install_kick_handler()

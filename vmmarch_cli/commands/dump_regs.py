@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vmmarch_cli import machine
-from vmmarch_cli.arch.x86_64 import lapic, msr
+from vmmarch_cli.arch.x86_64 import lapic, msr, tables
 from vmmarch_cli.commands import options
 from vmmarch_cli.config import BootConfig
 from vmmarch_cli.render import (
@@ -37,6 +37,7 @@ def readback(vcpu: Vcpu) -> dict[str, Any]:
     fpu = vcpu.get_fpu()
     lap = vcpu.get_lapic()
     return {
+        "index": vcpu.index,
         "regs": regs_dict(vcpu.get_regs()),
         "sregs": sregs_dict(vcpu.get_sregs()),
         "fpu": {"fcw": f"{fpu.fcw:#06x}", "mxcsr": f"{fpu.mxcsr:#010x}"},
@@ -89,9 +90,12 @@ def diff_states(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
             if fa.get(p) != fb.get(p) and not backend_specific(p)]
 
 
-def _document(config: BootConfig, prepared: machine.Prepared) -> dict[str, Any]:
-    """The steps, the read-back state of every vCPU, and what was booted."""
-    return {
+def _document(config: BootConfig, prepared: machine.Prepared, cpu: int | None = None,
+              with_tables: bool = False) -> dict[str, Any]:
+    """The steps, the read-back state of every vCPU (or of ``cpu``), what was booted, and with
+    ``with_tables`` the memory map, MP and ACPI tables decoded from guest memory."""
+    vcpus = prepared.vcpus if cpu is None else [prepared.vcpus[cpu]]
+    doc = {
         "backend": config.backend,
         "kernel": {"path": prepared.kernel.path, "format": prepared.kernel.format,
                    "entry": f"{prepared.kernel.entry:#x}", "boot_protocol": prepared.protocol},
@@ -99,8 +103,11 @@ def _document(config: BootConfig, prepared: machine.Prepared) -> dict[str, Any]:
         "cpu_mask": sorted(prepared.cpu_mask),
         "steps": [{"step": r.step, "target": r.target, "set": r.summary}
                   for r in prepared.setup],
-        "cpus": [readback(v) for v in prepared.vcpus],
+        "cpus": [readback(v) for v in vcpus],
     }
+    if with_tables:
+        doc["tables"] = tables.read_boot_tables(prepared.vm.memory, prepared.protocol)
+    return doc
 
 
 def state_document(config: BootConfig) -> dict[str, Any]:
@@ -119,20 +126,30 @@ def state_document(config: BootConfig) -> dict[str, Any]:
               help="Also run the pipeline on BACKEND and show both states side by side, "
                    "differences in red (JSON: {a, b, diff}). Backend-specific values (TSC, CR2, "
                    "CPUID) are not counted as differences.")
-def dump_regs_command(as_json: bool, show_cpuid: bool, compare: str | None,
-                      **kwargs: Any) -> None:
+@click.option("--cpu", "cpu", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Show only vCPU N (default: every vCPU).")
+@click.option("--tables", "show_tables", is_flag=True,
+              help="Also decode the e820 map, the MP table and the ACPI tables (RSDP, XSDT, "
+                   "FADT, DSDT, MADT) from guest memory, with their checksums.")
+def dump_regs_command(as_json: bool, show_cpuid: bool, compare: str | None, cpu: int | None,
+                      show_tables: bool, **kwargs: Any) -> None:
     """Load KERNEL, run the arch setup pipeline, and show the vCPU state it left, read back
     from the hypervisor, without starting the guest.
 
     The steps and what each set are listed first, so a difference can be traced to a step.
     """
     config = options.boot_config(kwargs)
+    if cpu is not None and cpu >= config.cpus:
+        raise click.BadParameter(f"vCPU {cpu} does not exist with --cpus {config.cpus} "
+                                 f"(vCPUs are numbered 0..{config.cpus - 1})",
+                                 param_hint="'--cpu'")
     if compare is not None:
         _compare(config, replace(config, backend=compare), as_json)
         return
     with machine.prepare(config) as prepared:
-        doc = _document(config, prepared)
-        regs0, sregs0 = prepared.vcpus[0].get_regs(), prepared.vcpus[0].get_sregs()
+        doc = _document(config, prepared, cpu, show_tables)
+        shown = [(v.index, v.get_regs(), v.get_sregs()) for v in prepared.vcpus
+                 if cpu is None or v.index == cpu]
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -140,18 +157,57 @@ def dump_regs_command(as_json: bool, show_cpuid: bool, compare: str | None,
     steps = [(f"{r.target}:{r.step}", "  ".join(f"{k}={v}" for k, v in r.summary.items()))
              for r in prepared.setup]
     out.print(kv_table("pipeline steps", steps))
-    out.print(regs_table(regs0, "cpu0 registers (read back)"))
-    for t in sregs_tables(sregs0):
-        out.print(t)
-    cpu0 = doc["cpus"][0]
-    out.print(kv_table("fpu", cpu0["fpu"]))
-    out.print(kv_table("msrs", cpu0["msrs"]))
-    out.print(kv_table("lapic", cpu0["lapic"]))
-    if show_cpuid:
-        rows = [(f"{e['function']}.{e['index']}",
-                 f"eax={e['eax']} ebx={e['ebx']} ecx={e['ecx']} edx={e['edx']}")
-                for e in cpu0["cpuid"]]
-        out.print(kv_table("cpuid", rows))
+    for (index, regs, sregs), state in zip(shown, doc["cpus"], strict=True):
+        out.print(regs_table(regs, f"cpu{index} registers (read back)"))
+        for t in sregs_tables(sregs):
+            out.print(t)
+        out.print(kv_table(f"cpu{index} fpu", state["fpu"]))
+        out.print(kv_table(f"cpu{index} msrs", state["msrs"]))
+        out.print(kv_table(f"cpu{index} lapic", state["lapic"]))
+        if show_cpuid:
+            rows = [(f"{e['function']}.{e['index']}",
+                     f"eax={e['eax']} ebx={e['ebx']} ecx={e['ecx']} edx={e['edx']}")
+                    for e in state["cpuid"]]
+            out.print(kv_table(f"cpu{index} cpuid", rows))
+    if show_tables:
+        for t in tables_view(doc["tables"]):
+            out.print(t)
+
+
+def tables_view(doc: dict[str, Any]) -> list[Table]:
+    """The decoded boot tables as rich tables: memory map, MP table, ACPI."""
+    out = []
+    e820_rows = [(f"{e['start']}-{e['end']}", e["type"]) for e in doc["e820"]["entries"]]
+    out.append(kv_table(f"e820 map (from {doc['e820']['source']})", e820_rows))
+    mp = doc["mptable"]
+    if mp is None:
+        out.append(kv_table("MP table", [("floating pointer", "not found")]))
+    elif "error" in mp:
+        out.append(kv_table("MP table", [("error", mp["error"])]))
+    else:
+        rows = [("floating pointer", mp["address"]), ("table", mp["table_address"]),
+                ("checksums", "ok" if mp["checksum_ok"] else "BAD")]
+        rows += [(f"cpu apic_id={c['apic_id']}",
+                  ("BSP " if c["bsp"] else "") + ("enabled" if c["enabled"] else "disabled"))
+                 for c in mp["cpus"]]
+        rows += [(f"ioapic id={i['id']}", i["address"]) for i in mp["ioapics"]]
+        rows += [(k, str(mp[k])) for k in ("buses", "io_interrupts", "local_interrupts")
+                 if k in mp]
+        out.append(kv_table("MP table", rows))
+    acpi_doc = doc["acpi"]
+    if acpi_doc is None or "error" in acpi_doc:
+        out.append(kv_table("ACPI", [("error", acpi_doc["error"]) if acpi_doc
+                                     else ("RSDP", "not given to the kernel")]))
+    else:
+        rsdp = acpi_doc["rsdp"]
+        rows = [(f"RSDP {rsdp['address']}", f"rev {rsdp['revision']} xsdt={rsdp['xsdt']} "
+                 f"checksums {'ok' if rsdp['checksum_ok'] else 'BAD'}")]
+        rows += [(f"{t['signature']} {t['address']}", f"rev {t['revision']} len {t['length']} "
+                  f"checksum {'ok' if t['checksum_ok'] else 'BAD'}") for t in acpi_doc["tables"]]
+        rows += [(f"MADT {r['type']}", " ".join(f"{k}={v}" for k, v in r.items() if k != "type"))
+                 for r in acpi_doc["madt"]]
+        out.append(kv_table("ACPI tables", rows))
+    return out
 
 
 def _compare(config_a: BootConfig, config_b: BootConfig, as_json: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from vmmarch_cli.arch.x86_64 import cpuid
+from vmmarch_cli.arch.x86_64 import acpi, cpuid
 from vmmarch_cli.config import BASE_CMDLINE, BootConfig, parse_mem_size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,8 +33,11 @@ def boot_options(f: F) -> F:
                      default="auto", show_default=True,
                      help="linux: the 64-bit Linux boot protocol; pvh: the Xen PVH entry of an "
                           "ELF with a PVH note; auto: PVH when the note exists, else linux."),
-        click.option("--cpus", type=click.IntRange(1, 1), default=1, show_default=True,
-                     help="Number of vCPUs."),
+        click.option("--cpus", type=click.IntRange(1, acpi.MAX_CPUS), default=1,
+                     show_default=True,
+                     help=f"Number of vCPUs (1-{acpi.MAX_CPUS}: xAPIC IDs are 8 bits, 0xFF is "
+                          "broadcast and the IOAPIC takes one). The APs start as on hardware: "
+                          "the kernel wakes them with INIT/SIPI."),
         click.option("--cpu-mask", default=None, metavar="LIST",
                      help="CPU features to hide from the guest, comma-separated "
                           "(e.g. cx16,xsave,smap; 'none' hides nothing). Default: what this "

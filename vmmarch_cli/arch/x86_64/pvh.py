@@ -61,3 +61,10 @@ def read_start_info(data: bytes) -> dict[str, int]:
     names = ("magic", "version", "flags", "nr_modules", "modlist_paddr", "cmdline_paddr",
              "rsdp_paddr", "memmap_paddr", "memmap_entries", "reserved")
     return dict(zip(names, struct.unpack_from(START_INFO_FORMAT, data), strict=True))
+
+
+def read_memmap(data: bytes) -> list[E820Entry]:
+    """Decode ``hvm_memmap_table_entry`` records (as read back from guest memory)."""
+    size = struct.calcsize(MEMMAP_ENTRY_FORMAT)
+    return [E820Entry(a, s, t) for a, s, t, _ in
+            struct.iter_unpack(MEMMAP_ENTRY_FORMAT, data[: len(data) // size * size])]
