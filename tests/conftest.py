@@ -16,6 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
+import stockboots  # noqa: E402  (tests/stockboots.py)
+
 import build as guest_build  # noqa: E402  (examples/build.py)
 
 
@@ -63,6 +65,20 @@ def user_syscalls(kvm: None, guests: dict[str, Path]) -> tuple[bool, str]:
     line = next((x for x in p.stdout.splitlines() if x.startswith("SYSCALL_CS")), "")
     assert line, f"usersyscall guest printed no verdict: {p.stdout!r} {p.stderr!r}"
     return p.returncode == 0, line
+
+
+@pytest.fixture(scope="session")
+def stock_boots(request: pytest.FixtureRequest, stock: dict[str, Path],
+                user_syscalls: tuple[bool, str], tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[stockboots.StockBoots]:
+    """Every stock-kernel boot the selected tests use (each test module lists its own in
+    ``STOCK_BOOTS``; tests/stockboots.py defines them), started together."""
+    wanted = {name for item in request.session.items
+              for name in getattr(item.module, "STOCK_BOOTS", ())}
+    boots = stockboots.StockBoots(stock, tmp_path_factory.mktemp("stock"), user_syscalls[0],
+                                  ROOT, wanted)
+    yield boots
+    boots.stop_all()
 
 
 def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None

@@ -1,7 +1,8 @@
 """One boot of Debian's stock cloud kernel to the busybox init marker on the real /dev/kvm.
 
-Guest kernel code is emulated on a PVM host (about 1000x slower than native), so this boot
-takes minutes; it runs once per session and every test below reads the same record.
+Guest kernel code is emulated on a PVM host (about 1000x slower than native), so each boot
+takes minutes; they run once per session (tests/stockboots.py) and every test below reads the
+same records.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from stockboots import StockBoots
 
 from vmmarch_cli.arch.x86_64 import e820
 
 pytestmark = [pytest.mark.stock, pytest.mark.usefixtures("kvm")]
 
 MARKER = "VMM-INIT-REACHED"
-BOOT_TIMEOUT = 1500  # seconds; a PVM host needs about 3 minutes
 
 
 @dataclass
@@ -30,44 +31,23 @@ class Boot:
     initrd: Path
 
 
-#: The same kernel, initramfs and cmdline three ways (issue 2: ELF through the 64-bit Linux
-#: protocol; issue 4: ELF through PVH, and the bzImage, which decompresses itself in the guest).
-WAYS = {
-    "elf-linux64": ("vmlinux", "linux"),
-    "elf-pvh": ("vmlinux", "pvh"),
-    "bzimage": ("bzimage", "linux"),
-}
+#: The same kernel, initramfs and cmdline three ways (tests/stockboots.py).
+WAYS = ("elf-linux64", "elf-pvh", "bzimage")
+STOCK_BOOTS = WAYS
 
 
 @pytest.fixture(scope="module")
-def boots(stock: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Boot]:
-    """Start all three boots at once (each is one busy vCPU thread) and wait for them."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    out = tmp_path_factory.mktemp("stock")
-    procs = {}
-    for way, (image, protocol) in WAYS.items():
-        log = out / f"{way}.log"
-        cmd = [sys.executable, "-m", "vmmarch_cli", "boot", str(stock[image]),
-               "--boot-protocol", protocol, "--initrd", str(stock["initramfs"]),
-               "--timeout", str(BOOT_TIMEOUT), "--json", "--quiet", "--console-log", str(log)]
-        procs[way] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True, cwd=ROOT), log)
+def boots(stock: dict[str, Path], stock_boots: StockBoots) -> dict[str, Boot]:
     boots = {}
-    for way, (proc, log) in procs.items():
-        stdout, stderr = proc.communicate(timeout=BOOT_TIMEOUT + 60)
-        assert stdout.strip(), f"{way}: no JSON result; stderr: {stderr[-2000:]}"
-        console = log.read_text(errors="replace")
-        facts = dict(re.findall(r"^VMMARCH-FACT (\w+) (.*?)\r?$", console, re.M))
-        boots[way] = Boot(proc.returncode, json.loads(stdout), console, facts,
+    for way in WAYS:
+        f = stock_boots[way]
+        assert f.stdout.strip(), f"{way}: no JSON result; stderr: {f.stderr[-2000:]}"
+        boots[way] = Boot(f.returncode, json.loads(f.stdout), f.console, f.facts,
                           stock["initramfs"])
     return boots
 
 
-@pytest.fixture(params=list(WAYS))
+@pytest.fixture(params=WAYS)
 def boot(request: pytest.FixtureRequest, boots: dict[str, Boot]) -> Boot:
     return boots[request.param]
 
