@@ -1,46 +1,35 @@
 """Property-based fuzzing of every input parser: only the named errors may come out.
 
-Each target mutates a real input (the project's guests, a bzImage header, real payloads) a
-bounded number of times, so the suite stays fast; fuzz/README.md has the longer campaigns.
+The targets are fuzz/targets.py's, shared with the long atheris campaigns (fuzz/README.md);
+here each mutates a real input (the project's guests, a bzImage header, our own ACPI tables) a
+bounded number of times, so the suite stays fast.
 """
 
 from __future__ import annotations
 
-import contextlib
 import struct
-import tempfile
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_bad_input import bzimage
 
+from fuzz import targets
 from vmmarch_cli import loader
-from vmmarch_cli.arch.x86_64 import cpuid
-from vmmarch_cli.config import parse_mem_size
 from vmmarch_cli.errors import BadInputError
 from vmmarch_cli.loader import elf
-from vmmarch_cli.loader.decompress import decompress
-from vmmarch_cli.memory import MmapGuestMemory
+
+ROOT = Path(__file__).resolve().parent.parent
 
 EXAMPLES = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def _guest_bytes(name: str) -> bytes:
-    import sys
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    import build
-
-    out = Path(tempfile.gettempdir()) / "vmmarch-fuzz-guests"
-    return build.build_guest(name, out).read_bytes()
-
-
-BOOTCHECK = _guest_bytes("bootcheck")
-PVHCHECK = _guest_bytes("pvhcheck")
-BZIMAGE = bzimage()
+BOOTCHECK = targets.guest_bytes("bootcheck")
+PVHCHECK = targets.guest_bytes("pvhcheck")
+BZIMAGE = targets.bzimage_header()
+ACPI_TABLES = targets.seeds("boot_tables")[0]
 
 
 def mutations(seed: bytes) -> st.SearchStrategy[bytes]:
@@ -61,42 +50,28 @@ def mutations(seed: bytes) -> st.SearchStrategy[bytes]:
     )
 
 
-def load_or_refuse(data: bytes) -> None:
-    with tempfile.NamedTemporaryFile() as f:
-        f.write(data)
-        f.flush()
-        memory = MmapGuestMemory([(0, 64 << 20)])
-        try:
-            loader.load_kernel(Path(f.name), memory)
-        except BadInputError:
-            pass
-        finally:
-            memory.close()
-
-
 @EXAMPLES
 @given(mutations(BOOTCHECK))
 def test_elf_loader(data: bytes) -> None:
-    load_or_refuse(data)
+    targets.kernel_image(data)
 
 
 @EXAMPLES
 @given(mutations(PVHCHECK))
 def test_elf_with_pvh_note(data: bytes) -> None:
-    load_or_refuse(data)
+    targets.kernel_image(data)
 
 
 @EXAMPLES
 @given(mutations(BZIMAGE))
 def test_bzimage_header(data: bytes) -> None:
-    load_or_refuse(data)
+    targets.kernel_image(data)
 
 
 @EXAMPLES
 @given(st.binary(max_size=256))
 def test_pvh_note_walker(data: bytes) -> None:
-    with contextlib.suppress(BadInputError):
-        elf.find_pvh_entry(data, "fuzz")
+    targets.pvh_note(data)
 
 
 @EXAMPLES
@@ -116,32 +91,19 @@ def test_pvh_note_walker_structured(notes: list[tuple[bytes, int, bytes]]) -> No
 @EXAMPLES
 @given(st.text(max_size=40))
 def test_memory_size_parser(text: str) -> None:
-    try:
-        size = parse_mem_size(text)
-    except BadInputError:
-        return
-    assert size % 4096 == 0 and size >= 16 << 20
+    targets.memory_size(text.encode("utf-8", "surrogateescape"))
 
 
 @EXAMPLES
 @given(st.text(max_size=60))
 def test_cpu_mask_parser(text: str) -> None:
-    try:
-        mask = cpuid.parse_mask(text)
-    except BadInputError:
-        return
-    assert mask <= set(cpuid.FEATURES)
+    targets.cpu_mask(text.encode("utf-8", "surrogateescape"))
 
 
 @EXAMPLES
 @given(st.text(max_size=3000))
 def test_cmdline_checks(text: str) -> None:
-    k = loader.KernelImage(path="k", format="elf", entry=0, load_start=0, load_end=0)
-    try:
-        raw = loader.check_cmdline(text, k)
-    except BadInputError:
-        return
-    assert len(raw) < k.cmdline_max and b"\0" not in raw
+    targets.cmdline(text.encode("utf-8", "surrogateescape"))
 
 
 def test_regression_cmdline_with_undecodable_argv_bytes() -> None:
@@ -154,17 +116,25 @@ def test_regression_cmdline_with_undecodable_argv_bytes() -> None:
                         b"\x02\x21\x4c\x18", b"\x89LZO", b"\x7fELF", b""]),
        st.binary(max_size=300))
 def test_payload_decompressors(magic: bytes, body: bytes) -> None:
-    with contextlib.suppress(BadInputError):
-        decompress(magic + body)
+    targets.payload(magic + body)
 
 
 @EXAMPLES
 @given(st.lists(st.text(max_size=20), min_size=1, max_size=4))
 def test_initramfs_command_inputs(argv: list[str]) -> None:
-    from vmmarch_cli import initramfs
+    targets.initramfs_command("\0".join(argv).encode("utf-8", "surrogateescape"))
 
-    try:
-        script = initramfs.command_init_script(argv)
-    except BadInputError:
-        return
-    assert script.startswith("#!/bin/busybox sh\n")
+
+@EXAMPLES
+@given(st.one_of(mutations(ACPI_TABLES), st.binary(max_size=4096)))
+def test_boot_table_readers(data: bytes) -> None:
+    targets.boot_tables(data)
+
+
+def test_atheris_campaign_runs(tmp_path: Path) -> None:
+    """``python -m fuzz`` (the long campaigns, fuzz/README.md) runs a short campaign cleanly."""
+    pytest.importorskip("atheris")
+    p = subprocess.run([sys.executable, "-m", "fuzz", "cmdline", "--runs", "300"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "stat::number_of_executed_units: 300" in p.stderr

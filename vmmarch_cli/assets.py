@@ -9,6 +9,7 @@ run never leaves a half-written file where a later run would trust it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmmarch_cli import files
 from vmmarch_cli.errors import EX_UNAVAILABLE, BadInputError, VmmArchError
 from vmmarch_cli.initramfs import busybox_initramfs, marker_init_script
 from vmmarch_cli.loader.bzimage_payload import extract_vmlinux
@@ -79,6 +81,10 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
+#: strerror(ENOSPC) as apt-get and dpkg-deb print it (they run in the C locale, below).
+NO_SPACE = os.strerror(errno.ENOSPC)
+
+
 def _run(argv: Sequence[str], *, cwd: Path | None = None, hint: str) -> str:
     """Run ``argv`` (no shell) and return its stdout; failures become one-line AssetErrors."""
     try:
@@ -95,19 +101,23 @@ def _run(argv: Sequence[str], *, cwd: Path | None = None, hint: str) -> str:
             f"{argv[0]} not found: fetching test kernels needs a Debian-like host with apt and dpkg"
         ) from None
     except subprocess.CalledProcessError as exc:
-        raise AssetError(
-            f"{' '.join(argv)} failed: {_last_line(exc.stderr or exc.stdout or '')}; {hint}"
-        ) from None
+        output = exc.stderr or exc.stdout or ""
+        if NO_SPACE in output:
+            # The tool's own advice ("damaged .deb", "network") would mislead: say what to do.
+            raise AssetError(
+                f"{argv[0]} ran out of space: {_last_line(output)}; free some space (the cache "
+                f"is {cache_dir()}, set VMMARCH_CACHE to move it; temporary files go to "
+                f"{tempfile.gettempdir()}, set TMPDIR)"
+            ) from None
+        raise AssetError(f"{' '.join(argv)} failed: {_last_line(output)}; {hint}") from None
     except OSError as exc:
         raise AssetError(f"cannot run {argv[0]}: {exc.strerror}") from None
     return done.stdout
 
 
 def _cache_error(path: Path, exc: OSError) -> AssetError:
-    return AssetError(
-        f"cannot write {path}: {exc.strerror}; free some space or point VMMARCH_CACHE at a "
-        "writable directory"
-    )
+    return AssetError(f"cannot write {path}: {exc.strerror}; {files.advice(exc)} "
+                      "(the cache is $VMMARCH_CACHE)")
 
 
 def _subdir(name: str) -> Path:
@@ -120,18 +130,8 @@ def _subdir(name: str) -> Path:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                # mkstemp creates 0600; cached inputs are meant to be readable like any download.
-                os.fchmod(out.fileno(), 0o644)
-                out.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        files.write_atomic(path, data)
     except OSError as exc:
         raise _cache_error(path, exc) from None
 

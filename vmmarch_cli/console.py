@@ -41,6 +41,8 @@ class Console:
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.bytes_seen = 0
         self.first_byte_at: float | None = None
+        #: What the host could not do with the output (each said once, in the result).
+        self.warnings: list[str] = []
         self.milestones: dict[str, float] = {}
         self._expect = [re.compile(p.encode()) for p in expect]
         self._expect_index = 0
@@ -50,10 +52,17 @@ class Console:
             self.first_byte_at = time.monotonic()
         self.bytes_seen += len(data)
         if self._sink is not None:
-            self._sink.write(data)
-            self._sink.flush()
+            try:
+                self._sink.write(data)
+                self._sink.flush()
+            except OSError as exc:  # the reader went away (EPIPE): the guest goes on
+                self._sink = None
+                self.warnings.append(f"console output stopped: {exc.strerror}")
         if self._log is not None:
-            self._log.write(data)
+            try:
+                self._log.write(data)
+            except OSError as exc:  # disk full: keep the guest running, say what was lost
+                self._log_failed(exc)
         for byte in data:
             if byte == 0x0A:
                 self._end_line()
@@ -61,8 +70,19 @@ class Console:
                 self._line.append(byte)
 
     def flush(self) -> None:
+        """At the end of a run: the last partial line, and the log's buffered bytes."""
         if self._line:
             self._end_line()
+        if self._log is not None:
+            try:
+                self._log.flush()
+            except OSError as exc:
+                self._log_failed(exc)
+
+    def _log_failed(self, exc: OSError) -> None:
+        self._log = None
+        self.warnings.append(f"console log incomplete: {exc.strerror} "
+                             f"({self.bytes_seen} bytes of console output)")
 
     def _end_line(self) -> None:
         line = bytes(self._line).rstrip(b"\r")

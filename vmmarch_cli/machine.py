@@ -98,6 +98,7 @@ class BootResult:
     injected_events: dict[str, int] = field(default_factory=dict)
     rip_samples: Counter[int] = field(default_factory=Counter)
     setup: list[StepRecord] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 #: clearcpuid= is parsed into a 128-byte buffer (arch/x86/kernel/cpu/common.c,
@@ -309,6 +310,7 @@ def run(
             injected_events=dict(injected),
             rip_samples=_merged_samples(prepared.vcpus),
             setup=prepared.setup,
+            warnings=console.warnings,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import replace
@@ -74,7 +75,9 @@ def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, 
         result = machine.run(config, sink, log, on_ready=announce)
     finally:
         if log is not None:
-            log.close()
+            # A write error was already reported (Console.warnings); closing retries it.
+            with contextlib.suppress(OSError):
+                log.close()
     hot = fold(result.rip_samples, symbols).most_common(PROFILE_TOP)
     if as_json:
         doc = result_json(result)
@@ -107,6 +110,7 @@ def result_json(r: BootResult) -> dict[str, Any]:
         "injected_events": r.injected_events,
         "unhandled_ports": r.unhandled_ports,
         "console_tail": r.console_tail[-10:],
+        "warnings": r.warnings,
     }
     if r.kernel is not None:
         doc["kernel"] = {"path": r.kernel.path, "format": r.kernel.format,
@@ -155,6 +159,8 @@ def report(r: BootResult, quiet: bool, verbose: bool) -> None:
                 err.print(f"  {line}", markup=False)
     if r.reason == "timeout" and r.console_tail:
         err.print(f"last console line: {r.console_tail[-1]}", markup=False)
+    for warning in r.warnings:
+        err.print(f"vmm-arch: warning: {warning}", markup=False)
     summary = f"vmm-arch: {r.reason} (status {r.status})"
     if r.detail and r.reason not in ("fault",):
         summary += f": {r.detail}"

@@ -11,7 +11,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from vmmarch_cli import loader
+from vmmarch_cli import files, loader
 from vmmarch_cli.machine import choose_protocol
 from vmmarch_cli.render import kv_table
 
@@ -106,7 +106,10 @@ def inspect_command(kernel: Path, as_json: bool, extract: Path | None) -> None:
         from vmmarch_cli.loader.bzimage_payload import extract_vmlinux
 
         data = extract_vmlinux(kernel.read_bytes())
-        extract.write_bytes(data)
+        try:
+            files.write_atomic(extract, data)
+        except OSError as exc:
+            raise files.output_error(extract, exc) from None
         doc["extracted"] = {"path": str(extract), "size": len(data)}
     if as_json:
         click.echo(json.dumps(doc, indent=2))

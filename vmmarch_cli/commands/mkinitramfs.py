@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from vmmarch_cli import files
 from vmmarch_cli.commands.run import parse_add
 
 
@@ -35,5 +36,8 @@ def mkinitramfs_command(output: Path, command: tuple[str, ...], busybox: Path | 
     script = (initramfs.command_init_script(command) if command
               else initramfs.marker_init_script(marker))
     image = initramfs.busybox_initramfs(box, script, [parse_add(a) for a in adds], compress)
-    output.write_bytes(image)
+    try:
+        files.write_atomic(output, image)
+    except OSError as exc:
+        raise files.output_error(output, exc) from None
     click.echo(f"{output}: {len(image)} bytes")

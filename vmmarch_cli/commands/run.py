@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -12,7 +13,7 @@ from typing import Any, BinaryIO
 
 import click
 
-from vmmarch_cli import machine
+from vmmarch_cli import files, machine
 from vmmarch_cli.commands import options
 from vmmarch_cli.commands.boot import report, result_json
 from vmmarch_cli.errors import BadInputError
@@ -81,7 +82,7 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
     panic exits 255, a timeout 124, a guest fault 70.
     """
     from vmmarch_cli import initramfs
-    from vmmarch_cli.assets import fetch_busybox
+    from vmmarch_cli.assets import AssetError, fetch_busybox
 
     if kwargs.get("initrd") is not None:
         raise BadInputError("run builds its own initramfs; use --add to put files in it")
@@ -95,8 +96,12 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
         image = initramfs.busybox_initramfs(box, initramfs.command_init_script(command), extra,
                                             compress=False)
     with tempfile.NamedTemporaryFile(prefix="vmm-arch-run-", suffix=".cpio") as rd:
-        rd.write(image)
-        rd.flush()
+        try:
+            rd.write(image)
+            rd.flush()
+        except OSError as exc:
+            raise AssetError(f"cannot write the initramfs in {tempfile.gettempdir()}: "
+                             f"{exc.strerror}; {files.advice(exc)} (set TMPDIR)") from None
         kwargs["initrd"] = Path(rd.name)
         config = options.boot_config(kwargs)
         out, err = _Capture(), _Capture()
@@ -108,7 +113,9 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
             result = machine.run(config, console, log, serial_sinks=sinks)
         finally:
             if log is not None:
-                log.close()
+                # A write error was already reported (Console.warnings); closing retries it.
+                with contextlib.suppress(OSError):
+                    log.close()
     if as_json:
         doc = result_json(result)
         doc["command"] = list(command)
@@ -118,7 +125,7 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
         if console_log is not None:
             doc["console_log"] = str(console_log)
         click.echo(json.dumps(doc, indent=2))
-    elif result.reason != "exit-port" or verbose:
+    elif result.reason != "exit-port" or verbose or result.warnings:
         report(result, quiet=not verbose, verbose=verbose)
     ctx.exit(result.status)
 
