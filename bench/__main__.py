@@ -20,7 +20,7 @@ from bench.inputs import Inputs
 from bench.stats import CaseResult
 
 #: Cases too slow for --quick unless named with --cases.
-SLOW = ("milestones",)
+SLOW = ("milestones", "smp")
 
 
 def _names(text: str, known: Sequence[str], what: str) -> list[str]:

@@ -103,10 +103,12 @@ def direct_boot(
     accel: str = "kvm",
     cpu: str = "host",
     mem_mib: int = 256,
+    cpus: int = 1,
 ) -> list[str]:
     """QEMU loading ``kernel`` itself: an ELF with a PVH note through PVH, a bzImage through
     its setup code (with firmware: qboot on microvm, SeaBIOS on pc)."""
-    argv = [qemu, "-accel", accel, "-cpu", cpu, "-m", str(mem_mib), *COMMON, "-M", machine,
+    argv = [qemu, "-accel", accel, "-cpu", cpu, "-m", str(mem_mib), "-smp", str(cpus), *COMMON,
+            "-M", machine,
             "-kernel", str(kernel), "-append", append]
     if initrd is not None:
         argv += ["-initrd", str(initrd)]

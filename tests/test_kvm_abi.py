@@ -94,3 +94,34 @@ def test_structures_and_numbers_match_the_kernel_headers(tmp_path: Path) -> None
                                           text=True).stdout.split()]
     mismatches = [(expr, c, py) for (expr, py), c in zip(CHECKS, got, strict=True) if c != py]
     assert not mismatches
+
+
+def test_struct_formats_match_the_ctypes_layouts() -> None:
+    """The packed formats used for bulk conversion describe the same bytes as the ctypes
+    classes (which the test above checks against the kernel)."""
+    import struct
+
+    assert struct.calcsize("<" + abi.KVM_SEGMENT_FORMAT) == ctypes.sizeof(abi.kvm_segment)
+    assert struct.calcsize("<" + abi.KVM_DTABLE_FORMAT) == ctypes.sizeof(abi.kvm_dtable)
+    assert abi.KVM_SREGS_HEAD.size == abi.kvm_sregs.interrupt_bitmap.offset
+    assert abi.KVM_CPUID_ENTRY2.size == ctypes.sizeof(abi.kvm_cpuid_entry2)
+    # Field by field: distinct values through ctypes, read back through the format.
+    k = abi.kvm_sregs()
+    names = [n for n, _ in abi.kvm_segment._fields_]
+    for i, seg in enumerate(("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")):
+        s = getattr(k, seg)
+        for j, name in enumerate(names):
+            setattr(s, name, (i * 16 + j) & 0xFF if j > 2 else 0x1000 * (i + 1) + j)
+    k.gdt.base, k.gdt.limit, k.idt.base, k.idt.limit = 0x500, 0x1F, 0x540, 7
+    for j, name in enumerate(("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")):
+        setattr(k, name, 0x1111 * (j + 1))
+    values = abi.KVM_SREGS_HEAD.unpack_from(k)
+    expected = []
+    for seg in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+        expected += [getattr(getattr(k, seg), n) for n in names]
+    expected += [0x500, 0x1F, 0x540, 7] + [0x1111 * (j + 1) for j in range(7)]
+    assert list(values) == expected
+    header, entries = abi.cpuid_buffer(2)
+    abi.KVM_CPUID_ENTRY2.pack_into(entries, abi.KVM_CPUID_ENTRY2.size, 7, 1, 1, 2, 3, 4, 5)
+    e = entries[1]
+    assert (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) == (7, 1, 1, 2, 3, 4, 5)

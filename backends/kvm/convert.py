@@ -18,59 +18,49 @@ def regs_from_kvm(k: abi.kvm_regs) -> Regs:
     return Regs(**{name: getattr(k, name) for name in (*GPR_NAMES, "rip", "rflags")})
 
 
-def segment_to_kvm(s: Segment) -> abi.kvm_segment:
-    """Split the attribute word into kvm_segment's one-byte fields (SDM vol. 3A 3.4.5)."""
-    a = s.attributes
-    k = abi.kvm_segment()
-    k.base = s.base
-    k.limit = s.limit
-    k.selector = s.selector
-    k.type = a & 0xF
-    k.s = (a >> 4) & 1
-    k.dpl = (a >> 5) & 3
-    k.present = (a >> 7) & 1
-    k.avl = (a >> 12) & 1
-    k.l = (a >> 13) & 1
-    k.db = (a >> 14) & 1
-    k.g = (a >> 15) & 1
-    k.unusable = 0 if k.present else 1
-    return k
-
-
-def segment_from_kvm(k: abi.kvm_segment) -> Segment:
-    present = k.present and not k.unusable
-    attributes = (
-        k.type | k.s << 4 | k.dpl << 5 | (1 if present else 0) << 7
-        | k.avl << 12 | k.l << 13 | k.db << 14 | k.g << 15
-    )
-    return Segment(selector=k.selector, base=k.base, limit=k.limit, attributes=attributes)
-
-
 SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 CONTROL = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+#: Fields per kvm_segment in abi.KVM_SREGS_HEAD, and where the descriptor tables start.
+_SEG_FIELDS = 13
+_TABLES = _SEG_FIELDS * len(SEGMENTS)
+
+
+def _segment_fields(s: Segment) -> tuple[int, ...]:
+    """kvm_segment's fields in order, as segment_to_kvm sets them."""
+    a = s.attributes
+    present = (a >> 7) & 1
+    return (s.base, s.limit, s.selector, a & 0xF, present, (a >> 5) & 3, (a >> 14) & 1,
+            (a >> 4) & 1, (a >> 13) & 1, (a >> 15) & 1, (a >> 12) & 1, 0 if present else 1, 0)
+
+
+def _segment(f: tuple[int, ...]) -> Segment:
+    """segment_from_kvm on the unpacked fields (base, limit, selector, type, present, dpl, db,
+    s, l, g, avl, unusable, padding)."""
+    present = 1 if f[4] and not f[11] else 0
+    attributes = (f[3] | f[7] << 4 | f[5] << 5 | present << 7
+                  | f[10] << 12 | f[8] << 13 | f[6] << 14 | f[9] << 15)
+    return Segment(selector=f[2], base=f[0], limit=f[1], attributes=attributes)
 
 
 def sregs_to_kvm(s: Sregs, into: abi.kvm_sregs) -> abi.kvm_sregs:
-    """Fill ``into`` (read from KVM first, to keep the pending-interrupt bitmap)."""
-    for name in SEGMENTS:
-        setattr(into, name, segment_to_kvm(getattr(s, name)))
-    for name, table in (("gdt", s.gdt), ("idt", s.idt)):
-        d = abi.kvm_dtable()
-        d.base = table.base
-        d.limit = table.limit
-        setattr(into, name, d)
-    for name in CONTROL:
-        setattr(into, name, getattr(s, name))
+    """Fill ``into`` up to its pending-interrupt bitmap, which is left as it is."""
+    fields: list[int] = []
+    for seg in (s.cs, s.ds, s.es, s.fs, s.gs, s.ss, s.tr, s.ldt):
+        fields += _segment_fields(seg)
+    abi.KVM_SREGS_HEAD.pack_into(into, 0, *fields, s.gdt.base, s.gdt.limit, s.idt.base,
+                                 s.idt.limit, s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer,
+                                 s.apic_base)
     return into
 
 
 def sregs_from_kvm(k: abi.kvm_sregs) -> Sregs:
-    seg = segment_from_kvm
+    v = abi.KVM_SREGS_HEAD.unpack_from(k)
+    cs, ds, es, fs, gs, ss, tr, ldt = (_segment(v[i : i + _SEG_FIELDS])
+                                       for i in range(0, _TABLES, _SEG_FIELDS))
+    t = _TABLES
     return Sregs(
-        cs=seg(k.cs), ds=seg(k.ds), es=seg(k.es), fs=seg(k.fs), gs=seg(k.gs), ss=seg(k.ss),
-        tr=seg(k.tr), ldt=seg(k.ldt),
-        gdt=DescriptorTable(k.gdt.base, k.gdt.limit),
-        idt=DescriptorTable(k.idt.base, k.idt.limit),
-        cr0=k.cr0, cr2=k.cr2, cr3=k.cr3, cr4=k.cr4, cr8=k.cr8, efer=k.efer,
-        apic_base=k.apic_base,
+        cs=cs, ds=ds, es=es, fs=fs, gs=gs, ss=ss, tr=tr, ldt=ldt,
+        gdt=DescriptorTable(v[t], v[t + 1]), idt=DescriptorTable(v[t + 2], v[t + 3]),
+        cr0=v[t + 4], cr2=v[t + 5], cr3=v[t + 6], cr4=v[t + 7], cr8=v[t + 8], efer=v[t + 9],
+        apic_base=v[t + 10],
     )

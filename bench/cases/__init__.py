@@ -32,7 +32,7 @@ CaseRunner = Callable[[Context], CaseResult]
 
 
 def registry() -> dict[str, ModuleType]:
-    from bench.cases import abstraction, exit_cost, first_run, milestones, rss, startup
+    from bench.cases import abstraction, exit_cost, first_run, milestones, rss, smp, startup
 
-    mods = (startup, first_run, exit_cost, abstraction, rss, milestones)
+    mods = (startup, first_run, exit_cost, abstraction, rss, milestones, smp)
     return {m.NAME: m for m in mods}

@@ -7,10 +7,10 @@ CS = __BOOT_CS, DS/ES/SS = __BOOT_DS; interrupts off.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import functools
 
 from vmmarch_cli.arch.x86_64 import gdt, layout
-from vmmarch_cli.vcpu import DescriptorTable, Fpu, Regs, Sregs
+from vmmarch_cli.vcpu import DescriptorTable, Fpu, Regs, Segment, Sregs
 
 # Control-register bits (Intel SDM vol. 3A 2.5) and EFER bits (2.2.1).
 X86_CR0_PE = 1 << 0
@@ -43,28 +43,40 @@ def linux64_regs(entry: int, zero_page: int = layout.ZERO_PAGE_START) -> Regs:
     )
 
 
-def _flat_sregs(current: Sregs, table: list[int], selectors: tuple[int, int, int],
-                cr0: int, cr3: int, cr4: int, efer: int) -> Sregs:
-    """Segments loaded from the boot GDT ``table`` (code, data and TSS at the given indices,
-    data in DS/ES/FS/GS/SS), the boot GDTR/IDTR and the control registers.
+@functools.cache
+def _boot_segments(protocol: str) -> tuple[Segment, Segment, Segment, DescriptorTable]:
+    """Code, data and TSS segments as loaded from the protocol's boot GDT, and its GDTR.
+    A pure function of constant tables, computed once (vCPU setup is a measured hot path)."""
+    if protocol == "pvh":
+        table = gdt.pvh_gdt()
+        selectors = (gdt.PVH_CS_INDEX, gdt.PVH_DS_INDEX, gdt.PVH_TSS_INDEX)
+    else:
+        table = gdt.linux64_gdt()
+        selectors = (gdt.BOOT_CS_INDEX, gdt.BOOT_DS_INDEX, gdt.BOOT_TSS_INDEX)
+    code, data, tss = (gdt.segment_from_gdt(table[i], i) for i in selectors)
+    return code, data, tss, DescriptorTable(layout.BOOT_GDT_START, len(table) * 8 - 1)
+
+
+#: The boot IDT: no gates, so an early exception is a triple fault the VMM reports.
+BOOT_IDTR = DescriptorTable(layout.BOOT_IDT_START, 8 - 1)
+
+
+def _flat_sregs(current: Sregs, protocol: str, cr0: int, cr3: int, cr4: int,
+                efer: int) -> Sregs:
+    """Segments loaded from the boot GDT (data in DS/ES/FS/GS/SS), the boot GDTR/IDTR and the
+    control registers.
 
     ``current`` supplies what the boot protocol leaves to the CPU's reset state (APIC base, LDT).
     """
-    code, data, tss = (gdt.segment_from_gdt(table[i], i) for i in selectors)
-    return replace(
-        current,
-        cs=code, ds=data, es=data, fs=data, gs=data, ss=data, tr=tss,
-        gdt=DescriptorTable(layout.BOOT_GDT_START, len(table) * 8 - 1),
-        idt=DescriptorTable(layout.BOOT_IDT_START, 8 - 1),
-        cr0=cr0, cr2=0, cr3=cr3, cr4=cr4, cr8=0, efer=efer,
-    )
+    code, data, tss, gdtr = _boot_segments(protocol)
+    return Sregs(cs=code, ds=data, es=data, fs=data, gs=data, ss=data, tr=tss, ldt=current.ldt,
+                 gdt=gdtr, idt=BOOT_IDTR, cr0=cr0, cr2=0, cr3=cr3, cr4=cr4, cr8=0, efer=efer,
+                 apic_base=current.apic_base)
 
 
 def linux64_sregs(current: Sregs, cr3: int) -> Sregs:
     """Long mode with the segments of ``gdt.linux64_gdt()``."""
-    return _flat_sregs(current, gdt.linux64_gdt(),
-                       (gdt.BOOT_CS_INDEX, gdt.BOOT_DS_INDEX, gdt.BOOT_TSS_INDEX),
-                       BOOT_CR0, cr3, BOOT_CR4, BOOT_EFER)
+    return _flat_sregs(current, "linux64", BOOT_CR0, cr3, BOOT_CR4, BOOT_EFER)
 
 
 #: PVH entry: protected mode with paging off (docs/misc/pvh.pandoc: "CR0: bit 0 (PE) must be
@@ -79,9 +91,7 @@ def pvh_regs(entry: int, start_info: int = layout.PVH_INFO_START) -> Regs:
 
 def pvh_sregs(current: Sregs) -> Sregs:
     """32-bit protected mode, paging off, with the segments of ``gdt.pvh_gdt()``."""
-    return _flat_sregs(current, gdt.pvh_gdt(),
-                       (gdt.PVH_CS_INDEX, gdt.PVH_DS_INDEX, gdt.PVH_TSS_INDEX),
-                       PVH_CR0, 0, 0, 0)
+    return _flat_sregs(current, "pvh", PVH_CR0, 0, 0, 0)
 
 
 def boot_fpu() -> Fpu:
