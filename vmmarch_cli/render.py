@@ -6,12 +6,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from vmmarch_cli.vcpu import GPR_NAMES, SEGMENT_NAMES, Regs, Segment, Sregs
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+
+def _table(**kwargs: Any) -> Table:
+    # rich is imported when a table is first drawn, not on the way to the first KVM_RUN: it is
+    # the largest import of a boot (~20 ms measured with -X importtime), and a --json or
+    # --quiet boot that ends well never draws one.
+    from rich.table import Table
+
+    return Table(**kwargs)
 
 
 def hex64(v: int) -> str:
@@ -37,7 +47,7 @@ def sregs_dict(s: Sregs) -> dict[str, Any]:
 
 
 def regs_table(r: Regs, title: str = "registers") -> Table:
-    t = Table(title=title, show_header=False, box=None, padding=(0, 1), expand=False)
+    t = _table(title=title, show_header=False, box=None, padding=(0, 1), expand=False)
     for _ in range(6):
         t.add_column(no_wrap=True)
     names = (*GPR_NAMES, "rip", "rflags")
@@ -50,7 +60,7 @@ def regs_table(r: Regs, title: str = "registers") -> Table:
 
 
 def sregs_tables(s: Sregs) -> list[Table]:
-    seg = Table(title="segments", padding=(0, 1))
+    seg = _table(title="segments", padding=(0, 1))
     for col in ("reg", "selector", "base", "limit", "attributes"):
         seg.add_column(col, no_wrap=True)
     for name in SEGMENT_NAMES:
@@ -58,14 +68,14 @@ def sregs_tables(s: Sregs) -> list[Table]:
         seg.add_row(name, d["selector"], d["base"], d["limit"], d["attributes"])
     seg.add_row("gdtr", "", hex64(s.gdt.base), f"{s.gdt.limit:#06x}", "")
     seg.add_row("idtr", "", hex64(s.idt.base), f"{s.idt.limit:#06x}", "")
-    ctl = Table(title="control", show_header=False, box=None, padding=(0, 2))
+    ctl = _table(title="control", show_header=False, box=None, padding=(0, 2))
     for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
         ctl.add_row(f"[bold]{name}[/]", hex64(getattr(s, name)))
     return [seg, ctl]
 
 
 def kv_table(title: str, rows: Mapping[str, str] | Sequence[tuple[str, str]]) -> Table:
-    t = Table(title=title, show_header=False, box=None, padding=(0, 2))
+    t = _table(title=title, show_header=False, box=None, padding=(0, 2))
     items = rows.items() if isinstance(rows, Mapping) else rows
     for k, v in items:
         t.add_row(f"[bold]{k}[/]", v)
@@ -75,4 +85,6 @@ def kv_table(title: str, rows: Mapping[str, str] | Sequence[tuple[str, str]]) ->
 def stderr_console() -> Console:
     # Wide enough for three 64-bit registers per row even when stderr is a pipe; soft_wrap so a
     # long text line (a panic message, the timings) is never broken for a script to grep.
+    from rich.console import Console
+
     return Console(stderr=True, highlight=False, width=120, soft_wrap=True)
