@@ -240,7 +240,7 @@ def test_page_fault_without_a_gate_is_a_triple_fault(guests: dict[str, Path]) ->
         assert p.vcpus[0].run() == Shutdown("triple fault")
 
 
-def test_exception_with_a_gate_is_reported_not_delivered(guests: dict[str, Path]) -> None:
+def test_exception_with_a_gate_is_delivered_to_its_handler(guests: dict[str, Path]) -> None:
     code = bytes.fromhex("0f0b")  # ud2
     idt = 0x3000
     with emulated(guests, code) as p:
@@ -250,10 +250,16 @@ def test_exception_with_a_gate_is_reported_not_delivered(guests: dict[str, Path]
         gate += bytes([0, 0x8E]) + ((handler >> 16) & 0xFFFF).to_bytes(2, "little")
         gate += (handler >> 32).to_bytes(4, "little") + bytes(4)
         p.vm.memory.write(idt + 6 * 16, gate)  # #UD: a present 64-bit interrupt gate
+        p.vm.memory.write(handler, bytes.fromhex("f4"))  # the handler: hlt
         v.set_sregs(replace(v.get_sregs(), idt=DescriptorTable(idt, 0xFFF)))
-        ex = v.run()
-        assert isinstance(ex, InternalError) and "not implemented" in ex.reason
-        assert "#UD" in ex.reason
+        rsp = v.get_regs().rsp
+        assert v.run() == Halt()
+        assert v.get_regs().rip == handler + 1
+        # The frame (SDM 6.14.2), on the same stack aligned down to 16: RIP of the ud2, CS,
+        # RFLAGS, RSP, SS.
+        top = (rsp & ~0xF) - 5 * 8
+        frame = [int.from_bytes(p.vm.memory.read(top + 8 * i, 8), "little") for i in range(5)]
+        assert frame[0] == p.plan_entry and frame[1] == 0x10 and frame[3] == rsp
 
 
 def test_access_outside_ram_is_an_internal_error(guests: dict[str, Path]) -> None:

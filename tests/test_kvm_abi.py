@@ -121,7 +121,7 @@ def test_struct_formats_match_the_ctypes_layouts() -> None:
         expected += [getattr(getattr(k, seg), n) for n in names]
     expected += [0x500, 0x1F, 0x540, 7] + [0x1111 * (j + 1) for j in range(7)]
     assert list(values) == expected
-    header, entries = abi.cpuid_buffer(2)
+    _, entries = abi.cpuid_buffer(2)
     abi.KVM_CPUID_ENTRY2.pack_into(entries, abi.KVM_CPUID_ENTRY2.size, 7, 1, 1, 2, 3, 4, 5)
     e = entries[1]
     assert (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) == (7, 1, 1, 2, 3, 4, 5)

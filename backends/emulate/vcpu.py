@@ -22,8 +22,9 @@ from typing import Any
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
-from backends.emulate import cpuid, descriptors, faults
-from backends.emulate.engine import ENGINE_MSRS, MODE_NAMES, Engine, UcError, mode_for
+from backends.emulate import cpuid, delivery, descriptors, faults
+from backends.emulate.engine import ENGINE_MSRS, MODE_64, MODE_NAMES, Engine, UcError, mode_for
+from backends.emulate.native import NativeCpu
 from backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
 from vmmarch_cli.arch.x86_64 import msr
 from vmmarch_cli.errors import BackendError
@@ -93,6 +94,11 @@ class EmulateVcpu:
         self._unmapped: tuple[str, int] | None = None
         self._in_undo: tuple[int, ...] | None = None
         self._in_reply: tuple[int, int] | None = None  # (port, value) for the replayed IN
+        self._native: NativeCpu | None = None
+        self._undeliverable = ""  # why the last exception could not be delivered
+        #: Exceptions and interrupts this backend delivered through the guest IDT, by vector
+        #: name (the same result field as the KVM backend's fallback injections).
+        self.injected_events: dict[str, int] = {}
 
     # --- state -------------------------------------------------------------------------
 
@@ -248,20 +254,52 @@ class EmulateVcpu:
         return None
 
     def _deliver_exception(self, vector: int) -> VcpuExit:
-        """The one place a guest exception goes. unicorn never uses the guest IDT, so this reads
-        the IDT itself: no usable gate ends as a triple fault, as on a CPU (faults.py). Delivering
-        through a present gate (pushing the frame, loading CS:RIP) is not implemented yet."""
+        """An exception the hooks could not deliver (the run stopped there): a triple fault when
+        no gate was usable, as on a CPU (faults.py), else what made delivery impossible."""
+        problem, self._undeliverable = self._undeliverable, ""
         sregs = self.get_sregs()
         outcome = faults.escalate(
             vector, lambda v: descriptors.gate_problem(self._memory, sregs, v),
             descriptors.not_present)
-        trail = " -> ".join(faults.vector_name(v) for v in outcome.trail)
         if outcome.delivered is None:
             return Shutdown("triple fault")
-        return InternalError(
-            f"exception {outcome.delivered} ({trail}) has a gate in the guest IDT, but exception "
-            "delivery is not implemented in the emulate backend"
-        )
+        return InternalError(problem or f"{faults.vector_name(vector)} could not be delivered "
+                             f"through the guest IDT in {MODE_NAMES[self._engine_mode()]} mode")
+
+    def _engine_mode(self) -> int:
+        return self._engine.mode if self._engine else mode_for(self._sregs)
+
+    def _deliver_now(self, uc: Any, vector: int) -> bool:
+        """Deliver the exception in flight through the guest IDT, from inside a hook, as the CPU
+        would (native.py); False when that cannot be done safely (the run then stops)."""
+        engine = self._engine
+        if engine is None or engine.mode != MODE_64:
+            return False  # 64-bit IDT delivery only; other modes stop as before
+        native = self._native
+        if native is None:
+            native = self._native = NativeCpu(uc)
+        s = self.get_sregs()
+        rip = engine.pc()
+        length = 0
+        if native.software:
+            before = descriptors.read_linear(self._memory, s, rip - 2, 2) or b""
+            length = 2 if before[:1] == b"\xcd" else 1
+        decision = delivery.decide(self._memory, s, s.cs.selector & 0x3,
+                                   int(uc.reg_read(x86.UC_X86_REG_RSP)), vector,
+                                   native.software, length)
+        if decision.problem:
+            self._undeliverable = decision.problem
+            native.forget()
+            return False
+        if decision.rewind:
+            uc.reg_write(x86.UC_X86_REG_RIP, rip - decision.rewind)
+        if decision.vector == vector and decision.error_code is None:
+            native.deliver()
+        else:
+            native.deliver_instead(decision.vector, decision.error_code or 0)
+        name = faults.vector_name(decision.vector)
+        self.injected_events[name] = self.injected_events.get(name, 0) + 1
+        return True
 
     def _engine_error(self, error: Exception) -> VcpuExit:
         errno = getattr(error, "errno", None)
@@ -288,6 +326,7 @@ class EmulateVcpu:
         engine.add_hook(uc_const.UC_HOOK_INSN, self._on_in, x86.UC_X86_INS_IN)
         engine.add_hook(uc_const.UC_HOOK_INSN, self._on_cpuid, x86.UC_X86_INS_CPUID)
         engine.add_hook(uc_const.UC_HOOK_INTR, self._on_interrupt)
+        engine.add_hook(uc_const.UC_HOOK_INSN_INVALID, self._on_invalid)
         engine.add_hook(uc_const.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         engine.write_sregs(self._sregs)  # guest memory (GDT, page tables) is already there
         engine.write_regs(self._regs)
@@ -321,8 +360,16 @@ class EmulateVcpu:
         return 1  # skip unicorn's own CPUID
 
     def _on_interrupt(self, uc: Any, vector: int, _: object) -> None:
-        self._vector = vector  # every exception and INT n; handled after emu_start returns
-        uc.emu_stop()
+        # Every exception but #UD, and INT n: delivered here and the guest goes on, or the
+        # run stops and _deliver_exception says why.
+        if not self._deliver_now(uc, vector):
+            self._vector = vector
+            uc.emu_stop()
+
+    def _on_invalid(self, uc: Any, _: object) -> bool:
+        # unicorn reports #UD here, not to the interrupt hook; False makes emu_start fail with
+        # UC_ERR_INSN_INVALID, which _engine_error turns into the same decision.
+        return self._deliver_now(uc, VECTOR_UD)
 
     def _on_unmapped(self, uc: Any, access: int, address: int, size: int, value: int,
                      _: object) -> bool:

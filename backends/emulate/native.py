@@ -1,0 +1,168 @@
+"""The parts of unicorn's CPU that its API does not reach, and QEMU's own interrupt delivery.
+
+unicorn hands every exception to a hook instead of the guest's IDT, and its API cannot change
+the CPL (in 64-bit mode a CS write sets the selector only). QEMU's delivery code is still in the
+library and exported: ``x86_cpu_do_interrupt_x86_64`` delivers the exception in flight exactly
+as QEMU's TCG does (gate, IST or TSS.RSP0 stack switch, error code, CS/SS, IF, CPL; SDM vol. 3A
+6.14). Called from inside unicorn's interrupt hook, it turns unicorn back into a CPU that
+delivers exceptions. Measured on unicorn 2.1.4 by a research script before use:
+``/tmp``-free facts, repeated by tests/test_emulate_delivery.py:
+
+* the hook sees RIP at the faulting instruction for faults, after it for INT n / INT3;
+* the error code is in CPUX86State (``error_code``), never in the API; CR2 is set for #PF;
+* unicorn never clears ``old_exception``, so a second fault would be promoted to #DF; QEMU's
+  delivery resets it;
+* QEMU's delivery must not itself fault: it would longjmp across the Python frames. The caller
+  checks first (gate present, DPL for INT n, stacks and tables mapped).
+
+Field offsets are found at run time from values planted through the API, in the order of
+QEMU's target/i386/cpu.h (``error_code, exception_is_int, exception_next_eip, dr[8],
+cpu_breakpoint[4], old_exception``) and checked once per process against a live exception.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from unicorn import unicorn_const as uc_const
+from unicorn import x86_const as x86
+
+from vmmarch_cli.errors import BackendError
+
+_DRS = [getattr(x86, f"UC_X86_REG_DR{i}") for i in range(8)]
+#: How far past CPUState to look for the planted values (CPUX86State sits inside X86CPU).
+_SCAN = 0x20000
+#: Offsets from dr[0] (cpu.h: int error_code; int exception_is_int; target_ulong
+#: exception_next_eip; target_ulong dr[8]; void *cpu_breakpoint[4]; int old_exception).
+_ERROR_CODE = -16
+_IS_INT = -12
+_NEXT_EIP = -8
+_OLD_EXCEPTION = 8 * 8 + 4 * 8
+
+
+def _library() -> Any:
+    from unicorn.unicorn_py3.unicorn import uclib  # the loaded libunicorn (ctypes.CDLL)
+
+    lib: Any = uclib
+    lib.qemu_get_cpu_x86_64.restype = ctypes.c_void_p
+    lib.qemu_get_cpu_x86_64.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.x86_cpu_do_interrupt_x86_64.restype = None
+    lib.x86_cpu_do_interrupt_x86_64.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Offsets from CPUState of the fields used here (one library build: one layout)."""
+
+    dr: int
+    exception_index: int
+
+
+def _cpu_state(uc: Any) -> int:
+    cpu = _library().qemu_get_cpu_x86_64(uc._uch, -1)  # unicorn leaves cpu_index at -1
+    if not cpu:
+        raise BackendError("unicorn exposes no x86_64 CPU state (not a 64-bit x86 instance)")
+    return int(cpu)
+
+
+def _find(cpu: int, needle: bytes, span: int = _SCAN) -> int:
+    return ctypes.string_at(cpu, span).find(needle)
+
+
+def _find_dr(uc: Any, cpu: int) -> int:
+    saved = [uc.reg_read(r) for r in _DRS]
+    marks = [0x5AFE_0000_D0D0_0000 + i for i in range(8)]
+    for r, v in zip(_DRS, marks, strict=True):
+        uc.reg_write(r, v)
+    offset = _find(cpu, struct.pack("<8Q", *marks))
+    for r, v in zip(_DRS, saved, strict=True):
+        uc.reg_write(r, v)
+    if offset < 0:
+        raise BackendError("unicorn's debug registers were not found in its CPU state: "
+                           "this unicorn version is not supported for exception delivery")
+    return offset
+
+
+@functools.cache
+def layout() -> Layout:
+    """Find the offsets once, in a scratch instance, and check them against a live INT n."""
+    from backends.emulate.engine import Uc
+
+    uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
+    code = 0x1000
+    uc.mem_map(code, 0x1000)
+    uc.mem_write(code, bytes.fromhex("cd77" "cd78" "f4"))  # int 0x77; int 0x78; hlt
+    cpu = _cpu_state(uc)
+    dr = _find_dr(uc, cpu)
+    seen: list[tuple[int, set[int], int, int]] = []
+
+    def hook(uc: Any, vector: int, _: object) -> None:
+        blob = ctypes.string_at(cpu, dr)
+        offsets = {o for o in range(0, dr - 4, 4)
+                   if struct.unpack_from("<i", blob, o)[0] == vector}
+        is_int = ctypes.c_int32.from_address(cpu + dr + _IS_INT).value
+        next_eip = ctypes.c_uint64.from_address(cpu + dr + _NEXT_EIP).value
+        seen.append((vector, offsets, is_int, next_eip))
+        ctypes.c_int32.from_address(cpu + dr + _OLD_EXCEPTION).value = -1
+
+    uc.hook_add(uc_const.UC_HOOK_INTR, hook)
+    uc.emu_start(code, code + 5)
+    if [(v, i, n) for v, _, i, n in seen] != [(0x77, 1, code + 2), (0x78, 1, code + 4)]:
+        raise BackendError("unicorn's exception state is not laid out as this backend expects: "
+                           "this unicorn version is not supported for exception delivery")
+    common = seen[0][1] & seen[1][1]
+    if len(common) != 1:
+        raise BackendError("unicorn's exception index was not found unambiguously: this "
+                           "unicorn version is not supported for exception delivery")
+    return Layout(dr=dr, exception_index=common.pop())
+
+
+class NativeCpu:
+    """One unicorn instance's CPU state, for the interrupt hook of its vCPU."""
+
+    def __init__(self, uc: Any) -> None:
+        self._lib = _library()
+        self._layout = layout()
+        self.cpu = _cpu_state(uc)
+        if _find_dr(uc, self.cpu) != self._layout.dr:
+            raise BackendError("unicorn's CPU state differs between instances: not supported")
+        base = self.cpu + self._layout.dr
+        self._error_code = ctypes.c_int32.from_address(base + _ERROR_CODE)
+        self._is_int = ctypes.c_int32.from_address(base + _IS_INT)
+        self._next_eip = ctypes.c_uint64.from_address(base + _NEXT_EIP)
+        self._old_exception = ctypes.c_int32.from_address(base + _OLD_EXCEPTION)
+        self._exception_index = ctypes.c_int32.from_address(
+            self.cpu + self._layout.exception_index)
+
+    @property
+    def error_code(self) -> int:
+        return self._error_code.value & 0xFFFF_FFFF
+
+    @property
+    def software(self) -> bool:
+        """INT n / INT3 / INTO (a trap whose frame RIP is the next instruction)."""
+        return bool(self._is_int.value)
+
+    def deliver(self) -> None:
+        """Deliver the exception in flight through the guest's IDT, as QEMU does. Only from
+        inside the interrupt (or invalid-instruction) hook, and only once the caller checked that
+        the delivery cannot fault."""
+        self._lib.x86_cpu_do_interrupt_x86_64(self.cpu)
+
+    def deliver_instead(self, vector: int, error_code: int) -> None:
+        """Deliver a fault ``vector`` with ``error_code`` in place of the one in flight (INT n
+        through a gate its CPL may not use becomes #GP, SDM 6.12.1.1)."""
+        self._exception_index.value = vector
+        self._error_code.value = error_code
+        self._is_int.value = 0
+        self.deliver()
+
+    def forget(self) -> None:
+        """The exception in flight was not delivered (the run stops): reset the #DF tracking
+        that unicorn leaves set, as a delivery would."""
+        self._old_exception.value = -1

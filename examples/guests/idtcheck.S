@@ -1,0 +1,477 @@
+/*
+ * idtcheck.S - exception and interrupt delivery through the guest's IDT, as the CPU does it.
+ *
+ * Each check makes one event happen (a fault, a trap, a software interrupt; at CPL 0 or from
+ * ring 3) and lets a common handler record what the CPU handed it: the vector, the error code,
+ * the frame (RIP, CS, RFLAGS, RSP, SS), the stack the handler ran on, RFLAGS inside the handler
+ * and CR2. The handler then rewrites the frame to resume at the check's continuation (in ring 0)
+ * and returns with iretq. One line per fact on COM1:
+ *
+ *     CHECK <name> <16 hex digits> <ok|FAIL>
+ *
+ * then "IDTCHECK DONE", and the number of failed lines goes to the exit port 0xf4.
+ *
+ * What is expected (Intel SDM vol. 3A chapter 6):
+ *   6.12.1  a fault pushes the RIP of the faulting instruction, a trap/INT n the next one;
+ *   6.12.1.3 an interrupt gate clears IF, a trap gate leaves it;
+ *   6.13    #GP, #PF (and #DF, #TS, #NP, #SS, #AC) push an error code: for a selector fault the
+ *           selector (6.13: index, TI, EXT); for #PF the P/W/U bits (4.7, figure 4-12);
+ *   6.12.1.1 INT n from CPL 3 through a gate with DPL < 3 is #GP with error code
+ *           vector * 8 + 2 (IDT bit);
+ *   6.14.2  64-bit mode pushes SS:RSP always; on a privilege change the CPU loads RSP from
+ *           TSS.RSP0, and a gate with IST != 0 switches to TSS.IST[n] whatever the CPL;
+ *   4.7     #PF loads CR2 with the faulting linear address.
+ *
+ * GDT as in usersyscall.S: 0x08 kernel code64, 0x10 kernel data, 0x23 user data, 0x2b user
+ * code64, 0x30 TSS.
+ */
+
+        .intel_syntax noprefix
+
+        .set COM1, 0x3f8
+        .set EXIT_PORT, 0xf4
+        .set KERNEL_CS, 0x08
+        .set KERNEL_DS, 0x10
+        .set USER_DS, 0x23
+        .set USER_CS, 0x2b
+        .set TSS_SEL, 0x30
+        .set PTE_USER, 4
+        .set RFLAGS_IF, 0x200
+        /* Gate type/attribute words (SDM 6.14.1, figure 6-8): P, DPL, type; low byte = IST. */
+        .set INTR_GATE, 0x8e00
+        .set TRAP_GATE, 0x8f00
+        .set USER_INTR_GATE, 0xee00
+        .set IST1, 1
+        /* A linear address outside the VMM's 4 GiB identity map: not present at the PDPT. */
+        .set UNMAPPED, 0x140000000
+        /* The second 2 MiB page: present, but without the U bit (a supervisor page). */
+        .set SUPERVISOR_PAGE, 0x200000
+
+/* EXPECT "name", source, wanted: print the value and whether it is the wanted one. */
+        .macro EXPECT label, src, want
+        .pushsection .rodata
+.Lname\@: .asciz "\label"
+        .popsection
+        lea     rsi, [rip + .Lname\@]
+        mov     rax, \src
+        mov     rdx, offset \want
+        call    check
+        .endm
+
+/* ARM continuation: where the handler resumes (ring 0, kernel stack). */
+        .macro ARM continuation
+        lea     rax, [rip + \continuation]
+        mov     [rip + resume_rip], rax
+        mov     [rip + resume_rsp], rsp
+        .endm
+
+/* TO_USER code: iretq to ring 3 at ``code`` on the user stack, IF set. */
+        .macro TO_USER code
+        push    USER_DS
+        lea     rax, [rip + ustack_top]
+        push    rax
+        push    0x202
+        push    USER_CS
+        lea     rax, [rip + \code]
+        push    rax
+        iretq
+        .endm
+
+        .section .text.entry, "ax", @progbits
+        .globl  _start
+_start:
+        cli
+        lea     rsp, [rip + kstack_top]
+        /* U bit for the 2 MiB page holding this guest: PML4[0], PDPT[0], PD[8] (SDM 4.6). */
+        mov     rax, cr3
+        and     rax, ~0xfff
+        or      qword ptr [rax], PTE_USER
+        mov     rbx, [rax]
+        and     rbx, ~0xfff
+        or      qword ptr [rbx], PTE_USER
+        mov     rcx, [rbx]
+        and     rcx, ~0xfff
+        or      qword ptr [rcx + 8 * 8], PTE_USER
+        mov     rax, cr3
+        mov     cr3, rax
+        /* TSS descriptor base, RSP0 and IST1 (SDM 7.7, figure 7-11). */
+        lea     rax, [rip + tss]
+        mov     word ptr [rip + gdt_tss + 2], ax
+        shr     rax, 16
+        mov     byte ptr [rip + gdt_tss + 4], al
+        mov     byte ptr [rip + gdt_tss + 7], ah
+        shr     rax, 16
+        mov     dword ptr [rip + gdt_tss + 8], eax
+        lea     rax, [rip + rsp0_top]
+        mov     [rip + tss + 4], rax
+        lea     rax, [rip + ist1_top]
+        mov     [rip + tss + 0x24], rax
+        lgdt    [rip + gdtr]
+        push    KERNEL_CS
+        lea     rax, [rip + 1f]
+        push    rax
+        retfq
+1:      mov     ax, KERNEL_DS
+        mov     ds, ax
+        mov     es, ax
+        mov     ss, ax
+        mov     ax, TSS_SEL
+        ltr     ax
+
+        mov     edi, 0
+        lea     rsi, [rip + stub_0]
+        mov     edx, INTR_GATE
+        call    set_gate
+        mov     edi, 3
+        lea     rsi, [rip + stub_3]
+        mov     edx, INTR_GATE
+        call    set_gate
+        mov     edi, 6
+        lea     rsi, [rip + stub_6]
+        mov     edx, TRAP_GATE
+        call    set_gate
+        mov     edi, 13
+        lea     rsi, [rip + stub_13]
+        mov     edx, INTR_GATE
+        call    set_gate
+        mov     edi, 14
+        lea     rsi, [rip + stub_14]
+        mov     edx, INTR_GATE
+        call    set_gate
+        mov     edi, 0x41
+        lea     rsi, [rip + stub_41]
+        mov     edx, INTR_GATE
+        call    set_gate
+        mov     edi, 0x42
+        lea     rsi, [rip + stub_42]
+        mov     edx, INTR_GATE | IST1
+        call    set_gate
+        mov     edi, 0x80
+        lea     rsi, [rip + stub_80]
+        mov     edx, USER_INTR_GATE
+        call    set_gate
+        lidt    [rip + idtr]
+        lea     rsi, [rip + msg_start]
+        call    puts
+
+/* --- CPL 0 ------------------------------------------------------------------------------ */
+
+        /* #DE through an interrupt gate: a fault (RIP of the DIV), IF cleared in the handler. */
+        ARM     2f
+        xor     ecx, ecx
+        mov     eax, 1
+        sti
+fault_de:
+        div     ecx
+2:      cli
+        EXPECT  "de_vector", "qword ptr [rip + seen_vector]", 0
+        EXPECT  "de_rip", "qword ptr [rip + seen_rip]", fault_de
+        EXPECT  "de_cs", "qword ptr [rip + seen_cs]", KERNEL_CS
+        EXPECT  "de_ss", "qword ptr [rip + seen_ss]", KERNEL_DS
+        EXPECT  "de_frame_if", "qword ptr [rip + seen_frame_if]", RFLAGS_IF
+        EXPECT  "de_handler_if", "qword ptr [rip + seen_handler_if]", 0
+        EXPECT  "de_same_stack", "qword ptr [rip + seen_stack]", 0
+
+        /* #UD through a trap gate: IF stays set in the handler. */
+        ARM     2f
+        sti
+fault_ud:
+        ud2
+2:      cli
+        EXPECT  "ud_vector", "qword ptr [rip + seen_vector]", 6
+        EXPECT  "ud_rip", "qword ptr [rip + seen_rip]", fault_ud
+        EXPECT  "ud_handler_if", "qword ptr [rip + seen_handler_if]", RFLAGS_IF
+
+        /* #GP with a selector error code: a selector past the GDT limit (SDM 6.13). */
+        ARM     2f
+        mov     ax, 0x1238
+fault_gp:
+        mov     fs, ax
+2:      EXPECT  "gp_vector", "qword ptr [rip + seen_vector]", 13
+        EXPECT  "gp_error", "qword ptr [rip + seen_error]", 0x1238
+        EXPECT  "gp_rip", "qword ptr [rip + seen_rip]", fault_gp
+
+        /* #PF, write to a linear address that is not mapped: error P=0 W=1 U=0, CR2. */
+        ARM     2f
+        mov     rbx, UNMAPPED
+fault_pf_write:
+        mov     qword ptr [rbx], 1
+2:      EXPECT  "pf_write_vector", "qword ptr [rip + seen_vector]", 14
+        EXPECT  "pf_write_error", "qword ptr [rip + seen_error]", 2
+        EXPECT  "pf_write_cr2", "qword ptr [rip + seen_cr2]", UNMAPPED
+        EXPECT  "pf_write_rip", "qword ptr [rip + seen_rip]", fault_pf_write
+
+        /* #PF on a read: error 0. */
+        ARM     2f
+        mov     rbx, UNMAPPED + 0x1234
+fault_pf_read:
+        mov     rax, qword ptr [rbx]
+2:      EXPECT  "pf_read_error", "qword ptr [rip + seen_error]", 0
+        EXPECT  "pf_read_cr2", "qword ptr [rip + seen_cr2]", UNMAPPED+0x1234
+
+        /* INT3: a trap, RIP after the one-byte instruction. */
+        ARM     2f
+trap_bp:
+        int3
+2:      EXPECT  "bp_vector", "qword ptr [rip + seen_vector]", 3
+        EXPECT  "bp_rip", "qword ptr [rip + seen_rip]", trap_bp+1
+
+        /* INT n at CPL 0 through a DPL 0 gate: RIP after the two-byte instruction. */
+        ARM     2f
+trap_int41:
+        int     0x41
+2:      EXPECT  "int41_vector", "qword ptr [rip + seen_vector]", 0x41
+        EXPECT  "int41_rip", "qword ptr [rip + seen_rip]", trap_int41+2
+
+        /* A gate with IST 1: the handler runs on TSS.IST1 even without a privilege change. */
+        ARM     2f
+        int     0x42
+2:      EXPECT  "ist_vector", "qword ptr [rip + seen_vector]", 0x42
+        EXPECT  "ist_stack", "qword ptr [rip + seen_stack]", 2
+
+/* --- from CPL 3 --------------------------------------------------------------------------- */
+
+        /* INT 0x80 through a DPL 3 gate: the CPU switches to TSS.RSP0 and pushes the user SS:RSP. */
+        ARM     2f
+        TO_USER user_int80
+2:      EXPECT  "user_int80_vector", "qword ptr [rip + seen_vector]", 0x80
+        EXPECT  "user_int80_cs", "qword ptr [rip + seen_cs]", USER_CS
+        EXPECT  "user_int80_ss", "qword ptr [rip + seen_ss]", USER_DS
+        EXPECT  "user_int80_rsp", "qword ptr [rip + seen_rsp]", ustack_top-8
+        EXPECT  "user_int80_stack", "qword ptr [rip + seen_stack]", 1
+
+        /* INT 0x41 from CPL 3 through a DPL 0 gate: #GP(0x41 * 8 + 2). */
+        ARM     2f
+        TO_USER user_int41
+2:      EXPECT  "user_int41_vector", "qword ptr [rip + seen_vector]", 13
+        EXPECT  "user_int41_error", "qword ptr [rip + seen_error]", 0x41*8+2
+        EXPECT  "user_int41_rip", "qword ptr [rip + seen_rip]", user_int41
+
+        /* HLT at CPL 3: #GP(0). */
+        ARM     2f
+        TO_USER user_hlt
+2:      EXPECT  "user_hlt_vector", "qword ptr [rip + seen_vector]", 13
+        EXPECT  "user_hlt_error", "qword ptr [rip + seen_error]", 0
+        EXPECT  "user_hlt_rip", "qword ptr [rip + seen_rip]", user_hlt
+
+        /* A read of a supervisor page from CPL 3: #PF with P=1 W=0 U=1. */
+        ARM     2f
+        TO_USER user_pf
+2:      EXPECT  "user_pf_vector", "qword ptr [rip + seen_vector]", 14
+        EXPECT  "user_pf_error", "qword ptr [rip + seen_error]", 5
+        EXPECT  "user_pf_cr2", "qword ptr [rip + seen_cr2]", SUPERVISOR_PAGE
+        EXPECT  "user_pf_cs", "qword ptr [rip + seen_cs]", USER_CS
+        EXPECT  "user_pf_stack", "qword ptr [rip + seen_stack]", 1
+
+        lea     rsi, [rip + msg_done]
+        call    puts
+        mov     rax, [rip + failures]
+        out     EXIT_PORT, al
+        cli
+3:      hlt
+        jmp     3b
+
+user_int80:
+        push    0x1234                       /* user RSP = ustack_top - 8 at the INT */
+        int     0x80
+        jmp     .
+user_int41:
+        int     0x41
+        jmp     .
+user_hlt:
+        hlt
+        jmp     .
+user_pf:
+        mov     rax, qword ptr [SUPERVISOR_PAGE]
+        jmp     .
+
+/* Handler stubs: vector, then an error code slot (0 where the CPU pushes none). */
+        .macro STUB vector, pushes_error
+stub_\vector:
+        .if \pushes_error == 0
+        push    0
+        .endif
+        push    0x\vector
+        jmp     common
+        .endm
+        STUB    0, 0
+        STUB    3, 0
+        STUB    6, 0
+        STUB    d, 1
+        STUB    e, 1
+        STUB    41, 0
+        STUB    42, 0
+        STUB    80, 0
+        .set stub_13, stub_d
+        .set stub_14, stub_e
+
+/* Stack: vector, error, RIP, CS, RFLAGS, RSP, SS. Record them, then return to the armed
+ * continuation in ring 0 on the kernel stack it was armed with. */
+common:
+        push    rax
+        mov     rax, [rsp + 8]
+        mov     [rip + seen_vector], rax
+        mov     rax, [rsp + 16]
+        mov     [rip + seen_error], rax
+        mov     rax, [rsp + 24]
+        mov     [rip + seen_rip], rax
+        mov     rax, [rsp + 32]
+        mov     [rip + seen_cs], rax
+        mov     rax, [rsp + 40]
+        and     rax, RFLAGS_IF
+        mov     [rip + seen_frame_if], rax
+        mov     rax, [rsp + 48]
+        mov     [rip + seen_rsp], rax
+        mov     rax, [rsp + 56]
+        mov     [rip + seen_ss], rax
+        pushfq
+        pop     rax
+        and     rax, RFLAGS_IF
+        mov     [rip + seen_handler_if], rax
+        mov     rax, cr2
+        mov     [rip + seen_cr2], rax
+        /* Which stack: 0 the interrupted one (kernel stack), 1 TSS.RSP0, 2 TSS.IST1. */
+        xor     eax, eax
+        lea     rdx, [rip + rsp0_top]
+        cmp     rsp, rdx
+        ja      4f
+        lea     rdx, [rip + rsp0_top - 4096]
+        cmp     rsp, rdx
+        jb      4f
+        mov     eax, 1
+4:      lea     rdx, [rip + ist1_top]
+        cmp     rsp, rdx
+        ja      5f
+        lea     rdx, [rip + ist1_top - 4096]
+        cmp     rsp, rdx
+        jb      5f
+        mov     eax, 2
+5:      mov     [rip + seen_stack], rax
+        pop     rax
+        add     rsp, 16
+        /* Rewrite the frame: ring 0 at the continuation, on the armed kernel stack. */
+        push    rax
+        mov     rax, [rip + resume_rip]
+        mov     [rsp + 8], rax
+        mov     qword ptr [rsp + 16], KERNEL_CS
+        and     qword ptr [rsp + 24], ~RFLAGS_IF
+        mov     rax, [rip + resume_rsp]
+        mov     [rsp + 32], rax
+        mov     qword ptr [rsp + 40], KERNEL_DS
+        pop     rax
+        iretq
+
+/* set_gate: IDT[edi] = 64-bit gate to rsi, CS = KERNEL_CS, type/attribute/IST word edx. */
+set_gate:
+        shl     rdi, 4
+        lea     rax, [rip + idt]
+        add     rdi, rax
+        mov     rax, rsi
+        mov     word ptr [rdi], ax
+        mov     word ptr [rdi + 2], KERNEL_CS
+        mov     word ptr [rdi + 4], dx
+        shr     rax, 16
+        mov     word ptr [rdi + 6], ax
+        shr     rax, 16
+        mov     dword ptr [rdi + 8], eax
+        mov     dword ptr [rdi + 12], 0
+        ret
+
+/* check: print "CHECK <name at rsi> <rax> ok|FAIL"; count a failure when rax != rdx. */
+check:
+        push    rax
+        push    rdx
+        push    rsi
+        lea     rsi, [rip + msg_check]
+        call    puts
+        pop     rsi
+        call    puts
+        mov     al, ' '
+        call    putc
+        mov     rax, [rsp + 8]
+        call    puthex
+        pop     rdx
+        pop     rax
+        lea     rsi, [rip + msg_ok]
+        cmp     rax, rdx
+        je      6f
+        inc     qword ptr [rip + failures]
+        lea     rsi, [rip + msg_fail]
+6:      jmp     puts
+
+putc:   mov     dx, COM1
+        out     dx, al
+        ret
+
+/* puts: the NUL-terminated string at RSI to COM1 (the VMM's UART is always ready). */
+puts:   lodsb
+        test    al, al
+        jz      7f
+        call    putc
+        jmp     puts
+7:      ret
+
+/* puthex: RAX as 16 hex digits. */
+puthex: mov     rbx, rax
+        mov     ecx, 16
+8:      rol     rbx, 4
+        mov     al, bl
+        and     al, 15
+        add     al, '0'
+        cmp     al, '9'
+        jbe     9f
+        add     al, 'a' - '9' - 1
+9:      call    putc
+        dec     ecx
+        jnz     8b
+        ret
+
+        .section .rodata
+msg_start: .asciz "IDTCHECK START\n"
+msg_done:  .asciz "IDTCHECK DONE\n"
+msg_check: .asciz "CHECK "
+msg_ok:    .asciz " ok\n"
+msg_fail:  .asciz " FAIL\n"
+
+        .section .data
+        .p2align 4
+gdt:    .quad 0
+        .quad 0x00af9b000000ffff            /* 0x08 kernel code64 */
+        .quad 0x00cf93000000ffff            /* 0x10 kernel data */
+        .quad 0x00cffb000000ffff            /* 0x18 user code32 */
+        .quad 0x00cff3000000ffff            /* 0x20 user data */
+        .quad 0x00affb000000ffff            /* 0x28 user code64 */
+gdt_tss: .quad 0x0000890000000067           /* 0x30 available 64-bit TSS, base patched */
+        .quad 0
+gdt_end:
+gdtr:   .word gdt_end - gdt - 1
+        .quad gdt
+idtr:   .word 256 * 16 - 1
+        .quad idt
+failures:         .quad 0
+resume_rip:       .quad 0
+resume_rsp:       .quad 0
+seen_vector:      .quad 0
+seen_error:       .quad 0
+seen_rip:         .quad 0
+seen_cs:          .quad 0
+seen_frame_if:    .quad 0
+seen_rsp:         .quad 0
+seen_ss:          .quad 0
+seen_handler_if:  .quad 0
+seen_cr2:         .quad 0
+seen_stack:       .quad 0
+        .p2align 4
+tss:    .fill 104, 1, 0
+
+        .section .bss
+        .p2align 12
+idt:    .fill 4096, 1, 0
+        .fill 4096, 1, 0
+kstack_top:
+        .fill 4096, 1, 0
+rsp0_top:
+        .fill 4096, 1, 0
+ist1_top:
+        .fill 4096, 1, 0
+ustack_top:
