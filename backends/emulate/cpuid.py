@@ -109,3 +109,24 @@ def _past_last_subleaf(function: int, regs: Answer) -> bool:
     if function in (0xB, 0x1F):
         return (ecx >> 8) & 0xFF == 0  # level type 0: invalid level
     return not any(regs)
+
+
+#: The emulated local APIC timer and the crystal clock CPUID 15H reports (SDM vol. 2A, CPUID
+#: leaf 15H: ECX = crystal Hz, TSC = crystal * EBX / EAX). Linux takes the TSC frequency from
+#: this leaf on Intel CPUs and sets its APIC timer period from the crystal (native_calibrate_tsc),
+#: so it neither calibrates against a PIT (which a hardware-reduced ACPI machine lacks) nor
+#: busy-waits for it.
+CRYSTAL_HZ = 1_000_000_000
+LEAF_TSC = 0x15
+TSC_RATIO_DENOMINATOR = 1000
+
+
+def with_timing_leaf(entries: Sequence[CpuidEntry], tsc_hz: int) -> list[CpuidEntry]:
+    """``entries`` plus leaf 15H for a TSC of ``tsc_hz`` (to 1 MHz), leaf 0 raised to reach it."""
+    from dataclasses import replace
+
+    numerator = max(round(tsc_hz * TSC_RATIO_DENOMINATOR / CRYSTAL_HZ), 1)
+    out = [e for e in entries if e.function != LEAF_TSC]
+    out = [replace(e, eax=max(e.eax, LEAF_TSC)) if e.function == 0 else e for e in out]
+    out.append(CpuidEntry(LEAF_TSC, 0, TSC_RATIO_DENOMINATOR, numerator, CRYSTAL_HZ, 0))
+    return sorted(out, key=lambda e: (e.function, e.index))

@@ -233,3 +233,25 @@ def scratch_cpuid() -> Callable[[int, int], tuple[int, int, int, int]]:
             x86.UC_X86_REG_RAX, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX))
 
     return query
+
+
+def host_tsc_hz(sample_seconds: float = 0.02) -> int:
+    """How fast the TSC the emulated CPU reads advances: unicorn's RDTSC returns the host's
+    (measured on 2.1.4), so the rate is the host's, timed against the monotonic clock."""
+    import time
+
+    uc: Any = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
+    code = 0x1000
+    uc.mem_map(code, 0x1000)
+    uc.mem_write(code, b"\x0f\x31\xf4")  # rdtsc; hlt
+
+    def read() -> tuple[int, int]:
+        t = time.monotonic_ns()
+        uc.emu_start(code, 0)
+        tsc = int(uc.reg_read(x86.UC_X86_REG_RAX)) & 0xFFFF_FFFF
+        return t, tsc | (int(uc.reg_read(x86.UC_X86_REG_RDX)) & 0xFFFF_FFFF) << 32
+
+    t0, c0 = read()
+    time.sleep(sample_seconds)
+    t1, c1 = read()
+    return (c1 - c0) * 1_000_000_000 // max(t1 - t0, 1)

@@ -52,6 +52,8 @@ def _library() -> Any:
     lib.qemu_get_cpu_x86_64.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.x86_cpu_do_interrupt_x86_64.restype = None
     lib.x86_cpu_do_interrupt_x86_64.argtypes = [ctypes.c_void_p]
+    lib.do_interrupt_x86_hardirq_x86_64.restype = None
+    lib.do_interrupt_x86_hardirq_x86_64.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -61,6 +63,7 @@ class Layout:
 
     dr: int
     exception_index: int
+    env: int  # CPUX86State, whose first field is RAX (regs[R_EAX])
 
 
 def _cpu_state(uc: Any) -> int:
@@ -119,7 +122,19 @@ def layout() -> Layout:
     if len(common) != 1:
         raise BackendError("unicorn's exception index was not found unambiguously: this "
                            "unicorn version is not supported for exception delivery")
-    return Layout(dr=dr, exception_index=common.pop())
+    return Layout(dr=dr, exception_index=common.pop(), env=_find_env(uc, cpu, dr))
+
+
+def _find_env(uc: Any, cpu: int, dr: int) -> int:
+    saved = uc.reg_read(x86.UC_X86_REG_RAX)
+    mark = 0x1234_5678_8765_4321
+    uc.reg_write(x86.UC_X86_REG_RAX, mark)
+    offset = ctypes.string_at(cpu, dr).find(struct.pack("<Q", mark))
+    uc.reg_write(x86.UC_X86_REG_RAX, saved)
+    if offset < 0:
+        raise BackendError("unicorn's general registers were not found in its CPU state: "
+                           "this unicorn version is not supported")
+    return offset
 
 
 class NativeCpu:
@@ -161,6 +176,11 @@ class NativeCpu:
         self._error_code.value = error_code
         self._is_int.value = 0
         self.deliver()
+
+    def interrupt(self, vector: int) -> None:
+        """Deliver an external interrupt (between bursts, with RFLAGS.IF set and the gate
+        checked, as for ``deliver``): what the CPU does when its local APIC presents one."""
+        self._lib.do_interrupt_x86_hardirq_x86_64(self.cpu + self._layout.env, vector, 1)
 
     def forget(self) -> None:
         """The exception in flight was not delivered (the run stops): reset the #DF tracking

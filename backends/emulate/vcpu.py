@@ -22,7 +22,7 @@ from typing import Any
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
-from backends.emulate import cpuid, delivery, descriptors, faults
+from backends.emulate import apic, cpuid, delivery, descriptors, faults
 from backends.emulate.engine import ENGINE_MSRS, MODE_64, MODE_NAMES, Engine, UcError, mode_for
 from backends.emulate.native import NativeCpu
 from backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
@@ -69,10 +69,29 @@ def canonical(address: int) -> bool:
     return top in (0, (1 << 17) - 1)
 
 
+#: While an interrupt waits for RFLAGS.IF, the vCPU is stopped again this often to look.
+INTERRUPT_WINDOW_SECONDS = 0.0002
+#: A halted vCPU with no timer armed still looks for a stop request this often.
+HALT_POLL_SECONDS = 0.05
+RFLAGS_IF = 0x200
+
+
 class EmulateVcpu:
-    def __init__(self, index: int, memory: MmapGuestMemory) -> None:
+    def __init__(self, index: int, memory: MmapGuestMemory,
+                 ioapic: apic.IoApic | None = None) -> None:
         self.index = index
         self._memory = memory
+        self._ioapic = ioapic
+        self._apic: apic.LocalApic | None = None
+        # Interrupt plumbing: the alarm thread fires the APIC timer and stops a running burst
+        # when an interrupt becomes deliverable; the vCPU thread injects between bursts.
+        self._wake = threading.Event()
+        self._alarm = threading.Condition()
+        self._alarm_kick = False
+        self._alarm_retry: float | None = None
+        self._alarm_thread: threading.Thread | None = None
+        self._closed = False
+        self._halted = False
         self._regs = reset_regs()
         self._sregs = reset_sregs(index)
         self._fpu = Fpu()
@@ -192,12 +211,14 @@ class EmulateVcpu:
         self._cpuid = list(entries)
 
     def get_lapic(self) -> Lapic:
-        return self._lapic
+        return self._apic.page() if self._apic is not None else self._lapic
 
     def set_lapic(self, lapic: Lapic) -> None:
         if len(lapic.page) != LAPIC_PAGE_SIZE:
             raise BackendError(f"a LAPIC page is {LAPIC_PAGE_SIZE} bytes, not {len(lapic.page)}")
         self._lapic = lapic
+        if self._apic is not None:
+            self._apic = self._new_apic(lapic)
 
     # --- running -----------------------------------------------------------------------
 
@@ -213,10 +234,120 @@ class EmulateVcpu:
 
     def _between_bursts(self) -> VcpuExit | None:
         """Everything decided while the guest is not executing, in one place: a stop request
-        ends the run. (Pending interrupts will be delivered here, after a ``_kick``.)"""
-        if self._stop.is_set():
-            return Interrupted()
-        return None
+        ends the run; a pending interrupt is delivered when RFLAGS.IF allows; a vCPU halted
+        with interrupts on sleeps until an interrupt is pending (the timer's deadline, a device,
+        a stop request), without spinning the host CPU."""
+        lapic = self._apic
+        while True:
+            if self._stop.is_set():
+                return Interrupted()
+            if lapic is None or self._engine is None:
+                return None
+            lapic.tick(time.monotonic_ns())
+            vector = lapic.pending()
+            if vector is not None:
+                # An IN waiting for its replay is half done: the interrupt comes after it, or
+                # the handler's own IN from that port would receive the replayed value.
+                if self._in_reply is not None or not self._interrupts_enabled():
+                    self._retry_kick(INTERRUPT_WINDOW_SECONDS)
+                    return None
+                problem = self._deliver_external(vector)
+                if problem:
+                    return InternalError(problem)
+                lapic.accept(vector)
+                self._halted = False
+                continue  # another may be pending at a higher priority than the new PPR
+            if not self._halted:
+                return None
+            deadline = lapic.deadline()
+            wait = HALT_POLL_SECONDS if deadline is None else min(
+                HALT_POLL_SECONDS, max(deadline - time.monotonic_ns(), 0) / 1e9)
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def _interrupts_enabled(self) -> bool:
+        assert self._engine is not None
+        return bool(int(self._engine.uc.reg_read(x86.UC_X86_REG_EFLAGS)) & RFLAGS_IF)
+
+    def _deliver_external(self, vector: int) -> str:
+        """An interrupt the local APIC presents, through the guest IDT; the problem if the
+        delivery would fault (then the run stops)."""
+        engine = self._engine
+        assert engine is not None
+        if engine.mode != MODE_64:
+            return "external interrupts are delivered in 64-bit mode only"
+        native = self._native_cpu(engine.uc)
+        s = self.get_sregs()
+        decision = delivery.decide(self._memory, s, s.cs.selector & 0x3,
+                                   int(engine.uc.reg_read(x86.UC_X86_REG_RSP)), vector,
+                                   False, 0)
+        if decision.problem or decision.vector != vector:
+            return decision.problem or f"interrupt vector {vector} has no usable gate"
+        native.interrupt(vector)
+        name = f"interrupt {vector:#x}"
+        self.injected_events[name] = self.injected_events.get(name, 0) + 1
+        return ""
+
+    def _native_cpu(self, uc: Any) -> NativeCpu:
+        if self._native is None:
+            self._native = NativeCpu(uc)
+        return self._native
+
+    # --- interrupts from devices and the APIC timer (any thread) --------------------------
+
+    def raise_interrupt(self, vector: int) -> None:
+        """A fixed interrupt for this vCPU's local APIC (from the I/O APIC)."""
+        if self._apic is not None:
+            self._apic.raise_vector(vector)
+
+    def _new_apic(self, page: Lapic) -> apic.LocalApic:
+        model = apic.LocalApic(page, cpuid.CRYSTAL_HZ)
+        model.on_change = self._interrupt_changed
+        return model
+
+    def _interrupt_changed(self) -> None:
+        """Something in the APIC changed (from MMIO inside emu_start, a device, the timer):
+        if an interrupt is now deliverable, wake a halted vCPU and have the alarm thread stop
+        the running burst. Never emu_stop here: inside an MMIO callback that would leave RIP on
+        the access and repeat it (measured)."""
+        if self._apic is None or self._apic.pending() is None:
+            with self._alarm:
+                self._alarm.notify()  # the timer deadline may have moved
+            return
+        self._wake.set()
+        with self._alarm:
+            self._alarm_kick = True
+            self._alarm.notify()
+
+    def _retry_kick(self, after: float) -> None:
+        with self._alarm:
+            self._alarm_retry = time.monotonic() + after
+            self._alarm.notify()
+
+    def _alarm_loop(self) -> None:
+        lapic = self._apic
+        assert lapic is not None
+        while True:
+            with self._alarm:
+                if self._closed:
+                    return
+                if not self._alarm_kick:
+                    timeout = HALT_POLL_SECONDS
+                    deadline = lapic.deadline()
+                    if deadline is not None:
+                        timeout = min(timeout, max(deadline - time.monotonic_ns(), 0) / 1e9)
+                    if self._alarm_retry is not None:
+                        timeout = min(timeout, max(self._alarm_retry - time.monotonic(), 0))
+                    self._alarm.wait(timeout)
+                kick = self._alarm_kick
+                self._alarm_kick = False
+                if self._alarm_retry is not None and time.monotonic() >= self._alarm_retry:
+                    self._alarm_retry = None
+                    kick = True
+            lapic.tick(time.monotonic_ns())  # may set _alarm_kick again through on_change
+            if kick and lapic.pending() is not None:
+                self._wake.set()
+                self._kick()
 
     def _run_burst(self, engine: Engine) -> VcpuExit | None:
         """Emulate until something stops unicorn; the exit it means, or None to go on."""
@@ -248,8 +379,12 @@ class EmulateVcpu:
         if self._stop.is_set() or self._kicked:
             return None  # _between_bursts decides
         # Nothing stopped emulation but the guest itself: unicorn returns from emu_start after
-        # HLT with the PC past it (it has no HLT hook), so check the byte before the PC.
+        # HLT with the PC past it (it has no HLT hook), so check the byte before the PC. With
+        # interrupts on, the vCPU waits for one (_between_bursts); with them off it is done.
         if self._byte_before_pc(engine) == OPCODE_HLT:
+            if self._apic is not None and self._interrupts_enabled():
+                self._halted = True
+                return None
             return Halt()
         return None
 
@@ -275,9 +410,7 @@ class EmulateVcpu:
         engine = self._engine
         if engine is None or engine.mode != MODE_64:
             return False  # 64-bit IDT delivery only; other modes stop as before
-        native = self._native
-        if native is None:
-            native = self._native = NativeCpu(uc)
+        native = self._native_cpu(uc)
         s = self.get_sregs()
         rip = engine.pc()
         length = 0
@@ -328,12 +461,31 @@ class EmulateVcpu:
         engine.add_hook(uc_const.UC_HOOK_INTR, self._on_interrupt)
         engine.add_hook(uc_const.UC_HOOK_INSN_INVALID, self._on_invalid)
         engine.add_hook(uc_const.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        if engine.mode == MODE_64:
+            # The local APIC (xAPIC page) and the I/O APIC as MMIO: reads and writes call the
+            # models, through the guest's paging (measured: ~1 us per access).
+            self._apic = self._new_apic(self._lapic)
+            model = self._apic
+            engine.uc.mmio_map(apic.APIC_BASE, apic.MMIO_SIZE,
+                               lambda uc, off, size, _: model.read(off, size), None,
+                               lambda uc, off, size, value, _: model.write(off, size, value),
+                               None)
+            ioapic = self._ioapic
+            if ioapic is not None:
+                engine.uc.mmio_map(apic.IOAPIC_BASE, apic.MMIO_SIZE,
+                                   lambda uc, off, size, _: ioapic.read(off, size), None,
+                                   lambda uc, off, size, value, _: ioapic.write(off, size, value),
+                                   None)
+            self._alarm_thread = threading.Thread(target=self._alarm_loop, daemon=True,
+                                                  name=f"vcpu{self.index}-apic")
         engine.write_sregs(self._sregs)  # guest memory (GDT, page tables) is already there
         engine.write_regs(self._regs)
         engine.write_fpu(self._fpu)
         for index, value in self._msrs.items():
             engine.write_msr(index, value)
         self._engine = engine
+        if self._alarm_thread is not None:
+            self._alarm_thread.start()
         return engine
 
     # --- hooks (called by unicorn on the vCPU thread, inside emu_start) ------------------
@@ -390,6 +542,7 @@ class EmulateVcpu:
 
     def request_stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._kick()
 
     def _kick(self) -> None:
@@ -418,5 +571,10 @@ class EmulateVcpu:
                 self._engine.stop()
 
     def close(self) -> None:
+        with self._alarm:
+            self._closed = True
+            self._alarm.notify()
+        if self._alarm_thread is not None and self._alarm_thread.is_alive():
+            self._alarm_thread.join()
         with self._lock:
             self._engine = None

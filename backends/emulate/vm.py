@@ -1,10 +1,14 @@
-"""An emulated VM: guest RAM shared with unicorn, a CPUID model, vCPUs; no interrupt controller."""
+"""An emulated VM: guest RAM shared with unicorn, a CPUID model, vCPUs, and the I/O APIC that
+takes the devices' interrupt lines to the (first) vCPU's local APIC."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
-from backends.emulate.cpuid import model_cpuid
+from backends.emulate.apic import IoApic
+from backends.emulate.cpuid import model_cpuid, with_timing_leaf
+from backends.emulate.engine import host_tsc_hz
 from backends.emulate.vcpu import EmulateVcpu
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import CpuidEntry
@@ -14,22 +18,31 @@ class EmulateVm:
     def __init__(self, regions: Sequence[tuple[int, int]]) -> None:
         self.memory = MmapGuestMemory(regions)
         self._vcpus: list[EmulateVcpu] = []
-        #: Interrupt line levels as the devices drive them; nothing delivers them yet.
-        self.irq_levels: dict[int, bool] = {}
+        # The I/O APIC ID follows the CPUs' as in the MADT and MP table; one vCPU: ID 1.
+        self.ioapic = IoApic(1, self._deliver)
 
     def supported_cpuid(self) -> list[CpuidEntry]:
-        return list(model_cpuid())
+        return with_timing_leaf(model_cpuid(), _tsc_hz())
 
     def create_vcpu(self, index: int) -> EmulateVcpu:
-        vcpu = EmulateVcpu(index, self.memory)
+        vcpu = EmulateVcpu(index, self.memory, self.ioapic)
         self._vcpus.append(vcpu)
         return vcpu
 
     def set_irq_line(self, irq: int, level: bool) -> None:
-        self.irq_levels[irq] = level
+        self.ioapic.set_irq(irq, level)
+
+    def _deliver(self, vector: int) -> None:
+        if self._vcpus:
+            self._vcpus[0].raise_interrupt(vector)
 
     def close(self) -> None:
         for vcpu in self._vcpus:
             vcpu.close()
         self._vcpus.clear()
         self.memory.close()
+
+
+@functools.cache
+def _tsc_hz() -> int:
+    return host_tsc_hz()
