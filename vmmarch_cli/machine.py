@@ -258,6 +258,10 @@ def run(
         console = Console(console_sink, lambda kind, text: state.stop(kind, text),
                           config.expect, console_log)
         bus = _devices(prepared.vm, console, state, serial_sinks)
+        for v in prepared.vcpus:
+            attach_io = getattr(v, "attach_io", None)  # a backend that completes port I/O
+            if attach_io is not None:                  # inside the vCPU (emulate) takes the bus
+                attach_io(*_io_handlers(bus, state))
         threads = [
             threading.Thread(target=_vcpu_loop, args=(v, bus, state), name=f"vcpu{v.index}",
                              daemon=True)
@@ -343,6 +347,24 @@ class IrqLines:
                 self._vm.set_irq_line(irq, bool(sources))
 
         return drive
+
+
+def _io_handlers(bus: IoBus, state: _Run
+                 ) -> tuple[Callable[[int, int], int], Callable[[int, int, int], None]]:
+    """The bus as direct calls, with the same locking and counting as the exits in _vcpu_loop."""
+    exits = state.exits
+
+    def read(port: int, size: int) -> int:
+        exits["io"] += 1
+        with state.device_lock:
+            return bus.read(port, size)
+
+    def write(port: int, size: int, value: int) -> None:
+        exits["io"] += 1
+        with state.device_lock:
+            bus.write(port, size, value)
+
+    return read, write
 
 
 def _sampler(vcpus: Sequence[Vcpu], state: _Run, hz: float) -> None:

@@ -102,10 +102,13 @@ class Engine:
     def add_hook(self, kind: int, callback: Callable[..., Any], insn: int = 0) -> None:
         self.uc.hook_add(kind, callback, None, 1, 0, insn)
 
-    def run(self) -> None:
+    def run(self, precise: bool = True) -> None:
         """Emulate from the current PC until a hook or another thread stops it, HLT, or an
-        error (raised as UcError)."""
-        self.uc.emu_start(self.pc(), 0, 0, RUN_UNTIL_STOPPED)
+        error (raised as UcError). ``precise``: a stop takes effect after the current
+        instruction (needed when port I/O leaves emu_start); otherwise at the end of the
+        translation block, which keeps TCG's lazily computed flags consistent and runs 10-20x
+        faster (measured: no per-instruction hook)."""
+        self.uc.emu_start(self.pc(), 0, 0, RUN_UNTIL_STOPPED if precise else 0)
 
     def stop(self) -> None:
         self.uc.emu_stop()

@@ -54,7 +54,26 @@ def _library() -> Any:
     lib.x86_cpu_do_interrupt_x86_64.argtypes = [ctypes.c_void_p]
     lib.do_interrupt_x86_hardirq_x86_64.restype = None
     lib.do_interrupt_x86_hardirq_x86_64.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.x86_update_hflags_x86_64.restype = None
+    lib.x86_update_hflags_x86_64.argtypes = [ctypes.c_void_p]
     return lib
+
+
+class SegmentCache(ctypes.Structure):
+    """QEMU's SegmentCache (target/i386/cpu.h): selector, base, limit, flags, where flags is
+    the descriptor's high dword layout (DESC_* below)."""
+
+    _fields_ = [("selector", ctypes.c_uint32), ("base", ctypes.c_uint64),
+                ("limit", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+#: env->segs[] order (cpu.h R_ES .. R_GS) and the descriptor bits SYSCALL loads (SDM vol. 2B,
+#: SYSCALL: flat 64-bit code and flat data, DPL 0), in QEMU's DESC_* positions.
+R_CS, R_SS, R_FS = 1, 2, 4
+DESC_A, DESC_W_R, DESC_CS, DESC_S, DESC_P = 1 << 8, 1 << 9, 1 << 11, 1 << 12, 1 << 15
+DESC_L, DESC_B, DESC_G = 1 << 21, 1 << 22, 1 << 23
+KERNEL_CODE64 = DESC_G | DESC_P | DESC_S | DESC_CS | DESC_W_R | DESC_A | DESC_L
+KERNEL_DATA = DESC_G | DESC_B | DESC_P | DESC_S | DESC_W_R | DESC_A
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,7 @@ class Layout:
     dr: int
     exception_index: int
     env: int  # CPUX86State, whose first field is RAX (regs[R_EAX])
+    segs: int  # env->segs[6], from CPUState
 
 
 def _cpu_state(uc: Any) -> int:
@@ -122,7 +142,21 @@ def layout() -> Layout:
     if len(common) != 1:
         raise BackendError("unicorn's exception index was not found unambiguously: this "
                            "unicorn version is not supported for exception delivery")
-    return Layout(dr=dr, exception_index=common.pop(), env=_find_env(uc, cpu, dr))
+    return Layout(dr=dr, exception_index=common.pop(), env=_find_env(uc, cpu, dr),
+                  segs=_find_segs(uc, cpu, dr))
+
+
+def _find_segs(uc: Any, cpu: int, dr: int) -> int:
+    """segs[R_FS].base holds FS_BASE: plant a value there and step back to segs[0]."""
+    saved = uc.reg_read(x86.UC_X86_REG_FS_BASE)
+    mark = 0x7EAD_BEEF_0FED_CBA8
+    uc.reg_write(x86.UC_X86_REG_FS_BASE, mark)
+    offset = ctypes.string_at(cpu, dr).find(struct.pack("<Q", mark))
+    uc.reg_write(x86.UC_X86_REG_FS_BASE, saved)
+    if offset < 0 or ctypes.sizeof(SegmentCache) != 24:
+        raise BackendError("unicorn's segment registers were not found in its CPU state: "
+                           "this unicorn version is not supported")
+    return offset - SegmentCache.base.offset - R_FS * ctypes.sizeof(SegmentCache)
 
 
 def _find_env(uc: Any, cpu: int, dr: int) -> int:
@@ -181,6 +215,17 @@ class NativeCpu:
         """Deliver an external interrupt (between bursts, with RFLAGS.IF set and the gate
         checked, as for ``deliver``): what the CPU does when its local APIC presents one."""
         self._lib.do_interrupt_x86_hardirq_x86_64(self.cpu + self._layout.env, vector, 1)
+
+    def enter_kernel(self, selector: int) -> None:
+        """CS and SS as SYSCALL loads them from IA32_STAR[47:32] (flat, DPL 0, 64-bit code),
+        and the CPL and mode flags recomputed from them (QEMU's x86_update_hflags). unicorn
+        implements SYSCALL as a hook only; its API cannot change the CPL."""
+        segs = (SegmentCache * 6).from_address(self.cpu + self._layout.segs)
+        segs[R_CS].selector, segs[R_CS].base = selector & 0xFFFC, 0
+        segs[R_CS].limit, segs[R_CS].flags = 0xFFFF_FFFF, KERNEL_CODE64
+        segs[R_SS].selector, segs[R_SS].base = (selector + 8) & 0xFFFC, 0
+        segs[R_SS].limit, segs[R_SS].flags = 0xFFFF_FFFF, KERNEL_DATA
+        self._lib.x86_update_hflags_x86_64(self.cpu + self._layout.env)
 
     def forget(self) -> None:
         """The exception in flight was not delivered (the run stops): reset the #DF tracking

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -74,6 +74,7 @@ INTERRUPT_WINDOW_SECONDS = 0.0002
 #: A halted vCPU with no timer armed still looks for a stop request this often.
 HALT_POLL_SECONDS = 0.05
 RFLAGS_IF = 0x200
+RFLAGS_RF = 0x10000
 
 
 class EmulateVcpu:
@@ -92,6 +93,9 @@ class EmulateVcpu:
         self._alarm_thread: threading.Thread | None = None
         self._closed = False
         self._halted = False
+        # Port I/O completed inside the hooks (attach_io), instead of IoIn/IoOut exits.
+        self._io_read: Callable[[int, int], int] | None = None
+        self._io_write: Callable[[int, int, int], None] | None = None
         self._regs = reset_regs()
         self._sregs = reset_sregs(index)
         self._fpu = Fpu()
@@ -359,7 +363,7 @@ class EmulateVcpu:
             self._emulating = self._burst
         error: Exception | None = None
         try:
-            engine.run()
+            engine.run(precise=self._io_read is None)
         except UcError as e:
             error = e
         except Exception as e:  # a hook failed; unicorn re-raises it after stopping
@@ -458,6 +462,7 @@ class EmulateVcpu:
         engine.add_hook(uc_const.UC_HOOK_INSN, self._on_out, x86.UC_X86_INS_OUT)
         engine.add_hook(uc_const.UC_HOOK_INSN, self._on_in, x86.UC_X86_INS_IN)
         engine.add_hook(uc_const.UC_HOOK_INSN, self._on_cpuid, x86.UC_X86_INS_CPUID)
+        engine.add_hook(uc_const.UC_HOOK_INSN, self._on_syscall, x86.UC_X86_INS_SYSCALL)
         engine.add_hook(uc_const.UC_HOOK_INTR, self._on_interrupt)
         engine.add_hook(uc_const.UC_HOOK_INSN_INVALID, self._on_invalid)
         engine.add_hook(uc_const.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
@@ -490,11 +495,25 @@ class EmulateVcpu:
 
     # --- hooks (called by unicorn on the vCPU thread, inside emu_start) ------------------
 
+    def attach_io(self, read: Callable[[int, int], int],
+                  write: Callable[[int, int, int], None]) -> None:
+        """Complete port I/O inside the instruction hooks with these device handlers instead of
+        returning IoIn/IoOut exits (an optional capability the machine uses where a backend
+        offers it). On this backend an exit costs a stop in mid-block, which needs unicorn's
+        per-instruction mode; without exits the guest runs at full speed, and a stop request
+        takes effect at a block boundary, where the CPU state is whole."""
+        self._io_read, self._io_write = read, write
+
     def _on_out(self, uc: Any, port: int, size: int, value: int, _: object) -> None:
+        if self._io_write is not None:
+            self._io_write(port, size, value & ((1 << 8 * size) - 1))
+            return
         self._exit = IoOut(port, size, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
         uc.emu_stop()  # after this instruction, as the engine runs with per-instruction checks
 
     def _on_in(self, uc: Any, port: int, size: int, _: object) -> int:
+        if self._io_read is not None:
+            return self._io_read(port, size) & ((1 << 8 * size) - 1)
         reply = self._in_reply
         if reply is not None and reply[0] == port:
             self._in_reply = None
@@ -510,6 +529,22 @@ class EmulateVcpu:
         leaf, subleaf = self._engine.cpuid_inputs()
         self._engine.write_cpuid_result(*cpuid.answer(self._cpuid, leaf, subleaf))
         return 1  # skip unicorn's own CPUID
+
+    def _on_syscall(self, uc: Any, _: object) -> None:
+        """SYSCALL in 64-bit mode as the SDM defines it (vol. 2B): unicorn only calls this hook
+        and then adds the instruction's 2 bytes to RIP, so RIP is set to LSTAR - 2 here."""
+        engine = self._engine
+        assert engine is not None
+        if engine.mode != MODE_64:
+            return  # not a 64-bit kernel's entry; unicorn's NOP stands
+        rip = engine.pc()
+        rflags = int(uc.reg_read(x86.UC_X86_REG_RFLAGS))
+        uc.reg_write(x86.UC_X86_REG_RCX, rip + 2)
+        uc.reg_write(x86.UC_X86_REG_R11, rflags & ~RFLAGS_RF)
+        uc.reg_write(x86.UC_X86_REG_RFLAGS,
+                     rflags & ~engine.read_msr(msr.MSR_SYSCALL_MASK) & ~RFLAGS_RF)
+        self._native_cpu(uc).enter_kernel((engine.read_msr(msr.MSR_STAR) >> 32) & 0xFFFF)
+        uc.reg_write(x86.UC_X86_REG_RIP, engine.read_msr(msr.MSR_LSTAR) - 2)
 
     def _on_interrupt(self, uc: Any, vector: int, _: object) -> None:
         # Every exception but #UD, and INT n: delivered here and the guest goes on, or the

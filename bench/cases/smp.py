@@ -11,6 +11,7 @@ before SMP bring-up: the ratios cover the milestones both reach (banner, ``Memor
 from __future__ import annotations
 
 import functools
+import sys
 
 from bench import harness, inputs, peers
 from bench.cases import Context, Settings
@@ -28,7 +29,9 @@ MILESTONES = {
     "run_init": r"Run /init",
 }
 METRICS = ("linux_version", "memory", "smp_up", "run_init", "peak_rss_mib")
-TIMEOUT = 2400.0
+#: Measured here: 1 vCPU reaches Run /init in ~7 min; 4 vCPUs on 2 host cores had not after
+#: 33 min (the kernel's cross-CPU work under an emulated ring 0), so each run is capped.
+TIMEOUT = 1200.0
 QEMU_TIMEOUT = 900.0
 
 
@@ -45,8 +48,10 @@ def _vmm_arch(ctx: Context, cpus: int, mib: int, cmdline: str) -> Sample:
                                 "--timeout", str(int(TIMEOUT - 60)))
     run = harness.measure(argv, MILESTONES, timeout=TIMEOUT, env=inputs.vmm_arch_env())
     if run.returncode != 0:
-        raise RuntimeError(f"vmm-arch --cpus {cpus} --mem {mib}M exited {run.returncode}: "
-                           f"{run.describe_tail()}")
+        # Still a result (the milestones it reached): say what happened and go on, so one
+        # slow configuration does not lose the others' figures.
+        print(f"  vmm-arch --cpus {cpus} --mem {mib}M exited {run.returncode}: "
+              f"{run.describe_tail(3)}", file=sys.stderr)
     return _sample(run)
 
 
