@@ -70,6 +70,11 @@ class SegmentCache(ctypes.Structure):
 #: env->segs[] order (cpu.h R_ES .. R_GS) and the descriptor bits SYSCALL loads (SDM vol. 2B,
 #: SYSCALL: flat 64-bit code and flat data, DPL 0), in QEMU's DESC_* positions.
 R_CS, R_SS, R_FS = 1, 2, 4
+#: env->hflags sits right before env->segs (cpu.h: ... cc_op, df, hflags, hflags2, segs[6]);
+#: HF_INHIBIT_IRQ is set for the one instruction after STI or MOV SS (SDM 6.8.3), when the
+#: CPU takes no external interrupt.
+HFLAGS_BEFORE_SEGS = 8
+HF_INHIBIT_IRQ = 1 << 3
 DESC_A, DESC_W_R, DESC_CS, DESC_S, DESC_P = 1 << 8, 1 << 9, 1 << 11, 1 << 12, 1 << 15
 DESC_L, DESC_B, DESC_G = 1 << 21, 1 << 22, 1 << 23
 KERNEL_CODE64 = DESC_G | DESC_P | DESC_S | DESC_CS | DESC_W_R | DESC_A | DESC_L
@@ -187,6 +192,8 @@ class NativeCpu:
         self._old_exception = ctypes.c_int32.from_address(base + _OLD_EXCEPTION)
         self._exception_index = ctypes.c_int32.from_address(
             self.cpu + self._layout.exception_index)
+        self._hflags = ctypes.c_uint32.from_address(
+            self.cpu + self._layout.segs - HFLAGS_BEFORE_SEGS)
 
     @property
     def error_code(self) -> int:
@@ -210,6 +217,11 @@ class NativeCpu:
         self._error_code.value = error_code
         self._is_int.value = 0
         self.deliver()
+
+    @property
+    def interrupt_shadow(self) -> bool:
+        """The instruction after STI / MOV SS has not run yet: no external interrupt now."""
+        return bool(self._hflags.value & HF_INHIBIT_IRQ)
 
     def interrupt(self, vector: int) -> None:
         """Deliver an external interrupt (between bursts, with RFLAGS.IF set and the gate

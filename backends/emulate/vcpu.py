@@ -252,7 +252,8 @@ class EmulateVcpu:
             if vector is not None:
                 # An IN waiting for its replay is half done: the interrupt comes after it, or
                 # the handler's own IN from that port would receive the replayed value.
-                if self._in_reply is not None or not self._interrupts_enabled():
+                if self._in_reply is not None or not self._interrupts_enabled() or \
+                        self._native_cpu(self._engine.uc).interrupt_shadow:
                     self._retry_kick(INTERRUPT_WINDOW_SECONDS)
                     return None
                 problem = self._deliver_external(vector)
