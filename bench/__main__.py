@@ -16,6 +16,7 @@ from bench import report
 from bench.cases import Context, Settings, registry
 from bench.cases import milestones as milestones_case
 from bench.cases import rss as rss_case
+from bench.cases import smp as smp_case
 from bench.inputs import Inputs
 from bench.stats import CaseResult
 
@@ -49,6 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-peer", action="store_true", help="do not look for or install QEMU")
     p.add_argument("--milestone-configs", default=",".join(milestones_case.CONFIGS),
                    help="milestones configurations to run (default: %(default)s)")
+    p.add_argument("--smp-configs", default=",".join(f"{c}x{m}" for c, m in smp_case.CONFIGS),
+                   help="smp configurations as VCPUSxMIB (default: %(default)s)")
     p.add_argument("--rss-peer-guest", choices=("tiny", "stock"), default="tiny",
                    help="what QEMU runs in the rss case (default: %(default)s)")
     args = p.parse_args(argv)
@@ -62,6 +65,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.selected = [c for c in selected if c not in skip]
     args.configs = tuple(_names(args.milestone_configs, milestones_case.CONFIGS,
                                 "milestone configuration"))
+    try:
+        args.smp_configs = tuple((int(c), int(m)) for c, m in (
+            item.strip().split("x") for item in args.smp_configs.split(",") if item.strip()))
+    except ValueError:
+        p.error("--smp-configs takes VCPUSxMIB items, e.g. 1x256,2x256,1x4096")
     return args
 
 
@@ -78,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
     milestones_case.SELECTED = args.configs
+    smp_case.SELECTED = args.smp_configs
     rss_case.PEER_GUEST = args.rss_peer_guest
     inputs = Inputs(progress, want_peer=not args.no_peer)
     facts = report.machine_facts()

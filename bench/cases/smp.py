@@ -22,6 +22,8 @@ DEFAULTS = Settings(runs=1, warmup=0)
 QUICK = Settings(runs=1, warmup=0, quick=True)
 #: (vCPUs, guest MiB): the vCPU series at 256 MiB, the memory series at 1 vCPU.
 CONFIGS = ((1, 256), (2, 256), (4, 256), (1, 4096), (1, 16384))
+#: Which configurations to run; set by the command line (--smp-configs).
+SELECTED: tuple[tuple[int, int], ...] = CONFIGS
 MILESTONES = {
     "linux_version": r"Linux version ",
     "memory": r"Memory: ",
@@ -72,7 +74,7 @@ def run(ctx: Context) -> CaseResult:
     plan = ctx.inputs.plan(stock.vmlinux)
     qemu = ctx.inputs.qemu()
     cpu = ctx.inputs.host_cpu(qemu, plan.cpu_mask) if qemu is not None else ""
-    configs = CONFIGS[:1] if s.quick else CONFIGS
+    configs = SELECTED[:1] if s.quick else SELECTED
     table = Table("stock kernel: vCPUs and guest size", "vmm-arch (PVH)",
                   "QEMU microvm (PVH), until it dies")
     for cpus, mib in configs:
