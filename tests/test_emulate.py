@@ -103,7 +103,7 @@ def test_spin_times_out_on_both(guests: dict[str, Path], backend: str) -> None:
 def test_probe_and_backends_command() -> None:
     info = backends.probe("emulate")
     assert info.usable and info.facts["engine"].startswith("unicorn 2.")
-    assert "no interrupts yet" in info.facts["cpu"]
+    assert "through the guest IDT" in info.facts["cpu"] and "APIC" in info.facts["devices"]
     p = run_cli("backends", "--json")
     assert p.returncode == 0
     emulate = next(b for b in json.loads(p.stdout) if b["name"] == "emulate")

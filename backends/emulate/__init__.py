@@ -48,8 +48,9 @@ class EmulateHypervisor:
     def info(self) -> HypervisorInfo:
         return HypervisorInfo(NAME, True, "", {
             "engine": f"unicorn {self._version}",
-            "cpu": "one software CPU; no interrupts yet",
-            "exits": "port I/O, HLT, faults (no MMIO devices)",
+            "cpu": "one software CPU; exceptions, SYSCALL and interrupts through the guest IDT "
+                   "(64-bit mode)",
+            "devices": "local APIC and I/O APIC (MMIO); port I/O devices as on KVM",
         })
 
     def default_cpu_mask(self) -> frozenset[str]:
