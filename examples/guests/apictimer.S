@@ -1,0 +1,231 @@
+/*
+ * apictimer.S - the local APIC timer and external interrupts, as a guest kernel uses them.
+ *
+ * The guest installs an interrupt gate for vector 0xec, software-enables its xAPIC (SVR,
+ * SDM 10.4.7.1), programs the timer in periodic mode (LVT timer, divide configuration, initial
+ * count; SDM 10.5.4) and waits in `sti; hlt` until the handler has run TICKS times. The handler
+ * counts, checks that the vector is in service (ISR, SDM 10.8.4) and writes EOI. Then it sends
+ * itself a fixed IPI through the ICR (shorthand "self", SDM 10.6.1) and checks that it arrives,
+ * and finally masks the timer and checks that the count stops. One line per fact on COM1:
+ *
+ *     CHECK <name> <16 hex digits> <ok|FAIL>
+ *
+ * and the number of failed lines to the exit port 0xf4. The APIC is used through its MMIO page
+ * at 0xfee00000, which the VMM's identity map covers.
+ */
+
+        .intel_syntax noprefix
+
+        .set COM1, 0x3f8
+        .set EXIT_PORT, 0xf4
+        .set APIC, 0xfee00000
+        .set APIC_EOI, 0xb0
+        .set APIC_SVR, 0xf0
+        .set APIC_ISR, 0x100
+        .set APIC_ICR_LOW, 0x300
+        .set APIC_LVT_TIMER, 0x320
+        .set APIC_TIMER_INITIAL, 0x380
+        .set APIC_TIMER_DIVIDE, 0x3e0
+        .set TIMER_VECTOR, 0xec
+        .set IPI_VECTOR, 0xf7
+        .set LVT_PERIODIC, 1 << 17
+        .set LVT_MASKED, 1 << 16
+        .set SVR_ENABLE, 1 << 8
+        .set ICR_SELF, 1 << 18
+        .set TICKS, 5
+        .set KERNEL_CS, 0x10                /* the boot GDT's __BOOT_CS */
+
+        .macro EXPECT label, src, want
+        .pushsection .rodata
+.Lname\@: .asciz "\label"
+        .popsection
+        lea     rsi, [rip + .Lname\@]
+        mov     rax, \src
+        mov     rdx, offset \want
+        call    check
+        .endm
+
+        .section .text.entry, "ax", @progbits
+        .globl  _start
+_start:
+        cli
+        lea     rsp, [rip + stack_top]
+        mov     edi, TIMER_VECTOR
+        lea     rsi, [rip + timer_handler]
+        call    set_gate
+        mov     edi, IPI_VECTOR
+        lea     rsi, [rip + ipi_handler]
+        call    set_gate
+        lidt    [rip + idtr]
+        lea     rsi, [rip + msg_start]
+        call    puts
+
+        mov     rbx, APIC
+        mov     dword ptr [rbx + APIC_SVR], SVR_ENABLE | 0xff
+        mov     dword ptr [rbx + APIC_TIMER_DIVIDE], 0xb           /* divide by 1 */
+        mov     dword ptr [rbx + APIC_LVT_TIMER], LVT_PERIODIC | TIMER_VECTOR
+        /* A period long enough that the handler always finishes first, short enough to wait:
+         * 2,000,000 ticks of the bus clock (2 ms at 1 GHz, 20 ms at 100 MHz). */
+        mov     dword ptr [rbx + APIC_TIMER_INITIAL], 2000000
+1:      sti
+        hlt
+        cli
+        cmp     qword ptr [rip + ticks], TICKS
+        jb      1b
+        EXPECT  "timer_ticks", "qword ptr [rip + ticks]", TICKS
+        EXPECT  "timer_in_service", "qword ptr [rip + in_service]", TICKS
+        EXPECT  "timer_frame_if", "qword ptr [rip + frame_if]", 0x200
+
+        /* Mask the timer: no more ticks while interrupts are on for a while. A tick already
+         * requested when the LVT was masked may still be taken (masking does not clear IRR), so
+         * interrupts are opened once to drain it before counting. */
+        mov     dword ptr [rbx + APIC_LVT_TIMER], LVT_MASKED | LVT_PERIODIC | TIMER_VECTOR
+        call    spin_with_interrupts
+        mov     rax, [rip + ticks]
+        mov     [rip + ticks_at_mask], rax
+        call    spin_with_interrupts
+        mov     rax, [rip + ticks]
+        sub     rax, [rip + ticks_at_mask]
+        mov     [rip + ticks_after_mask], rax
+        EXPECT  "masked_ticks", "qword ptr [rip + ticks_after_mask]", 0
+
+        /* A fixed self-IPI: pending while IF=0, taken once interrupts are open (`sti; hlt`:
+         * the STI shadow lets the HLT start, the pending interrupt ends it at once). */
+        mov     dword ptr [rbx + APIC_ICR_LOW], ICR_SELF | IPI_VECTOR
+        EXPECT  "ipi_before_sti", "qword ptr [rip + ipis]", 0
+        sti
+        hlt
+        cli
+        EXPECT  "ipi_after_sti", "qword ptr [rip + ipis]", 1
+
+        lea     rsi, [rip + msg_done]
+        call    puts
+        mov     rax, [rip + failures]
+        out     EXIT_PORT, al
+3:      hlt
+        jmp     3b
+
+/* Interrupts open for a while (2,000,000 PAUSE iterations), then closed again. */
+spin_with_interrupts:
+        sti
+        mov     ecx, 2000000
+2:      pause
+        dec     ecx
+        jnz     2b
+        cli
+        ret
+
+/* The timer: count, note whether 0xec is in service (ISR bit), EOI. */
+timer_handler:
+        push    rax
+        push    rbx
+        inc     qword ptr [rip + ticks]
+        mov     rbx, APIC
+        mov     eax, dword ptr [rbx + APIC_ISR + (TIMER_VECTOR / 32) * 0x10]
+        bt      eax, TIMER_VECTOR % 32
+        jnc     4f
+        inc     qword ptr [rip + in_service]
+4:      mov     rax, [rsp + 16 + 16]                /* RFLAGS in the frame */
+        and     rax, 0x200
+        mov     [rip + frame_if], rax
+        mov     dword ptr [rbx + APIC_EOI], 0
+        pop     rbx
+        pop     rax
+        iretq
+
+ipi_handler:
+        push    rbx
+        inc     qword ptr [rip + ipis]
+        mov     rbx, APIC
+        mov     dword ptr [rbx + APIC_EOI], 0
+        pop     rbx
+        iretq
+
+/* set_gate: IDT[edi] = 64-bit interrupt gate to rsi (SDM 6.14.1). */
+set_gate:
+        shl     rdi, 4
+        lea     rax, [rip + idt]
+        add     rdi, rax
+        mov     rax, rsi
+        mov     word ptr [rdi], ax
+        mov     word ptr [rdi + 2], KERNEL_CS
+        mov     word ptr [rdi + 4], 0x8e00
+        shr     rax, 16
+        mov     word ptr [rdi + 6], ax
+        shr     rax, 16
+        mov     dword ptr [rdi + 8], eax
+        mov     dword ptr [rdi + 12], 0
+        ret
+
+check:
+        push    rax
+        push    rdx
+        push    rsi
+        lea     rsi, [rip + msg_check]
+        call    puts
+        pop     rsi
+        call    puts
+        mov     al, ' '
+        call    putc
+        mov     rax, [rsp + 8]
+        call    puthex
+        pop     rdx
+        pop     rax
+        lea     rsi, [rip + msg_ok]
+        cmp     rax, rdx
+        je      6f
+        inc     qword ptr [rip + failures]
+        lea     rsi, [rip + msg_fail]
+6:      jmp     puts
+
+putc:   mov     dx, COM1
+        out     dx, al
+        ret
+
+puts:   lodsb
+        test    al, al
+        jz      7f
+        call    putc
+        jmp     puts
+7:      ret
+
+puthex: push    rbx
+        mov     rbx, rax
+        mov     ecx, 16
+8:      rol     rbx, 4
+        mov     al, bl
+        and     al, 15
+        add     al, '0'
+        cmp     al, '9'
+        jbe     9f
+        add     al, 'a' - '9' - 1
+9:      call    putc
+        dec     ecx
+        jnz     8b
+        pop     rbx
+        ret
+
+        .section .rodata
+msg_start: .asciz "APICTIMER START\n"
+msg_done:  .asciz "APICTIMER DONE\n"
+msg_check: .asciz "CHECK "
+msg_ok:    .asciz " ok\n"
+msg_fail:  .asciz " FAIL\n"
+
+        .section .data
+        .p2align 4
+idtr:   .word 256 * 16 - 1
+        .quad idt
+failures:         .quad 0
+ticks:            .quad 0
+in_service:       .quad 0
+frame_if:         .quad 0
+ticks_at_mask:    .quad 0
+ticks_after_mask: .quad 0
+ipis:             .quad 0
+
+        .section .bss
+        .p2align 12
+idt:    .fill 4096, 1, 0
+        .fill 4096, 1, 0
+stack_top:
