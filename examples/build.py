@@ -120,7 +120,8 @@ def build_guest(name: str, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     elf = out_dir / f"{name}.elf"
     script = linker_script_for(name)
-    if _is_up_to_date(elf, (source, script)):
+    includes = tuple(sorted(GUESTS_DIR.glob("*.inc")))  # what `.include` may pull in
+    if _is_up_to_date(elf, (source, script, *includes)):
         return elf
 
     assembler = _require_tool("as")
@@ -129,7 +130,7 @@ def build_guest(name: str, out_dir: Path) -> Path:
     obj = out_dir / f"{name}.o"
     tmp_elf = out_dir / f"{name}.elf.tmp"
 
-    _run([assembler, *AS_FLAGS, "-o", str(obj), str(source)])
+    _run([assembler, *AS_FLAGS, "-I", str(GUESTS_DIR), "-o", str(obj), str(source)])
     _run([linker, *LD_FLAGS, "-T", str(script), "-o", str(tmp_elf), str(obj)])
     # Rename into place so a failed link never leaves a fresh-looking ELF behind.
     os.replace(tmp_elf, elf)

@@ -15,8 +15,8 @@
  */
 
         .intel_syntax noprefix
+        .include "report64.inc"
 
-        .set COM1, 0x3f8
         .set EXIT_PORT, 0xf4
         .set APIC, 0xfee00000
         .set APIC_EOI, 0xb0
@@ -34,16 +34,6 @@
         .set ICR_SELF, 1 << 18
         .set TICKS, 5
         .set KERNEL_CS, 0x10                /* the boot GDT's __BOOT_CS */
-
-        .macro EXPECT label, src, want
-        .pushsection .rodata
-.Lname\@: .asciz "\label"
-        .popsection
-        lea     rsi, [rip + .Lname\@]
-        mov     rax, \src
-        mov     rdx, offset \want
-        call    check
-        .endm
 
         .section .text.entry, "ax", @progbits
         .globl  _start
@@ -157,66 +147,14 @@ set_gate:
         mov     dword ptr [rdi + 12], 0
         ret
 
-check:
-        push    rax
-        push    rdx
-        push    rsi
-        lea     rsi, [rip + msg_check]
-        call    puts
-        pop     rsi
-        call    puts
-        mov     al, ' '
-        call    putc
-        mov     rax, [rsp + 8]
-        call    puthex
-        pop     rdx
-        pop     rax
-        lea     rsi, [rip + msg_ok]
-        cmp     rax, rdx
-        je      6f
-        inc     qword ptr [rip + failures]
-        lea     rsi, [rip + msg_fail]
-6:      jmp     puts
-
-putc:   mov     dx, COM1
-        out     dx, al
-        ret
-
-puts:   lodsb
-        test    al, al
-        jz      7f
-        call    putc
-        jmp     puts
-7:      ret
-
-puthex: push    rbx
-        mov     rbx, rax
-        mov     ecx, 16
-8:      rol     rbx, 4
-        mov     al, bl
-        and     al, 15
-        add     al, '0'
-        cmp     al, '9'
-        jbe     9f
-        add     al, 'a' - '9' - 1
-9:      call    putc
-        dec     ecx
-        jnz     8b
-        pop     rbx
-        ret
-
         .section .rodata
 msg_start: .asciz "APICTIMER START\n"
 msg_done:  .asciz "APICTIMER DONE\n"
-msg_check: .asciz "CHECK "
-msg_ok:    .asciz " ok\n"
-msg_fail:  .asciz " FAIL\n"
 
         .section .data
         .p2align 4
 idtr:   .word 256 * 16 - 1
         .quad idt
-failures:         .quad 0
 ticks:            .quad 0
 in_service:       .quad 0
 frame_if:         .quad 0

@@ -27,8 +27,8 @@
  */
 
         .intel_syntax noprefix
+        .include "report64.inc"
 
-        .set COM1, 0x3f8
         .set EXIT_PORT, 0xf4
         .set KERNEL_CS, 0x08
         .set KERNEL_DS, 0x10
@@ -46,17 +46,6 @@
         .set UNMAPPED, 0x140000000
         /* The second 2 MiB page: present, but without the U bit (a supervisor page). */
         .set SUPERVISOR_PAGE, 0x200000
-
-/* EXPECT "name", source, wanted: print the value and whether it is the wanted one. */
-        .macro EXPECT label, src, want
-        .pushsection .rodata
-.Lname\@: .asciz "\label"
-        .popsection
-        lea     rsi, [rip + .Lname\@]
-        mov     rax, \src
-        mov     rdx, offset \want
-        call    check
-        .endm
 
 /* ARM continuation: where the handler resumes (ring 0, kernel stack). */
         .macro ARM continuation
@@ -377,61 +366,9 @@ set_gate:
         mov     dword ptr [rdi + 12], 0
         ret
 
-/* check: print "CHECK <name at rsi> <rax> ok|FAIL"; count a failure when rax != rdx. */
-check:
-        push    rax
-        push    rdx
-        push    rsi
-        lea     rsi, [rip + msg_check]
-        call    puts
-        pop     rsi
-        call    puts
-        mov     al, ' '
-        call    putc
-        mov     rax, [rsp + 8]
-        call    puthex
-        pop     rdx
-        pop     rax
-        lea     rsi, [rip + msg_ok]
-        cmp     rax, rdx
-        je      6f
-        inc     qword ptr [rip + failures]
-        lea     rsi, [rip + msg_fail]
-6:      jmp     puts
-
-putc:   mov     dx, COM1
-        out     dx, al
-        ret
-
-/* puts: the NUL-terminated string at RSI to COM1 (the VMM's UART is always ready). */
-puts:   lodsb
-        test    al, al
-        jz      7f
-        call    putc
-        jmp     puts
-7:      ret
-
-/* puthex: RAX as 16 hex digits. */
-puthex: mov     rbx, rax
-        mov     ecx, 16
-8:      rol     rbx, 4
-        mov     al, bl
-        and     al, 15
-        add     al, '0'
-        cmp     al, '9'
-        jbe     9f
-        add     al, 'a' - '9' - 1
-9:      call    putc
-        dec     ecx
-        jnz     8b
-        ret
-
         .section .rodata
 msg_start: .asciz "IDTCHECK START\n"
 msg_done:  .asciz "IDTCHECK DONE\n"
-msg_check: .asciz "CHECK "
-msg_ok:    .asciz " ok\n"
-msg_fail:  .asciz " FAIL\n"
 
         .section .data
         .p2align 4
@@ -448,7 +385,6 @@ gdtr:   .word gdt_end - gdt - 1
         .quad gdt
 idtr:   .word 256 * 16 - 1
         .quad idt
-failures:         .quad 0
 resume_rip:       .quad 0
 resume_rsp:       .quad 0
 seen_vector:      .quad 0

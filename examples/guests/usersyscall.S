@@ -20,8 +20,8 @@
  */
 
         .intel_syntax noprefix
+        .include "report64.inc"
 
-        .set COM1, 0x3f8
         .set EXIT_PORT, 0xf4
         .set MSR_EFER, 0xc0000080
         .set MSR_STAR, 0xc0000081
@@ -142,31 +142,6 @@ ud_handler:
         cli
 4:      hlt
         jmp     4b
-
-/* puts: the NUL-terminated string at RSI to COM1 (the VMM's UART is always ready). */
-puts:   lodsb
-        test    al, al
-        jz      5f
-        mov     dx, COM1
-        out     dx, al
-        jmp     puts
-5:      ret
-
-/* puthex: RAX as 16 hex digits. */
-puthex: mov     rbx, rax
-        mov     ecx, 16
-6:      rol     rbx, 4
-        mov     al, bl
-        and     al, 15
-        add     al, '0'
-        cmp     al, '9'
-        jbe     7f
-        add     al, 'a' - '9' - 1
-7:      mov     dx, COM1
-        out     dx, al
-        dec     ecx
-        jnz     6b
-        ret
 
         .section .rodata
 msg:      .asciz "SYSCALL_CS "
