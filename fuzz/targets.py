@@ -73,6 +73,7 @@ def payload(data: bytes) -> None:
 
 
 def memory_size(data: bytes) -> None:
+    """``--mem``: a number with a K/M/G/T suffix, page-aligned, within the allowed range."""
     try:
         size = parse_mem_size(_text(data))
     except BadInputError:
@@ -81,6 +82,7 @@ def memory_size(data: bytes) -> None:
 
 
 def cpu_mask(data: bytes) -> None:
+    """``--cpu-mask``: feature names, closed over their dependents, never a required one."""
     try:
         mask = cpuid.parse_mask(_text(data))
     except BadInputError:
@@ -89,6 +91,7 @@ def cpu_mask(data: bytes) -> None:
 
 
 def cmdline(data: bytes) -> None:
+    """The kernel command line: length against the image's limit, no NUL, bytes from argv."""
     k = loader.KernelImage(path="k", format="elf", entry=0, load_start=0, load_end=0)
     try:
         raw = loader.check_cmdline(_text(data), k)
@@ -98,7 +101,7 @@ def cmdline(data: bytes) -> None:
 
 
 def initramfs_command(data: bytes) -> None:
-    """``vmm-arch run KERNEL -- ARGV``: the argv becomes a shell script in the initramfs."""
+    """``vmm-arch run KERNEL -- ARGV``: the argv made into the initramfs's /init script."""
     from vmmarch_cli import initramfs
 
     argv = _text(data).split("\x00") or [""]
@@ -115,8 +118,9 @@ def _tables_memory() -> MmapGuestMemory:
 
 
 def boot_tables(data: bytes) -> None:
-    """``dump-regs --tables`` decoding whatever guest memory holds where the tables should be:
-    the readers must report a bad table, never raise or read outside guest memory."""
+    """``dump-regs --tables`` on whatever guest memory holds where the tables should be.
+
+    The readers must report a bad table, never raise or read outside guest memory."""
     mem = _tables_memory()
     blob = data[: 0x1000]
     mem.write(0xE0000, blob.ljust(0x1000, b"\0"))
