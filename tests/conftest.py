@@ -16,9 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
-import stockboots  # noqa: E402  (tests/stockboots.py)
-
 import build as guest_build  # noqa: E402  (examples/build.py)
+import stockboots  # noqa: E402  (tests/stockboots.py)
 
 
 def kvm_unusable_reason() -> str | None:

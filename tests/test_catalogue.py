@@ -8,12 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_bad_input import bzimage
 
 from vmmarch_cli import loader
 from vmmarch_cli.config import parse_mem_size
 from vmmarch_cli.loader import errors
 from vmmarch_cli.memory import MmapGuestMemory
+
+from test_bad_input import bzimage
 
 MiB = 1 << 20
 Edit = Callable[[bytearray], None]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import run_cli
 
 from vmmarch_cli.cli import COMMANDS
+
+from conftest import run_cli
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from conftest import ROOT, run_cli
 
 pytest.importorskip("unicorn", reason="the emulate backend needs unicorn: pip install "

@@ -8,10 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from backends.emulate import apic
 from vmmarch_cli.vcpu import LAPIC_PAGE_SIZE, Lapic
+
+from conftest import run_cli
 
 HZ = 1_000_000_000  # one tick per ns at divide-by-1: easy arithmetic
 

@@ -15,9 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from vmmarch_cli import assets
+
+from conftest import run_cli
 
 
 @contextmanager

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+
 from conftest import ROOT, run_cli
 
 SCHEMA = json.loads((ROOT / "docs" / "result.schema.json").read_text())

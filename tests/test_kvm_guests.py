@@ -8,10 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from vmmarch_cli import machine
 from vmmarch_cli.config import BootConfig
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("kvm")
 

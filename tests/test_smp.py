@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from vmmarch_cli import machine
 from vmmarch_cli.config import BootConfig
+
+from conftest import run_cli
 
 APIC_BASE_BSP = 1 << 8  # IA32_APIC_BASE bit 8 (SDM vol. 3A 10.4.4)
 

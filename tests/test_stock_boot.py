@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from stockboots import StockBoots
 
 from vmmarch_cli.arch.x86_64 import e820
+
+from stockboots import StockBoots
 
 pytestmark = [pytest.mark.stock, pytest.mark.usefixtures("kvm")]
 
@@ -144,6 +145,7 @@ def test_workarounds_were_needed_and_used_on_this_host(boot: Boot) -> None:
 
 def test_json_result_validates(boot: Boot) -> None:
     import jsonschema
+
     from conftest import ROOT
 
     schema = json.loads((ROOT / "docs" / "result.schema.json").read_text())

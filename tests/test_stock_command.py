@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from conftest import run_cli
 
 pytestmark = [pytest.mark.stock, pytest.mark.usefixtures("kvm")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from stockboots import StockBoots
 
 pytestmark = [pytest.mark.stock, pytest.mark.usefixtures("kvm")]

@@ -9,10 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-from stockboots import Finished, StockBoots
 
 from vmmarch_cli.arch.x86_64 import e820
+
+from conftest import run_cli
+from stockboots import Finished, StockBoots
 
 pytestmark = [pytest.mark.stock, pytest.mark.usefixtures("kvm")]
 
