@@ -98,22 +98,25 @@ def _cpu_state(uc: Any) -> int:
     return int(cpu)
 
 
-def _find(cpu: int, needle: bytes, span: int = _SCAN) -> int:
-    return ctypes.string_at(cpu, span).find(needle)
+def _planted(uc: Any, cpu: int, registers: list[int], marks: list[int], span: int,
+             what: str) -> int:
+    """Where ``marks``, written through the API into ``registers``, sit in unicorn's CPU state
+    (searched from CPUState over ``span`` bytes); the registers are restored afterwards."""
+    saved = [uc.reg_read(r) for r in registers]
+    for r, v in zip(registers, marks, strict=True):
+        uc.reg_write(r, v)
+    offset = ctypes.string_at(cpu, span).find(struct.pack(f"<{len(marks)}Q", *marks))
+    for r, v in zip(registers, saved, strict=True):
+        uc.reg_write(r, v)
+    if offset < 0:
+        raise BackendError(f"unicorn's {what} were not found in its CPU state: this unicorn "
+                           "version is not supported for exception delivery")
+    return offset
 
 
 def _find_dr(uc: Any, cpu: int) -> int:
-    saved = [uc.reg_read(r) for r in _DRS]
-    marks = [0x5AFE_0000_D0D0_0000 + i for i in range(8)]
-    for r, v in zip(_DRS, marks, strict=True):
-        uc.reg_write(r, v)
-    offset = _find(cpu, struct.pack("<8Q", *marks))
-    for r, v in zip(_DRS, saved, strict=True):
-        uc.reg_write(r, v)
-    if offset < 0:
-        raise BackendError("unicorn's debug registers were not found in its CPU state: "
-                           "this unicorn version is not supported for exception delivery")
-    return offset
+    return _planted(uc, cpu, _DRS, [0x5AFE_0000_D0D0_0000 + i for i in range(8)], _SCAN,
+                    "debug registers")
 
 
 @functools.cache
@@ -153,27 +156,18 @@ def layout() -> Layout:
 
 def _find_segs(uc: Any, cpu: int, dr: int) -> int:
     """segs[R_FS].base holds FS_BASE: plant a value there and step back to segs[0]."""
-    saved = uc.reg_read(x86.UC_X86_REG_FS_BASE)
-    mark = 0x7EAD_BEEF_0FED_CBA8
-    uc.reg_write(x86.UC_X86_REG_FS_BASE, mark)
-    offset = ctypes.string_at(cpu, dr).find(struct.pack("<Q", mark))
-    uc.reg_write(x86.UC_X86_REG_FS_BASE, saved)
-    if offset < 0 or ctypes.sizeof(SegmentCache) != 24:
-        raise BackendError("unicorn's segment registers were not found in its CPU state: "
-                           "this unicorn version is not supported")
+    if ctypes.sizeof(SegmentCache) != 24:  # QEMU's SegmentCache on a 64-bit host
+        raise BackendError("unicorn's segment registers are not laid out as this backend "
+                           "expects: this unicorn version is not supported")
+    offset = _planted(uc, cpu, [x86.UC_X86_REG_FS_BASE], [0x7EAD_BEEF_0FED_CBA8], dr,
+                      "segment registers")
     return offset - SegmentCache.base.offset - R_FS * ctypes.sizeof(SegmentCache)
 
 
 def _find_env(uc: Any, cpu: int, dr: int) -> int:
-    saved = uc.reg_read(x86.UC_X86_REG_RAX)
-    mark = 0x1234_5678_8765_4321
-    uc.reg_write(x86.UC_X86_REG_RAX, mark)
-    offset = ctypes.string_at(cpu, dr).find(struct.pack("<Q", mark))
-    uc.reg_write(x86.UC_X86_REG_RAX, saved)
-    if offset < 0:
-        raise BackendError("unicorn's general registers were not found in its CPU state: "
-                           "this unicorn version is not supported")
-    return offset
+    """CPUX86State starts with RAX (regs[R_EAX])."""
+    return _planted(uc, cpu, [x86.UC_X86_REG_RAX], [0x1234_5678_8765_4321], dr,
+                    "general registers")
 
 
 class NativeCpu:
