@@ -96,13 +96,17 @@ def decide(memory: GuestMemory, s: Sregs, cpl: int, rsp: int, vector: int, softw
         return _checked(memory, s, cpl, rsp, Decision(faults.GENERAL_PROTECTION,
                                                       vector << 3 | ERROR_IDT,
                                                       instruction_length))
-    return _checked(memory, s, cpl, rsp, Decision(vector))
+    return _checked(memory, s, cpl, rsp, Decision(vector), gate)
 
 
-def _checked(memory: GuestMemory, s: Sregs, cpl: int, rsp: int, d: Decision) -> Decision:
-    gate = read_gate(memory, s, d.vector)
-    if gate is None or descriptors.gate_problem(memory, s, d.vector) is not None:
-        return Decision(d.vector, problem=f"no usable gate for {faults.vector_name(d.vector)}")
+def _checked(memory: GuestMemory, s: Sregs, cpl: int, rsp: int, d: Decision,
+             gate: Gate | None = None) -> Decision:
+    """``d`` if its delivery cannot fault; ``gate``: d.vector's gate, already checked."""
+    if gate is None:
+        gate = read_gate(memory, s, d.vector)
+        if gate is None or descriptors.gate_problem(memory, s, d.vector) is not None:
+            return Decision(d.vector,
+                            problem=f"no usable gate for {faults.vector_name(d.vector)}")
     problem = _stack_problem(memory, s, gate, cpl, rsp)
     if problem:
         return Decision(d.vector, problem=f"delivering {faults.vector_name(d.vector)} would "
