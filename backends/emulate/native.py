@@ -42,6 +42,10 @@ _ERROR_CODE = -16
 _IS_INT = -12
 _NEXT_EIP = -8
 _OLD_EXCEPTION = 8 * 8 + 4 * 8
+#: CPUState (include/hw/core/cpu.h): uint32_t halted; uint32_t can_do_io; int32_t exception_index.
+_HALTED_BEFORE_INDEX = 8
+#: How far into uc_struct to look for a planted value (context_content sits ~2 KiB in).
+_UC_STRUCT_SCAN = 0x4000
 
 
 def _library() -> Any:
@@ -89,6 +93,7 @@ class Layout:
     exception_index: int
     env: int  # CPUX86State, whose first field is RAX (regs[R_EAX])
     segs: int  # env->segs[6], from CPUState
+    eip: int  # env->eip, from CPUState
 
 
 def _cpu_state(uc: Any) -> int:
@@ -121,13 +126,14 @@ def _find_dr(uc: Any, cpu: int) -> int:
 
 @functools.cache
 def layout() -> Layout:
-    """Find the offsets once, in a scratch instance, and check them against a live INT n."""
+    """Find the offsets once, in a scratch instance, and check them against a live INT n and
+    a live HLT."""
     from backends.emulate.engine import Uc
 
     uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
     code = 0x1000
     uc.mem_map(code, 0x1000)
-    uc.mem_write(code, bytes.fromhex("cd77" "cd78" "f4"))  # int 0x77; int 0x78; hlt
+    uc.mem_write(code, bytes.fromhex("cd77" "cd78" "f4" "90"))  # int 0x77; int 0x78; hlt; nop
     cpu = _cpu_state(uc)
     dr = _find_dr(uc, cpu)
     seen: list[tuple[int, set[int], int, int]] = []
@@ -142,7 +148,7 @@ def layout() -> Layout:
         ctypes.c_int32.from_address(cpu + dr + _OLD_EXCEPTION).value = -1
 
     uc.hook_add(uc_const.UC_HOOK_INTR, hook)
-    uc.emu_start(code, code + 5)
+    uc.emu_start(code, 0)  # stops at the HLT
     if [(v, i, n) for v, _, i, n in seen] != [(0x77, 1, code + 2), (0x78, 1, code + 4)]:
         raise BackendError("unicorn's exception state is not laid out as this backend expects: "
                            "this unicorn version is not supported for exception delivery")
@@ -150,8 +156,64 @@ def layout() -> Layout:
     if len(common) != 1:
         raise BackendError("unicorn's exception index was not found unambiguously: this "
                            "unicorn version is not supported for exception delivery")
-    return Layout(dr=dr, exception_index=common.pop(), env=_find_env(uc, cpu, dr),
-                  segs=_find_segs(uc, cpu, dr))
+    found = Layout(dr=dr, exception_index=common.pop(), env=_find_env(uc, cpu, dr),
+                   segs=_find_segs(uc, cpu, dr),
+                   eip=_planted(uc, cpu, [x86.UC_X86_REG_RIP], [0x0000_7FED_CBA9_8760], dr,
+                                "instruction pointer"))
+    halted = ctypes.c_uint32.from_address(cpu + found.exception_index - _HALTED_BEFORE_INDEX)
+    after_hlt = halted.value
+    uc.emu_start(code + 5, 0, 0, 1)  # the NOP: a burst that ends by its count
+    if (after_hlt, halted.value) != (1, 0):
+        raise BackendError("unicorn's halted flag was not found where this backend expects it: "
+                           "this unicorn version is not supported")
+    return found
+
+
+_CONTEXT_MARKS = (0x5A17_C0DE, 0x6B28_D1EF)
+
+
+def exit_checks_at_block_start_only(uc: Any) -> None:
+    """Make unicorn look for a stop request only where QEMU does, at the start of a translation
+    block, before any code is translated.
+
+    unicorn 2.1.4 also checks after every guest load and store (tcg-op.c, check_exit_request),
+    and a stop seen there restarts the instruction from its beginning: after a store, the
+    instruction runs twice (a ``lock inc`` counts twice, a spinlock is taken twice and never
+    freed). An emu_stop from another thread lands there at random; tests/test_emulate_stop.py
+    counts the repeats. unicorn's own switch for this (``no_exit_request``, meant for ARM IT
+    blocks) has no API: it is found beside ``context_content``, which UC_CTL_CONTEXT_MODE sets
+    to any value, and checked against its neighbours before it is written. What is given up:
+    a stop from a code or memory hook waits for the next block (this backend's hooks that
+    stop then end the run, or are not installed in this mode).
+    """
+    handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
+    found: list[set[int]] = []
+    for mark in _CONTEXT_MARKS:
+        uc.ctl(uc_const.UC_CTL_CONTEXT_MODE, uc_const.UC_CTL_IO_WRITE, ctypes.c_int(mark))
+        blob = ctypes.string_at(handle, _UC_STRUCT_SCAN)
+        packed = struct.pack("<I", mark)
+        found.append({o for o in range(0, len(blob) - 3, 4) if blob[o:o + 4] == packed})
+    uc.ctl(uc_const.UC_CTL_CONTEXT_MODE, uc_const.UC_CTL_IO_WRITE,
+           ctypes.c_int(uc_const.UC_CTL_CONTEXT_CPU))
+    common = found[0] & found[1]
+    flags = None
+    if len(common) == 1:
+        # uc_struct (include/uc_priv.h): int context_content; int cpu_context_size; uint64_t
+        # next_pc (8-aligned); bool hook_insert, first_tb, no_exit_request, init_done.
+        next_pc = (common.pop() + 8 + 7) & ~7
+        at = handle + next_pc + 8 + 2
+        flags = ctypes.string_at(at - 2, 4)  # hook_insert, first_tb, no_exit_request, init_done
+    if flags is None or flags[0] != 0 or flags[2] != 0 or flags[3] != 1:
+        raise BackendError("unicorn's engine state is not laid out as this backend expects: "
+                           "this unicorn version is not supported")
+    ctypes.c_bool.from_address(at).value = True
+
+
+def halted_flag(uc: Any) -> ctypes.c_uint32:
+    """CPUState.halted of ``uc`` (any x86 mode): 1 after emu_start returned because the guest
+    ran HLT, 0 after a burst that ended by its instruction count; emu_start clears it."""
+    return ctypes.c_uint32.from_address(
+        _cpu_state(uc) + layout().exception_index - _HALTED_BEFORE_INDEX)
 
 
 def _find_segs(uc: Any, cpu: int, dr: int) -> int:
@@ -186,6 +248,7 @@ class NativeCpu:
         self._old_exception = ctypes.c_int32.from_address(base + _OLD_EXCEPTION)
         self._exception_index = ctypes.c_int32.from_address(
             self.cpu + self._layout.exception_index)
+        self._eip = ctypes.c_uint64.from_address(self.cpu + self._layout.eip)
         self._hflags = ctypes.c_uint32.from_address(
             self.cpu + self._layout.segs - HFLAGS_BEFORE_SEGS)
 
@@ -211,6 +274,13 @@ class NativeCpu:
         self._error_code.value = error_code
         self._is_int.value = 0
         self.deliver()
+
+    def set_rip(self, rip: int) -> None:
+        """Move RIP from inside a hook. Not through uc_reg_write: that marks unicorn's next
+        stop as one that needs no PC sync (uc.c, skip_sync_pc_on_exit) and the mark outlives
+        the hook, so a later stop from another thread would leave RIP where an earlier block
+        began: the guest re-runs instructions (unicorn 2.1.4)."""
+        self._eip.value = rip
 
     @property
     def interrupt_shadow(self) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
-from backends.emulate import apic, cpuid, delivery, descriptors, faults
+from backends.emulate import apic, cpuid, delivery, descriptors, faults, native
 from backends.emulate.engine import ENGINE_MSRS, MODE_64, MODE_NAMES, Engine, UcError, mode_for
 from backends.emulate.native import NativeCpu
 from backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
@@ -48,7 +48,10 @@ from vmmarch_cli.vcpu import (
 
 #: How often a stop request is repeated while the vCPU is still emulating (see ``_kick``).
 KICK_RETRY_SECONDS = 0.001
-OPCODE_HLT = 0xF4
+#: Instructions per burst when port I/O leaves emu_start (no attach_io): unicorn then runs its
+#: per-instruction counting hook anyway (for precise stops), so the burst bound costs nothing
+#: more and replaces stops from other threads, which are unsafe there (see native.py).
+BURST_INSTRUCTIONS = 100_000
 #: MSRs only this backend holds: unicorn drops TSC writes and has no APIC base MSR.
 BACKEND_MSRS = frozenset({msr.MSR_IA32_TSC, msr.MSR_IA32_APIC_BASE})
 #: MSRs KVM refuses a non-canonical address for (arch/x86/kvm/x86.c, __kvm_set_msr); unicorn
@@ -111,6 +114,8 @@ class EmulateVcpu:
         self._burst = 0
         self._emulating = 0
         self._kicked = False
+        self._kickable = False  # see _start
+        self._halted_flag: Any = None  # unicorn's CPUState.halted (native.halted_flag)
         # What the hooks saw during the last burst.
         self._exit: VcpuExit | None = None
         self._vector: int | None = None
@@ -364,7 +369,7 @@ class EmulateVcpu:
             self._emulating = self._burst
         error: Exception | None = None
         try:
-            engine.run(precise=self._io_read is None)
+            engine.run(0 if self._kickable else BURST_INSTRUCTIONS)
         except UcError as e:
             error = e
         except Exception as e:  # a hook failed; unicorn re-raises it after stopping
@@ -383,10 +388,10 @@ class EmulateVcpu:
             return self._engine_error(error)
         if self._stop.is_set() or self._kicked:
             return None  # _between_bursts decides
-        # Nothing stopped emulation but the guest itself: unicorn returns from emu_start after
-        # HLT with the PC past it (it has no HLT hook), so check the byte before the PC. With
-        # interrupts on, the vCPU waits for one (_between_bursts); with them off it is done.
-        if self._byte_before_pc(engine) == OPCODE_HLT:
+        # HLT: unicorn has no HLT hook and returns with the PC past it; CPUState.halted says it
+        # was HLT and not the end of a counted burst. With interrupts on, the vCPU waits for
+        # one (_between_bursts); with them off it is done.
+        if self._halted_flag.value:
             if self._apic is not None and self._interrupts_enabled():
                 self._halted = True
                 return None
@@ -430,7 +435,7 @@ class EmulateVcpu:
             native.forget()
             return False
         if decision.rewind:
-            uc.reg_write(x86.UC_X86_REG_RIP, rip - decision.rewind)
+            native.set_rip(rip - decision.rewind)
         if decision.vector == vector and decision.error_code is None:
             native.deliver()
         else:
@@ -450,12 +455,6 @@ class EmulateVcpu:
                 "has no MMIO devices)"
             )
         return InternalError(f"unicorn stopped: {error}")
-
-    def _byte_before_pc(self, engine: Engine) -> int | None:
-        s = self.get_sregs()
-        base = 0 if engine.long_mode else s.cs.base
-        data = descriptors.read_linear(self._memory, s, base + engine.pc() - 1, 1)
-        return data[0] if data else None
 
     def _start(self) -> Engine:
         engine = Engine(mode_for(self._sregs), self._memory)
@@ -489,6 +488,13 @@ class EmulateVcpu:
         engine.write_fpu(self._fpu)
         for index, value in self._msrs.items():
             engine.write_msr(index, value)
+        self._halted_flag = native.halted_flag(engine.uc)
+        if self._io_read is not None:
+            # Port I/O completes inside the hooks, so nothing needs a stop in mid-block: turn
+            # unicorn's mid-block stop checks off, which makes a stop from another thread safe
+            # (native.py) and lets the alarm thread interrupt a running burst.
+            native.exit_checks_at_block_start_only(engine.uc)
+            self._kickable = True
         self._engine = engine
         if self._alarm_thread is not None:
             self._alarm_thread.start()
@@ -500,9 +506,8 @@ class EmulateVcpu:
                   write: Callable[[int, int, int], None]) -> None:
         """Complete port I/O inside the instruction hooks with these device handlers instead of
         returning IoIn/IoOut exits (an optional capability the machine uses where a backend
-        offers it). On this backend an exit costs a stop in mid-block, which needs unicorn's
-        per-instruction mode; without exits the guest runs at full speed, and a stop request
-        takes effect at a block boundary, where the CPU state is whole."""
+        offers it). Without exits nothing needs a stop in mid-block: the guest runs without
+        unicorn's per-instruction hook, and interrupts stop a running burst (``_kick``)."""
         self._io_read, self._io_write = read, write
 
     def _on_out(self, uc: Any, port: int, size: int, value: int, _: object) -> None:
@@ -545,7 +550,7 @@ class EmulateVcpu:
         uc.reg_write(x86.UC_X86_REG_RFLAGS,
                      rflags & ~engine.read_msr(msr.MSR_SYSCALL_MASK) & ~RFLAGS_RF)
         self._native_cpu(uc).enter_kernel((engine.read_msr(msr.MSR_STAR) >> 32) & 0xFFFF)
-        uc.reg_write(x86.UC_X86_REG_RIP, engine.read_msr(msr.MSR_LSTAR) - 2)
+        self._native_cpu(uc).set_rip(engine.read_msr(msr.MSR_LSTAR) - 2)
 
     def _on_interrupt(self, uc: Any, vector: int, _: object) -> None:
         # Every exception but #UD, and INT n: delivered here and the guest goes on, or the
@@ -582,17 +587,18 @@ class EmulateVcpu:
         self._kick()
 
     def _kick(self) -> None:
-        """Make a running burst return soon (from any thread).
+        """Make a running burst return soon (from any thread; attached port I/O only, where
+        unicorn checks for a stop at block starts only, so the guest stops between two whole
+        instructions: native.exit_checks_at_block_start_only).
 
         uc_emu_start clears unicorn's stop flag when it begins, so an emu_stop that lands between
         our "about to emulate" and that reset is lost; a helper thread repeats the stop until
-        the burst is over. Bounding bursts instead is worse here: ``count`` exhaustion looks
-        exactly like HLT, and ``timeout`` starts a thread per emu_start (~0.5 ms per exit).
+        the burst is over.
         """
         with self._lock:
             burst = self._emulating
-            if not burst or self._engine is None:
-                return
+            if not burst or self._engine is None or not self._kickable:
+                return  # a counted burst ends by itself soon
             self._kicked = True
             self._engine.stop()
         threading.Thread(target=self._kick_until_out, args=(burst,), daemon=True,
