@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vmmarch_cli import loader
-from vmmarch_cli.arch.x86_64 import acpi, cpuid, mptable, tables
+from vmmarch_cli.arch.x86_64 import acpi, aml, cpuid, mptable, tables
 from vmmarch_cli.config import parse_mem_size
 from vmmarch_cli.errors import BadInputError
 from vmmarch_cli.loader import elf
@@ -134,6 +134,12 @@ def boot_tables(data: bytes) -> None:
             read()
 
 
+def aml_devices(data: bytes) -> None:
+    """The DSDT device reader (``dump-regs --tables``) on any table body."""
+    with contextlib.suppress(aml.AmlError):
+        aml.decode_devices(data)
+
+
 TARGETS: dict[str, Target] = {
     "kernel_image": kernel_image,
     "pvh_note": pvh_note,
@@ -143,6 +149,7 @@ TARGETS: dict[str, Target] = {
     "cmdline": cmdline,
     "initramfs_command": initramfs_command,
     "boot_tables": boot_tables,
+    "aml_devices": aml_devices,
 }
 
 
@@ -162,6 +169,8 @@ def seeds(name: str) -> list[bytes]:
         return [b"console=ttyS0 quiet", b"init=/bin/sh \xff"]
     if name == "initramfs_command":
         return [b"sh\x00-c\x00exit 7", b"true"]
+    if name == "aml_devices":
+        return [acpi.dsdt()[acpi.SDT_HEADER_SIZE:]]
     if name == "boot_tables":
         return [b"".join(data for _, data in acpi.build(2).blobs)]
     return []

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmmarch_cli.arch.x86_64 import acpi, boot_params, e820, layout, mptable, pipeline, pvh
+from vmmarch_cli.arch.x86_64 import acpi, aml, boot_params, e820, layout, mptable, pipeline, pvh
 from vmmarch_cli.memory import MmapGuestMemory
 
 
@@ -43,7 +43,7 @@ def test_tables_read_back_from_guest_memory(memory: MmapGuestMemory, cpus: int) 
     assert flags & (1 << 20), "HW_REDUCED_ACPI"
     assert struct.unpack_from("<Q", fadt.data, 140)[0] == dsdt.address
     assert struct.unpack_from("<I", fadt.data, 40)[0] == 0  # 32-bit DSDT unused: X_DSDT set
-    assert len(dsdt.data) == 36
+    assert aml.decode_devices(dsdt.data[36:]) == list(acpi.COM_PORTS)
 
     body = struct.unpack_from("<II", madt.data, 36)
     assert body == (layout.APIC_DEFAULT_ADDRESS, acpi.MADT_PCAT_COMPAT)

@@ -206,6 +206,12 @@ def tables_view(doc: dict[str, Any]) -> list[Table]:
                   f"checksum {'ok' if t['checksum_ok'] else 'BAD'}") for t in acpi_doc["tables"]]
         rows += [(f"MADT {r['type']}", " ".join(f"{k}={v}" for k, v in r.items() if k != "type"))
                  for r in acpi_doc["madt"]]
+        devices = acpi_doc["dsdt_devices"]
+        if isinstance(devices, dict):
+            rows.append(("DSDT devices", devices["error"]))
+        else:
+            rows += [(f"DSDT {d['name']}", f"{d['hid']} uid={d['uid']} io={d['io_base']}+"
+                      f"{d['io_length']} irq={d['irq']}") for d in devices]
         out.append(kv_table("ACPI tables", rows))
     return out
 

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmmarch_cli.arch.x86_64 import layout
+from vmmarch_cli.arch.x86_64 import aml, layout
 from vmmarch_cli.arch.x86_64.lapic import MAX_XAPIC_CPUS
 
 # --- record layouts -------------------------------------------------------------------------
@@ -96,6 +96,11 @@ ISA_IRQS_USED = (3, 4)
 
 MAX_CPUS = MAX_XAPIC_CPUS
 
+#: The COM ports the VMM emulates, at the PC addresses and IRQs (Linux
+#: include/asm-generic/serial.h SERIAL_PORT_DFNS), as PNP0501 devices (16550-compatible).
+COM_PORTS = tuple(aml.IsaDevice(f"COM{n}", "PNP0501", n, base, 8, irq)
+                  for n, (base, irq) in enumerate(((0x3F8, 4), (0x2F8, 3), (0x3E8, 4)), 1))
+
 #: Tables are placed 16-byte aligned after the RSDP (5.2.5.1: the RSDP on a 16-byte boundary
 #: in the BIOS read-only area 0xE0000-0xFFFFF, where a kernel without boot_params finds it).
 TABLE_ALIGN = 16
@@ -155,10 +160,11 @@ def fadt(dsdt_address: int) -> bytes:
     return _sdt(b"FACP", FADT_REVISION, bytes(body), b"VMMAFACP")
 
 
-def dsdt() -> bytes:
-    """An empty definition block: the devices the kernel needs are found without AML (the
-    legacy COM ports by the 8250 driver's own list, the CPUs and IOAPIC in the MADT)."""
-    return _sdt(b"DSDT", DSDT_REVISION, b"", b"VMMADSDT")
+def dsdt(devices: tuple[aml.IsaDevice, ...] = COM_PORTS) -> bytes:
+    """The definition block: ``devices`` under \\_SB (the CPUs and the IOAPIC are in the MADT).
+    Without them a hardware-reduced kernel cannot give the COM ports their IRQs (aml.py)."""
+    return _sdt(b"DSDT", DSDT_REVISION,
+                aml.scope("_SB", b"".join(d.aml() for d in devices)), b"VMMADSDT")
 
 
 def madt(cpus: int) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from vmmarch_cli.arch.x86_64 import acpi, boot_params, e820, layout, mptable, pvh
+from vmmarch_cli.arch.x86_64 import acpi, aml, boot_params, e820, layout, mptable, pvh
 from vmmarch_cli.errors import GuestMemoryError
 from vmmarch_cli.vcpu import GuestMemory
 
@@ -68,12 +68,23 @@ def read_boot_tables(mem: GuestMemory, protocol: str) -> dict[str, Any]:
 def _acpi(mem: GuestMemory, rsdp_address: int) -> dict[str, Any]:
     tables = acpi.read_all(mem.read, rsdp_address)
     madt = next((t for t in tables if t.signature == "APIC"), None)
+    dsdt = next((t for t in tables if t.signature == "DSDT"), None)
+    devices: list[dict[str, Any]] | dict[str, str] = []
+    if dsdt is not None:
+        try:
+            devices = [_hexify({"name": d.name, "hid": d.hid, "uid": d.uid,
+                                "io_base": f"{d.io_base:#x}", "io_length": d.io_length,
+                                "irq": d.irq})
+                       for d in aml.decode_devices(dsdt.data[acpi.SDT_HEADER_SIZE:])]
+        except aml.AmlError as e:
+            devices = {"error": str(e)}
     return {
         "rsdp": _hexify(acpi.read_rsdp(mem.read, rsdp_address)),
         "tables": [{"signature": t.signature, "address": f"{t.address:#x}",
                     "length": len(t.data), "revision": t.revision,
                     "checksum_ok": t.checksum_ok} for t in tables],
         "madt": [] if madt is None else [_hexify(r) for r in acpi.decode_madt(madt)],
+        "dsdt_devices": devices,
     }
 
 
