@@ -3,8 +3,11 @@
 Everything here is unicorn-specific; the vCPU (vcpu.py) speaks the neutral interface. Facts this
 module relies on were measured on unicorn 2.1.4 (../shared/reference/backends-on-this-machine.md):
 
-* the CPU mode is fixed when the instance is made: UC_MODE_64 presets EFER.LMA and 64-bit code,
-  so a vCPU entered in 32-bit protected mode (PVH) needs a UC_MODE_32 instance;
+* the instance mode fixes the register API (UC_MODE_32 has no RIP, R8-R15 or CR8), not the CPU
+  mode, which follows CR0, EFER and the segment caches as on a CPU. A vCPU entered in 32-bit
+  protected mode (PVH) therefore gets a UC_MODE_64 instance too, so that the kernel can switch
+  to long mode; its segment caches are written directly (native.py), since the API loads no
+  descriptor in that mode. Only real mode keeps UC_MODE_16;
 * CS/SS/DS/ES take a selector only in 64-bit mode (no descriptor load), while FS/GS, and every
   segment in 32-bit mode, are loaded from the GDT in guest memory: so memory, CR3, CR4, EFER,
   CR0, GDTR and IDTR are written before any selector;
@@ -57,14 +60,15 @@ ENGINE_MSRS = frozenset({
 
 
 def mode_for(s: Sregs) -> int:
-    """The unicorn mode a vCPU with these sregs executes in (SDM vol. 3A 2.2, 5.2.1)."""
+    """The unicorn instance mode for a vCPU that starts with these sregs (SDM vol. 3A 2.2,
+    5.2.1): 64-bit for long mode and for 32-bit protected mode (see the module docstring)."""
     if s.efer & regs.EFER_LMA:
         if not s.cs.attributes & ATTR_L:
             raise BackendError("compatibility mode (EFER.LMA with CS.L=0) is not supported by "
                                "the emulate backend")
         return MODE_64
     if s.cr0 & regs.X86_CR0_PE and s.cs.attributes & ATTR_DB:
-        return MODE_32
+        return MODE_64
     return MODE_16
 
 
@@ -127,6 +131,10 @@ class Engine:
     def write_sregs(self, s: Sregs) -> None:
         """In the order unicorn needs: tables and control registers, then selectors."""
         uc = self.uc
+        if self.mode == MODE_64 and not s.efer & regs.EFER_LMA:
+            # EFER.LMA cannot be written (QEMU masks it, as the CPU does): it is cleared the
+            # architectural way, by turning paging off while it is set (SDM vol. 3A 9.8.5.4).
+            uc.reg_write(x86.UC_X86_REG_CR0, regs.X86_CR0_PE | regs.X86_CR0_PG)
         uc.reg_write(x86.UC_X86_REG_CR3, s.cr3)
         uc.reg_write(x86.UC_X86_REG_CR4, s.cr4)
         uc.msr_write(msr.MSR_EFER, s.efer)

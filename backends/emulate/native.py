@@ -32,6 +32,7 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
 from vmmarch_cli.errors import BackendError
+from vmmarch_cli.vcpu import Sregs
 
 _DRS = [getattr(x86, f"UC_X86_REG_DR{i}") for i in range(8)]
 #: How far past CPUState to look for the planted values (CPUX86State sits inside X86CPU).
@@ -79,6 +80,11 @@ R_CS, R_SS, R_FS = 1, 2, 4
 #: CPU takes no external interrupt.
 HFLAGS_BEFORE_SEGS = 8
 HF_INHIBIT_IRQ = 1 << 3
+HF_CS64 = 1 << 15  # cpu.h HF_CS64_SHIFT
+#: SegmentCache.flags is the descriptor's high dword: our attribute word (type, S, DPL, P at
+#: bits 0-7; AVL, L, D/B, G at 12-15) sits at bits 8-23.
+DESC_FLAGS_SHIFT = 8
+DESC_FLAGS_MASK = 0xF0FF << DESC_FLAGS_SHIFT
 DESC_A, DESC_W_R, DESC_CS, DESC_S, DESC_P = 1 << 8, 1 << 9, 1 << 11, 1 << 12, 1 << 15
 DESC_L, DESC_B, DESC_G = 1 << 21, 1 << 22, 1 << 23
 KERNEL_CODE64 = DESC_G | DESC_P | DESC_S | DESC_CS | DESC_W_R | DESC_A | DESC_L
@@ -301,6 +307,23 @@ class NativeCpu:
         segs[R_CS].limit, segs[R_CS].flags = 0xFFFF_FFFF, KERNEL_CODE64
         segs[R_SS].selector, segs[R_SS].base = (selector + 8) & 0xFFFC, 0
         segs[R_SS].limit, segs[R_SS].flags = 0xFFFF_FFFF, KERNEL_DATA
+        self._lib.x86_update_hflags_x86_64(self.cpu + self._layout.env)
+
+    @property
+    def code64(self) -> bool:
+        """The CPU executes 64-bit code (EFER.LMA and CS.L: hflags CS64)."""
+        return bool(self._hflags.value & HF_CS64)
+
+    def load_segments(self, sregs: Sregs) -> None:
+        """CS, DS, ES, FS, GS and SS exactly as ``sregs`` has them, hidden parts included (as
+        KVM_SET_SREGS takes them), then the mode flags QEMU derives from them. unicorn's API
+        cannot: in a 64-bit instance a selector write loads no descriptor."""
+        segs = (SegmentCache * 6).from_address(self.cpu + self._layout.segs)
+        for index, name in enumerate(("es", "cs", "ss", "ds", "fs", "gs")):  # cpu.h R_ES..R_GS
+            seg = getattr(sregs, name)
+            segs[index].selector, segs[index].base = seg.selector, seg.base
+            segs[index].limit = seg.limit
+            segs[index].flags = (seg.attributes << DESC_FLAGS_SHIFT) & DESC_FLAGS_MASK
         self._lib.x86_update_hflags_x86_64(self.cpu + self._layout.env)
 
     def forget(self) -> None:

@@ -26,7 +26,7 @@ from backends.emulate import apic, cpuid, delivery, descriptors, faults, native
 from backends.emulate.engine import ENGINE_MSRS, MODE_64, MODE_NAMES, Engine, UcError, mode_for
 from backends.emulate.native import NativeCpu
 from backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
-from vmmarch_cli.arch.x86_64 import msr
+from vmmarch_cli.arch.x86_64 import msr, regs
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import (
@@ -64,6 +64,15 @@ UNMAPPED_ACCESS = {
 UNMAPPED_ERRORS = {uc_const.UC_ERR_READ_UNMAPPED, uc_const.UC_ERR_WRITE_UNMAPPED,
                    uc_const.UC_ERR_FETCH_UNMAPPED}
 VECTOR_UD = 6
+
+
+def cpu_mode_name(s: Sregs) -> str:
+    """The CPU mode ``s`` puts the vCPU in, as the messages name it (SDM vol. 3A 2.2)."""
+    if descriptors.long_mode(s) and s.cs.attributes & descriptors.ATTR_L:
+        return "64-bit"
+    if s.cr0 & regs.X86_CR0_PE and s.cs.attributes & descriptors.ATTR_DB:
+        return "32-bit"
+    return "16-bit"
 
 
 def canonical(address: int) -> bool:
@@ -167,7 +176,7 @@ class EmulateVcpu:
             )
         self._sregs = sregs
         if self._engine:
-            self._engine.write_sregs(sregs)
+            self._write_sregs(self._engine, sregs)
 
     def get_fpu(self) -> Fpu:
         return self._engine.read_fpu() if self._engine else self._fpu
@@ -284,7 +293,7 @@ class EmulateVcpu:
         delivery would fault (then the run stops)."""
         engine = self._engine
         assert engine is not None
-        if engine.mode != MODE_64:
+        if not self._code64(engine):
             return "external interrupts are delivered in 64-bit mode only"
         native = self._native_cpu(engine.uc)
         s = self.get_sregs()
@@ -409,7 +418,16 @@ class EmulateVcpu:
         if outcome.delivered is None:
             return Shutdown("triple fault")
         return InternalError(problem or f"{faults.vector_name(vector)} could not be delivered "
-                             f"through the guest IDT in {MODE_NAMES[self._engine_mode()]} mode")
+                             f"through the guest IDT in {cpu_mode_name(sregs)} mode")
+
+    def _write_sregs(self, engine: Engine, sregs: Sregs) -> None:
+        engine.write_sregs(sregs)
+        if engine.mode == MODE_64:
+            self._native_cpu(engine.uc).load_segments(sregs)
+
+    def _code64(self, engine: Engine) -> bool:
+        """The vCPU runs 64-bit code now (a 64-bit instance may be in 32-bit protected mode)."""
+        return engine.mode == MODE_64 and self._native_cpu(engine.uc).code64
 
     def _engine_mode(self) -> int:
         return self._engine.mode if self._engine else mode_for(self._sregs)
@@ -418,7 +436,7 @@ class EmulateVcpu:
         """Deliver the exception in flight through the guest IDT, from inside a hook, as the CPU
         would (native.py); False when that cannot be done safely (the run then stops)."""
         engine = self._engine
-        if engine is None or engine.mode != MODE_64:
+        if engine is None or not self._code64(engine):
             return False  # 64-bit IDT delivery only; other modes stop as before
         native = self._native_cpu(uc)
         s = self.get_sregs()
@@ -483,7 +501,7 @@ class EmulateVcpu:
                                    None)
             self._alarm_thread = threading.Thread(target=self._alarm_loop, daemon=True,
                                                   name=f"vcpu{self.index}-apic")
-        engine.write_sregs(self._sregs)  # guest memory (GDT, page tables) is already there
+        self._write_sregs(engine, self._sregs)  # guest memory (GDT, page tables) is there
         engine.write_regs(self._regs)
         engine.write_fpu(self._fpu)
         for index, value in self._msrs.items():
@@ -541,7 +559,7 @@ class EmulateVcpu:
         and then adds the instruction's 2 bytes to RIP, so RIP is set to LSTAR - 2 here."""
         engine = self._engine
         assert engine is not None
-        if engine.mode != MODE_64:
+        if not self._code64(engine):
             return  # not a 64-bit kernel's entry; unicorn's NOP stands
         rip = engine.pc()
         rflags = int(uc.reg_read(x86.UC_X86_REG_RFLAGS))
