@@ -68,6 +68,10 @@ def _qemu(ctx: Context, qemu: peers.Qemu, cpus: int, mib: int, cmdline: str, cpu
     return _sample(run)
 
 
+def _say(ctx: Context, label: str, message: str) -> None:
+    ctx.say(f"smp {label}: {message}")
+
+
 def run(ctx: Context) -> CaseResult:
     s = ctx.settings
     stock = ctx.inputs.stock()
@@ -81,9 +85,9 @@ def run(ctx: Context) -> CaseResult:
         label = f"{cpus} vCPU{'s' if cpus > 1 else ''}, {mib} MiB"
         peer = (functools.partial(_qemu, ctx, qemu, cpus, mib, plan.cmdline, cpu)
                 if qemu is not None else None)
+        say = functools.partial(_say, ctx, label)
         a_runs, b_runs = alternate(functools.partial(_vmm_arch, ctx, cpus, mib, plan.cmdline),
-                                   peer, s.runs, s.warmup,
-                                   lambda m, label=label: ctx.say(f"smp {label}: {m}"))
+                                   peer, s.runs, s.warmup, say)
         for metric in METRICS:
             unit = "MiB" if metric == "peak_rss_mib" else "s"
             table.rows.append(paired_row(metric, unit, a_runs, b_runs, note=label))
