@@ -234,6 +234,25 @@ def test_cpuid_comes_from_the_table_set(guests: dict[str, Path]) -> None:
                                                 highest.edx)
 
 
+def test_cpuid_osxsave_follows_cr4(guests: dict[str, Path]) -> None:
+    """CPUID.01H:ECX.OSXSAVE reports CR4.OSXSAVE, whatever the table says (SDM vol. 2A,
+    CPUID): user space trusts it before XGETBV."""
+    # mov eax, 1; cpuid; mov esi, ecx; mov rax, cr4; or eax, 1 << 18; mov cr4, rax;
+    # mov eax, 1; cpuid; hlt
+    code = bytes.fromhex("b801000000 0fa2 89ce 0f20e0 0d00000400 0f22e0 b801000000 0fa2 f4")
+    with emulated(guests, code) as p:
+        v = p.vcpus[0]
+        table = v.get_cpuid()
+        leaf1 = next(e for e in table if e.function == 1)
+        v.set_cpuid([replace(e, ecx=e.ecx | 1 << 27) if e is leaf1 else e for e in table])
+        sregs = v.get_sregs()
+        v.set_sregs(replace(sregs, cr4=sregs.cr4 & ~(1 << 18)))
+        assert v.run() == Halt()
+        r = v.get_regs()
+        assert not r.rsi & 1 << 27  # CR4.OSXSAVE clear: the bit is clear
+        assert r.rcx & 1 << 27  # set by the guest: the bit is set
+
+
 def test_page_fault_without_a_gate_is_a_triple_fault(guests: dict[str, Path]) -> None:
     # mov rax, [0x200000000] (8 GiB: outside the 4 GiB identity map); hlt
     code = bytes.fromhex("48a10000000002000000 f4")

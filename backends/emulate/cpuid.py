@@ -55,6 +55,27 @@ def answer(table: Sequence[CpuidEntry], function: int, index: int) -> Answer:
     return (entry.eax, entry.ebx, entry.ecx, entry.edx)
 
 
+#: CPUID bits that report control-register state, not the CPU model, as the CPU computes them
+#: (KVM does the same in kvm_update_cpuid_runtime): CPUID.01H:ECX.OSXSAVE[27] is CR4.OSXSAVE[18]
+#: and CPUID.(07H,0):ECX.OSPKE[4] is CR4.PKE[22] (SDM vol. 2A, CPUID, tables 3-10 and 3-8).
+LEAF1_ECX_OSXSAVE = 1 << 27
+CR4_OSXSAVE = 1 << 18
+LEAF7_ECX_OSPKE = 1 << 4
+CR4_PKE = 1 << 22
+
+
+def with_os_bits(function: int, index: int, result: Answer, cr4: int) -> Answer:
+    """``result`` with its OS-state bits taken from ``cr4``. A table answer alone says OSXSAVE
+    while a kernel told ``clearcpuid=xsave`` left CR4.OSXSAVE clear, and libc's XGETBV, which
+    trusts the bit, then raises #UD in user space."""
+    eax, ebx, ecx, edx = result
+    if function == 1:
+        ecx = (ecx & ~LEAF1_ECX_OSXSAVE) | (LEAF1_ECX_OSXSAVE if cr4 & CR4_OSXSAVE else 0)
+    elif function == 7 and index == 0:
+        ecx = (ecx & ~LEAF7_ECX_OSPKE) | (LEAF7_ECX_OSPKE if cr4 & CR4_PKE else 0)
+    return (eax, ebx, ecx, edx)
+
+
 def _out_of_range(table: Sequence[CpuidEntry], function: int, index: int) -> CpuidEntry | None:
     basic = find(table, 0, 0)
     if basic is None or basic.ebx in AMD_LIKE_EBX:

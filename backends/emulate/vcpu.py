@@ -551,7 +551,9 @@ class EmulateVcpu:
     def _on_cpuid(self, uc: Any, _: object) -> int:
         assert self._engine is not None
         leaf, subleaf = self._engine.cpuid_inputs()
-        self._engine.write_cpuid_result(*cpuid.answer(self._cpuid, leaf, subleaf))
+        result = cpuid.answer(self._cpuid, leaf, subleaf)
+        cr4 = int(uc.reg_read(x86.UC_X86_REG_CR4))
+        self._engine.write_cpuid_result(*cpuid.with_os_bits(leaf, subleaf, result, cr4))
         return 1  # skip unicorn's own CPUID
 
     def _on_syscall(self, uc: Any, _: object) -> None:
