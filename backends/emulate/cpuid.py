@@ -140,14 +140,22 @@ def _past_last_subleaf(function: int, regs: Answer) -> bool:
 CRYSTAL_HZ = 1_000_000_000
 LEAF_TSC = 0x15
 TSC_RATIO_DENOMINATOR = 1000
+#: Leaf 16H (SDM vol. 2A, CPUID: EAX base MHz, EBX maximum MHz, ECX bus MHz). Linux reads the
+#: CPU frequency from it before anything else (cpu_khz_from_cpuid); without it, it tries the
+#: PIT: ~100,000 reads of port 0x42 that no device answers (measured), each a trip to Python.
+LEAF_FREQUENCY = 0x16
+BUS_MHZ = 100
 
 
 def with_timing_leaf(entries: Sequence[CpuidEntry], tsc_hz: int) -> list[CpuidEntry]:
-    """``entries`` plus leaf 15H for a TSC of ``tsc_hz`` (to 1 MHz), leaf 0 raised to reach it."""
+    """``entries`` plus leaves 15H and 16H for a TSC of ``tsc_hz`` (to 1 MHz), leaf 0 raised
+    to reach them."""
     from dataclasses import replace
 
     numerator = max(round(tsc_hz * TSC_RATIO_DENOMINATOR / CRYSTAL_HZ), 1)
-    out = [e for e in entries if e.function != LEAF_TSC]
-    out = [replace(e, eax=max(e.eax, LEAF_TSC)) if e.function == 0 else e for e in out]
+    mhz = max(round(tsc_hz / 1_000_000), 1)
+    out = [e for e in entries if e.function not in (LEAF_TSC, LEAF_FREQUENCY)]
+    out = [replace(e, eax=max(e.eax, LEAF_FREQUENCY)) if e.function == 0 else e for e in out]
     out.append(CpuidEntry(LEAF_TSC, 0, TSC_RATIO_DENOMINATOR, numerator, CRYSTAL_HZ, 0))
+    out.append(CpuidEntry(LEAF_FREQUENCY, 0, mhz, mhz, BUS_MHZ, 0))
     return sorted(out, key=lambda e: (e.function, e.index))

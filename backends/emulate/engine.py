@@ -30,6 +30,8 @@ from vmmarch_cli.errors import BackendError
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import GPR_NAMES, DescriptorTable, Fpu, Regs, Segment, Sregs
 
+#: The highest guest-physical address (unicorn's x86 uses 64-bit physical addresses).
+PHYS_ADDR_LAST = (1 << 64) - 1
 #: The binding's classes, untyped for mypy (its stubs leave most methods unannotated).
 _binding: Any = importlib.import_module("unicorn")
 Uc: Any = _binding.Uc
@@ -78,7 +80,8 @@ class Engine:
     def __init__(self, mode: int, memory: MmapGuestMemory) -> None:
         self.mode = mode
         self.uc: Any = Uc(uc_const.UC_ARCH_X86, mode)
-        for start, length, host in memory.host_regions():
+        self._regions = list(memory.host_regions())
+        for start, length, host in self._regions:
             # The same host pages KVM maps: loader and pipeline writes are seen as they are.
             self.uc.mem_map_ptr(start, length, uc_const.UC_PROT_ALL, host)
         self.uc.ctl_exits_enabled(True)  # ``until`` ignored: see the module docstring
@@ -97,8 +100,21 @@ class Engine:
     def pc(self) -> int:
         return int(self.uc.reg_read(self.pc_reg))
 
-    def add_hook(self, kind: int, callback: Callable[..., Any], insn: int = 0) -> None:
-        self.uc.hook_add(kind, callback, None, 1, 0, insn)
+    def add_hook(self, kind: int, callback: Callable[..., Any], insn: int = 0,
+                 begin: int = 1, end: int = 0) -> None:
+        """``callback`` for ``kind``; ``begin``..``end`` (inclusive) bounds it, and the default
+        begin > end means everywhere (unicorn's HOOK_BOUND_CHECK)."""
+        self.uc.hook_add(kind, callback, None, begin, end, insn)
+
+    def outside_ram(self) -> list[tuple[int, int]]:
+        """The guest-physical ranges (first, last) no RAM region covers."""
+        gaps, at = [], 0
+        for start, length, _ in sorted(self._regions):
+            if start > at:
+                gaps.append((at, start - 1))
+            at = max(at, start + length)
+        gaps.append((at, PHYS_ADDR_LAST))
+        return gaps
 
     def run(self, count: int) -> None:
         """Emulate from the current PC until a hook or another thread stops it, HLT, an error
