@@ -48,14 +48,14 @@ def test_stops_from_another_thread_repeat_stores_in_stock_unicorn() -> None:
     """Why the switch exists: if this starts failing, unicorn changed and the note in
     docs/backends.md should be revisited."""
     iterations, locked, added, bursts = _counts(block_start_only=False)
-    assert bursts > 50  # the timer did interrupt the loop
+    assert bursts >= 10  # the timer did interrupt the loop
     assert iterations == ITERATIONS
     assert locked > ITERATIONS or added > ITERATIONS
 
 
 def test_with_mid_block_checks_off_every_instruction_runs_once() -> None:
     iterations, locked, added, bursts = _counts(block_start_only=True)
-    assert bursts > 50
+    assert bursts >= 10
     assert (iterations, locked, added) == (ITERATIONS, ITERATIONS, ITERATIONS)
 
 
