@@ -290,10 +290,14 @@ def test_marker_script_runs(tmp_path: Path) -> None:
     # vmm_exit 200 then vmm_exit 0: each sends its status as one raw byte.
     assert helper_log.read_bytes() == bytes([200, 0])
     assert port.read_bytes() == b"\0" * (EXIT_PORT + 1)
+    # Each vmm_exit drains the console first (stty re-applies its settings with TCSADRAIN):
+    # the stub prints nothing for -g, so the set is called with an empty argument.
+    drain = ["stty -F /dev/console -g", "stty -F /dev/console "]
     assert busybox_log.read_text().splitlines() == [
         "mount -t proc proc /proc",
         "mount -t sysfs sysfs /sys",
         "mount -t devtmpfs devtmpfs /dev",
+        *drain, *drain,
         "reboot -f",
     ]
 

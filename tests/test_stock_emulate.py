@@ -133,3 +133,28 @@ def test_run_true_and_false(stock: dict[str, Path], command: str, status: int) -
     r = _vmm(["run", "--backend", "emulate", "--timeout", str(TIMEOUT), str(stock["vmlinux"]),
               "--", command])
     assert r.returncode == status, r.stderr[-2000:]
+
+
+def test_guest_sees_5_gib_on_both_sides_of_the_gap(stock: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    """Issue 6's memory checks from inside the guest: MemTotal of a 5 GiB guest (RAM below the
+    32-bit MMIO gap and above 4 GiB), and the e820 map the kernel printed equal to what
+    `dump-regs --tables` decodes from guest memory."""
+    vmlinux = str(stock["vmlinux"])
+    r = _vmm(["boot", "--backend", "emulate", "--timeout", str(TIMEOUT), "--mem", "5G",
+              "--initrd", str(stock["initramfs"]), "--json", "--quiet", vmlinux],
+             tmp_path / "5g.log")
+    assert (r.returncode, r.result["reason"]) == (0, "exit-port"), r.stderr[-2000:]
+    usable = [e for e in e820.memory_map(e820.ram_layout(5 << 30)) if e.type == e820.E820_RAM]
+    assert any(e.address >= 1 << 32 for e in usable)
+    pages = sum(e.end // 4096 - -(-e.address // 4096) for e in usable) - 1  # less page 0
+    m = re.search(r"Memory: (\d+)K/(\d+)K available", r.console)
+    assert m and int(m.group(2)) == pages * 4
+    # MemTotal: what is left after the kernel image, its struct pages and early reservations.
+    memtotal = int(r.facts["memtotal_kb"])
+    assert pages * 4 - 300 * 1024 < memtotal <= pages * 4
+    tables = json.loads(_vmm(["dump-regs", "--backend", "emulate", "--mem", "5G", "--tables",
+                              "--json", vmlinux]).stdout)["tables"]
+    printed = re.findall(r"BIOS-e820: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\] (\w+)", r.console)
+    assert [(int(a, 16), int(b, 16), t) for a, b, t in printed] == [
+        (int(e["start"], 16), int(e["end"], 16), e["type"]) for e in tables["e820"]["entries"]]

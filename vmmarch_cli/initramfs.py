@@ -342,6 +342,10 @@ export PATH=/bin
 vmm_exit() {{
     code=$(( ${{1:-0}} & 255 ))
     esc=$(printf '%03o' "$code")
+    # The console's last lines may still be in the tty, sent as the UART interrupts for
+    # them: the VM ends at the port write, so wait for them first. stty sets the console's
+    # own settings again with TCSADRAIN, which returns once all output was transmitted.
+    /bin/busybox stty -F /dev/console "$(/bin/busybox stty -F /dev/console -g)" 2>/dev/null
     # Test -c first: without the device node, dd would create a regular file /dev/port.
     if [ -c /dev/port ]; then
         printf "\\\\$esc" | dd of=/dev/port bs=1 seek={EXIT_PORT} count=1 conv=notrunc 2>/dev/null
