@@ -12,6 +12,7 @@ import importlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from backends.emulate import smp
 from vmmarch_cli.errors import BackendUnavailableError
 from vmmarch_cli.vcpu import HypervisorInfo
 
@@ -58,8 +59,9 @@ class EmulateHypervisor:
         return frozenset()
 
     def max_vcpus(self) -> int:
-        # One unicorn engine is one CPU, with no INIT/SIPI or IPIs between engines yet.
-        return 1
+        # One unicorn instance per vCPU, taking turns (smp.py); 8 is what Linux's flat logical
+        # APIC mode, the one IPIs use here, can address.
+        return smp.MAX_VCPUS
 
     def create_vm(self, regions: Sequence[tuple[int, int]]) -> EmulateVm:
         from backends.emulate.vm import EmulateVm

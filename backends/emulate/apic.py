@@ -82,6 +82,9 @@ class LocalApic:
         self._timer_start = 0  # ns when the current count was loaded
         self._timer_deadline: int | None = None
         self.on_change: Callable[[], None] = lambda: None  # an interrupt became pending
+        #: An ICR write: (ICR low, ICR high). The VM routes it to every vCPU it reaches
+        #: (smp.py); alone, a local APIC delivers fixed IPIs to itself.
+        self.on_ipi: Callable[[int, int], None] = self._self_ipi
 
     # --- the register page ----------------------------------------------------------------
 
@@ -129,6 +132,7 @@ class LocalApic:
 
     def write(self, offset: int, size: int, value: int) -> None:
         register = offset & ~0xF
+        ipi: tuple[int, int] | None = None
         with self._lock:
             if register == APIC_EOI:
                 isr = self._highest(APIC_ISR)
@@ -136,7 +140,7 @@ class LocalApic:
                     self._set_bit(APIC_ISR, isr, False)
             elif register == APIC_ICR_LOW:
                 self._put(APIC_ICR_LOW, value & ~ICR_DELIVERY_STATUS)
-                self._ipi(value)
+                ipi = (value, self._get(APIC_ICR_HIGH))
             elif register == APIC_TIMER_INITIAL:
                 self._put(APIC_TIMER_INITIAL, value)
                 self._load_timer(self._now())
@@ -145,6 +149,8 @@ class LocalApic:
                     APIC_LVT_TIMER <= register <= APIC_LVT_ERROR:
                 self._put(register, value)
             # ISR, TMR, IRR, PPR, version and the current count are read-only.
+        if ipi is not None:
+            self.on_ipi(*ipi)  # outside the lock: it may reach other vCPUs' APICs
         self.on_change()
 
     # --- interrupts -----------------------------------------------------------------------
@@ -161,13 +167,23 @@ class LocalApic:
                 self._set_bit(APIC_IRR, vector, True)
         self.on_change()
 
-    def _ipi(self, icr: int) -> None:
+    def _self_ipi(self, icr: int, high: int) -> None:
         shorthand = (icr >> ICR_SHORTHAND_SHIFT) & 3
         fixed = icr & ICR_DELIVERY_MODE == 0
-        to_self = shorthand in (1, 2) or (
-            shorthand == 0 and self._get(APIC_ICR_HIGH) >> 24 == self._get(APIC_ID) >> 24)
+        to_self = shorthand in (1, 2) or (shorthand == 0 and high >> 24 == self.apic_id)
         if fixed and to_self:
-            self._set_bit(APIC_IRR, icr & 0xFF, True)
+            self.raise_vector(icr & 0xFF)
+
+    @property
+    def apic_id(self) -> int:
+        with self._lock:
+            return self._get(APIC_ID) >> 24
+
+    @property
+    def logical_id(self) -> int:
+        """LDR[31:24]: in the flat model one bit per CPU (SDM 10.6.2.2)."""
+        with self._lock:
+            return self._get(APIC_LDR) >> 24
 
     def pending(self) -> int | None:
         """The vector the CPU would take now if interrupts were enabled (SDM 10.8.3.1)."""

@@ -7,7 +7,8 @@ module relies on were measured on unicorn 2.1.4 (../shared/reference/backends-on
   mode, which follows CR0, EFER and the segment caches as on a CPU. A vCPU entered in 32-bit
   protected mode (PVH) therefore gets a UC_MODE_64 instance too, so that the kernel can switch
   to long mode; its segment caches are written directly (native.py), since the API loads no
-  descriptor in that mode. Only real mode keeps UC_MODE_16;
+  descriptor in that mode. Real mode too (an AP starts there at its SIPI vector and goes on
+  to long mode): every instance is UC_MODE_64;
 * CS/SS/DS/ES take a selector only in 64-bit mode (no descriptor load), while FS/GS, and every
   segment in 32-bit mode, are loaded from the GDT in guest memory: so memory, CR3, CR4, EFER,
   CR0, GDTR and IDTR are written before any selector;
@@ -24,7 +25,7 @@ from typing import Any
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
-from backends.emulate.descriptors import ATTR_DB, ATTR_L
+from backends.emulate.descriptors import ATTR_L
 from vmmarch_cli.arch.x86_64 import msr, regs
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.memory import MmapGuestMemory
@@ -38,9 +39,6 @@ Uc: Any = _binding.Uc
 UcError: type[Exception] = _binding.UcError
 
 MODE_64 = uc_const.UC_MODE_64
-MODE_32 = uc_const.UC_MODE_32
-MODE_16 = uc_const.UC_MODE_16
-MODE_NAMES = {MODE_64: "64-bit", MODE_32: "32-bit", MODE_16: "16-bit"}
 
 
 _GPR64 = {name: getattr(x86, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
@@ -62,16 +60,12 @@ ENGINE_MSRS = frozenset({
 
 
 def mode_for(s: Sregs) -> int:
-    """The unicorn instance mode for a vCPU that starts with these sregs (SDM vol. 3A 2.2,
-    5.2.1): 64-bit for long mode and for 32-bit protected mode (see the module docstring)."""
-    if s.efer & regs.EFER_LMA:
-        if not s.cs.attributes & ATTR_L:
-            raise BackendError("compatibility mode (EFER.LMA with CS.L=0) is not supported by "
-                               "the emulate backend")
-        return MODE_64
-    if s.cr0 & regs.X86_CR0_PE and s.cs.attributes & ATTR_DB:
-        return MODE_64
-    return MODE_16
+    """The unicorn instance mode for a vCPU that starts with these sregs: always 64-bit (see
+    the module docstring); compatibility mode is refused (SDM vol. 3A 2.2, 5.2.1)."""
+    if s.efer & regs.EFER_LMA and not s.cs.attributes & ATTR_L:
+        raise BackendError("compatibility mode (EFER.LMA with CS.L=0) is not supported by "
+                           "the emulate backend")
+    return MODE_64
 
 
 class Engine:

@@ -22,8 +22,8 @@ from typing import Any
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
-from backends.emulate import apic, cpuid, delivery, descriptors, faults, native
-from backends.emulate.engine import ENGINE_MSRS, MODE_64, MODE_NAMES, Engine, UcError, mode_for
+from backends.emulate import apic, cpuid, delivery, descriptors, faults, native, smp
+from backends.emulate.engine import ENGINE_MSRS, Engine, UcError, mode_for
 from backends.emulate.native import NativeCpu
 from backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
 from vmmarch_cli.arch.x86_64 import msr, regs
@@ -124,6 +124,12 @@ class EmulateVcpu:
         self._emulating = 0
         self._kicked = False
         self._kickable = False  # see _start
+        # SMP (smp.py): the CPU shared with the other vCPUs, the VM's IPI routing, and an AP's
+        # wait for its STARTUP IPI (the vector, once it came).
+        self._cpu_lock: smp.CpuLock | None = None
+        self._route_ipi: Callable[[EmulateVcpu, int, int], None] | None = None
+        self._awaiting_sipi = False
+        self._sipi_vector: int | None = None
         self._halted_flag: Any = None  # unicorn's CPUState.halted (native.halted_flag)
         # What the hooks saw during the last burst.
         self._exit: VcpuExit | None = None
@@ -169,11 +175,7 @@ class EmulateVcpu:
         # unicorn cannot hold CS/SS/DS/ES hidden state: check it against the GDT instead, so
         # a wrong descriptor fails here as it would misbehave on a real CPU or KVM.
         descriptors.check_segments(self._memory, sregs)
-        if self._engine and mode_for(sregs) != self._engine.mode:
-            raise BackendError(
-                f"the emulate backend cannot switch a vCPU from {MODE_NAMES[self._engine.mode]} "
-                f"to {MODE_NAMES[mode_for(sregs)]} mode after it ran"
-            )
+        mode_for(sregs)  # refuses compatibility mode
         self._sregs = sregs
         if self._engine:
             self._write_sregs(self._engine, sregs)
@@ -241,6 +243,10 @@ class EmulateVcpu:
     # --- running -----------------------------------------------------------------------
 
     def run(self) -> VcpuExit:
+        if self._awaiting_sipi:
+            waited = self._await_sipi()
+            if waited is not None:
+                return waited
         engine = self._engine or self._start()
         while True:
             decided = self._between_bursts()
@@ -312,6 +318,52 @@ class EmulateVcpu:
             self._native = NativeCpu(uc)
         return self._native
 
+    # --- more than one vCPU (smp.py) ------------------------------------------------------
+
+    def join(self, cpu_lock: smp.CpuLock, route_ipi: Callable[[EmulateVcpu, int, int], None],
+             application_processor: bool) -> None:
+        """Share the CPU with the VM's other vCPUs and send IPIs through ``route_ipi``; an
+        application processor waits for INIT and STARTUP before it runs (SDM 8.4.4.1), as KVM
+        keeps every vCPU but the BSP."""
+        self._cpu_lock, self._route_ipi = cpu_lock, route_ipi
+        self._awaiting_sipi = application_processor
+
+    def accepts_ipi(self, ipi: smp.Ipi, source: EmulateVcpu) -> bool:
+        model = self._apic
+        apic_id = model.apic_id if model is not None else self.index
+        ldr = model.logical_id if model is not None else 0
+        return ipi.reaches(source is self, apic_id, ldr)
+
+    def receive_ipi(self, ipi: smp.Ipi) -> None:
+        """An IPI that reached this vCPU (from another vCPU's thread)."""
+        if ipi.mode in (smp.MODE_FIXED, smp.MODE_LOWEST):
+            if self._apic is not None and not self._awaiting_sipi:
+                self._apic.raise_vector(ipi.vector)
+        elif ipi.mode == smp.MODE_INIT and self.index != 0 and self._engine is None:
+            self._awaiting_sipi, self._sipi_vector = True, None
+        elif ipi.mode == smp.MODE_STARTUP and self._awaiting_sipi and self._sipi_vector is None:
+            self._sipi_vector = ipi.vector
+            self._wake.set()
+        # NMI, SMI and INIT to a running vCPU are not modelled: Linux sends them only to
+        # report a lockup or to restart a CPU.
+
+    def _await_sipi(self) -> VcpuExit | None:
+        """Block until a STARTUP IPI (then start in real mode at vector * 4 KiB, CS = vector
+        << 8, IP = 0: SDM 8.4.4.1) or a stop request."""
+        while self._sipi_vector is None:
+            if self._stop.is_set():
+                return Interrupted()
+            self._wake.wait(HALT_POLL_SECONDS)
+            self._wake.clear()
+        vector = self._sipi_vector
+        start = reset_sregs(self.index)
+        self.set_sregs(replace(start, cs=replace(start.cs, selector=vector << 8,
+                                                  base=vector << 12),
+                               apic_base=self._sregs.apic_base))
+        self.set_regs(replace(reset_regs(), rip=0))
+        self._awaiting_sipi = False
+        return None
+
     # --- interrupts from devices and the APIC timer (any thread) --------------------------
 
     def raise_interrupt(self, vector: int) -> None:
@@ -322,6 +374,9 @@ class EmulateVcpu:
     def _new_apic(self, page: Lapic) -> apic.LocalApic:
         model = apic.LocalApic(page, cpuid.CRYSTAL_HZ)
         model.on_change = self._interrupt_changed
+        if self._route_ipi is not None:
+            route = self._route_ipi
+            model.on_ipi = lambda low, high: route(self, low, high)
         return model
 
     def _interrupt_changed(self) -> None:
@@ -371,21 +426,27 @@ class EmulateVcpu:
     def _run_burst(self, engine: Engine) -> VcpuExit | None:
         """Emulate until something stops unicorn; the exit it means, or None to go on."""
         self._exit, self._vector, self._unmapped, self._kicked = None, None, None, False
-        with self._lock:
-            if self._stop.is_set():
-                return Interrupted()
-            self._burst += 1
-            self._emulating = self._burst
-        error: Exception | None = None
+        if self._cpu_lock is not None:
+            self._cpu_lock.acquire(self._kick)  # after any other vCPU that asked first
         try:
-            engine.run(0 if self._kickable else BURST_INSTRUCTIONS)
-        except UcError as e:
-            error = e
-        except Exception as e:  # a hook failed; unicorn re-raises it after stopping
-            raise BackendError(f"emulate backend hook failed: {e!r}") from e
-        finally:
             with self._lock:
-                self._emulating = 0
+                if self._stop.is_set():
+                    return Interrupted()
+                self._burst += 1
+                self._emulating = self._burst
+            error: Exception | None = None
+            try:
+                engine.run(0 if self._kickable else BURST_INSTRUCTIONS)
+            except UcError as e:
+                error = e
+            except Exception as e:  # a hook failed; unicorn re-raises it after stopping
+                raise BackendError(f"emulate backend hook failed: {e!r}") from e
+            finally:
+                with self._lock:
+                    self._emulating = 0
+        finally:
+            if self._cpu_lock is not None:
+                self._cpu_lock.release()
         if self._exit is not None:
             if isinstance(self._exit, IoIn) and self._in_undo is not None:
                 engine.restore_io_registers(self._in_undo)  # replayed by the next run
@@ -422,15 +483,11 @@ class EmulateVcpu:
 
     def _write_sregs(self, engine: Engine, sregs: Sregs) -> None:
         engine.write_sregs(sregs)
-        if engine.mode == MODE_64:
-            self._native_cpu(engine.uc).load_segments(sregs)
+        self._native_cpu(engine.uc).load_segments(sregs)
 
     def _code64(self, engine: Engine) -> bool:
-        """The vCPU runs 64-bit code now (a 64-bit instance may be in 32-bit protected mode)."""
-        return engine.mode == MODE_64 and self._native_cpu(engine.uc).code64
-
-    def _engine_mode(self) -> int:
-        return self._engine.mode if self._engine else mode_for(self._sregs)
+        """The vCPU runs 64-bit code now (the instance may be in 32-bit or real mode)."""
+        return self._native_cpu(engine.uc).code64
 
     def _deliver_now(self, uc: Any, vector: int) -> bool:
         """Deliver the exception in flight through the guest IDT, from inside a hook, as the CPU
@@ -489,23 +546,22 @@ class EmulateVcpu:
         for first, last in engine.outside_ram():
             engine.add_hook(uc_const.UC_HOOK_MEM_UNMAPPED, self._on_unmapped, begin=first,
                             end=last)
-        if engine.mode == MODE_64:
-            # The local APIC (xAPIC page) and the I/O APIC as MMIO: reads and writes call the
-            # models, through the guest's paging (measured: ~1 us per access).
-            self._apic = self._new_apic(self._lapic)
-            model = self._apic
-            engine.uc.mmio_map(apic.APIC_BASE, apic.MMIO_SIZE,
-                               lambda uc, off, size, _: model.read(off, size), None,
-                               lambda uc, off, size, value, _: model.write(off, size, value),
+        # The local APIC (xAPIC page) and the I/O APIC as MMIO: reads and writes call the
+        # models, through the guest's paging (measured: ~1 us per access).
+        self._apic = self._new_apic(self._lapic)
+        model = self._apic
+        engine.uc.mmio_map(apic.APIC_BASE, apic.MMIO_SIZE,
+                           lambda uc, off, size, _: model.read(off, size), None,
+                           lambda uc, off, size, value, _: model.write(off, size, value),
+                           None)
+        ioapic = self._ioapic
+        if ioapic is not None:
+            engine.uc.mmio_map(apic.IOAPIC_BASE, apic.MMIO_SIZE,
+                               lambda uc, off, size, _: ioapic.read(off, size), None,
+                               lambda uc, off, size, value, _: ioapic.write(off, size, value),
                                None)
-            ioapic = self._ioapic
-            if ioapic is not None:
-                engine.uc.mmio_map(apic.IOAPIC_BASE, apic.MMIO_SIZE,
-                                   lambda uc, off, size, _: ioapic.read(off, size), None,
-                                   lambda uc, off, size, value, _: ioapic.write(off, size, value),
-                                   None)
-            self._alarm_thread = threading.Thread(target=self._alarm_loop, daemon=True,
-                                                  name=f"vcpu{self.index}-apic")
+        self._alarm_thread = threading.Thread(target=self._alarm_loop, daemon=True,
+                                              name=f"vcpu{self.index}-apic")
         self._write_sregs(engine, self._sregs)  # guest memory (GDT, page tables) is there
         engine.write_regs(self._regs)
         engine.write_fpu(self._fpu)

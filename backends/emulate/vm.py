@@ -1,11 +1,13 @@
-"""An emulated VM: guest RAM shared with unicorn, a CPUID model, vCPUs, and the I/O APIC that
-takes the devices' interrupt lines to the (first) vCPU's local APIC."""
+"""An emulated VM: guest RAM shared with unicorn, a CPUID model, vCPUs that take turns on the
+CPU and send each other IPIs (smp.py), and the I/O APIC that takes the devices' interrupt lines
+to the first vCPU's local APIC."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
 
+from backends.emulate import smp
 from backends.emulate.apic import IoApic
 from backends.emulate.cpuid import model_cpuid, with_timing_leaf
 from backends.emulate.engine import host_tsc_hz
@@ -18,6 +20,7 @@ class EmulateVm:
     def __init__(self, regions: Sequence[tuple[int, int]]) -> None:
         self.memory = MmapGuestMemory(regions)
         self._vcpus: list[EmulateVcpu] = []
+        self._cpu = smp.CpuLock()
         # The I/O APIC ID follows the CPUs' as in the MADT and MP table; one vCPU: ID 1.
         self.ioapic = IoApic(1, self._deliver)
 
@@ -26,8 +29,17 @@ class EmulateVm:
 
     def create_vcpu(self, index: int) -> EmulateVcpu:
         vcpu = EmulateVcpu(index, self.memory, self.ioapic)
+        vcpu.join(self._cpu, self._route_ipi, application_processor=index != 0)
         self._vcpus.append(vcpu)
         return vcpu
+
+    def _route_ipi(self, source: EmulateVcpu, low: int, high: int) -> None:
+        ipi = smp.Ipi.decode(low, high)
+        if ipi is None:
+            return
+        for vcpu in list(self._vcpus):
+            if vcpu.accepts_ipi(ipi, source):
+                vcpu.receive_ipi(ipi)
 
     def set_irq_line(self, irq: int, level: bool) -> None:
         self.ioapic.set_irq(irq, level)
