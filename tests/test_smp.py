@@ -90,9 +90,13 @@ def test_cpu_count_limits(guests: dict[str, Path]) -> None:
     assert p.returncode == 64
 
 
-def test_emulate_backend_refuses_smp_in_one_line(guests: dict[str, Path]) -> None:
+def test_emulate_backend_refuses_more_vcpus_than_it_can_address(guests: dict[str, Path]
+                                                                ) -> None:
     pytest.importorskip("unicorn")
-    p = run_cli("boot", str(guests["bootcheck"]), "--backend", "emulate", "--cpus", "2")
+    from backends.emulate import smp
+
+    p = run_cli("boot", str(guests["bootcheck"]), "--backend", "emulate", "--cpus",
+                str(smp.MAX_VCPUS + 1))
     assert p.returncode == 69
     assert p.stderr.strip().count("\n") == 0
-    assert "at most 1 vCPU" in p.stderr
+    assert f"at most {smp.MAX_VCPUS} vCPUs" in p.stderr

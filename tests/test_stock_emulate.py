@@ -158,3 +158,30 @@ def test_guest_sees_5_gib_on_both_sides_of_the_gap(stock: dict[str, Path],
     printed = re.findall(r"BIOS-e820: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\] (\w+)", r.console)
     assert [(int(a, 16), int(b, 16), t) for a, b, t in printed] == [
         (int(e["start"], 16), int(e["end"], 16), e["type"]) for e in tables["e820"]["entries"]]
+
+
+@pytest.fixture(scope="module")
+def smp_boots(stock: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+              ) -> dict[int, Run]:
+    out = tmp_path_factory.mktemp("emulate-smp")
+    return {cpus: _vmm(["boot", "--backend", "emulate", "--timeout", str(TIMEOUT), "--cpus",
+                        str(cpus), "--initrd", str(stock["initramfs"]), "--json", "--quiet",
+                        str(stock["vmlinux"])], out / f"smp{cpus}.log")
+            for cpus in (2, 4)}
+
+
+@pytest.mark.parametrize("cpus", [2, 4])
+def test_guest_brings_up_every_vcpu_and_sees_them_online(smp_boots: dict[int, Run],
+                                                        cpus: int) -> None:
+    """Issue 6 from inside the guest: the kernel finds the CPUs through the MADT, wakes the APs
+    with INIT/SIPI, and init's /proc/cpuinfo and /sys/devices/system/cpu/online list them all."""
+    r = smp_boots[cpus]
+    assert (r.returncode, r.result["reason"]) == (0, "exit-port"), r.stderr[-2000:]
+    assert "ACPI: Using ACPI (MADT) for SMP configuration information" in r.console
+    assert f"smpboot: Allowing {cpus} CPUs" in r.console
+    assert f"smp: Brought up 1 node, {cpus} CPUs" in r.console
+    assert r.facts["nproc"] == str(cpus)
+    assert r.facts["online"] == f"0-{cpus - 1}"
+    # The APs took interrupts of their own: IPIs (0xfb-0xfd: call function, reschedule).
+    events = r.result["injected_events"]
+    assert any(events.get(f"interrupt {v:#x}", 0) for v in (0xFB, 0xFC, 0xFD)), events

@@ -130,6 +130,7 @@ class EmulateVcpu:
         self._route_ipi: Callable[[EmulateVcpu, int, int], None] | None = None
         self._awaiting_sipi = False
         self._sipi_vector: int | None = None
+        self._translations_stale = False  # see receive_ipi
         self._halted_flag: Any = None  # unicorn's CPUState.halted (native.halted_flag)
         # What the hooks saw during the last burst.
         self._exit: VcpuExit | None = None
@@ -263,6 +264,9 @@ class EmulateVcpu:
         a stop request), without spinning the host CPU."""
         lapic = self._apic
         while True:
+            if self._translations_stale and self._engine is not None:
+                self._translations_stale = False  # before the flush: a new IPI sets it again
+                self._engine.uc.ctl_flush_tb()
             if self._stop.is_set():
                 return Interrupted()
             if lapic is None or self._engine is None:
@@ -334,10 +338,15 @@ class EmulateVcpu:
         ldr = model.logical_id if model is not None else 0
         return ipi.reaches(source is self, apic_id, ldr)
 
-    def receive_ipi(self, ipi: smp.Ipi) -> None:
+    def receive_ipi(self, ipi: smp.Ipi, source: EmulateVcpu) -> None:
         """An IPI that reached this vCPU (from another vCPU's thread)."""
         if ipi.mode in (smp.MODE_FIXED, smp.MODE_LOWEST):
             if self._apic is not None and not self._awaiting_sipi:
+                # Cross-modifying code (SDM vol. 3A 8.1.3): another vCPU may have written
+                # code this vCPU's own unicorn instance holds translated. Linux signals the
+                # end of such a write with an IPI to every CPU (text_poke_sync), so the
+                # translations are dropped before this vCPU runs again.
+                self._translations_stale = self._translations_stale or source is not self
                 self._apic.raise_vector(ipi.vector)
         elif ipi.mode == smp.MODE_INIT and self.index != 0 and self._engine is None:
             self._awaiting_sipi, self._sipi_vector = True, None

@@ -39,7 +39,7 @@ class EmulateVm:
             return
         for vcpu in list(self._vcpus):
             if vcpu.accepts_ipi(ipi, source):
-                vcpu.receive_ipi(ipi)
+                vcpu.receive_ipi(ipi, source)
 
     def set_irq_line(self, irq: int, level: bool) -> None:
         self.ioapic.set_irq(irq, level)
