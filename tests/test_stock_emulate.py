@@ -128,13 +128,6 @@ def test_run_exit_status_and_streams(stock: dict[str, Path]) -> None:
     assert "to-stderr" in r.stderr and "to-stdout" not in r.stderr
 
 
-@pytest.mark.parametrize(("command", "status"), [("true", 0), ("false", 1)])
-def test_run_true_and_false(stock: dict[str, Path], command: str, status: int) -> None:
-    r = _vmm(["run", "--backend", "emulate", "--timeout", str(TIMEOUT), str(stock["vmlinux"]),
-              "--", command])
-    assert r.returncode == status, r.stderr[-2000:]
-
-
 def test_guest_sees_5_gib_on_both_sides_of_the_gap(stock: dict[str, Path],
                                                     tmp_path: Path) -> None:
     """Issue 6's memory checks from inside the guest: MemTotal of a 5 GiB guest (RAM below the
