@@ -35,6 +35,8 @@
         .set TICKS, 5
         .set KERNEL_CS, 0x10                /* the boot GDT's __BOOT_CS */
 
+        .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
+
         .section .text.entry, "ax", @progbits
         .globl  _start
 _start:
@@ -42,9 +44,11 @@ _start:
         lea     rsp, [rip + stack_top]
         mov     edi, TIMER_VECTOR
         lea     rsi, [rip + timer_handler]
+        mov     edx, INTR_GATE
         call    set_gate
         mov     edi, IPI_VECTOR
         lea     rsi, [rip + ipi_handler]
+        mov     edx, INTR_GATE
         call    set_gate
         lidt    [rip + idtr]
         lea     rsi, [rip + msg_start]
@@ -130,22 +134,6 @@ ipi_handler:
         mov     dword ptr [rbx + APIC_EOI], 0
         pop     rbx
         iretq
-
-/* set_gate: IDT[edi] = 64-bit interrupt gate to rsi (SDM 6.14.1). */
-set_gate:
-        shl     rdi, 4
-        lea     rax, [rip + idt]
-        add     rdi, rax
-        mov     rax, rsi
-        mov     word ptr [rdi], ax
-        mov     word ptr [rdi + 2], KERNEL_CS
-        mov     word ptr [rdi + 4], 0x8e00
-        shr     rax, 16
-        mov     word ptr [rdi + 6], ax
-        shr     rax, 16
-        mov     dword ptr [rdi + 8], eax
-        mov     dword ptr [rdi + 12], 0
-        ret
 
         .section .rodata
 msg_start: .asciz "APICTIMER START\n"

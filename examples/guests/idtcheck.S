@@ -38,7 +38,6 @@
         .set PTE_USER, 4
         .set RFLAGS_IF, 0x200
         /* Gate type/attribute words (SDM 6.14.1, figure 6-8): P, DPL, type; low byte = IST. */
-        .set INTR_GATE, 0x8e00
         .set TRAP_GATE, 0x8f00
         .set USER_INTR_GATE, 0xee00
         .set IST1, 1
@@ -65,6 +64,8 @@
         push    rax
         iretq
         .endm
+
+        .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
 
         .section .text.entry, "ax", @progbits
         .globl  _start
@@ -349,22 +350,6 @@ common:
         mov     qword ptr [rsp + 40], KERNEL_DS
         pop     rax
         iretq
-
-/* set_gate: IDT[edi] = 64-bit gate to rsi, CS = KERNEL_CS, type/attribute/IST word edx. */
-set_gate:
-        shl     rdi, 4
-        lea     rax, [rip + idt]
-        add     rdi, rax
-        mov     rax, rsi
-        mov     word ptr [rdi], ax
-        mov     word ptr [rdi + 2], KERNEL_CS
-        mov     word ptr [rdi + 4], dx
-        shr     rax, 16
-        mov     word ptr [rdi + 6], ax
-        shr     rax, 16
-        mov     dword ptr [rdi + 8], eax
-        mov     dword ptr [rdi + 12], 0
-        ret
 
         .section .rodata
 msg_start: .asciz "IDTCHECK START\n"

@@ -36,6 +36,8 @@
         .set PTE_USER, 4
         .set VECTOR_UD, 6
 
+        .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
+
         .section .text.entry, "ax", @progbits
         .globl  _start
 _start:
@@ -65,16 +67,11 @@ _start:
         lea     rax, [rip + kstack_top]
         mov     [rip + tss + 4], rax
         lgdt    [rip + gdtr]
-        /* One interrupt gate, #UD (SDM 6.14.1: type 0xE, present, DPL 0). */
-        lea     rdi, [rip + idt + VECTOR_UD * 16]
-        lea     rax, [rip + ud_handler]
-        mov     word ptr [rdi], ax
-        mov     word ptr [rdi + 2], KERNEL_CS
-        mov     word ptr [rdi + 4], 0x8e00
-        shr     rax, 16
-        mov     word ptr [rdi + 6], ax
-        shr     rax, 16
-        mov     dword ptr [rdi + 8], eax
+        /* One interrupt gate, #UD. */
+        mov     edi, VECTOR_UD
+        lea     rsi, [rip + ud_handler]
+        mov     edx, INTR_GATE
+        call    set_gate
         lidt    [rip + idtr]
         push    KERNEL_CS
         lea     rax, [rip + 1f]
