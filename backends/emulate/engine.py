@@ -38,12 +38,7 @@ _binding: Any = importlib.import_module("unicorn")
 Uc: Any = _binding.Uc
 UcError: type[Exception] = _binding.UcError
 
-MODE_64 = uc_const.UC_MODE_64
-
-
-_GPR64 = {name: getattr(x86, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
-_GPR32 = {f"r{n[1:]}": getattr(x86, f"UC_X86_REG_E{n[1:].upper()}")
-          for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp")}
+_GPRS = {name: getattr(x86, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
 _SEGMENT_REGS = {"cs": x86.UC_X86_REG_CS, "ss": x86.UC_X86_REG_SS, "ds": x86.UC_X86_REG_DS,
                  "es": x86.UC_X86_REG_ES, "fs": x86.UC_X86_REG_FS, "gs": x86.UC_X86_REG_GS}
 #: unicorn keeps TR/LDTR flags in QEMU's layout: the descriptor's high dword, where the access
@@ -59,40 +54,27 @@ ENGINE_MSRS = frozenset({
 })
 
 
-def mode_for(s: Sregs) -> int:
-    """The unicorn instance mode for a vCPU that starts with these sregs: always 64-bit (see
-    the module docstring); compatibility mode is refused (SDM vol. 3A 2.2, 5.2.1)."""
+def refuse_compatibility_mode(s: Sregs) -> None:
+    """EFER.LMA with CS.L=0 is not supported (SDM vol. 3A 2.2, 5.2.1); every other mode runs in
+    the one kind of instance this module makes (see the module docstring)."""
     if s.efer & regs.EFER_LMA and not s.cs.attributes & ATTR_L:
         raise BackendError("compatibility mode (EFER.LMA with CS.L=0) is not supported by "
                            "the emulate backend")
-    return MODE_64
 
 
 class Engine:
     """A unicorn instance over the VM's memory. Hooks are added by the vCPU before it runs."""
 
-    def __init__(self, mode: int, memory: MmapGuestMemory) -> None:
-        self.mode = mode
-        self.uc: Any = Uc(uc_const.UC_ARCH_X86, mode)
+    def __init__(self, memory: MmapGuestMemory) -> None:
+        self.uc: Any = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
         self._regions = list(memory.host_regions())
         for start, length, host in self._regions:
             # The same host pages KVM maps: loader and pipeline writes are seen as they are.
             self.uc.mem_map_ptr(start, length, uc_const.UC_PROT_ALL, host)
         self.uc.ctl_exits_enabled(True)  # ``until`` ignored: see the module docstring
 
-    @property
-    def long_mode(self) -> bool:
-        return self.mode == MODE_64
-
-    def _gprs(self) -> dict[str, int]:
-        return _GPR64 if self.long_mode else _GPR32
-
-    @property
-    def pc_reg(self) -> int:
-        return int(x86.UC_X86_REG_RIP if self.long_mode else x86.UC_X86_REG_EIP)
-
     def pc(self) -> int:
-        return int(self.uc.reg_read(self.pc_reg))
+        return int(self.uc.reg_read(x86.UC_X86_REG_RIP))
 
     def add_hook(self, kind: int, callback: Callable[..., Any], insn: int = 0,
                  begin: int = 1, end: int = 0) -> None:
@@ -124,24 +106,22 @@ class Engine:
 
     # --- registers ------------------------------------------------------------------------
 
-    def read_regs(self, previous: Regs) -> Regs:
-        values = {name: int(self.uc.reg_read(reg)) for name, reg in self._gprs().items()}
+    def read_regs(self) -> Regs:
+        values = {name: int(self.uc.reg_read(reg)) for name, reg in _GPRS.items()}
         values["rip"] = self.pc()
         values["rflags"] = int(self.uc.reg_read(x86.UC_X86_REG_EFLAGS))
-        if not self.long_mode:  # R8-R15 do not exist outside 64-bit mode: keep what was set
-            values.update({f"r{n}": getattr(previous, f"r{n}") for n in range(8, 16)})
         return Regs(**values)
 
     def write_regs(self, r: Regs) -> None:
-        for name, reg in self._gprs().items():
+        for name, reg in _GPRS.items():
             self.uc.reg_write(reg, getattr(r, name))
-        self.uc.reg_write(self.pc_reg, r.rip)
+        self.uc.reg_write(x86.UC_X86_REG_RIP, r.rip)
         self.uc.reg_write(x86.UC_X86_REG_EFLAGS, r.rflags)
 
     def write_sregs(self, s: Sregs) -> None:
         """In the order unicorn needs: tables and control registers, then selectors."""
         uc = self.uc
-        if self.mode == MODE_64 and not s.efer & regs.EFER_LMA:
+        if not s.efer & regs.EFER_LMA:
             # EFER.LMA cannot be written (QEMU masks it, as the CPU does): it is cleared the
             # architectural way, by turning paging off while it is set (SDM vol. 3A 9.8.5.4).
             uc.reg_write(x86.UC_X86_REG_CR0, regs.X86_CR0_PE | regs.X86_CR0_PG)
@@ -149,8 +129,7 @@ class Engine:
         uc.reg_write(x86.UC_X86_REG_CR4, s.cr4)
         uc.msr_write(msr.MSR_EFER, s.efer)
         uc.reg_write(x86.UC_X86_REG_CR0, s.cr0)
-        if self.long_mode:
-            uc.reg_write(x86.UC_X86_REG_CR8, s.cr8)
+        uc.reg_write(x86.UC_X86_REG_CR8, s.cr8)
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, s.gdt.base, s.gdt.limit, 0))
         uc.reg_write(x86.UC_X86_REG_IDTR, (0, s.idt.base, s.idt.limit, 0))
         for name, reg in _SEGMENT_REGS.items():
@@ -159,9 +138,9 @@ class Engine:
             except UcError as e:
                 raise BackendError(f"unicorn refused {name.upper()} = "
                                    f"{getattr(s, name).selector:#x}: {e}") from None
-        if self.long_mode:  # a base set through the MSRs survives the descriptor load
-            uc.reg_write(x86.UC_X86_REG_FS_BASE, s.fs.base)
-            uc.reg_write(x86.UC_X86_REG_GS_BASE, s.gs.base)
+        # A base set through the MSRs survives the descriptor load.
+        uc.reg_write(x86.UC_X86_REG_FS_BASE, s.fs.base)
+        uc.reg_write(x86.UC_X86_REG_GS_BASE, s.gs.base)
         for seg, reg in ((s.tr, x86.UC_X86_REG_TR), (s.ldt, x86.UC_X86_REG_LDTR)):
             uc.reg_write(reg, (seg.selector, seg.base, seg.limit,
                                (seg.attributes << _QEMU_FLAGS_SHIFT) & _QEMU_FLAGS_MASK))
@@ -169,9 +148,7 @@ class Engine:
     def selectors(self) -> dict[str, int]:
         return {name: int(self.uc.reg_read(reg)) for name, reg in _SEGMENT_REGS.items()}
 
-    def fs_gs_base(self) -> tuple[int, int] | None:
-        if not self.long_mode:
-            return None
+    def fs_gs_base(self) -> tuple[int, int]:
         return (int(self.uc.reg_read(x86.UC_X86_REG_FS_BASE)),
                 int(self.uc.reg_read(x86.UC_X86_REG_GS_BASE)))
 
@@ -187,9 +164,7 @@ class Engine:
 
     def control(self) -> dict[str, int]:
         names = {"cr0": x86.UC_X86_REG_CR0, "cr2": x86.UC_X86_REG_CR2,
-                 "cr3": x86.UC_X86_REG_CR3, "cr4": x86.UC_X86_REG_CR4}
-        if self.long_mode:
-            names["cr8"] = x86.UC_X86_REG_CR8
+                 "cr3": x86.UC_X86_REG_CR3, "cr4": x86.UC_X86_REG_CR4, "cr8": x86.UC_X86_REG_CR8}
         out = {name: int(self.uc.reg_read(reg)) for name, reg in names.items()}
         out["efer"] = int(self.uc.msr_read(msr.MSR_EFER))
         return out
@@ -212,26 +187,22 @@ class Engine:
 
     def io_registers(self) -> tuple[int, ...]:
         """PC, RAX, RCX, RDI: everything IN / REP INS changes apart from memory."""
-        g = self._gprs()
-        return (self.pc(), *(int(self.uc.reg_read(g[n])) for n in ("rax", "rcx", "rdi")))
+        return (self.pc(), *(int(self.uc.reg_read(_GPRS[n])) for n in ("rax", "rcx", "rdi")))
 
     def restore_io_registers(self, saved: Sequence[int]) -> None:
-        g = self._gprs()
-        self.uc.reg_write(self.pc_reg, saved[0])
+        self.uc.reg_write(x86.UC_X86_REG_RIP, saved[0])
         for name, value in zip(("rax", "rcx", "rdi"), saved[1:], strict=True):
-            self.uc.reg_write(g[name], value)
+            self.uc.reg_write(_GPRS[name], value)
 
     def write_cpuid_result(self, eax: int, ebx: int, ecx: int, edx: int) -> None:
         # CPUID writes the 32-bit registers, which clears bits 63:32 in 64-bit mode
         # (SDM vol. 1 3.4.1.1): writing the full register with the 32-bit value does that.
-        g = self._gprs()
         for name, value in zip(("rax", "rbx", "rcx", "rdx"), (eax, ebx, ecx, edx), strict=True):
-            self.uc.reg_write(g[name], value)
+            self.uc.reg_write(_GPRS[name], value)
 
     def cpuid_inputs(self) -> tuple[int, int]:
-        g = self._gprs()
-        return (int(self.uc.reg_read(g["rax"])) & 0xFFFF_FFFF,
-                int(self.uc.reg_read(g["rcx"])) & 0xFFFF_FFFF)
+        return (int(self.uc.reg_read(_GPRS["rax"])) & 0xFFFF_FFFF,
+                int(self.uc.reg_read(_GPRS["rcx"])) & 0xFFFF_FFFF)
 
 
 def scratch_cpuid() -> Callable[[int, int], tuple[int, int, int, int]]:

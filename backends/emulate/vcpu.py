@@ -23,7 +23,7 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
 from backends.emulate import apic, cpuid, delivery, descriptors, faults, native, smp
-from backends.emulate.engine import ENGINE_MSRS, Engine, UcError, mode_for
+from backends.emulate.engine import ENGINE_MSRS, Engine, UcError, refuse_compatibility_mode
 from backends.emulate.native import NativeCpu
 from backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
 from vmmarch_cli.arch.x86_64 import msr, regs
@@ -147,7 +147,7 @@ class EmulateVcpu:
     # --- state -------------------------------------------------------------------------
 
     def get_regs(self) -> Regs:
-        return self._engine.read_regs(self._regs) if self._engine else self._regs
+        return self._engine.read_regs() if self._engine else self._regs
 
     def set_regs(self, regs: Regs) -> None:
         self._regs = regs
@@ -161,13 +161,12 @@ class EmulateVcpu:
         gdt, idt = engine.tables()
         c = engine.control()
         now = replace(self._sregs, gdt=gdt, idt=idt, cr0=c["cr0"], cr2=c["cr2"], cr3=c["cr3"],
-                      cr4=c["cr4"], cr8=c.get("cr8", self._sregs.cr8), efer=c["efer"])
+                      cr4=c["cr4"], cr8=c["cr8"], efer=c["efer"])
         seg = {name: descriptors.current_segment(self._memory, now, name, selector)
                for name, selector in engine.selectors().items()}
-        bases = engine.fs_gs_base()
-        if bases is not None:
-            seg["fs"] = replace(seg["fs"], base=bases[0])
-            seg["gs"] = replace(seg["gs"], base=bases[1])
+        fs_base, gs_base = engine.fs_gs_base()
+        seg["fs"] = replace(seg["fs"], base=fs_base)
+        seg["gs"] = replace(seg["gs"], base=gs_base)
         return replace(now, cs=seg["cs"], ds=seg["ds"], es=seg["es"], fs=seg["fs"],
                        gs=seg["gs"], ss=seg["ss"], tr=engine.system_segment("tr"),
                        ldt=engine.system_segment("ldt"))
@@ -176,7 +175,7 @@ class EmulateVcpu:
         # unicorn cannot hold CS/SS/DS/ES hidden state: check it against the GDT instead, so
         # a wrong descriptor fails here as it would misbehave on a real CPU or KVM.
         descriptors.check_segments(self._memory, sregs)
-        mode_for(sregs)  # refuses compatibility mode
+        refuse_compatibility_mode(sregs)
         self._sregs = sregs
         if self._engine:
             self._write_sregs(self._engine, sregs)
@@ -541,7 +540,7 @@ class EmulateVcpu:
         return InternalError(f"unicorn stopped: {error}")
 
     def _start(self) -> Engine:
-        engine = Engine(mode_for(self._sregs), self._memory)
+        engine = Engine(self._memory)  # set_sregs refused what it cannot run
         # Hooks before anything runs: unicorn does not retranslate code for a later hook.
         engine.add_hook(uc_const.UC_HOOK_INSN, self._on_out, x86.UC_X86_INS_OUT)
         engine.add_hook(uc_const.UC_HOOK_INSN, self._on_in, x86.UC_X86_INS_IN)
