@@ -13,12 +13,44 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmmarch_cli.arch.x86_64 import e820
+
 #: Seconds each boot may take. Alone a boot to init takes 7-8 minutes on a PVM host; all of
 #: them at once on two host cores take about 20.
 TIMEOUT = 2100
 #: Where the kernel-side checks of an SMP boot are all printed (kernel/smp.c, smp_cpus_done):
 #: on a KVM that cannot run user processes these boots stop there instead of at init.
 SMP_DONE = "smp: Brought up"
+
+
+def init_facts(console: str) -> dict[str, str]:
+    """The VMMARCH-FACT lines of the marker /init (vmmarch_cli/initramfs.py), by name."""
+    return dict(re.findall(r"^VMMARCH-FACT (\w+) (.*?)\r?$", console, re.M))
+
+
+def printed_e820(console: str) -> list[tuple[int, int, str]]:
+    """(first, last, type) of each "BIOS-e820: [mem A-B] type" line the kernel printed."""
+    return [(int(a, 16), int(b, 16), t) for a, b, t in
+            re.findall(r"BIOS-e820: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\] (\w+)", console)]
+
+
+def pipeline_e820(mem: int) -> list[tuple[int, int, str]]:
+    """The e820 map the pipeline writes for ``mem`` bytes, as the kernel prints it."""
+    return [(e.address, e.end - 1, "usable" if e.type == e820.E820_RAM else "reserved")
+            for e in e820.memory_map(e820.ram_layout(mem))]
+
+
+def kernel_total_kib(mem: int) -> int:
+    """The total of the kernel's "Memory: .../<total>K available" line for ``mem`` bytes: every
+    whole page of the usable e820 ranges, less page 0, which the kernel reserves for itself
+    (arch/x86/kernel/setup.c, e820__update_table for the first page)."""
+    usable = [e for e in e820.memory_map(e820.ram_layout(mem)) if e.type == e820.E820_RAM]
+    return (sum(e.end // 4096 - -(-e.address // 4096) for e in usable) - 1) * 4
+
+
+def printed_memory_total_kib(console: str) -> int | None:
+    m = re.search(r"Memory: \d+K/(\d+)K available", console)
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -101,8 +133,8 @@ class StockBoots:
             proc, argv, log = self._procs[name]
             stdout, stderr = proc.communicate(timeout=TIMEOUT + 120)
             console = log.read_text(errors="replace") if log.exists() else ""
-            facts = dict(re.findall(r"^VMMARCH-FACT (\w+) (.*?)\r?$", console, re.M))
-            self._done[name] = Finished(argv, proc.returncode, stdout, stderr, console, facts)
+            self._done[name] = Finished(argv, proc.returncode, stdout, stderr, console,
+                                        init_facts(console))
         return self._done[name]
 
     def stop_all(self) -> None:

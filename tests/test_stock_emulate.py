@@ -16,7 +16,14 @@ import pytest
 from vmmarch_cli.arch.x86_64 import acpi, e820
 
 from conftest import ROOT
-from stockboots import StockBoots
+from stockboots import (
+    StockBoots,
+    init_facts,
+    kernel_total_kib,
+    pipeline_e820,
+    printed_e820,
+    printed_memory_total_kib,
+)
 
 pytestmark = [pytest.mark.stock]
 
@@ -42,13 +49,13 @@ class Run:
 
     @property
     def facts(self) -> dict[str, str]:
-        return dict(re.findall(r"^VMMARCH-FACT (\w+) (.*?)\r?$", self.console, re.M))
+        return init_facts(self.console)
 
 
 def _vmm(args: list[str], log: Path | None = None) -> Run:
     argv = [sys.executable, "-m", "vmmarch_cli", *args]
     if log is not None:
-        argv[4:4] = ["--console-log", str(log)]  # after the subcommand and --backend X
+        argv[4:4] = ["--console-log", str(log)]  # right after the subcommand
     p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT + 60)
     console = log.read_text(errors="replace") if log is not None and log.exists() else ""
     return Run(p.returncode, p.stdout, p.stderr, console)
@@ -86,10 +93,7 @@ def test_init_reports_the_facts_of_this_vm(boot: Run) -> None:
 
 
 def test_e820_and_memory_as_the_pipeline_wrote_them(boot: Run) -> None:
-    printed = re.findall(r"BIOS-e820: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\] (\w+)", boot.console)
-    expected = [(e.address, e.end - 1, "usable" if e.type == e820.E820_RAM else "reserved")
-                for e in e820.memory_map(e820.ram_layout(256 << 20))]
-    assert [(int(a, 16), int(b, 16), t) for a, b, t in printed] == expected
+    assert printed_e820(boot.console) == pipeline_e820(256 << 20)
     assert "smpboot: Allowing 1 CPUs" in boot.console
 
 
@@ -140,16 +144,14 @@ def test_guest_sees_5_gib_on_both_sides_of_the_gap(stock: dict[str, Path],
     assert (r.returncode, r.result["reason"]) == (0, "exit-port"), r.stderr[-2000:]
     usable = [e for e in e820.memory_map(e820.ram_layout(5 << 30)) if e.type == e820.E820_RAM]
     assert any(e.address >= 1 << 32 for e in usable)
-    pages = sum(e.end // 4096 - -(-e.address // 4096) for e in usable) - 1  # less page 0
-    m = re.search(r"Memory: (\d+)K/(\d+)K available", r.console)
-    assert m and int(m.group(2)) == pages * 4
+    total = kernel_total_kib(5 << 30)
+    assert printed_memory_total_kib(r.console) == total
     # MemTotal: what is left after the kernel image, its struct pages and early reservations.
     memtotal = int(r.facts["memtotal_kb"])
-    assert pages * 4 - 300 * 1024 < memtotal <= pages * 4
+    assert total - 300 * 1024 < memtotal <= total
     tables = json.loads(_vmm(["dump-regs", "--backend", "emulate", "--mem", "5G", "--tables",
                               "--json", vmlinux]).stdout)["tables"]
-    printed = re.findall(r"BIOS-e820: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\] (\w+)", r.console)
-    assert [(int(a, 16), int(b, 16), t) for a, b, t in printed] == [
+    assert printed_e820(r.console) == [
         (int(e["start"], 16), int(e["end"], 16), e["type"]) for e in tables["e820"]["entries"]]
 
 

@@ -13,7 +13,13 @@ import pytest
 from vmmarch_cli.arch.x86_64 import e820
 
 from conftest import run_cli
-from stockboots import Finished, StockBoots
+from stockboots import (
+    Finished,
+    StockBoots,
+    kernel_total_kib,
+    printed_e820,
+    printed_memory_total_kib,
+)
 
 pytestmark = [pytest.mark.stock, pytest.mark.usefixtures("kvm")]
 
@@ -76,8 +82,7 @@ def test_acpi_tables_the_kernel_printed_are_the_ones_dump_regs_decodes(
     assert [r["apic_id"] for r in lapics] == list(range(cpus))
     assert [c["bsp"] for c in tables["mptable"]["cpus"]] == [True] + [False] * (cpus - 1)
     # The e820 map the kernel printed is the one dump-regs read back from guest memory.
-    kernel_map = re.findall(r"BIOS-e820: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\] (\w+)", f.console)
-    assert [(int(a, 16), int(b, 16), t) for a, b, t in kernel_map] == [
+    assert printed_e820(f.console) == [
         (int(e["start"], 16), int(e["end"], 16), e["type"]) for e in tables["e820"]["entries"]]
 
 
@@ -87,11 +92,9 @@ def test_guest_sees_all_memory_on_both_sides_of_the_gap(stock_boots: StockBoots,
     usable = [e for e in e820.memory_map(e820.ram_layout(5 << 30)) if e.type == e820.E820_RAM]
     assert any(e.address >= 1 << 32 for e in usable)
     assert "Normal   [mem 0x0000000100000000-0x000000017fffffff]" in f.console
-    m = re.search(r"Memory: (\d+)K/(\d+)K available", f.console)
-    # Every whole usable page less page 0, which the kernel keeps (as in test_stock_boot).
-    pages = sum(e.end // 4096 - -(-e.address // 4096) for e in usable) - 1
-    assert m and int(m.group(2)) == pages * 4
+    total = kernel_total_kib(5 << 30)
+    assert printed_memory_total_kib(f.console) == total
     if user_syscalls[0]:
         # MemTotal: what is left after the kernel image and its early reservations.
         memtotal = int(f.facts["memtotal_kb"])
-        assert pages * 4 - 300 * 1024 < memtotal <= pages * 4
+        assert total - 300 * 1024 < memtotal <= total
