@@ -26,6 +26,7 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
 from backends.emulate.descriptors import ATTR_L
+from backends.emulate.native import DESC_FLAGS_MASK, DESC_FLAGS_SHIFT
 from vmmarch_cli.arch.x86_64 import msr, regs
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.memory import MmapGuestMemory
@@ -41,10 +42,6 @@ UcError: type[Exception] = _binding.UcError
 _GPRS = {name: getattr(x86, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
 _SEGMENT_REGS = {"cs": x86.UC_X86_REG_CS, "ss": x86.UC_X86_REG_SS, "ds": x86.UC_X86_REG_DS,
                  "es": x86.UC_X86_REG_ES, "fs": x86.UC_X86_REG_FS, "gs": x86.UC_X86_REG_GS}
-#: unicorn keeps TR/LDTR flags in QEMU's layout: the descriptor's high dword, where the access
-#: byte sits at bits 8-15 and AVL/L/D/G at 20-23, i.e. our attribute word shifted by 8.
-_QEMU_FLAGS_SHIFT = 8
-_QEMU_FLAGS_MASK = 0xF0FF << _QEMU_FLAGS_SHIFT
 
 #: MSRs unicorn stores and returns (measured round trips); it silently drops the rest.
 ENGINE_MSRS = frozenset({
@@ -141,9 +138,11 @@ class Engine:
         # A base set through the MSRs survives the descriptor load.
         uc.reg_write(x86.UC_X86_REG_FS_BASE, s.fs.base)
         uc.reg_write(x86.UC_X86_REG_GS_BASE, s.gs.base)
+        # TR and LDTR flags go in QEMU's SegmentCache layout, as native.load_segments writes
+        # the others.
         for seg, reg in ((s.tr, x86.UC_X86_REG_TR), (s.ldt, x86.UC_X86_REG_LDTR)):
             uc.reg_write(reg, (seg.selector, seg.base, seg.limit,
-                               (seg.attributes << _QEMU_FLAGS_SHIFT) & _QEMU_FLAGS_MASK))
+                               (seg.attributes << DESC_FLAGS_SHIFT) & DESC_FLAGS_MASK))
 
     def selectors(self) -> dict[str, int]:
         return {name: int(self.uc.reg_read(reg)) for name, reg in _SEGMENT_REGS.items()}
@@ -155,7 +154,7 @@ class Engine:
     def system_segment(self, name: str) -> Segment:
         reg = x86.UC_X86_REG_TR if name == "tr" else x86.UC_X86_REG_LDTR
         selector, base, limit, flags = self.uc.reg_read(reg)
-        return Segment(selector, base, limit, (flags & _QEMU_FLAGS_MASK) >> _QEMU_FLAGS_SHIFT)
+        return Segment(selector, base, limit, (flags & DESC_FLAGS_MASK) >> DESC_FLAGS_SHIFT)
 
     def tables(self) -> tuple[DescriptorTable, DescriptorTable]:
         _, gbase, glimit, _ = self.uc.reg_read(x86.UC_X86_REG_GDTR)

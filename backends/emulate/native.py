@@ -257,6 +257,7 @@ class NativeCpu:
         self._eip = ctypes.c_uint64.from_address(self.cpu + self._layout.eip)
         self._hflags = ctypes.c_uint32.from_address(
             self.cpu + self._layout.segs - HFLAGS_BEFORE_SEGS)
+        self._segs = (SegmentCache * 6).from_address(self.cpu + self._layout.segs)
 
     @property
     def error_code(self) -> int:
@@ -302,12 +303,12 @@ class NativeCpu:
         """CS and SS as SYSCALL loads them from IA32_STAR[47:32] (flat, DPL 0, 64-bit code),
         and the CPL and mode flags recomputed from them (QEMU's x86_update_hflags). unicorn
         implements SYSCALL as a hook only; its API cannot change the CPL."""
-        segs = (SegmentCache * 6).from_address(self.cpu + self._layout.segs)
+        segs = self._segs
         segs[R_CS].selector, segs[R_CS].base = selector & 0xFFFC, 0
         segs[R_CS].limit, segs[R_CS].flags = 0xFFFF_FFFF, KERNEL_CODE64
         segs[R_SS].selector, segs[R_SS].base = (selector + 8) & 0xFFFC, 0
         segs[R_SS].limit, segs[R_SS].flags = 0xFFFF_FFFF, KERNEL_DATA
-        self._lib.x86_update_hflags_x86_64(self.cpu + self._layout.env)
+        self._update_hflags()
 
     @property
     def code64(self) -> bool:
@@ -318,12 +319,15 @@ class NativeCpu:
         """CS, DS, ES, FS, GS and SS exactly as ``sregs`` has them, hidden parts included (as
         KVM_SET_SREGS takes them), then the mode flags QEMU derives from them. unicorn's API
         cannot: in a 64-bit instance a selector write loads no descriptor."""
-        segs = (SegmentCache * 6).from_address(self.cpu + self._layout.segs)
         for index, name in enumerate(("es", "cs", "ss", "ds", "fs", "gs")):  # cpu.h R_ES..R_GS
-            seg = getattr(sregs, name)
-            segs[index].selector, segs[index].base = seg.selector, seg.base
-            segs[index].limit = seg.limit
-            segs[index].flags = (seg.attributes << DESC_FLAGS_SHIFT) & DESC_FLAGS_MASK
+            seg, cache = getattr(sregs, name), self._segs[index]
+            cache.selector, cache.base, cache.limit = seg.selector, seg.base, seg.limit
+            cache.flags = (seg.attributes << DESC_FLAGS_SHIFT) & DESC_FLAGS_MASK
+        self._update_hflags()
+
+    def _update_hflags(self) -> None:
+        """QEMU's x86_update_hflags: CPL and mode flags again from the segment caches, CR0 and
+        EFER, after a segment was written here."""
         self._lib.x86_update_hflags_x86_64(self.cpu + self._layout.env)
 
     def forget(self) -> None:
