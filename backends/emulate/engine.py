@@ -90,16 +90,14 @@ class Engine:
         return gaps
 
     def run(self, count: int) -> None:
-        """Emulate from the current PC until a hook or another thread stops it, HLT, an error
-        (raised as UcError), or after ``count`` instructions (0: no limit). A count makes
-        unicorn run its (C) counting hook before every instruction, after which a stop from a
-        hook takes effect at once: port I/O exits need that (an IN must not be followed by
-        instructions that use its value before the VMM supplied it). Without it guest code runs
-        several times faster (measured: mpihelp loops 8x)."""
+        """Emulate from the current PC until a hook stops it, another thread kicks it (raised as
+        UcError with native.KICK_ERROR), HLT, an error (raised as UcError), or after ``count``
+        instructions (0: no limit). A count makes unicorn run its (C) counting hook before every
+        instruction, after which a stop from a hook takes effect at once: port I/O exits need
+        that (an IN must not be followed by instructions that use its value before the VMM
+        supplied it). Without it guest code runs several times faster (measured: mpihelp loops
+        8x)."""
         self.uc.emu_start(self.pc(), 0, 0, count)
-
-    def stop(self) -> None:
-        self.uc.emu_stop()
 
     # --- registers ------------------------------------------------------------------------
 

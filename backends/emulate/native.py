@@ -61,6 +61,8 @@ def _library() -> Any:
     lib.do_interrupt_x86_hardirq_x86_64.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.x86_update_hflags_x86_64.restype = None
     lib.x86_update_hflags_x86_64.argtypes = [ctypes.c_void_p]
+    lib.cpu_exit.restype = None
+    lib.cpu_exit.argtypes = [ctypes.c_void_p]
     return lib
 
 
@@ -178,6 +180,25 @@ def layout() -> Layout:
 _CONTEXT_MARKS = (0x5A17_C0DE, 0x6B28_D1EF)
 
 
+def _uc_struct_field(uc: Any, control: int, what: str) -> int:
+    """The offset in unicorn's engine state (uc_struct, include/uc_priv.h) of the int that
+    the uc_ctl write ``control`` sets: two values planted through it, found once each. The
+    field is set to 0 afterwards (both fields used here are 0 on a new instance)."""
+    handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
+    found: list[set[int]] = []
+    for mark in _CONTEXT_MARKS:
+        uc.ctl(control, uc_const.UC_CTL_IO_WRITE, ctypes.c_int(mark))
+        blob = ctypes.string_at(handle, _UC_STRUCT_SCAN)
+        packed = struct.pack("<I", mark)
+        found.append({o for o in range(0, len(blob) - 3, 4) if blob[o:o + 4] == packed})
+    uc.ctl(control, uc_const.UC_CTL_IO_WRITE, ctypes.c_int(0))
+    common = found[0] & found[1]
+    if len(common) != 1:
+        raise BackendError(f"unicorn's {what} was not found in its engine state: this unicorn "
+                           "version is not supported")
+    return common.pop()
+
+
 def exit_checks_at_block_start_only(uc: Any) -> None:
     """Make unicorn look for a stop request only where QEMU does, at the start of a translation
     block, before any code is translated.
@@ -193,26 +214,91 @@ def exit_checks_at_block_start_only(uc: Any) -> None:
     stop then end the run, or are not installed in this mode).
     """
     handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
-    found: list[set[int]] = []
-    for mark in _CONTEXT_MARKS:
-        uc.ctl(uc_const.UC_CTL_CONTEXT_MODE, uc_const.UC_CTL_IO_WRITE, ctypes.c_int(mark))
-        blob = ctypes.string_at(handle, _UC_STRUCT_SCAN)
-        packed = struct.pack("<I", mark)
-        found.append({o for o in range(0, len(blob) - 3, 4) if blob[o:o + 4] == packed})
+    context = _uc_struct_field(uc, uc_const.UC_CTL_CONTEXT_MODE, "context mode")
     uc.ctl(uc_const.UC_CTL_CONTEXT_MODE, uc_const.UC_CTL_IO_WRITE,
            ctypes.c_int(uc_const.UC_CTL_CONTEXT_CPU))
-    common = found[0] & found[1]
-    flags = None
-    if len(common) == 1:
-        # uc_struct (include/uc_priv.h): int context_content; int cpu_context_size; uint64_t
-        # next_pc (8-aligned); bool hook_insert, first_tb, no_exit_request, init_done.
-        next_pc = (common.pop() + 8 + 7) & ~7
-        at = handle + next_pc + 8 + 2
-        flags = ctypes.string_at(at - 2, 4)  # hook_insert, first_tb, no_exit_request, init_done
-    if flags is None or flags[0] != 0 or flags[2] != 0 or flags[3] != 1:
+    # uc_struct (include/uc_priv.h): int context_content; int cpu_context_size; uint64_t
+    # next_pc (8-aligned); bool hook_insert, first_tb, no_exit_request, init_done.
+    next_pc = (context + 8 + 7) & ~7
+    at = handle + next_pc + 8 + 2
+    flags = ctypes.string_at(at - 2, 4)  # hook_insert, first_tb, no_exit_request, init_done
+    if flags[0] != 0 or flags[2] != 0 or flags[3] != 1:
         raise BackendError("unicorn's engine state is not laid out as this backend expects: "
                            "this unicorn version is not supported")
     ctypes.c_bool.from_address(at).value = True
+
+
+#: What emu_start reports after a kick (``Kick``): uc_hook_add's "hook exists", which
+#: emulation itself never produces.
+KICK_ERROR = uc_const.UC_ERR_HOOK_EXIST
+
+
+class Kick:
+    """End a running emu_start at the next translation block start, from any thread, without
+    uc_emu_stop.
+
+    uc_emu_stop sets unicorn's ``stop_request`` at once, and while it is set unicorn skips every
+    instruction hook after the first in its list (each hook loop ends with "if stop_request:
+    break"), for the rest of the running block: a SYSCALL, IN, OUT or CPUID in that block then
+    runs as unicorn's own no-op or default. A stop from another thread in user mode made system
+    calls vanish (a read(2) returned 0, its number), about once a boot. A kick instead marks
+    the run as ended with an error unicorn never reports itself (``invalid_error``, in
+    uc_struct: unicorn ends emu_start when it is set once the CPU loop returns) and asks the CPU
+    loop to return (QEMU's ``cpu_exit``: the next block start sees it). No hook is skipped, and
+    the guest stops between two blocks, as with the stop. emu_start then fails with
+    ``KICK_ERROR``, which the caller takes as "kicked".
+    """
+
+    def __init__(self, uc: Any) -> None:
+        self._lib = _library()
+        self._cpu = ctypes.c_void_p(_cpu_state(uc))
+        handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
+        self._error = ctypes.c_int32.from_address(handle + _invalid_error_offset())
+
+    def __call__(self) -> None:
+        if self._error.value == uc_const.UC_ERR_OK:  # an error of the guest's own comes first
+            self._error.value = KICK_ERROR
+        self._lib.cpu_exit(self._cpu)
+
+
+@functools.cache
+def _invalid_error_offset() -> int:
+    """uc_struct.invalid_error, found through its neighbour (uc_priv.h: uint64_t invalid_addr;
+    int invalid_error; int use_exits, which UC_CTL_UC_USE_EXITS sets) and checked in a scratch
+    instance: a kick from inside a hook must end emu_start with KICK_ERROR before the next
+    instruction."""
+    from backends.emulate.engine import Uc, UcError
+
+    uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
+    code = 0x1000
+    uc.mem_map(code, 0x1000)  # the engine exists from here (unicorn starts it lazily)
+    use_exits = _uc_struct_field(uc, uc_const.UC_CTL_UC_USE_EXITS, "exits switch")
+    offset = use_exits - 4
+    if offset % 8:
+        raise BackendError("unicorn's engine state is not laid out as this backend expects: "
+                           "this unicorn version is not supported")
+    handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
+    error = ctypes.c_int32.from_address(handle + offset)
+    lib, cpu = _library(), ctypes.c_void_p(_cpu_state(uc))
+    uc.mem_write(code, bytes.fromhex("cd77" "cd78" "f4"))  # int 0x77; int 0x78; hlt
+    seen: list[int] = []
+
+    def hook(uc: Any, vector: int, _: object) -> None:
+        seen.append(vector)
+        if error.value == uc_const.UC_ERR_OK:
+            error.value = KICK_ERROR
+            lib.cpu_exit(cpu)
+
+    uc.hook_add(uc_const.UC_HOOK_INTR, hook)
+    outcome = None
+    try:
+        uc.emu_start(code, 0)
+    except UcError as e:
+        outcome = getattr(e, "errno", None)
+    if (outcome, seen, uc.reg_read(x86.UC_X86_REG_RIP)) != (KICK_ERROR, [0x77], code + 2):
+        raise BackendError("unicorn's run loop did not end as this backend expects after a "
+                           "kick: this unicorn version is not supported")
+    return offset
 
 
 def halted_flag(uc: Any) -> ctypes.c_uint32:
@@ -281,6 +367,10 @@ class NativeCpu:
         self._error_code.value = error_code
         self._is_int.value = 0
         self.deliver()
+
+    @property
+    def rip(self) -> int:
+        return self._eip.value
 
     def set_rip(self, rip: int) -> None:
         """Move RIP from inside a hook. Not through uc_reg_write: that marks unicorn's next

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -123,7 +124,7 @@ class EmulateVcpu:
         self._burst = 0
         self._emulating = 0
         self._kicked = False
-        self._kickable = False  # see _start
+        self._kicker: native.Kick | None = None  # see _start
         # SMP (smp.py): the CPU shared with the other vCPUs, the VM's IPI routing, and an AP's
         # wait for its STARTUP IPI (the vector, once it came).
         self._cpu_lock: smp.CpuLock | None = None
@@ -143,6 +144,7 @@ class EmulateVcpu:
         #: Exceptions and interrupts this backend delivered through the guest IDT, by vector
         #: name (the same result field as the KVM backend's fallback injections).
         self.injected_events: dict[str, int] = {}
+        self.rip_samples: Counter[int] = Counter()  # --profile (machine._sampler)
 
     # --- state -------------------------------------------------------------------------
 
@@ -444,9 +446,10 @@ class EmulateVcpu:
                 self._emulating = self._burst
             error: Exception | None = None
             try:
-                engine.run(0 if self._kickable else BURST_INSTRUCTIONS)
+                engine.run(0 if self._kicker is not None else BURST_INSTRUCTIONS)
             except UcError as e:
-                error = e
+                if getattr(e, "errno", None) != native.KICK_ERROR:
+                    error = e  # else the kick ended the burst: _kicked says so
             except Exception as e:  # a hook failed; unicorn re-raises it after stopping
                 raise BackendError(f"emulate backend hook failed: {e!r}") from e
             finally:
@@ -578,10 +581,10 @@ class EmulateVcpu:
         self._halted_flag = native.halted_flag(engine.uc)
         if self._io_read is not None:
             # Port I/O completes inside the hooks, so nothing needs a stop in mid-block: turn
-            # unicorn's mid-block stop checks off, which makes a stop from another thread safe
-            # (native.py) and lets the alarm thread interrupt a running burst.
+            # unicorn's mid-block stop checks off, and let the alarm thread end a running
+            # burst at a block start (native.Kick).
             native.exit_checks_at_block_start_only(engine.uc)
-            self._kickable = True
+            self._kicker = native.Kick(engine.uc)
         self._engine = engine
         if self._alarm_thread is not None:
             self._alarm_thread.start()
@@ -670,26 +673,32 @@ class EmulateVcpu:
     def complete_mmio_read(self, data: bytes) -> None:
         pass  # no MMIO exits: an access outside RAM is an InternalError
 
+    def sample(self) -> None:
+        """Record where the guest is (from any thread), without stopping it: unicorn's RIP as
+        of the last block boundary or helper call, which is as precise as a profile needs."""
+        cpu = self._native
+        if cpu is not None:
+            self.rip_samples[cpu.rip] += 1
+
     def request_stop(self) -> None:
         self._stop.set()
         self._wake.set()
         self._kick()
 
     def _kick(self) -> None:
-        """Make a running burst return soon (from any thread; attached port I/O only, where
-        unicorn checks for a stop at block starts only, so the guest stops between two whole
-        instructions: native.exit_checks_at_block_start_only).
+        """Make a running burst return soon (from any thread; attached port I/O only): the
+        guest stops at the next block start, between two whole instructions (native.Kick).
 
-        uc_emu_start clears unicorn's stop flag when it begins, so an emu_stop that lands between
-        our "about to emulate" and that reset is lost; a helper thread repeats the stop until
-        the burst is over.
+        uc_emu_start clears what a kick sets when it begins, so a kick that lands between our
+        "about to emulate" and that reset is lost; a helper thread repeats the kick until the
+        burst is over.
         """
         with self._lock:
-            burst = self._emulating
-            if not burst or self._engine is None or not self._kickable:
+            burst, kicker = self._emulating, self._kicker
+            if not burst or self._engine is None or kicker is None:
                 return  # a counted burst ends by itself soon
             self._kicked = True
-            self._engine.stop()
+            kicker()
         threading.Thread(target=self._kick_until_out, args=(burst,), daemon=True,
                          name=f"vcpu{self.index}-kick").start()
 
@@ -697,9 +706,9 @@ class EmulateVcpu:
         while True:
             time.sleep(KICK_RETRY_SECONDS)
             with self._lock:
-                if self._emulating != burst or self._engine is None:
+                if self._emulating != burst or self._engine is None or self._kicker is None:
                     return
-                self._engine.stop()
+                self._kicker()
 
     def close(self) -> None:
         with self._alarm:
@@ -708,4 +717,4 @@ class EmulateVcpu:
         if self._alarm_thread is not None and self._alarm_thread.is_alive():
             self._alarm_thread.join()
         with self._lock:
-            self._engine = None
+            self._engine, self._kicker = None, None
