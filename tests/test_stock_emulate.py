@@ -4,7 +4,9 @@ status and streams. Each boot takes seconds here (against minutes on this host's
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 import subprocess
 import sys
@@ -130,6 +132,20 @@ def test_run_exit_status_and_streams(stock: dict[str, Path]) -> None:
     assert r.returncode == 7, r.stderr[-2000:]
     assert r.stdout == "to-stdout\n"
     assert "to-stderr" in r.stderr and "to-stdout" not in r.stderr
+
+
+def test_user_processes_keep_every_system_call(stock: dict[str, Path], tmp_path: Path) -> None:
+    """80 processes each read a 1 MiB file and hash it in ring 3 while the timer interrupts
+    them: every sum equals the host's. A stop from another thread once made unicorn skip the
+    SYSCALL hook (native.Kick): read(2) then "returned" 0 and the sums differed within a boot."""
+    data = tmp_path / "data.bin"
+    data.write_bytes(random.Random(9).randbytes(1 << 20))
+    want = f"{hashlib.md5(data.read_bytes(), usedforsecurity=False).hexdigest()}  /root/data.bin"
+    r = _vmm(["run", "--backend", "emulate", "--timeout", str(TIMEOUT), "--add",
+              f"{data}:/root/data.bin", str(stock["vmlinux"]), "--", "sh", "-c",
+              "for i in $(seq 1 80); do md5sum /root/data.bin || echo FAILED; done"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == [want] * 80
 
 
 def test_guest_sees_5_gib_on_both_sides_of_the_gap(stock: dict[str, Path],
