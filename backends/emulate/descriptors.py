@@ -10,8 +10,6 @@ descriptors), 7.2.3 (64-bit TSS descriptor), 6.10-6.14.1 (IDT and gate descripto
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from vmmarch_cli.arch.x86_64 import paging, regs
 from vmmarch_cli.arch.x86_64.gdt import Descriptor
 from vmmarch_cli.errors import BackendError, GuestMemoryError
@@ -39,11 +37,14 @@ def read_linear(memory: GuestMemory, s: Sregs, linear: int, length: int) -> byte
     """``length`` bytes at a linear address, through the guest's 4-level tables when paging is
     on; None where a page is absent or outside RAM (bounds-checked by ``memory``)."""
     out = bytearray()
-    for offset in range(length):
-        physical = to_physical(memory, s, linear + offset)
-        if physical is None or not memory.contains(physical, 1):
+    while length > 0:
+        # One walk per 4 KiB page (the smallest page: larger ones are contiguous within it).
+        chunk = min(length, paging.PAGE_SIZE - (linear & (paging.PAGE_SIZE - 1)))
+        physical = to_physical(memory, s, linear)
+        if physical is None or not memory.contains(physical, chunk):
             return None
-        out += memory.read(physical, 1)
+        out += memory.read(physical, chunk)
+        linear, length = linear + chunk, length - chunk
     return bytes(out)
 
 
@@ -112,22 +113,6 @@ def check_segments(memory: GuestMemory, s: Sregs) -> None:
                 f"{given.selector >> 3} (base {loaded.base:#x}, limit {loaded.limit:#x}, "
                 f"attributes {loaded.attributes:#06x}): a CPU would load the GDT's"
             )
-
-
-def current_segment(memory: GuestMemory, s: Sregs, name: str, selector: int) -> Segment:
-    """A segment's hidden state after the guest ran: what was set if the selector is unchanged,
-    else what the GDT now holds for the new selector (the descriptor cache is not visible)."""
-    given: Segment = getattr(s, name)
-    if selector == given.selector:
-        return given
-    if selector & ~0x3 == 0 or not s.cr0 & regs.X86_CR0_PE:
-        return replace(given, selector=selector)
-    try:
-        loaded = load_segment(memory, s, name, selector & ~0x3)
-    except BackendError:
-        return replace(given, selector=selector)
-    accessed = ATTR_TYPE_ACCESSED if loaded.attributes & ATTR_S else 0
-    return replace(loaded, selector=selector, attributes=loaded.attributes | accessed)
 
 
 def gate_problem(memory: GuestMemory, s: Sregs, vector: int) -> str | None:

@@ -30,7 +30,7 @@ from backends.emulate.native import DESC_FLAGS_MASK, DESC_FLAGS_SHIFT
 from vmmarch_cli.arch.x86_64 import msr, regs
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.memory import MmapGuestMemory
-from vmmarch_cli.vcpu import GPR_NAMES, DescriptorTable, Fpu, Regs, Segment, Sregs
+from vmmarch_cli.vcpu import GPR_NAMES, Fpu, Regs, Sregs
 
 #: The highest guest-physical address (unicorn's x86 uses 64-bit physical addresses).
 PHYS_ADDR_LAST = (1 << 64) - 1
@@ -141,30 +141,6 @@ class Engine:
         for seg, reg in ((s.tr, x86.UC_X86_REG_TR), (s.ldt, x86.UC_X86_REG_LDTR)):
             uc.reg_write(reg, (seg.selector, seg.base, seg.limit,
                                (seg.attributes << DESC_FLAGS_SHIFT) & DESC_FLAGS_MASK))
-
-    def selectors(self) -> dict[str, int]:
-        return {name: int(self.uc.reg_read(reg)) for name, reg in _SEGMENT_REGS.items()}
-
-    def fs_gs_base(self) -> tuple[int, int]:
-        return (int(self.uc.reg_read(x86.UC_X86_REG_FS_BASE)),
-                int(self.uc.reg_read(x86.UC_X86_REG_GS_BASE)))
-
-    def system_segment(self, name: str) -> Segment:
-        reg = x86.UC_X86_REG_TR if name == "tr" else x86.UC_X86_REG_LDTR
-        selector, base, limit, flags = self.uc.reg_read(reg)
-        return Segment(selector, base, limit, (flags & DESC_FLAGS_MASK) >> DESC_FLAGS_SHIFT)
-
-    def tables(self) -> tuple[DescriptorTable, DescriptorTable]:
-        _, gbase, glimit, _ = self.uc.reg_read(x86.UC_X86_REG_GDTR)
-        _, ibase, ilimit, _ = self.uc.reg_read(x86.UC_X86_REG_IDTR)
-        return DescriptorTable(gbase, glimit), DescriptorTable(ibase, ilimit)
-
-    def control(self) -> dict[str, int]:
-        names = {"cr0": x86.UC_X86_REG_CR0, "cr2": x86.UC_X86_REG_CR2,
-                 "cr3": x86.UC_X86_REG_CR3, "cr4": x86.UC_X86_REG_CR4, "cr8": x86.UC_X86_REG_CR8}
-        out = {name: int(self.uc.reg_read(reg)) for name, reg in names.items()}
-        out["efer"] = int(self.uc.msr_read(msr.MSR_EFER))
-        return out
 
     def read_fpu(self) -> Fpu:
         return Fpu(fcw=int(self.uc.reg_read(x86.UC_X86_REG_FPCW)),

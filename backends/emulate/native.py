@@ -32,7 +32,7 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
 from vmmarch_cli.errors import BackendError
-from vmmarch_cli.vcpu import Sregs
+from vmmarch_cli.vcpu import DescriptorTable, Segment, Sregs
 
 _DRS = [getattr(x86, f"UC_X86_REG_DR{i}") for i in range(8)]
 #: How far past CPUState to look for the planted values (CPUX86State sits inside X86CPU).
@@ -132,6 +132,18 @@ def _find_dr(uc: Any, cpu: int) -> int:
                     "debug registers")
 
 
+#: SegmentCaches from env->segs[0]: segs[6], ldt, tr, gdt, idt (cpu.h); then target_ulong cr[5].
+_GDT_CACHE, _IDT_CACHE, _CACHES = 8, 9, 10
+
+
+def _tables_and_control(segs: int) -> tuple[DescriptorTable, DescriptorTable, tuple[int, ...]]:
+    caches = (SegmentCache * _CACHES).from_address(segs)
+    crs = (ctypes.c_uint64 * 5).from_address(segs + _CACHES * ctypes.sizeof(SegmentCache))
+    gdt, idt = caches[_GDT_CACHE], caches[_IDT_CACHE]
+    return (DescriptorTable(gdt.base, gdt.limit), DescriptorTable(idt.base, idt.limit),
+            tuple(crs))
+
+
 @functools.cache
 def layout() -> Layout:
     """Find the offsets once, in a scratch instance, and check them against a live INT n and
@@ -168,6 +180,15 @@ def layout() -> Layout:
                    segs=_find_segs(uc, cpu, dr),
                    eip=_planted(uc, cpu, [x86.UC_X86_REG_RIP], [0x0000_7FED_CBA9_8760], dr,
                                 "instruction pointer"))
+    uc.reg_write(x86.UC_X86_REG_GDTR, (0, 0x12_3450_00, 0x7F, 0))
+    uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0x23_4560_00, 0xFFF, 0))
+    uc.reg_write(x86.UC_X86_REG_CR2, 0xDEAD_B000)
+    uc.reg_write(x86.UC_X86_REG_CR3, 0x777_7000)
+    gdt, idt, crs = _tables_and_control(cpu + found.segs)
+    if ((gdt.base, gdt.limit, idt.base, idt.limit, crs[2], crs[3])
+            != (0x12_3450_00, 0x7F, 0x23_4560_00, 0xFFF, 0xDEAD_B000, 0x777_7000)):
+        raise BackendError("unicorn's descriptor tables and control registers are not laid "
+                           "out as this backend expects: this unicorn version is not supported")
     halted = ctypes.c_uint32.from_address(cpu + found.exception_index - _HALTED_BEFORE_INDEX)
     after_hlt = halted.value
     uc.emu_start(code + 5, 0, 0, 1)  # the NOP: a burst that ends by its count
@@ -399,6 +420,23 @@ class NativeCpu:
         segs[R_SS].selector, segs[R_SS].base = (selector + 8) & 0xFFFC, 0
         segs[R_SS].limit, segs[R_SS].flags = 0xFFFF_FFFF, KERNEL_DATA
         self._update_hflags()
+
+    def segments(self) -> dict[str, Segment]:
+        """CS, DS, ES, FS, GS, SS, TR and LDT as the CPU holds them, hidden parts included (QEMU's
+        segment caches: cpu.h ``segs[6], ldt, tr``), read directly: unicorn's API returns only
+        selectors for CS..GS, and a walk of the GDT costs ~50 us per exception."""
+        caches = (SegmentCache * 8).from_address(self.cpu + self._layout.segs)
+        out = {}
+        for index, name in enumerate(("es", "cs", "ss", "ds", "fs", "gs", "ldt", "tr")):
+            c = caches[index]
+            out[name] = Segment(c.selector & 0xFFFF, c.base, c.limit,
+                                (c.flags & DESC_FLAGS_MASK) >> DESC_FLAGS_SHIFT)
+        return out
+
+    def tables_and_control(self) -> tuple[DescriptorTable, DescriptorTable, tuple[int, ...]]:
+        """GDTR, IDTR and CR0..CR4 (cpu.h: ``gdt, idt`` after ``tr``, then ``cr[5]``), read
+        directly (eight API reads cost ~25 us per exception)."""
+        return _tables_and_control(self.cpu + self._layout.segs)
 
     @property
     def code64(self) -> bool:

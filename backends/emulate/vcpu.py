@@ -103,6 +103,7 @@ class EmulateVcpu:
         self._alarm = threading.Condition()
         self._alarm_kick = False
         self._alarm_retry: float | None = None
+        self._kick_burst = 0  # a kicked burst the alarm thread kicks again until it is over
         self._alarm_thread: threading.Thread | None = None
         self._closed = False
         self._halted = False
@@ -160,18 +161,14 @@ class EmulateVcpu:
         engine = self._engine
         if engine is None:
             return self._sregs
-        gdt, idt = engine.tables()
-        c = engine.control()
-        now = replace(self._sregs, gdt=gdt, idt=idt, cr0=c["cr0"], cr2=c["cr2"], cr3=c["cr3"],
-                      cr4=c["cr4"], cr8=c["cr8"], efer=c["efer"])
-        seg = {name: descriptors.current_segment(self._memory, now, name, selector)
-               for name, selector in engine.selectors().items()}
-        fs_base, gs_base = engine.fs_gs_base()
-        seg["fs"] = replace(seg["fs"], base=fs_base)
-        seg["gs"] = replace(seg["gs"], base=gs_base)
-        return replace(now, cs=seg["cs"], ds=seg["ds"], es=seg["es"], fs=seg["fs"],
-                       gs=seg["gs"], ss=seg["ss"], tr=engine.system_segment("tr"),
-                       ldt=engine.system_segment("ldt"))
+        cpu = self._native_cpu(engine.uc)
+        gdt, idt, (cr0, _, cr2, cr3, cr4) = cpu.tables_and_control()
+        seg = cpu.segments()
+        return replace(self._sregs, cs=seg["cs"], ds=seg["ds"], es=seg["es"], fs=seg["fs"],
+                       gs=seg["gs"], ss=seg["ss"], tr=seg["tr"], ldt=seg["ldt"], gdt=gdt,
+                       idt=idt, cr0=cr0, cr2=cr2, cr3=cr3, cr4=cr4,
+                       cr8=int(engine.uc.reg_read(x86.UC_X86_REG_CR8)),
+                       efer=engine.read_msr(msr.MSR_EFER))
 
     def set_sregs(self, sregs: Sregs) -> None:
         # unicorn cannot hold CS/SS/DS/ES hidden state: check it against the GDT instead, so
@@ -422,12 +419,19 @@ class EmulateVcpu:
                         timeout = min(timeout, max(deadline - time.monotonic_ns(), 0) / 1e9)
                     if self._alarm_retry is not None:
                         timeout = min(timeout, max(self._alarm_retry - time.monotonic(), 0))
+                    if self._kick_burst:
+                        timeout = min(timeout, KICK_RETRY_SECONDS)
                     self._alarm.wait(timeout)
                 kick = self._alarm_kick
                 self._alarm_kick = False
                 if self._alarm_retry is not None and time.monotonic() >= self._alarm_retry:
                     self._alarm_retry = None
                     kick = True
+                kicked_burst = self._kick_burst
+            if kicked_burst and not self._kick_again(kicked_burst):
+                with self._alarm:
+                    if self._kick_burst == kicked_burst:
+                        self._kick_burst = 0
             lapic.tick(time.monotonic_ns())  # may set _alarm_kick again through on_change
             if kick and lapic.pending() is not None:
                 self._wake.set()
@@ -690,8 +694,8 @@ class EmulateVcpu:
         guest stops at the next block start, between two whole instructions (native.Kick).
 
         uc_emu_start clears what a kick sets when it begins, so a kick that lands between our
-        "about to emulate" and that reset is lost; a helper thread repeats the kick until the
-        burst is over.
+        "about to emulate" and that reset is lost; the alarm thread repeats the kick every
+        KICK_RETRY_SECONDS until the burst is over (a thread per kick cost ~10% of a boot).
         """
         with self._lock:
             burst, kicker = self._emulating, self._kicker
@@ -699,16 +703,17 @@ class EmulateVcpu:
                 return  # a counted burst ends by itself soon
             self._kicked = True
             kicker()
-        threading.Thread(target=self._kick_until_out, args=(burst,), daemon=True,
-                         name=f"vcpu{self.index}-kick").start()
+        with self._alarm:
+            self._kick_burst = burst
+            self._alarm.notify()
 
-    def _kick_until_out(self, burst: int) -> None:
-        while True:
-            time.sleep(KICK_RETRY_SECONDS)
-            with self._lock:
-                if self._emulating != burst or self._engine is None or self._kicker is None:
-                    return
-                self._kicker()
+    def _kick_again(self, burst: int) -> bool:
+        """Kick ``burst`` again if it still runs; False once it is over."""
+        with self._lock:
+            if self._emulating != burst or self._engine is None or self._kicker is None:
+                return False
+            self._kicker()
+            return True
 
     def close(self) -> None:
         with self._alarm:

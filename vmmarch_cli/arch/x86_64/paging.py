@@ -19,6 +19,7 @@ PTE_WRITABLE = 1 << 1
 PTE_PAGE_SIZE = 1 << 7  # in a PDE: maps a 2 MiB page; in a PDPTE: a 1 GiB page
 ADDRESS_MASK = 0x000F_FFFF_FFFF_F000  # bits 51:12 (MAXPHYADDR is at most 52)
 
+PAGE_SIZE = 4 << 10  # the smallest page (SDM vol. 3A 4.5, table 4-1)
 PAGE_SIZE_2M = 2 << 20
 ENTRIES_PER_TABLE = 512
 
