@@ -342,3 +342,19 @@ def test_state_read_back_from_unicorn_equals_what_was_set(guests: dict[str, Path
         after = (v.get_regs(), v.get_sregs(), v.get_fpu(), v.get_msrs(READBACK_MSRS))
         assert after[0] == replace(before[0], rip=before[0].rip + 1)
         assert after[1:] == before[1:]
+
+
+@pytest.mark.usefixtures("kvm")
+@pytest.mark.parametrize("backend", ["kvm", "emulate"])
+def test_profile_samples_where_the_guest_runs(guests: dict[str, Path], backend: str) -> None:
+    """--profile on both backends: a second of the spin guest at 200 Hz gives samples, and the
+    hottest address is in the guest's own code (its 4 KiB after the entry point)."""
+    p = run_cli("boot", str(guests["spin"]), "--backend", backend, "--timeout", "1",
+                "--profile", "200", "--json", "--quiet")
+    doc = json.loads(p.stdout)
+    assert p.returncode == 124, p.stderr
+    total = sum(entry["samples"] for entry in doc["profile"])
+    assert total >= 20, doc["profile"]
+    entry = int(doc["kernel"]["entry"], 16)
+    hottest = int(doc["profile"][0]["where"], 16)
+    assert entry <= hottest < entry + 0x1000, (hex(entry), doc["profile"])

@@ -89,7 +89,7 @@ def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, 
     else:
         report(result, quiet=quiet, verbose=verbose)
         if config.profile_hz:
-            total = sum(result.rip_samples.values()) or 1
+            total = sum(result.rip_samples.values())
             click.echo(f"profile: {total} samples at {config.profile_hz:g} Hz", err=True)
             for where, n in hot:
                 click.echo(f"  {100 * n / total:5.1f}%  {where}", err=True)
