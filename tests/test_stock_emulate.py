@@ -134,6 +134,23 @@ def test_run_exit_status_and_streams(stock: dict[str, Path]) -> None:
     assert "to-stderr" in r.stderr and "to-stdout" not in r.stderr
 
 
+@pytest.mark.parametrize(("command", "status"), [("true", 0), ("false", 1)])
+def test_run_true_and_false(stock: dict[str, Path], command: str, status: int) -> None:
+    r = _vmm(["run", "--backend", "emulate", "--timeout", str(TIMEOUT), str(stock["vmlinux"]),
+              "--", command])
+    assert r.returncode == status, r.stderr[-2000:]
+
+
+def test_panic_never_reads_as_success(stock: dict[str, Path]) -> None:
+    """No initramfs: the kernel panics looking for a root file system; status 255, as on KVM
+    (tests/test_stock_run.py)."""
+    r = _vmm(["boot", "--backend", "emulate", "--timeout", str(TIMEOUT), "--quiet",
+              str(stock["vmlinux"])])
+    assert r.returncode == 255, r.stderr[-2000:]
+    assert re.search(r"vmm-arch: panic \(status 255\): .*Kernel panic - not syncing: "
+                     r"VFS: Unable to mount root fs", r.stderr), r.stderr[-2000:]
+
+
 def test_user_processes_keep_every_system_call(stock: dict[str, Path], tmp_path: Path) -> None:
     """80 processes each read a 1 MiB file and hash it in ring 3 while the timer interrupts
     them: every sum equals the host's. A stop from another thread once made unicorn skip the
