@@ -56,18 +56,28 @@ def _counts(block_start_only: bool) -> tuple[int, int, int, int]:
     return int(uc.reg_read(x86.UC_X86_REG_RBX)), locked, added, bursts
 
 
+def _interrupted_counts(block_start_only: bool) -> tuple[int, int, int, int]:
+    """_counts from a run the timer did interrupt: on a loaded machine unicorn's timer thread
+    may not get a CPU before the loop ends (one burst), so that run is repeated."""
+    for _ in range(5):
+        counts = _counts(block_start_only)
+        if counts[3] >= 2:
+            break
+    return counts
+
+
 def test_stops_from_another_thread_repeat_stores_in_stock_unicorn() -> None:
     """Why the switch exists: if this starts failing, unicorn changed and the note in
     docs/backends.md should be revisited."""
-    iterations, locked, added, bursts = _counts(block_start_only=False)
-    assert bursts >= 10  # the timer did interrupt the loop
+    iterations, locked, added, bursts = _interrupted_counts(block_start_only=False)
+    assert bursts >= 2  # the timer did interrupt the loop (~100 times when idle)
     assert iterations == ITERATIONS
     assert locked > ITERATIONS or added > ITERATIONS
 
 
 def test_with_mid_block_checks_off_every_instruction_runs_once() -> None:
-    iterations, locked, added, bursts = _counts(block_start_only=True)
-    assert bursts >= 10
+    iterations, locked, added, bursts = _interrupted_counts(block_start_only=True)
+    assert bursts >= 2
     assert (iterations, locked, added) == (ITERATIONS, ITERATIONS, ITERATIONS)
 
 

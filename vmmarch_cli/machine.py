@@ -270,9 +270,12 @@ def run(
         running_at = time.monotonic()
         for t in threads:
             t.start()
+        sampler = None
         if config.profile_hz:
-            threading.Thread(target=_sampler, args=(prepared.vcpus, state, config.profile_hz),
-                             name="profiler", daemon=True).start()
+            sampler = threading.Thread(target=_sampler,
+                                       args=(prepared.vcpus, state, config.profile_hz),
+                                       name="profiler", daemon=True)
+            sampler.start()
         try:
             if not state.done.wait(config.timeout):
                 state.stop("timeout", f"no stop condition within {config.timeout:g} s")
@@ -282,6 +285,8 @@ def run(
             state.stop("interrupted")  # no-op if something already stopped it
             for t in threads:
                 t.join()
+            if sampler is not None:
+                sampler.join()  # done is set: it ends after its current round of samples
         console.flush()
         end = time.monotonic()
         timings = dict(prepared.timings)

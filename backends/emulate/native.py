@@ -22,6 +22,7 @@ cpu_breakpoint[4], old_exception``) and checked once per process against a live 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import struct
@@ -45,8 +46,9 @@ _NEXT_EIP = -8
 _OLD_EXCEPTION = 8 * 8 + 4 * 8
 #: CPUState (include/hw/core/cpu.h): uint32_t halted; uint32_t can_do_io; int32_t exception_index.
 _HALTED_BEFORE_INDEX = 8
-#: How far into uc_struct to look for a planted value (context_content sits ~2 KiB in).
-_UC_STRUCT_SCAN = 0x4000
+#: How far into uc_struct to look for a planted value (use_exits sits at 0x594 and
+#: context_content at 0x7dc in unicorn 2.1.4's build; the struct itself is ~14 KiB).
+_UC_STRUCT_SCAN = 0x1000
 
 
 def _library() -> Any:
@@ -201,10 +203,10 @@ def layout() -> Layout:
 _CONTEXT_MARKS = (0x5A17_C0DE, 0x6B28_D1EF)
 
 
-def _uc_struct_field(uc: Any, control: int, what: str) -> int:
+def _uc_struct_field(uc: Any, control: int, restore: int, what: str) -> int:
     """The offset in unicorn's engine state (uc_struct, include/uc_priv.h) of the int that
-    the uc_ctl write ``control`` sets: two values planted through it, found once each. The
-    field is set to 0 afterwards (both fields used here are 0 on a new instance)."""
+    the uc_ctl write ``control`` sets: two values planted through it, found once each; the
+    field is set to ``restore`` afterwards."""
     handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
     found: list[set[int]] = []
     for mark in _CONTEXT_MARKS:
@@ -212,7 +214,7 @@ def _uc_struct_field(uc: Any, control: int, what: str) -> int:
         blob = ctypes.string_at(handle, _UC_STRUCT_SCAN)
         packed = struct.pack("<I", mark)
         found.append({o for o in range(0, len(blob) - 3, 4) if blob[o:o + 4] == packed})
-    uc.ctl(control, uc_const.UC_CTL_IO_WRITE, ctypes.c_int(0))
+    uc.ctl(control, uc_const.UC_CTL_IO_WRITE, ctypes.c_int(restore))
     common = found[0] & found[1]
     if len(common) != 1:
         raise BackendError(f"unicorn's {what} was not found in its engine state: this unicorn "
@@ -235,9 +237,8 @@ def exit_checks_at_block_start_only(uc: Any) -> None:
     stop then end the run, or are not installed in this mode).
     """
     handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
-    context = _uc_struct_field(uc, uc_const.UC_CTL_CONTEXT_MODE, "context mode")
-    uc.ctl(uc_const.UC_CTL_CONTEXT_MODE, uc_const.UC_CTL_IO_WRITE,
-           ctypes.c_int(uc_const.UC_CTL_CONTEXT_CPU))
+    context = _uc_struct_field(uc, uc_const.UC_CTL_CONTEXT_MODE, uc_const.UC_CTL_CONTEXT_CPU,
+                               "context mode")
     # uc_struct (include/uc_priv.h): int context_content; int cpu_context_size; uint64_t
     # next_pc (8-aligned); bool hook_insert, first_tb, no_exit_request, init_done.
     next_pc = (context + 8 + 7) & ~7
@@ -267,7 +268,9 @@ class Kick:
     uc_struct: unicorn ends emu_start when it is set once the CPU loop returns) and asks the CPU
     loop to return (QEMU's ``cpu_exit``: the next block start sees it). No hook is skipped, and
     the guest stops between two blocks, as with the stop. emu_start then fails with
-    ``KICK_ERROR``, which the caller takes as "kicked".
+    ``KICK_ERROR``, which the caller takes as "kicked". A fault of the guest's own that
+    unicorn reports in the same instant may be taken for the kick: the instruction then
+    faults again in the next burst, where it is reported.
     """
 
     def __init__(self, uc: Any) -> None:
@@ -291,14 +294,19 @@ def _invalid_error_offset() -> int:
     from backends.emulate.engine import Uc, UcError
 
     uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
-    code = 0x1000
-    uc.mem_map(code, 0x1000)  # the engine exists from here (unicorn starts it lazily)
-    use_exits = _uc_struct_field(uc, uc_const.UC_CTL_UC_USE_EXITS, "exits switch")
+    code, probe = 0x1000, 0x2000
+    uc.mem_map(code, 0x2000)  # the engine exists from here (unicorn starts it lazily)
+    use_exits = _uc_struct_field(uc, uc_const.UC_CTL_UC_USE_EXITS, 0, "exits switch")
     offset = use_exits - 4
-    if offset % 8:
+    handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
+    # Read-only first: an unmapped read leaves its address in invalid_addr, 8 bytes before.
+    unmapped = 0x5A17_0000
+    uc.mem_write(probe, bytes.fromhex("488b04250000175a"))  # mov rax, [0x5a170000]
+    with contextlib.suppress(UcError):  # UC_ERR_READ_UNMAPPED, as intended
+        uc.emu_start(probe, 0)
+    if offset % 8 or ctypes.c_uint64.from_address(handle + offset - 8).value != unmapped:
         raise BackendError("unicorn's engine state is not laid out as this backend expects: "
                            "this unicorn version is not supported")
-    handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
     error = ctypes.c_int32.from_address(handle + offset)
     lib, cpu = _library(), ctypes.c_void_p(_cpu_state(uc))
     uc.mem_write(code, bytes.fromhex("cd77" "cd78" "f4"))  # int 0x77; int 0x78; hlt

@@ -126,6 +126,7 @@ class EmulateVcpu:
         self._emulating = 0
         self._kicked = False
         self._kicker: native.Kick | None = None  # see _start
+        self._kick_next = False  # a kick that came between bursts (see _run_burst)
         # SMP (smp.py): the CPU shared with the other vCPUs, the VM's IPI routing, and an AP's
         # wait for its STARTUP IPI (the vector, once it came).
         self._cpu_lock: smp.CpuLock | None = None
@@ -446,6 +447,9 @@ class EmulateVcpu:
             with self._lock:
                 if self._stop.is_set():
                     return Interrupted()
+                if self._kick_next:  # a kick came after _between_bursts looked: look again
+                    self._kick_next = False
+                    return None
                 self._burst += 1
                 self._emulating = self._burst
             error: Exception | None = None
@@ -453,7 +457,12 @@ class EmulateVcpu:
                 engine.run(0 if self._kicker is not None else BURST_INSTRUCTIONS)
             except UcError as e:
                 if getattr(e, "errno", None) != native.KICK_ERROR:
-                    error = e  # else the kick ended the burst: _kicked says so
+                    error = e
+                else:  # the kick ended the burst (_kicked says so), unless a hook failed too:
+                    # the binding raises the status before the hook's exception.
+                    failed = getattr(engine.uc, "_hook_exception", None)
+                    if failed is not None:
+                        raise BackendError(f"emulate backend hook failed: {failed!r}") from failed
             except Exception as e:  # a hook failed; unicorn re-raises it after stopping
                 raise BackendError(f"emulate backend hook failed: {e!r}") from e
             finally:
@@ -680,9 +689,10 @@ class EmulateVcpu:
     def sample(self) -> None:
         """Record where the guest is (from any thread), without stopping it: unicorn's RIP as
         of the last block boundary or helper call, which is as precise as a profile needs."""
-        cpu = self._native
-        if cpu is not None:
-            self.rip_samples[cpu.rip] += 1
+        with self._lock:  # close() drops the engine (and the memory cpu points into)
+            cpu = self._native
+            if cpu is not None and self._engine is not None:
+                self.rip_samples[cpu.rip] += 1
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -699,13 +709,16 @@ class EmulateVcpu:
         """
         with self._lock:
             burst, kicker = self._emulating, self._kicker
-            if not burst or self._engine is None or kicker is None:
+            if self._engine is None or kicker is None:
                 return  # a counted burst ends by itself soon
+            if not burst:
+                self._kick_next = True  # the next burst must not start before a look
+                return
             self._kicked = True
             kicker()
-        with self._alarm:
-            self._kick_burst = burst
-            self._alarm.notify()
+            with self._alarm:  # (the alarm thread never takes _lock while it holds _alarm)
+                self._kick_burst = max(self._kick_burst, burst)
+                self._alarm.notify()
 
     def _kick_again(self, burst: int) -> bool:
         """Kick ``burst`` again if it still runs; False once it is over."""
@@ -722,4 +735,4 @@ class EmulateVcpu:
         if self._alarm_thread is not None and self._alarm_thread.is_alive():
             self._alarm_thread.join()
         with self._lock:
-            self._engine, self._kicker = None, None
+            self._engine, self._kicker, self._native = None, None, None
