@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import subprocess
+import sys
+
 import pytest
 
 from vmmarch_cli.cli import COMMANDS
@@ -24,6 +28,24 @@ def test_top_level_help_lists_commands_and_exit_statuses() -> None:
         assert command in p.stdout
     for status in ("64", "65", "69", "70", "124", "130", "255"):
         assert status in p.stdout
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_listed_summary_is_the_commands_own(command: str) -> None:
+    """`vmm-arch --help` lists the summaries in cli.COMMANDS without importing the commands;
+    each must be the first sentence of the command's own help."""
+    module, attr, summary = COMMANDS[command]
+    own = getattr(importlib.import_module(module), attr)
+    assert own.get_short_help_str(limit=10_000) == summary
+
+
+def test_top_level_help_imports_no_command() -> None:
+    p = subprocess.run([sys.executable, "-c", "import sys; from vmmarch_cli.cli import main\n"
+                        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+                        "print(sorted(m for m in sys.modules if m.startswith('vmmarch_cli.')))"],
+                       capture_output=True, text=True, timeout=60)
+    loaded = p.stdout.strip().splitlines()[-1]
+    assert "commands." not in loaded and "machine" not in loaded, loaded
 
 
 def test_shell_completion_script() -> None:
