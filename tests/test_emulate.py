@@ -7,6 +7,7 @@ import ast
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -360,3 +361,30 @@ def test_profile_samples_where_the_guest_runs(guests: dict[str, Path], backend: 
     entry = int(doc["kernel"]["entry"], 16)
     hottest = int(doc["profile"][0]["where"], 16)
     assert entry <= hottest < entry + 0x1000, (hex(entry), doc["profile"])
+
+
+def test_a_triple_fault_inside_unicorn_ends_the_run(guests: dict[str, Path]) -> None:
+    """QEMU marks its CPU stopped on a triple fault (native.reset_request) and unicorn then
+    may spin inside emu_start, deaf to kicks. The flag set under a running spin guest, as QEMU
+    sets it, must end the run as a triple fault (status 70), not hang until the timeout."""
+    from backends.emulate import native
+    from vmmarch_cli import machine
+    from vmmarch_cli.config import BootConfig
+
+    def trip(prepared: machine.Prepared) -> None:
+        vcpu = prepared.vcpus[0]
+
+        def later() -> None:
+            while getattr(vcpu, "_engine", None) is None:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            native.reset_request(vcpu._engine.uc).value = True
+
+        threading.Thread(target=later, daemon=True).start()
+
+    started = time.monotonic()
+    result = machine.run(BootConfig(kernel=guests["spin"], backend="emulate", timeout=20),
+                         None, on_ready=trip)
+    assert (result.reason, result.status) == ("fault", 70), result.detail
+    assert "triple fault" in result.detail
+    assert time.monotonic() - started < 10

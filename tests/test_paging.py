@@ -51,3 +51,13 @@ def test_walker_refuses_tables_outside_ram() -> None:
     mem = _memory_with_tables()
     with pytest.raises(GuestMemoryError):
         paging.translate(0x7FFF_F000, 0x1000, mem.read_u64)
+
+
+def test_walk_reports_write_rights_of_every_level() -> None:
+    """SDM vol. 3A 4.6.1: a write is allowed only if R/W is set at every level."""
+    mem = _memory_with_tables()
+    assert paging.walk(0x9000, 0x20_0000, mem.read_u64) == (0x20_0000, True)
+    pd0 = 0xB000
+    mem.write(pd0 + 8, (0x20_0000 | 0x81).to_bytes(8, "little"))  # P, PS: R/W clear
+    assert paging.walk(0x9000, 0x20_1234, mem.read_u64) == (0x20_1234, False)
+    assert paging.walk(0x9000, 0x40_0000, mem.read_u64) == (0x40_0000, True)

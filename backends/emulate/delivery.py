@@ -22,7 +22,8 @@ ERROR_IDT = 2
 TSS_RSP0 = 0x4
 TSS_IST1 = 0x24
 #: The frame: SS, RSP, RFLAGS, CS, RIP and an error code, 8 bytes each (SDM 6.14.2), on a stack
-#: aligned down to 16 bytes.
+#: aligned down to 16 bytes, mapped and writable (a fault while QEMU pushes it would longjmp
+#: through the Python hook).
 FRAME_BYTES = 6 * 8
 ATTR_L = 1 << 13
 
@@ -72,6 +73,8 @@ def _stack_problem(memory: GuestMemory, s: Sregs, gate: Gate, cpl: int, rsp: int
     for address in (top - FRAME_BYTES, top - 1):
         if descriptors.to_physical(memory, s, address) is None:
             return f"the stack at {top:#x} is not mapped"
+        if not descriptors.writable(memory, s, address):
+            return f"the stack at {top:#x} is not writable"
     return ""
 
 

@@ -60,6 +60,21 @@ def to_physical(memory: GuestMemory, s: Sregs, linear: int) -> int | None:
         return None
 
 
+def writable(memory: GuestMemory, s: Sregs, linear: int) -> bool:
+    """A supervisor write to ``linear`` would not fault: mapped, and with CR0.WP set, R/W at
+    every level (SDM vol. 3A 4.6.1)."""
+    if not s.cr0 & regs.X86_CR0_PG:
+        return True
+    if not long_mode(s):
+        return False  # as to_physical: no walk of 32-bit tables here
+    try:
+        found = paging.walk(s.cr3, linear & 0xFFFF_FFFF_FFFF_FFFF,
+                            lambda a: int.from_bytes(memory.read(a, 8), "little"))
+    except GuestMemoryError:
+        return False
+    return found is not None and (found[1] or not s.cr0 & regs.X86_CR0_WP)
+
+
 def load_segment(memory: GuestMemory, s: Sregs, name: str, selector: int) -> Segment:
     """The segment a CPU holds after loading ``selector`` from the GDT at ``s.gdt``.
 

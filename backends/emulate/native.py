@@ -296,6 +296,9 @@ def _invalid_error_offset() -> int:
     uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
     code, probe = 0x1000, 0x2000
     uc.mem_map(code, 0x2000)  # the engine exists from here (unicorn starts it lazily)
+    if ctypes.string_at(_cpu_state(uc) + _STOPPED, 1) != b"\1":  # stopped until the first run
+        raise BackendError("unicorn's CPU flags are not laid out as this backend expects: "
+                           "this unicorn version is not supported")
     use_exits = _uc_struct_field(uc, uc_const.UC_CTL_UC_USE_EXITS, 0, "exits switch")
     offset = use_exits - 4
     handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
@@ -309,6 +312,12 @@ def _invalid_error_offset() -> int:
                            "this unicorn version is not supported")
     error = ctypes.c_int32.from_address(handle + offset)
     lib, cpu = _library(), ctypes.c_void_p(_cpu_state(uc))
+    flags = ctypes.string_at(_cpu_state(uc) + _STOPPED, _EXIT_REQUEST - _STOPPED + 1)
+    lib.cpu_exit(cpu)
+    exit_request = ctypes.string_at(_cpu_state(uc) + _EXIT_REQUEST, 1)
+    if flags != b"\0\0\0\0" or exit_request != b"\1":  # after a run: stopped clear
+        raise BackendError("unicorn's CPU flags are not laid out as this backend expects: "
+                           "this unicorn version is not supported")
     uc.mem_write(code, bytes.fromhex("cd77" "cd78" "f4"))  # int 0x77; int 0x78; hlt
     seen: list[int] = []
 
@@ -328,6 +337,22 @@ def _invalid_error_offset() -> int:
         raise BackendError("unicorn's run loop did not end as this backend expects after a "
                            "kick: this unicorn version is not supported")
     return offset
+
+
+#: CPUState (include/hw/core/cpu.h): int nr_cores, nr_threads; QemuThread *thread; bool
+#: created, stop, stopped, unplug, crash_occurred, exit_request. Checked in the scratch instance
+#: of _invalid_error_offset (stopped before the first run, clear after it; cpu_exit sets
+#: exit_request).
+_STOPPED, _EXIT_REQUEST = 18, 21
+
+
+def reset_request(uc: Any) -> ctypes.c_bool:
+    """CPUState.stopped of ``uc``: QEMU sets it when the guest triple-faults (excp_helper.c,
+    check_exception -> qemu_system_reset_request -> cpu_stop). unicorn has no exit for that:
+    emu_start either returns as after a HLT or, when the CPU loop ended for another reason,
+    spins in resume_all_vcpus while the CPU stays stopped. Clearing it lets that loop run to
+    the next block start, where a kick ends emu_start."""
+    return ctypes.c_bool.from_address(_cpu_state(uc) + _STOPPED)
 
 
 def halted_flag(uc: Any) -> ctypes.c_uint32:

@@ -135,6 +135,8 @@ class EmulateVcpu:
         self._sipi_vector: int | None = None
         self._translations_stale = False  # see receive_ipi
         self._halted_flag: Any = None  # unicorn's CPUState.halted (native.halted_flag)
+        self._reset_flag: Any = None  # unicorn's CPUState.stopped (native.reset_request)
+        self._reset_seen = False  # the alarm thread let a stopped CPU out (_watch_reset)
         # What the hooks saw during the last burst.
         self._exit: VcpuExit | None = None
         self._vector: int | None = None
@@ -429,6 +431,7 @@ class EmulateVcpu:
                     self._alarm_retry = None
                     kick = True
                 kicked_burst = self._kick_burst
+            self._watch_reset()
             if kicked_burst and not self._kick_again(kicked_burst):
                 with self._alarm:
                     if self._kick_burst == kicked_burst:
@@ -471,6 +474,10 @@ class EmulateVcpu:
         finally:
             if self._cpu_lock is not None:
                 self._cpu_lock.release()
+        if self._reset_seen or self._reset_flag.value:
+            # QEMU saw a triple fault (native.reset_request); KVM reports KVM_EXIT_SHUTDOWN.
+            self._reset_seen = False
+            return Shutdown("triple fault")
         if self._exit is not None:
             if isinstance(self._exit, IoIn) and self._in_undo is not None:
                 engine.restore_io_registers(self._in_undo)  # replayed by the next run
@@ -592,6 +599,7 @@ class EmulateVcpu:
         for index, value in self._msrs.items():
             engine.write_msr(index, value)
         self._halted_flag = native.halted_flag(engine.uc)
+        self._reset_flag = native.reset_request(engine.uc)
         if self._io_read is not None:
             # Port I/O completes inside the hooks, so nothing needs a stop in mid-block: turn
             # unicorn's mid-block stop checks off, and let the alarm thread end a running
@@ -719,6 +727,18 @@ class EmulateVcpu:
             with self._alarm:  # (the alarm thread never takes _lock while it holds _alarm)
                 self._kick_burst = max(self._kick_burst, burst)
                 self._alarm.notify()
+
+    def _watch_reset(self) -> None:
+        """After a triple fault unicorn may spin inside emu_start with its CPU stopped
+        (native.reset_request), deaf to kicks: clear the flag so the CPU loop runs on to the
+        next block start, and kick; the burst then ends as a shutdown (_run_burst)."""
+        with self._lock:
+            flag = self._reset_flag
+            if not self._emulating or flag is None or not flag.value:
+                return
+            self._reset_seen = True
+            flag.value = False
+        self._kick()
 
     def _kick_again(self, burst: int) -> bool:
         """Kick ``burst`` again if it still runs; False once it is over."""

@@ -62,20 +62,32 @@ def translate(cr3: int, virtual: int, read_u64: ReadU64) -> int | None:
     ``read_u64`` is a bounds-checked guest-memory reader: a table outside RAM raises there,
     so a guest-chosen CR3 can never make this read host memory.
     """
+    found = walk(cr3, virtual, read_u64)
+    return None if found is None else found[0]
+
+
+def walk(cr3: int, virtual: int, read_u64: ReadU64) -> tuple[int, bool] | None:
+    """``translate``, with whether every level allows writes (R/W set at each, SDM vol. 3A
+    4.6.1: the access rights of a translation combine those of all its entries)."""
+    writable = True
     entry = read_u64((cr3 & ADDRESS_MASK) + ((virtual >> 39) & 0x1FF) * 8)
     if not entry & PTE_PRESENT:
         return None
+    writable &= bool(entry & PTE_WRITABLE)
     entry = read_u64((entry & ADDRESS_MASK) + ((virtual >> 30) & 0x1FF) * 8)
     if not entry & PTE_PRESENT:
         return None
+    writable &= bool(entry & PTE_WRITABLE)
     if entry & PTE_PAGE_SIZE:
-        return (entry & ADDRESS_MASK & ~((1 << 30) - 1)) | (virtual & ((1 << 30) - 1))
+        return (entry & ADDRESS_MASK & ~((1 << 30) - 1)) | (virtual & ((1 << 30) - 1)), writable
     entry = read_u64((entry & ADDRESS_MASK) + ((virtual >> 21) & 0x1FF) * 8)
     if not entry & PTE_PRESENT:
         return None
+    writable &= bool(entry & PTE_WRITABLE)
     if entry & PTE_PAGE_SIZE:
-        return (entry & ADDRESS_MASK & ~((1 << 21) - 1)) | (virtual & ((1 << 21) - 1))
+        return (entry & ADDRESS_MASK & ~((1 << 21) - 1)) | (virtual & ((1 << 21) - 1)), writable
     entry = read_u64((entry & ADDRESS_MASK) + ((virtual >> 12) & 0x1FF) * 8)
     if not entry & PTE_PRESENT:
         return None
-    return (entry & ADDRESS_MASK) | (virtual & 0xFFF)
+    writable &= bool(entry & PTE_WRITABLE)
+    return (entry & ADDRESS_MASK) | (virtual & 0xFFF), writable

@@ -15,6 +15,7 @@ from vmmarch_cli.vcpu import DescriptorTable, Fpu, Regs, Segment, Sregs
 # Control-register bits (Intel SDM vol. 3A 2.5) and EFER bits (2.2.1).
 X86_CR0_PE = 1 << 0
 X86_CR0_ET = 1 << 4
+X86_CR0_WP = 1 << 16  # supervisor writes honour read-only pages
 X86_CR0_PG = 1 << 31
 X86_CR4_PAE = 1 << 5
 EFER_LME = 1 << 8
