@@ -126,7 +126,6 @@ class EmulateVcpu:
         self._emulating = 0
         self._kicked = False
         self._kicker: native.Kick | None = None  # see _start
-        self._kick_next = False  # a kick that came between bursts (see _run_burst)
         # SMP (smp.py): the CPU shared with the other vCPUs, the VM's IPI routing, and an AP's
         # wait for its STARTUP IPI (the vector, once it came).
         self._cpu_lock: smp.CpuLock | None = None
@@ -450,11 +449,13 @@ class EmulateVcpu:
             with self._lock:
                 if self._stop.is_set():
                     return Interrupted()
-                if self._kick_next:  # a kick came after _between_bursts looked: look again
-                    self._kick_next = False
-                    return None
                 self._burst += 1
                 self._emulating = self._burst
+            if self._apic is not None and self._apic.pending() is not None:
+                # Pending already: either it waits for RFLAGS.IF (a retry is set) or it came
+                # after _between_bursts looked, when a kick would have been dropped (nothing
+                # ran): have the alarm thread kick this burst.
+                self._retry_kick(INTERRUPT_WINDOW_SECONDS)
             error: Exception | None = None
             try:
                 engine.run(0 if self._kicker is not None else BURST_INSTRUCTIONS)
@@ -720,8 +721,7 @@ class EmulateVcpu:
             if self._engine is None or kicker is None:
                 return  # a counted burst ends by itself soon
             if not burst:
-                self._kick_next = True  # the next burst must not start before a look
-                return
+                return  # between bursts: _run_burst looks at the APIC once it starts one
             self._kicked = True
             kicker()
             with self._alarm:  # (the alarm thread never takes _lock while it holds _alarm)
