@@ -246,8 +246,9 @@ class LocalApic:
 
 
 class IoApic:
-    """The I/O APIC: ISA interrupt lines to vectors on the local APIC (fixed, physical
-    destination; one vCPU). Edge-triggered inputs fire on a rising edge."""
+    """The I/O APIC: ISA interrupt lines to redirection entries, which ``deliver`` routes to
+    the local APICs their destination names (the VM's job). Edge-triggered inputs fire on a
+    rising edge."""
 
     def __init__(self, apic_id: int, deliver: Callable[[int], None]) -> None:
         self._select = 0
@@ -297,7 +298,7 @@ class IoApic:
             # real hardware, but a level the device still holds is not).
             if old & REDIR_MASKED and not self._redirection[pin] & REDIR_MASKED and \
                     self._levels[pin]:
-                fire = self._redirection[pin] & LVT_VECTOR
+                fire = self._redirection[pin]
         if fire is not None:
             self._deliver(fire)
 
@@ -310,6 +311,6 @@ class IoApic:
             self._levels[pin] = level
             entry = self._redirection[pin]
             if rising and not entry & REDIR_MASKED:
-                fire = entry & LVT_VECTOR
+                fire = entry
         if fire is not None:
             self._deliver(fire)

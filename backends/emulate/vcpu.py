@@ -332,7 +332,8 @@ class EmulateVcpu:
         self._cpu_lock, self._route_ipi = cpu_lock, route_ipi
         self._awaiting_sipi = application_processor
 
-    def accepts_ipi(self, ipi: smp.Ipi, source: EmulateVcpu) -> bool:
+    def accepts_ipi(self, ipi: smp.Ipi, source: EmulateVcpu | None) -> bool:
+        """``ipi`` from ``source`` (None: the I/O APIC) names this vCPU."""
         model = self._apic
         apic_id = model.apic_id if model is not None else self.index
         ldr = model.logical_id if model is not None else 0

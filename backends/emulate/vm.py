@@ -44,9 +44,21 @@ class EmulateVm:
     def set_irq_line(self, irq: int, level: bool) -> None:
         self.ioapic.set_irq(irq, level)
 
-    def _deliver(self, vector: int) -> None:
-        if self._vcpus:
-            self._vcpus[0].raise_interrupt(vector)
+    def _deliver(self, entry: int) -> None:
+        """An I/O APIC redirection entry fired: its vector to the vCPUs its destination names.
+        The entry's low dword holds an ICR's vector, delivery-mode and destination-mode bits
+        and its top byte the destination (82093AA datasheet 3.2.4), so it decodes as an IPI:
+        physical or flat logical. Linux allocates vectors per CPU, so a vector delivered to
+        another CPU than the one named means nothing there (COM2's output was lost with two
+        vCPUs). No vCPU named (a line fired before the guest set its APICs up): vCPU 0."""
+        ipi = smp.Ipi.decode(entry & 0xFFFF_FFFF, entry >> 32)
+        if ipi is None or not self._vcpus:
+            return
+        targets = [v for v in self._vcpus if v.accepts_ipi(ipi, None)] or self._vcpus[:1]
+        if ipi.mode == smp.MODE_LOWEST:
+            targets = targets[:1]  # one of them; the first, as with QEMU's round-robin off
+        for vcpu in targets:
+            vcpu.raise_interrupt(ipi.vector)
 
     def close(self) -> None:
         for vcpu in self._vcpus:
