@@ -1,6 +1,6 @@
 """An emulated VM: guest RAM shared with unicorn, a CPUID model, vCPUs that take turns on the
 CPU and send each other IPIs (smp.py), and the I/O APIC that takes the devices' interrupt lines
-to the first vCPU's local APIC."""
+to the local APICs its redirection entries name."""
 
 from __future__ import annotations
 
