@@ -203,11 +203,16 @@ def layout() -> Layout:
 _CONTEXT_MARKS = (0x5A17_C0DE, 0x6B28_D1EF)
 
 
+def _uc_handle(uc: Any) -> int:
+    """The address of the binding's engine (uc_struct)."""
+    return uc._uch if isinstance(uc._uch, int) else uc._uch.value
+
+
 def _uc_struct_field(uc: Any, control: int, restore: int, what: str) -> int:
     """The offset in unicorn's engine state (uc_struct, include/uc_priv.h) of the int that
     the uc_ctl write ``control`` sets: two values planted through it, found once each; the
     field is set to ``restore`` afterwards."""
-    handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
+    handle = _uc_handle(uc)
     found: list[set[int]] = []
     for mark in _CONTEXT_MARKS:
         uc.ctl(control, uc_const.UC_CTL_IO_WRITE, ctypes.c_int(mark))
@@ -236,7 +241,7 @@ def exit_checks_at_block_start_only(uc: Any) -> None:
     a stop from a code or memory hook waits for the next block (this backend's hooks that
     stop then end the run, or are not installed in this mode).
     """
-    handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
+    handle = _uc_handle(uc)
     context = _uc_struct_field(uc, uc_const.UC_CTL_CONTEXT_MODE, uc_const.UC_CTL_CONTEXT_CPU,
                                "context mode")
     # uc_struct (include/uc_priv.h): int context_content; int cpu_context_size; uint64_t
@@ -276,7 +281,7 @@ class Kick:
     def __init__(self, uc: Any) -> None:
         self._lib = _library()
         self._cpu = ctypes.c_void_p(_cpu_state(uc))
-        handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
+        handle = _uc_handle(uc)
         self._error = ctypes.c_int32.from_address(handle + _invalid_error_offset())
 
     def __call__(self) -> None:
@@ -301,7 +306,7 @@ def _invalid_error_offset() -> int:
                            "this unicorn version is not supported")
     use_exits = _uc_struct_field(uc, uc_const.UC_CTL_UC_USE_EXITS, 0, "exits switch")
     offset = use_exits - 4
-    handle = uc._uch if isinstance(uc._uch, int) else uc._uch.value
+    handle = _uc_handle(uc)
     # Read-only first: an unmapped read leaves its address in invalid_addr, 8 bytes before.
     unmapped = 0x5A17_0000
     uc.mem_write(probe, bytes.fromhex("488b04250000175a"))  # mov rax, [0x5a170000]
