@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench import inputs as inputs_module
 from bench import report
 from bench.cases import Context, Settings, registry
 from bench.cases import milestones as milestones_case
@@ -54,7 +55,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="smp configurations as VCPUSxMIB (default: %(default)s)")
     p.add_argument("--rss-peer-guest", choices=("tiny", "stock"), default="tiny",
                    help="what QEMU runs in the rss case (default: %(default)s)")
+    p.add_argument("--libunicorn", type=Path, metavar="DIR",
+                   help="run vmm-arch's emulate backend with DIR/libunicorn.so.2 instead of "
+                        "the wheel's (e.g. the one `python -m bench.unicorn_fix` builds)")
     args = p.parse_args(argv)
+    if args.libunicorn is not None and not (args.libunicorn / "libunicorn.so.2").is_file():
+        p.error(f"--libunicorn: no libunicorn.so.2 in {args.libunicorn}")
     if args.runs is not None and args.runs < 1:
         p.error("--runs must be at least 1")
     if args.warmup is not None and args.warmup < 0:
@@ -88,9 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     milestones_case.SELECTED = args.configs
     smp_case.SELECTED = args.smp_configs
     rss_case.PEER_GUEST = args.rss_peer_guest
+    inputs_module.LIBUNICORN = args.libunicorn.resolve() if args.libunicorn else None
     inputs = Inputs(progress, want_peer=not args.no_peer)
     facts = report.machine_facts()
     qemu = inputs.qemu()
+    facts["libunicorn"] = str(inputs_module.LIBUNICORN or "the unicorn wheel's")
     facts["qemu"] = qemu.version if qemu is not None else f"unavailable: {inputs.qemu_error}"
     modules = registry()
     results: list[CaseResult] = []

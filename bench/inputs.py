@@ -25,10 +25,20 @@ def vmm_arch_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "vmmarch_cli", *args]
 
 
+#: The unicorn library vmm-arch's emulate backend runs with (``--libunicorn``; None: the
+#: installed wheel's). unicorn's Python binding loads ``$LIBUNICORN_PATH/libunicorn.so.2``.
+LIBUNICORN: Path | None = None
+
+
 def vmm_arch_env() -> dict[str, str]:
-    """The environment for vmm-arch processes: this checkout first on the import path."""
+    """The environment for vmm-arch processes: this checkout first on the import path, and
+    unicorn's library chosen here, never inherited by accident."""
     path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
+    env = {k: v for k, v in os.environ.items() if k != "LIBUNICORN_PATH"}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{path}" if path else str(REPO)
+    if LIBUNICORN is not None:
+        env["LIBUNICORN_PATH"] = str(LIBUNICORN)
+    return env
 
 
 def guest(name: str) -> Path:
