@@ -388,3 +388,23 @@ def test_a_triple_fault_inside_unicorn_ends_the_run(guests: dict[str, Path]) -> 
     assert (result.reason, result.status) == ("fault", 70), result.detail
     assert "triple fault" in result.detail
     assert time.monotonic() - started < 10
+
+
+def test_cpuid_timing_leaf_holds_the_tsc_rate_the_emulated_cpu_reads() -> None:
+    """Leaf 15H's TSC rate (from a TscClock started when the VM was made, read after the
+    kernel load) agrees with the same TSC timed over 300 ms, within 0.2%: the kernel keeps
+    time with it (tsc_known_freq, no refinement), so an error here is a clock drift."""
+    from backends.emulate.engine import TscClock
+    from backends.emulate.vm import EmulateVm
+
+    reference = TscClock()
+    time.sleep(0.3)
+    host_hz = reference.hz()
+    vm = EmulateVm([(0, 16 << 20)])
+    try:
+        leaf = next(e for e in vm.supported_cpuid() if e.function == 0x15)
+    finally:
+        vm.close()
+    assert leaf.eax and leaf.ecx
+    leaf_hz = leaf.ecx * leaf.ebx // leaf.eax  # crystal Hz x numerator / denominator (SDM 2A)
+    assert abs(leaf_hz - host_hz) < host_hz * 0.002, (leaf_hz, host_hz)

@@ -4,13 +4,12 @@ to the local APICs its redirection entries name."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 from backends.emulate import smp
 from backends.emulate.apic import IoApic
 from backends.emulate.cpuid import model_cpuid, with_timing_leaf
-from backends.emulate.engine import host_tsc_hz
+from backends.emulate.engine import TscClock
 from backends.emulate.vcpu import EmulateVcpu
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import CpuidEntry
@@ -23,9 +22,14 @@ class EmulateVm:
         self._cpu = smp.CpuLock()
         # The I/O APIC ID follows the CPUs' as in the MADT and MP table; one vCPU: ID 1.
         self.ioapic = IoApic(1, self._deliver)
+        # Started now, read when the CPUID model is asked for (after the kernel is loaded).
+        self._tsc = None if _TSC_HZ else TscClock()
 
     def supported_cpuid(self) -> list[CpuidEntry]:
-        return with_timing_leaf(model_cpuid(), _tsc_hz())
+        if not _TSC_HZ:
+            assert self._tsc is not None
+            _TSC_HZ.append(self._tsc.hz())
+        return with_timing_leaf(model_cpuid(), _TSC_HZ[0])
 
     def create_vcpu(self, index: int) -> EmulateVcpu:
         vcpu = EmulateVcpu(index, self.memory, self.ioapic)
@@ -67,6 +71,5 @@ class EmulateVm:
         self.memory.close()
 
 
-@functools.cache
-def _tsc_hz() -> int:
-    return host_tsc_hz()
+#: The host TSC rate, measured once per process by the first VM's clock.
+_TSC_HZ: list[int] = []
