@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     smp_case.SELECTED = args.smp_configs
     rss_case.PEER_GUEST = args.rss_peer_guest
     inputs_module.LIBUNICORN = args.libunicorn.resolve() if args.libunicorn else None
+    inputs_module.byte_compile()
     inputs = Inputs(progress, want_peer=not args.no_peer)
     facts = report.machine_facts()
     qemu = inputs.qemu()

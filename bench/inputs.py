@@ -41,6 +41,17 @@ def vmm_arch_env() -> dict[str, str]:
     return env
 
 
+def byte_compile() -> None:
+    """Byte-compile vmm-arch's modules, as pip does for a package it installs. An editable
+    checkout under PYTHONDONTWRITEBYTECODE=1 (as on the development machines) never gets
+    .pyc files, and every vmm-arch process then compiles its ~60 modules from source: 40 ms
+    of each start, measured with cProfile. The .pyc files are read even with that set."""
+    import compileall
+
+    for package in ("vmmarch_cli", "backends"):
+        compileall.compile_dir(REPO / package, quiet=1)
+
+
 def guest(name: str) -> Path:
     """One of the project's guests (``examples/guests/<name>.S``), built if needed."""
     if str(REPO) not in sys.path:
