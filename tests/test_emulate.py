@@ -154,10 +154,10 @@ def test_the_same_pipeline_runs_on_both_backends(guests: dict[str, Path]) -> Non
     kvm, emulate = records["kvm"], records["emulate"]
     assert [r.step for r in kvm] == [r.step for r in emulate]
     for a, b in zip(kvm, emulate, strict=True):
+        sa, sb = a.summary, b.summary
         if a.step == "cpuid":  # leaf counts follow each hypervisor's CPU model
-            a, b = replace(a, summary={**a.summary, "leaves": ""}), replace(
-                b, summary={**b.summary, "leaves": ""})
-        assert a == b
+            sa, sb = {**sa, "leaves": ""}, {**sb, "leaves": ""}
+        assert (a.step, a.target, sa) == (b.step, b.target, sb)
 
 
 @pytest.mark.usefixtures("kvm")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from backends.kvm import abi
+from vmmarch_cli.vcpu import Regs
 
 HEADER = Path("/usr/include/linux/kvm.h")
 
@@ -118,9 +120,17 @@ def test_struct_formats_match_the_ctypes_layouts() -> None:
     values = abi.KVM_SREGS_HEAD.unpack_from(k)
     expected = []
     for seg in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
-        expected += [getattr(getattr(k, seg), n) for n in names]
+        fields = [getattr(getattr(k, seg), n) for n in names]
+        expected += [*fields[:3], bytes(fields[3:])]  # base, limit, selector, the flag bytes
     expected += [0x500, 0x1F, 0x540, 7] + [0x1111 * (j + 1) for j in range(7)]
     assert list(values) == expected
+    r = abi.kvm_regs()
+    for j, (name, _) in enumerate(abi.kvm_regs._fields_):
+        setattr(r, name, 0x100 + j)
+    assert abi.KVM_REGS.size == ctypes.sizeof(abi.kvm_regs)
+    assert abi.KVM_REGS.unpack_from(r) == tuple(0x100 + j for j in range(18))
+    # convert.regs_from_kvm passes them positionally: Regs declares its fields in that order
+    assert [f.name for f in dataclasses.fields(Regs)] == [n for n, _ in abi.kvm_regs._fields_]
     _, entries = abi.cpuid_buffer(2)
     abi.KVM_CPUID_ENTRY2.pack_into(entries, abi.KVM_CPUID_ENTRY2.size, 7, 1, 1, 2, 3, 4, 5)
     e = entries[1]

@@ -132,11 +132,13 @@ class kvm_cpuid_entry2(ctypes.Structure):
 #: The same layouts as struct formats, for converting many fields in one C call (convert.py,
 #: KvmVcpu.set_cpuid); tests/test_kvm_abi.py checks each against the ctypes class and the
 #: kernel's sizeof.
-KVM_SEGMENT_FORMAT = "QIH10B"  # base, limit, selector, type .. unusable, padding
+KVM_SEGMENT_FORMAT = "QIH10s"  # base, limit, selector, the flag bytes type .. unusable, padding
 KVM_DTABLE_FORMAT = "QH6x"
 #: kvm_sregs up to (not including) interrupt_bitmap: 8 segments, GDT, IDT, 7 registers.
 KVM_SREGS_HEAD = struct.Struct("<" + KVM_SEGMENT_FORMAT * 8 + KVM_DTABLE_FORMAT * 2 + "7Q")
 KVM_CPUID_ENTRY2 = struct.Struct("<7I12x")
+#: kvm_regs: the 16 GPRs in GPR_NAMES order, RIP, RFLAGS.
+KVM_REGS = struct.Struct("<18Q")
 
 
 class kvm_cpuid2(ctypes.Structure):

@@ -3,50 +3,58 @@ fields the neutral types carry."""
 
 from __future__ import annotations
 
+import functools
+
 from backends.kvm import abi
 from vmmarch_cli.vcpu import GPR_NAMES, DescriptorTable, Regs, Segment, Sregs
+
+_REGS = (*GPR_NAMES, "rip", "rflags")
 
 
 def regs_to_kvm(r: Regs) -> abi.kvm_regs:
     k = abi.kvm_regs()
-    for name in (*GPR_NAMES, "rip", "rflags"):
-        setattr(k, name, getattr(r, name))
+    abi.KVM_REGS.pack_into(k, 0, *(getattr(r, name) for name in _REGS))
     return k
 
 
 def regs_from_kvm(k: abi.kvm_regs) -> Regs:
-    return Regs(**{name: getattr(k, name) for name in (*GPR_NAMES, "rip", "rflags")})
+    return Regs(*abi.KVM_REGS.unpack_from(k))
 
 
 SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
-CONTROL = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
-#: Fields per kvm_segment in abi.KVM_SREGS_HEAD, and where the descriptor tables start.
-_SEG_FIELDS = 13
+#: Fields per kvm_segment in abi.KVM_SREGS_HEAD (base, limit, selector, flag bytes), and
+#: where the descriptor tables start.
+_SEG_FIELDS = 4
 _TABLES = _SEG_FIELDS * len(SEGMENTS)
 
 
-def _segment_fields(s: Segment) -> tuple[int, ...]:
-    """kvm_segment's fields in order, as segment_to_kvm sets them."""
-    a = s.attributes
+# A segment's flags take a few distinct values (flat code, flat data, TSS, null), and both
+# directions are pure functions of them: translated once each, not field by field per call
+# (the sregs step is on the measured vCPU-setup path, benchmark case "abstraction").
+@functools.lru_cache(maxsize=256)
+def _attributes(flags: bytes) -> int:
+    """kvm_segment's type, present, dpl, db, s, l, g, avl, unusable, padding as the neutral
+    attribute word (SDM vol. 3A 3.4.5 bit positions); an unusable segment is not present."""
+    type_, present, dpl, db, s, long_, g, avl, unusable, _padding = flags
+    present = 1 if present and not unusable else 0
+    return (type_ | s << 4 | dpl << 5 | present << 7
+            | avl << 12 | long_ << 13 | db << 14 | g << 15)
+
+
+@functools.lru_cache(maxsize=256)
+def _flags(attributes: int) -> bytes:
+    """The inverse of _attributes: a segment without P is marked unusable."""
+    a = attributes
     present = (a >> 7) & 1
-    return (s.base, s.limit, s.selector, a & 0xF, present, (a >> 5) & 3, (a >> 14) & 1,
-            (a >> 4) & 1, (a >> 13) & 1, (a >> 15) & 1, (a >> 12) & 1, 0 if present else 1, 0)
-
-
-def _segment(f: tuple[int, ...]) -> Segment:
-    """segment_from_kvm on the unpacked fields (base, limit, selector, type, present, dpl, db,
-    s, l, g, avl, unusable, padding)."""
-    present = 1 if f[4] and not f[11] else 0
-    attributes = (f[3] | f[7] << 4 | f[5] << 5 | present << 7
-                  | f[10] << 12 | f[8] << 13 | f[6] << 14 | f[9] << 15)
-    return Segment(selector=f[2], base=f[0], limit=f[1], attributes=attributes)
+    return bytes((a & 0xF, present, (a >> 5) & 3, (a >> 14) & 1, (a >> 4) & 1, (a >> 13) & 1,
+                  (a >> 15) & 1, (a >> 12) & 1, 0 if present else 1, 0))
 
 
 def sregs_to_kvm(s: Sregs, into: abi.kvm_sregs) -> abi.kvm_sregs:
     """Fill ``into`` up to its pending-interrupt bitmap, which is left as it is."""
-    fields: list[int] = []
+    fields: list[int | bytes] = []
     for seg in (s.cs, s.ds, s.es, s.fs, s.gs, s.ss, s.tr, s.ldt):
-        fields += _segment_fields(seg)
+        fields += (seg.base, seg.limit, seg.selector, _flags(seg.attributes))
     abi.KVM_SREGS_HEAD.pack_into(into, 0, *fields, s.gdt.base, s.gdt.limit, s.idt.base,
                                  s.idt.limit, s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer,
                                  s.apic_base)
@@ -55,7 +63,7 @@ def sregs_to_kvm(s: Sregs, into: abi.kvm_sregs) -> abi.kvm_sregs:
 
 def sregs_from_kvm(k: abi.kvm_sregs) -> Sregs:
     v = abi.KVM_SREGS_HEAD.unpack_from(k)
-    cs, ds, es, fs, gs, ss, tr, ldt = (_segment(v[i : i + _SEG_FIELDS])
+    cs, ds, es, fs, gs, ss, tr, ldt = (Segment(v[i + 2], v[i], v[i + 1], _attributes(v[i + 3]))
                                        for i in range(0, _TABLES, _SEG_FIELDS))
     t = _TABLES
     return Sregs(

@@ -9,7 +9,7 @@ then FPU, GPRs, sregs, and the LAPIC.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vmmarch_cli.arch.x86_64 import (
     acpi,
@@ -46,20 +46,30 @@ class BootPlan:
     kernel_alignment: int = 0x100_0000  # what Firecracker reports for an ELF vmlinux
 
 
+#: What a step set, as ``dump-regs`` shows it: built on demand, because only ``dump-regs``
+#: reads it and formatting ~30 values per vCPU was ~5% of vCPU setup (benchmark case
+#: "abstraction").
+Describe = Callable[[], dict[str, str]]
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """What one step did, for ``dump-regs`` and for tests that run a step alone."""
 
     step: str
     target: str  # "memory" or "cpu<N>"
-    summary: dict[str, str] = field(default_factory=dict)
+    describe: Describe = dict
+
+    @property
+    def summary(self) -> dict[str, str]:
+        return self.describe()
 
 
 LINUX64 = "linux64"
 PVH = "pvh"
 
-MemoryStep = Callable[[BootPlan, GuestMemory], dict[str, str]]
-VcpuStep = Callable[[BootPlan, Vcpu, Sequence[CpuidEntry]], dict[str, str]]
+MemoryStep = Callable[[BootPlan, GuestMemory], Describe]
+VcpuStep = Callable[[BootPlan, Vcpu, Sequence[CpuidEntry]], Describe]
 
 
 def _hex(v: int) -> str:
@@ -69,41 +79,41 @@ def _hex(v: int) -> str:
 # --- memory steps --------------------------------------------------------------------------
 
 
-def write_cmdline(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+def write_cmdline(plan: BootPlan, mem: GuestMemory) -> Describe:
     mem.write(layout.CMDLINE_START, plan.cmdline + b"\0")
-    return {"address": _hex(layout.CMDLINE_START), "size": str(len(plan.cmdline) + 1)}
+    return lambda: {"address": _hex(layout.CMDLINE_START), "size": str(len(plan.cmdline) + 1)}
 
 
-def write_gdt(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+def write_gdt(plan: BootPlan, mem: GuestMemory) -> Describe:
     table = gdt.pvh_gdt() if plan.protocol == PVH else gdt.linux64_gdt()
     mem.write(layout.BOOT_GDT_START, gdt.pack_table(table))
     mem.write(layout.BOOT_IDT_START, bytes(8))
-    return {"gdt": _hex(layout.BOOT_GDT_START), "entries": str(len(table)),
+    return lambda: {"gdt": _hex(layout.BOOT_GDT_START), "entries": str(len(table)),
             "idt": _hex(layout.BOOT_IDT_START)}
 
 
-def write_page_tables(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+def write_page_tables(plan: BootPlan, mem: GuestMemory) -> Describe:
     tables = paging.identity_tables()
     for address, data in tables.tables:
         mem.write(address, data)
-    return {"cr3": _hex(tables.cr3), "identity_map": f"{layout.IDENTITY_MAP_GIB} GiB"}
+    return lambda: {"cr3": _hex(tables.cr3), "identity_map": f"{layout.IDENTITY_MAP_GIB} GiB"}
 
 
-def write_mptable(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+def write_mptable(plan: BootPlan, mem: GuestMemory) -> Describe:
     table = mptable.build(plan.cpu_count)
     mem.write(table.address, table.data)
-    return {"address": _hex(table.address), "size": str(len(table.data))}
+    return lambda: {"address": _hex(table.address), "size": str(len(table.data))}
 
 
-def write_acpi(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+def write_acpi(plan: BootPlan, mem: GuestMemory) -> Describe:
     tables = acpi.build(plan.cpu_count)
     for address, data in tables.blobs:
         mem.write(address, data)
-    return {"rsdp": _hex(tables.rsdp_address), "end": _hex(tables.end),
+    return lambda: {"rsdp": _hex(tables.rsdp_address), "end": _hex(tables.end),
             "cpus": str(plan.cpu_count)}
 
 
-def write_zero_page(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+def write_zero_page(plan: BootPlan, mem: GuestMemory) -> Describe:
     entries = e820.memory_map(plan.ram_regions)
     page = boot_params.build(
         boot_params.ZeroPage(
@@ -118,11 +128,11 @@ def write_zero_page(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
         )
     )
     mem.write(layout.ZERO_PAGE_START, page)
-    return {"address": _hex(layout.ZERO_PAGE_START), "e820_entries": str(len(entries)),
+    return lambda: {"address": _hex(layout.ZERO_PAGE_START), "e820_entries": str(len(entries)),
             "initrd": f"{plan.initrd_address:#x}+{plan.initrd_size:#x}"}
 
 
-def write_start_info(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
+def write_start_info(plan: BootPlan, mem: GuestMemory) -> Describe:
     entries = e820.memory_map(plan.ram_regions)
     modules = [(plan.initrd_address, plan.initrd_size)] if plan.initrd_size else []
     info = pvh.StartInfo(
@@ -136,61 +146,61 @@ def write_start_info(plan: BootPlan, mem: GuestMemory) -> dict[str, str]:
     mem.write(layout.PVH_INFO_START, pvh.build_start_info(info))
     mem.write(layout.PVH_MODLIST_START, pvh.build_modlist(modules))
     mem.write(layout.PVH_MEMMAP_START, pvh.build_memmap(entries))
-    return {"address": _hex(layout.PVH_INFO_START), "memmap_entries": str(len(entries)),
+    return lambda: {"address": _hex(layout.PVH_INFO_START), "memmap_entries": str(len(entries)),
             "modules": str(len(modules))}
 
 
 # --- vCPU steps ----------------------------------------------------------------------------
 
 
-def set_cpuid(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
+def set_cpuid(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Describe:
     topology = cpuid.Topology(apic_id=vcpu.index, cpu_count=plan.cpu_count)
     entries = cpuid.normalize(supported, topology, plan.cpu_mask)
     vcpu.set_cpuid(entries)
-    return {"leaves": str(len(entries)), "apic_id": str(vcpu.index),
+    return lambda: {"leaves": str(len(entries)), "apic_id": str(vcpu.index),
             "masked": ",".join(sorted(plan.cpu_mask)) or "-"}
 
 
-def set_msrs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
+def set_msrs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Describe:
     entries = msr.boot_msrs()
     vcpu.set_msrs(entries)
-    return {msr.MSR_NAMES[e.index]: _hex(e.value) for e in entries}
+    return lambda: {msr.MSR_NAMES[e.index]: _hex(e.value) for e in entries}
 
 
-def set_fpu(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
+def set_fpu(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Describe:
     fpu = regs.boot_fpu()
     vcpu.set_fpu(fpu)
-    return {"fcw": _hex(fpu.fcw), "mxcsr": _hex(fpu.mxcsr)}
+    return lambda: {"fcw": _hex(fpu.fcw), "mxcsr": _hex(fpu.mxcsr)}
 
 
-def set_regs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
+def set_regs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Describe:
     if plan.protocol == PVH:
         r = regs.pvh_regs(plan.entry)
         vcpu.set_regs(r)
-        return {"rip": _hex(r.rip), "rbx": _hex(r.rbx), "rflags": _hex(r.rflags)}
+        return lambda: {"rip": _hex(r.rip), "rbx": _hex(r.rbx), "rflags": _hex(r.rflags)}
     r = regs.linux64_regs(plan.entry)
     vcpu.set_regs(r)
-    return {"rip": _hex(r.rip), "rsp": _hex(r.rsp), "rbp": _hex(r.rbp), "rsi": _hex(r.rsi),
+    return lambda: {"rip": _hex(r.rip), "rsp": _hex(r.rsp), "rbp": _hex(r.rbp), "rsi": _hex(r.rsi),
             "rflags": _hex(r.rflags)}
 
 
-def set_sregs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
+def set_sregs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Describe:
     current = vcpu.get_sregs()
     if plan.protocol == PVH:
         s = regs.pvh_sregs(current)
     else:
         s = regs.linux64_sregs(current, cr3=layout.PML4_START)
     vcpu.set_sregs(s)
-    return {"cs": _hex(s.cs.selector), "ds": _hex(s.ds.selector), "tr": _hex(s.tr.selector),
+    return lambda: {"cs": _hex(s.cs.selector), "ds": _hex(s.ds.selector), "tr": _hex(s.tr.selector),
             "cr0": _hex(s.cr0), "cr3": _hex(s.cr3), "cr4": _hex(s.cr4), "efer": _hex(s.efer),
             "gdtr": f"{s.gdt.base:#x}/{s.gdt.limit:#x}",
             "idtr": f"{s.idt.base:#x}/{s.idt.limit:#x}"}
 
 
-def set_lapic(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> dict[str, str]:
+def set_lapic(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Describe:
     state = lapic.virtual_wire(vcpu.get_lapic())
     vcpu.set_lapic(state)
-    return {"lvt0": _hex(state.register(lapic.APIC_LVT0)),
+    return lambda: {"lvt0": _hex(state.register(lapic.APIC_LVT0)),
             "lvt1": _hex(state.register(lapic.APIC_LVT1))}
 
 
