@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -408,3 +409,29 @@ def test_cpuid_timing_leaf_holds_the_tsc_rate_the_emulated_cpu_reads() -> None:
     assert leaf.eax and leaf.ecx
     leaf_hz = leaf.ecx * leaf.ebx // leaf.eax  # crystal Hz x numerator / denominator (SDM 2A)
     assert abs(leaf_hz - host_hz) < host_hz * 0.002, (leaf_hz, host_hz)
+
+
+def test_a_kick_lost_to_emu_start_is_repeated(guests: dict[str, Path],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """uc_emu_start clears a kick that lands before it begins; the alarm thread repeats a
+    kick until its burst is over (vcpu._kick). The first burst of a spin guest (which has no
+    interrupts, so nothing else ends a burst before the timeout) is kicked just before
+    emu_start: the burst must still end within milliseconds, not at the 3 s timeout."""
+    from backends.emulate.engine import Engine
+
+    holder: dict[str, Any] = {}
+    starts: list[float] = []
+    real_run = Engine.run
+
+    def run(self: Engine, count: int) -> None:
+        starts.append(time.monotonic())
+        if len(starts) == 1:
+            holder["vcpu"]._kick()  # lost: emu_start resets what it set
+        real_run(self, count)
+
+    monkeypatch.setattr(Engine, "run", run)
+    result = machine.run(BootConfig(kernel=guests["spin"], backend="emulate", timeout=3),
+                         None, on_ready=lambda p: holder.update(vcpu=p.vcpus[0]))
+    assert result.reason == "timeout"
+    assert len(starts) >= 2, "the lost kick was never repeated"
+    assert starts[1] - starts[0] < 0.5, starts[:2]

@@ -131,6 +131,10 @@ def test_struct_formats_match_the_ctypes_layouts() -> None:
     assert abi.KVM_REGS.unpack_from(r) == tuple(0x100 + j for j in range(18))
     # convert.regs_from_kvm passes them positionally: Regs declares its fields in that order
     assert [f.name for f in dataclasses.fields(Regs)] == [n for n, _ in abi.kvm_regs._fields_]
+    _, msrs = abi.msrs_buffer(2)
+    assert abi.KVM_MSR_ENTRY.size == ctypes.sizeof(abi.kvm_msr_entry)
+    abi.KVM_MSR_ENTRY.pack_into(msrs, abi.KVM_MSR_ENTRY.size, 0xC000_0080, 0x1234_5678_9ABC)
+    assert (msrs[1].index, msrs[1].reserved, msrs[1].data) == (0xC000_0080, 0, 0x1234_5678_9ABC)
     _, entries = abi.cpuid_buffer(2)
     abi.KVM_CPUID_ENTRY2.pack_into(entries, abi.KVM_CPUID_ENTRY2.size, 7, 1, 1, 2, 3, 4, 5)
     e = entries[1]

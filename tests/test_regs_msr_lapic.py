@@ -36,7 +36,7 @@ def test_fpu_values() -> None:
 
 
 def test_lint_delivery_modes_only_touch_bits_8_to_10() -> None:
-    page = Lapic().with_register(0x350, 0x0001_00FF).with_register(0x360, 0x0001_0700)
+    page = Lapic().with_registers({0x350: 0x0001_00FF, 0x360: 0x0001_0700})
     out = lapic.virtual_wire(page)
     assert out.register(0x350) == 0x0001_07FF  # ExtINT, mask and vector kept
     assert out.register(0x360) == 0x0001_0400  # NMI

@@ -9,7 +9,7 @@ A backend translates to its native form once, at its own boundary.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -137,9 +137,11 @@ class Lapic:
     def register(self, offset: int) -> int:
         return int.from_bytes(self.page[offset : offset + 4], "little")
 
-    def with_register(self, offset: int, value: int) -> Lapic:
+    def with_registers(self, values: Mapping[int, int]) -> Lapic:
+        """A copy with each register at offset ``k`` set to ``values[k]`` (one copy for all)."""
         page = bytearray(self.page)
-        page[offset : offset + 4] = (value & 0xFFFF_FFFF).to_bytes(4, "little")
+        for offset, value in values.items():
+            page[offset : offset + 4] = (value & 0xFFFF_FFFF).to_bytes(4, "little")
         return Lapic(bytes(page))
 
 

@@ -68,6 +68,4 @@ def reset_lapic(index: int) -> Lapic:
         lapic.APIC_LVT1: LVT_MASKED,
         APIC_LVT_ERROR: LVT_MASKED,
     }
-    for offset, value in values.items():
-        page = page.with_register(offset, value)
-    return page
+    return page.with_registers(values)

@@ -137,6 +137,8 @@ KVM_DTABLE_FORMAT = "QH6x"
 #: kvm_sregs up to (not including) interrupt_bitmap: 8 segments, GDT, IDT, 7 registers.
 KVM_SREGS_HEAD = struct.Struct("<" + KVM_SEGMENT_FORMAT * 8 + KVM_DTABLE_FORMAT * 2 + "7Q")
 KVM_CPUID_ENTRY2 = struct.Struct("<7I12x")
+#: kvm_msr_entry: index, reserved (zero), data.
+KVM_MSR_ENTRY = struct.Struct("<I4xQ")
 #: kvm_regs: the 16 GPRs in GPR_NAMES order, RIP, RFLAGS.
 KVM_REGS = struct.Struct("<18Q")
 

@@ -63,8 +63,15 @@ def sregs_to_kvm(s: Sregs, into: abi.kvm_sregs) -> abi.kvm_sregs:
 
 def sregs_from_kvm(k: abi.kvm_sregs) -> Sregs:
     v = abi.KVM_SREGS_HEAD.unpack_from(k)
-    cs, ds, es, fs, gs, ss, tr, ldt = (Segment(v[i + 2], v[i], v[i + 1], _attributes(v[i + 3]))
-                                       for i in range(0, _TABLES, _SEG_FIELDS))
+    made: dict[tuple[int | bytes, ...], Segment] = {}  # DS, ES, FS, GS, SS are often alike
+    segments = []
+    for i in range(0, _TABLES, _SEG_FIELDS):
+        fields = v[i : i + _SEG_FIELDS]
+        segment = made.get(fields)
+        if segment is None:
+            segment = made[fields] = Segment(v[i + 2], v[i], v[i + 1], _attributes(v[i + 3]))
+        segments.append(segment)
+    cs, ds, es, fs, gs, ss, tr, ldt = segments
     t = _TABLES
     return Sregs(
         cs=cs, ds=ds, es=es, fs=fs, gs=gs, ss=ss, tr=tr, ldt=ldt,

@@ -27,4 +27,4 @@ def set_delivery_mode(value: int, mode: int) -> int:
 def virtual_wire(lapic: Lapic) -> Lapic:
     lvt0 = set_delivery_mode(lapic.register(APIC_LVT0), APIC_MODE_EXTINT)
     lvt1 = set_delivery_mode(lapic.register(APIC_LVT1), APIC_MODE_NMI)
-    return lapic.with_register(APIC_LVT0, lvt0).with_register(APIC_LVT1, lvt1)
+    return lapic.with_registers({APIC_LVT0: lvt0, APIC_LVT1: lvt1})
