@@ -29,6 +29,7 @@ class EmulateVm:
         if not _TSC_HZ:
             assert self._tsc is not None
             _TSC_HZ.append(self._tsc.hz())
+        self._tsc = None  # its unicorn instance holds a few MiB
         return with_timing_leaf(model_cpuid(), _TSC_HZ[0])
 
     def create_vcpu(self, index: int) -> EmulateVcpu:
