@@ -32,6 +32,13 @@ def unicorn_version() -> str:
     return str(getattr(unicorn, "__version__", "unknown"))
 
 
+def unicorn_library() -> str:
+    """The libunicorn the binding loaded: the wheel's, or ``$LIBUNICORN_PATH``'s (unicorn's own
+    override, e.g. the build of bench/unicorn_fix.py; docs/backends.md, "Speed")."""
+    binding = importlib.import_module("unicorn.unicorn_py3.unicorn")
+    return str(getattr(getattr(binding, "uclib", None), "_name", "unknown"))
+
+
 class EmulateHypervisor:
     name = NAME
 
@@ -49,8 +56,9 @@ class EmulateHypervisor:
     def info(self) -> HypervisorInfo:
         return HypervisorInfo(NAME, True, "", {
             "engine": f"unicorn {self._version}",
-            "cpu": "one software CPU; exceptions, SYSCALL and interrupts through the guest IDT "
-                   "(64-bit mode)",
+            "library": unicorn_library(),
+            "cpu": f"up to {smp.MAX_VCPUS} software CPUs, one running at a time; exceptions, "
+                   "SYSCALL and interrupts through the guest IDT",
             "devices": "local APIC and I/O APIC (MMIO); port I/O devices as on KVM",
         })
 
