@@ -139,3 +139,26 @@ def test_struct_formats_match_the_ctypes_layouts() -> None:
     abi.KVM_CPUID_ENTRY2.pack_into(entries, abi.KVM_CPUID_ENTRY2.size, 7, 1, 1, 2, 3, 4, 5)
     e = entries[1]
     assert (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) == (7, 1, 1, 2, 3, 4, 5)
+
+
+def test_segment_flags_round_trip_through_the_named_fields() -> None:
+    """convert.py translates kvm_segment's flag bytes with two memoized functions; set the
+    named ctypes fields, read the neutral attribute word, and back (no /dev/kvm needed)."""
+    from backends.kvm import convert
+    from vmmarch_cli.vcpu import Segment
+
+    k = abi.kvm_sregs()
+    cs = k.cs
+    cs.base, cs.limit, cs.selector = 0x1000, 0xF_FFFF, 0x33
+    cs.type, cs.present, cs.dpl, cs.db, cs.s, cs.l, cs.g, cs.avl = 0xB, 1, 3, 0, 1, 1, 1, 1
+    k.ss.present, k.ss.unusable, k.ss.type, k.ss.s = 1, 1, 3, 1  # unusable wins over present
+    s = convert.sregs_from_kvm(k)
+    # SDM vol. 3A 3.4.5: type 3:0, S 4, DPL 6:5, P 7, AVL 12, L 13, D/B 14, G 15
+    assert s.cs == Segment(0x33, 0x1000, 0xF_FFFF, 0xB | 1 << 4 | 3 << 5 | 1 << 7 | 1 << 12
+                           | 1 << 13 | 1 << 15)
+    assert not s.ss.present
+    back = convert.sregs_to_kvm(s, abi.kvm_sregs())
+    assert (back.cs.type, back.cs.present, back.cs.dpl, back.cs.db, back.cs.s, back.cs.l,
+            back.cs.g, back.cs.avl, back.cs.unusable) == (0xB, 1, 3, 0, 1, 1, 1, 1, 0)
+    assert (back.cs.base, back.cs.limit, back.cs.selector) == (0x1000, 0xF_FFFF, 0x33)
+    assert (back.ss.present, back.ss.unusable, back.ss.type, back.ss.s) == (0, 1, 3, 1)

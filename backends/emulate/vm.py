@@ -4,6 +4,7 @@ to the local APICs its redirection entries name."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 from backends.emulate import smp
@@ -26,11 +27,12 @@ class EmulateVm:
         self._tsc = None if _TSC_HZ else TscClock()
 
     def supported_cpuid(self) -> list[CpuidEntry]:
-        if not _TSC_HZ:
-            assert self._tsc is not None
-            _TSC_HZ.append(self._tsc.hz())
-        self._tsc = None  # its unicorn instance holds a few MiB
-        return with_timing_leaf(model_cpuid(), _TSC_HZ[0])
+        with _TSC_LOCK:
+            if not _TSC_HZ:
+                _TSC_HZ.append((self._tsc or TscClock()).hz())
+            self._tsc = None  # its unicorn instance holds a few MiB
+            hz = _TSC_HZ[0]
+        return with_timing_leaf(model_cpuid(), hz)
 
     def create_vcpu(self, index: int) -> EmulateVcpu:
         vcpu = EmulateVcpu(index, self.memory, self.ioapic)
@@ -72,5 +74,7 @@ class EmulateVm:
         self.memory.close()
 
 
-#: The host TSC rate, measured once per process by the first VM's clock.
+#: The host TSC rate, measured once per process by the first VM's clock (under the lock: two
+#: VMs made in two threads must not run one clock's unicorn instance at once).
 _TSC_HZ: list[int] = []
+_TSC_LOCK = threading.Lock()

@@ -9,7 +9,7 @@ then FPU, GPRs, sregs, and the LAPIC.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vmmarch_cli.arch.x86_64 import (
     acpi,
@@ -58,7 +58,7 @@ class StepRecord:
 
     step: str
     target: str  # "memory" or "cpu<N>"
-    describe: Describe = dict
+    describe: Describe = field(default=dict, compare=False)  # compare summaries, not closures
 
     @property
     def summary(self) -> dict[str, str]:
@@ -88,29 +88,32 @@ def write_gdt(plan: BootPlan, mem: GuestMemory) -> Describe:
     table = gdt.pvh_gdt() if plan.protocol == PVH else gdt.linux64_gdt()
     mem.write(layout.BOOT_GDT_START, gdt.pack_table(table))
     mem.write(layout.BOOT_IDT_START, bytes(8))
-    return lambda: {"gdt": _hex(layout.BOOT_GDT_START), "entries": str(len(table)),
-            "idt": _hex(layout.BOOT_IDT_START)}
+    count = len(table)
+    return lambda: {"gdt": _hex(layout.BOOT_GDT_START), "entries": str(count),
+                    "idt": _hex(layout.BOOT_IDT_START)}
 
 
 def write_page_tables(plan: BootPlan, mem: GuestMemory) -> Describe:
     tables = paging.identity_tables()
     for address, data in tables.tables:
         mem.write(address, data)
-    return lambda: {"cr3": _hex(tables.cr3), "identity_map": f"{layout.IDENTITY_MAP_GIB} GiB"}
+    cr3 = tables.cr3
+    return lambda: {"cr3": _hex(cr3), "identity_map": f"{layout.IDENTITY_MAP_GIB} GiB"}
 
 
 def write_mptable(plan: BootPlan, mem: GuestMemory) -> Describe:
     table = mptable.build(plan.cpu_count)
     mem.write(table.address, table.data)
-    return lambda: {"address": _hex(table.address), "size": str(len(table.data))}
+    address, size = table.address, len(table.data)
+    return lambda: {"address": _hex(address), "size": str(size)}
 
 
 def write_acpi(plan: BootPlan, mem: GuestMemory) -> Describe:
     tables = acpi.build(plan.cpu_count)
     for address, data in tables.blobs:
         mem.write(address, data)
-    return lambda: {"rsdp": _hex(tables.rsdp_address), "end": _hex(tables.end),
-            "cpus": str(plan.cpu_count)}
+    rsdp, end = tables.rsdp_address, tables.end
+    return lambda: {"rsdp": _hex(rsdp), "end": _hex(end), "cpus": str(plan.cpu_count)}
 
 
 def write_zero_page(plan: BootPlan, mem: GuestMemory) -> Describe:
@@ -128,8 +131,9 @@ def write_zero_page(plan: BootPlan, mem: GuestMemory) -> Describe:
         )
     )
     mem.write(layout.ZERO_PAGE_START, page)
-    return lambda: {"address": _hex(layout.ZERO_PAGE_START), "e820_entries": str(len(entries)),
-            "initrd": f"{plan.initrd_address:#x}+{plan.initrd_size:#x}"}
+    count = len(entries)
+    return lambda: {"address": _hex(layout.ZERO_PAGE_START), "e820_entries": str(count),
+                    "initrd": f"{plan.initrd_address:#x}+{plan.initrd_size:#x}"}
 
 
 def write_start_info(plan: BootPlan, mem: GuestMemory) -> Describe:
@@ -146,8 +150,9 @@ def write_start_info(plan: BootPlan, mem: GuestMemory) -> Describe:
     mem.write(layout.PVH_INFO_START, pvh.build_start_info(info))
     mem.write(layout.PVH_MODLIST_START, pvh.build_modlist(modules))
     mem.write(layout.PVH_MEMMAP_START, pvh.build_memmap(entries))
-    return lambda: {"address": _hex(layout.PVH_INFO_START), "memmap_entries": str(len(entries)),
-            "modules": str(len(modules))}
+    counts = len(entries), len(modules)
+    return lambda: {"address": _hex(layout.PVH_INFO_START), "memmap_entries": str(counts[0]),
+                    "modules": str(counts[1])}
 
 
 # --- vCPU steps ----------------------------------------------------------------------------
@@ -157,8 +162,9 @@ def set_cpuid(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> De
     topology = cpuid.Topology(apic_id=vcpu.index, cpu_count=plan.cpu_count)
     entries = cpuid.normalize(supported, topology, plan.cpu_mask)
     vcpu.set_cpuid(entries)
-    return lambda: {"leaves": str(len(entries)), "apic_id": str(vcpu.index),
-            "masked": ",".join(sorted(plan.cpu_mask)) or "-"}
+    leaves, apic_id = len(entries), vcpu.index  # not the vCPU: a record must not keep it alive
+    return lambda: {"leaves": str(leaves), "apic_id": str(apic_id),
+                    "masked": ",".join(sorted(plan.cpu_mask)) or "-"}
 
 
 def set_msrs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Describe:
@@ -180,8 +186,8 @@ def set_regs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Des
         return lambda: {"rip": _hex(r.rip), "rbx": _hex(r.rbx), "rflags": _hex(r.rflags)}
     r = regs.linux64_regs(plan.entry)
     vcpu.set_regs(r)
-    return lambda: {"rip": _hex(r.rip), "rsp": _hex(r.rsp), "rbp": _hex(r.rbp), "rsi": _hex(r.rsi),
-            "rflags": _hex(r.rflags)}
+    return lambda: {"rip": _hex(r.rip), "rsp": _hex(r.rsp), "rbp": _hex(r.rbp),
+                    "rsi": _hex(r.rsi), "rflags": _hex(r.rflags)}
 
 
 def set_sregs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Describe:
@@ -191,17 +197,18 @@ def set_sregs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> De
     else:
         s = regs.linux64_sregs(current, cr3=layout.PML4_START)
     vcpu.set_sregs(s)
-    return lambda: {"cs": _hex(s.cs.selector), "ds": _hex(s.ds.selector), "tr": _hex(s.tr.selector),
-            "cr0": _hex(s.cr0), "cr3": _hex(s.cr3), "cr4": _hex(s.cr4), "efer": _hex(s.efer),
-            "gdtr": f"{s.gdt.base:#x}/{s.gdt.limit:#x}",
-            "idtr": f"{s.idt.base:#x}/{s.idt.limit:#x}"}
+    return lambda: {"cs": _hex(s.cs.selector), "ds": _hex(s.ds.selector),
+                    "tr": _hex(s.tr.selector), "cr0": _hex(s.cr0), "cr3": _hex(s.cr3),
+                    "cr4": _hex(s.cr4), "efer": _hex(s.efer),
+                    "gdtr": f"{s.gdt.base:#x}/{s.gdt.limit:#x}",
+                    "idtr": f"{s.idt.base:#x}/{s.idt.limit:#x}"}
 
 
 def set_lapic(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Describe:
     state = lapic.virtual_wire(vcpu.get_lapic())
     vcpu.set_lapic(state)
-    return lambda: {"lvt0": _hex(state.register(lapic.APIC_LVT0)),
-            "lvt1": _hex(state.register(lapic.APIC_LVT1))}
+    lvt0, lvt1 = state.register(lapic.APIC_LVT0), state.register(lapic.APIC_LVT1)
+    return lambda: {"lvt0": _hex(lvt0), "lvt1": _hex(lvt1)}
 
 
 #: The pipeline, in order, per boot protocol. Names are what ``dump-regs`` and tests use.
