@@ -111,6 +111,14 @@ def test_probe_and_backends_command() -> None:
     assert p.returncode == 0
     emulate = next(b for b in json.loads(p.stdout) if b["name"] == "emulate")
     assert emulate["usable"] and "unicorn" in emulate["facts"]["engine"]
+    library = emulate["facts"]["library"]
+    assert Path(library).name.startswith("libunicorn.so") and Path(library).is_file()
+    # the table wraps the path at 80 columns instead of cutting it: the facts column's lines,
+    # joined, hold it whole
+    table = run_cli("backends", env={"COLUMNS": "80"}).stdout
+    facts = "".join(line.split("│")[3].strip() for line in table.splitlines()
+                    if line.count("│") == 4)
+    assert library in facts, table
 
 
 def test_without_unicorn_the_backend_says_how_to_get_it(guests: dict[str, Path]) -> None:

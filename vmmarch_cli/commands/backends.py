@@ -26,8 +26,9 @@ def backends_command(as_json: bool) -> None:
                                 "facts": i.facts} for i in infos], indent=2))
         return
     t = Table(title="backends")
-    for col in ("backend", "usable", "why not / facts"):
-        t.add_column(col)
+    t.add_column("backend")
+    t.add_column("usable")
+    t.add_column("why not / facts", overflow="fold")  # a library path is wrapped, never cut
     for i in infos:
         facts = i.reason or "; ".join(f"{k}: {v}" for k, v in i.facts.items())
         t.add_row(i.name, "yes" if i.usable else "[red]no[/]", facts)
