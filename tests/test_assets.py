@@ -149,7 +149,11 @@ def fake_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeApt:
     return fake
 
 
-def test_fetch_kernel(fake_apt: FakeApt, tmp_path: Path) -> None:
+def test_fetch_kernel(fake_apt: FakeApt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    apt_lists = tmp_path / "apt-lists"  # stands for /var/lib/apt/lists in the answers' key
+    apt_lists.mkdir()
+    (apt_lists / "deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages").write_text("1")
+    monkeypatch.setattr(assets, "APT_STATE", (apt_lists,))
     messages: list[str] = []
     kernel = fetch_debian_kernel(progress=messages.append)
     assert kernel.version == RELEASE
@@ -175,7 +179,11 @@ def test_fetch_kernel(fake_apt: FakeApt, tmp_path: Path) -> None:
     again = fetch_debian_kernel()
     assert again == kernel
     assert {p: p.stat().st_mtime_ns for p in before} == before
-    # The second call only asks apt which version is current.
+    # The second call asks apt nothing: its lists are as they were when it answered.
+    assert fake_apt.calls()[4:] == []
+    # New lists (apt-get update rewrote them): apt is asked which version is current again.
+    (apt_lists / "deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages").write_text("22")
+    assert fetch_debian_kernel() == kernel
     assert fake_apt.calls()[4:] == [
         "apt-cache depends linux-image-cloud-amd64",
         f"apt-get download --print-uris linux-image-{RELEASE}",
