@@ -71,9 +71,10 @@ def _stack_problem(memory: GuestMemory, s: Sregs, gate: Gate, cpl: int, rsp: int
         rsp = int.from_bytes(raw, "little")
     top = rsp & ~0xF
     for address in (top - FRAME_BYTES, top - 1):
-        if descriptors.to_physical(memory, s, address) is None:
+        found = descriptors.translate(memory, s, address)
+        if found is None:
             return f"the stack at {top:#x} is not mapped"
-        if not descriptors.writable(memory, s, address):
+        if not found[1]:
             return f"the stack at {top:#x} is not writable"
     return ""
 

@@ -49,30 +49,27 @@ def read_linear(memory: GuestMemory, s: Sregs, linear: int, length: int) -> byte
 
 
 def to_physical(memory: GuestMemory, s: Sregs, linear: int) -> int | None:
+    found = translate(memory, s, linear)
+    return None if found is None else found[0]
+
+
+def translate(memory: GuestMemory, s: Sregs, linear: int) -> tuple[int, bool] | None:
+    """The physical address of ``linear``, and whether a supervisor write there would not
+    fault (with CR0.WP set, R/W at every level, SDM vol. 3A 4.6.1); None where unmapped or
+    outside RAM. One walk answers both."""
     if not s.cr0 & regs.X86_CR0_PG:
-        return linear & 0xFFFF_FFFF
+        return linear & 0xFFFF_FFFF, True
     if not long_mode(s):
         return None  # 32-bit and PAE paging are not walked here; no boot path uses them
-    try:
-        return paging.translate(s.cr3, linear & 0xFFFF_FFFF_FFFF_FFFF,
-                                lambda a: int.from_bytes(memory.read(a, 8), "little"))
-    except GuestMemoryError:
-        return None
-
-
-def writable(memory: GuestMemory, s: Sregs, linear: int) -> bool:
-    """A supervisor write to ``linear`` would not fault: mapped, and with CR0.WP set, R/W at
-    every level (SDM vol. 3A 4.6.1)."""
-    if not s.cr0 & regs.X86_CR0_PG:
-        return True
-    if not long_mode(s):
-        return False  # as to_physical: no walk of 32-bit tables here
     try:
         found = paging.walk(s.cr3, linear & 0xFFFF_FFFF_FFFF_FFFF,
                             lambda a: int.from_bytes(memory.read(a, 8), "little"))
     except GuestMemoryError:
-        return False
-    return found is not None and (found[1] or not s.cr0 & regs.X86_CR0_WP)
+        return None
+    if found is None:
+        return None
+    physical, writable = found
+    return physical, writable or not s.cr0 & regs.X86_CR0_WP
 
 
 def load_segment(memory: GuestMemory, s: Sregs, name: str, selector: int) -> Segment:
