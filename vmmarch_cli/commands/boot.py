@@ -15,7 +15,7 @@ from vmmarch_cli import machine
 from vmmarch_cli.commands import options
 from vmmarch_cli.config import BootConfig
 from vmmarch_cli.crash import disassemble
-from vmmarch_cli.machine import BootResult
+from vmmarch_cli.machine import BootResult, Fault
 from vmmarch_cli.profile import Symbols, fold
 from vmmarch_cli.render import regs_dict, regs_table, sregs_dict, sregs_tables, stderr_console
 
@@ -144,7 +144,7 @@ def _say(text: str) -> None:
 def report(r: BootResult, quiet: bool, verbose: bool) -> None:
     # Plain lines but for a fault's tables: importing rich costs ~20 ms of every exit.
     if r.fault is not None:
-        _report_fault(r)
+        _report_fault(r.fault, r.console_tail)
     if r.reason == "timeout" and r.console_tail:
         _say(f"last console line: {r.console_tail[-1]}")
     for warning in r.warnings:
@@ -163,23 +163,22 @@ def report(r: BootResult, quiet: bool, verbose: bool) -> None:
             _say(f"unhandled ports: {r.unhandled_ports}")
 
 
-def _report_fault(r: BootResult) -> None:
-    assert r.fault is not None
+def _report_fault(fault: Fault, console_tail: list[str]) -> None:
     err = stderr_console()
-    err.print(f"[bold red]guest fault[/] on cpu{r.fault.cpu}: {r.fault.reason}")
-    if r.fault.instruction:
-        err.print(f"instruction bytes: {r.fault.instruction.hex(' ')}")
-    if r.fault.code is not None and r.fault.sregs is not None:
+    err.print(f"[bold red]guest fault[/] on cpu{fault.cpu}: {fault.reason}")
+    if fault.instruction:
+        err.print(f"instruction bytes: {fault.instruction.hex(' ')}")
+    if fault.code is not None and fault.sregs is not None:
         err.print("code at the fault:")
-        long_mode = bool(r.fault.sregs.cs.attributes & 0x2000)  # CS.L (SDM 3.4.5)
-        for line in disassemble(r.fault.code, mode64=long_mode):
+        long_mode = bool(fault.sregs.cs.attributes & 0x2000)  # CS.L (SDM 3.4.5)
+        for line in disassemble(fault.code, mode64=long_mode):
             err.print(f"  {line}", markup=False)
-    if r.fault.regs is not None:
-        err.print(regs_table(r.fault.regs, "registers at the fault"))
-    if r.fault.sregs is not None:
-        for t in sregs_tables(r.fault.sregs):
+    if fault.regs is not None:
+        err.print(regs_table(fault.regs, "registers at the fault"))
+    if fault.sregs is not None:
+        for t in sregs_tables(fault.sregs):
             err.print(t)
-    if r.console_tail:
+    if console_tail:
         err.print("last console lines:")
-        for line in r.console_tail[-10:]:
+        for line in console_tail[-10:]:
             err.print(f"  {line}", markup=False)
