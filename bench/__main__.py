@@ -59,8 +59,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="run vmm-arch's emulate backend with DIR/libunicorn.so.2 instead of "
                         "the wheel's (e.g. the one `python -m bench.unicorn_fix` builds)")
     args = p.parse_args(argv)
-    if args.libunicorn is not None and not (args.libunicorn / "libunicorn.so.2").is_file():
-        p.error(f"--libunicorn: no libunicorn.so.2 in {args.libunicorn}")
+    lib_name = inputs_module.LIBUNICORN_NAME
+    if args.libunicorn is not None and not (args.libunicorn / lib_name).is_file():
+        p.error(f"--libunicorn: no {lib_name} in {args.libunicorn}")
     if args.runs is not None and args.runs < 1:
         p.error("--runs must be at least 1")
     if args.warmup is not None and args.warmup < 0:

@@ -28,16 +28,24 @@ def vmm_arch_argv(*args: str) -> list[str]:
 #: The unicorn library vmm-arch's emulate backend runs with (``--libunicorn``; None: the
 #: installed wheel's). unicorn's Python binding loads ``$LIBUNICORN_PATH/libunicorn.so.2``.
 LIBUNICORN: Path | None = None
+LIBUNICORN_NAME = "libunicorn.so.2"
+
+
+def libunicorn_env(lib_dir: Path | None) -> dict[str, str]:
+    """This environment with unicorn's library set to ``lib_dir``'s (None: the wheel's),
+    never inherited by accident."""
+    env = {k: v for k, v in os.environ.items() if k != "LIBUNICORN_PATH"}
+    if lib_dir is not None:
+        env["LIBUNICORN_PATH"] = str(lib_dir)
+    return env
 
 
 def vmm_arch_env() -> dict[str, str]:
     """The environment for vmm-arch processes: this checkout first on the import path, and
-    unicorn's library chosen here, never inherited by accident."""
+    the unicorn library chosen with ``--libunicorn``."""
     path = os.environ.get("PYTHONPATH", "")
-    env = {k: v for k, v in os.environ.items() if k != "LIBUNICORN_PATH"}
+    env = libunicorn_env(LIBUNICORN)
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{path}" if path else str(REPO)
-    if LIBUNICORN is not None:
-        env["LIBUNICORN_PATH"] = str(LIBUNICORN)
     return env
 
 

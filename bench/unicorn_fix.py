@@ -41,13 +41,13 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from bench.inputs import WORK_DIR
+from bench.inputs import LIBUNICORN_NAME, WORK_DIR, libunicorn_env
 
 VERSION = "2.1.4"
 #: sha256 of PyPI's unicorn-2.1.4.tar.gz (the sdist the 2.1.4 wheels are built from).
 SDIST_SHA256 = "00567a70e323f749b419cd86bee4f9115beab7ebba32194581c090cbb7c59cff"
 UNICORN_DIR = WORK_DIR / "unicorn"
-LIB_NAME = "libunicorn.so.2"
+LIB_NAME = LIBUNICORN_NAME
 
 CPUTLB = "qemu/accel/tcg/cputlb.c"
 TRANSLATE_ALL = "qemu/accel/tcg/translate-all.c"
@@ -289,11 +289,9 @@ def check(lib_dir: Path | None) -> dict[str, object]:
     ``rep stosb``'s cost. The unicorn 2.1.4 wheel misses the alias case: a store through a
     non-executable mapping takes that entry off the slow path for good (``notdirty_write``),
     and translating the page later protects only the executing address."""
-    env = {k: v for k, v in os.environ.items() if k != "LIBUNICORN_PATH"}
-    if lib_dir is not None:
-        env["LIBUNICORN_PATH"] = str(lib_dir)
     done = subprocess.run([sys.executable, "-m", "bench.unicorn_fix", "--check-only"],
-                          capture_output=True, text=True, env=env, check=False,
+                          capture_output=True, text=True, env=libunicorn_env(lib_dir),
+                          check=False,
                           cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
         raise BuildError(f"the check failed: {done.stderr.strip()[-500:]}")
