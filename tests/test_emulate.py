@@ -377,8 +377,6 @@ def test_a_triple_fault_inside_unicorn_ends_the_run(guests: dict[str, Path]) -> 
     may spin inside emu_start, deaf to kicks. The flag set under a running spin guest, as QEMU
     sets it, must end the run as a triple fault (status 70), not hang until the timeout."""
     from backends.emulate import native
-    from vmmarch_cli import machine
-    from vmmarch_cli.config import BootConfig
 
     def trip(prepared: machine.Prepared) -> None:
         vcpu = prepared.vcpus[0]
