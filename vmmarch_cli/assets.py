@@ -24,6 +24,7 @@ from pathlib import Path
 
 from vmmarch_cli import files
 from vmmarch_cli.errors import EX_UNAVAILABLE, BadInputError, VmmArchError
+from vmmarch_cli.files import cache_dir
 from vmmarch_cli.initramfs import busybox_initramfs, marker_init_script
 from vmmarch_cli.loader.bzimage_payload import extract_vmlinux
 
@@ -58,19 +59,6 @@ class KernelAssets:
     vmlinux: Path
     config: Path
     version: str
-
-
-def cache_dir() -> Path:
-    """$VMMARCH_CACHE, else $XDG_CACHE_HOME/vmm-arch, else ~/.cache/vmm-arch.
-
-    Empty variables count as unset, as the XDG Base Directory spec asks.
-    """
-    explicit = os.environ.get("VMMARCH_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "vmm-arch"
 
 
 def _say(progress: Progress | None, message: str) -> None:

@@ -14,6 +14,19 @@ from pathlib import Path
 from vmmarch_cli.errors import BadInputError
 
 
+def cache_dir() -> Path:
+    """$VMMARCH_CACHE, else $XDG_CACHE_HOME/vmm-arch, else ~/.cache/vmm-arch.
+
+    Empty variables count as unset, as the XDG Base Directory spec asks.
+    """
+    explicit = os.environ.get("VMMARCH_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "vmm-arch"
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place.
 

@@ -22,7 +22,7 @@ class _FetchCommand(click.Command):
     """Fills the cache path into the help text when it is shown, not when the CLI is imported."""
 
     def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from vmmarch_cli.assets import cache_dir
+        from vmmarch_cli.files import cache_dir
 
         self.help = _HELP.format(cache=cache_dir())
         super().format_help_text(ctx, formatter)
