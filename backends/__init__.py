@@ -32,8 +32,10 @@ def _class(name: str) -> Any:
         raise BackendUnavailableError(f"backend {name!r} cannot load: {e}") from None
 
 
-def open_backend(name: str) -> Hypervisor:
-    hv: Hypervisor = _class(name)()
+def open_backend(name: str, quiet: bool = False) -> Hypervisor:
+    """Open backend ``name``; what it has to say while it opens (the emulate backend building
+    its CPU engine on first use) goes to stderr unless ``quiet``."""
+    hv: Hypervisor = _class(name)(quiet=quiet)
     return hv
 
 

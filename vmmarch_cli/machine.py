@@ -160,10 +160,11 @@ class Prepared:
 
 
 @contextmanager
-def prepare(config: BootConfig) -> Iterator[Prepared]:
-    """Open the backend, build the VM, load the kernel and run the arch pipeline."""
+def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
+    """Open the backend (which reports on stderr unless ``quiet``), build the VM, load the
+    kernel and run the arch pipeline."""
     t0 = time.monotonic()
-    hv = backends.open_backend(config.backend)
+    hv = backends.open_backend(config.backend, quiet)
     try:
         # The host's own mask says whether its ring 0 is emulated (it reads /sys and /proc).
         host_mask = hv.default_cpu_mask()
@@ -244,6 +245,7 @@ def run(
     console_log: BinaryIO | None = None,
     on_ready: Callable[[Prepared], None] | None = None,
     serial_sinks: Sequence[Callable[[bytes], None]] = (),
+    quiet: bool = False,
 ) -> BootResult:
     """Boot ``config`` and return how it ended. Raises only for problems before the guest runs.
 
@@ -251,7 +253,7 @@ def run(
     the command's stdout and stderr there, apart from the kernel log on COM1).
     """
     start = time.monotonic()
-    with prepare(config) as prepared:
+    with prepare(config, quiet) as prepared:
         if on_ready is not None:
             on_ready(prepared)
         state = _Run(prepared)

@@ -8,11 +8,11 @@ makes up for it, is in docs/backends.md.
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from backends.emulate import smp
+from backends.emulate import libbuild, library, smp
 from vmmarch_cli.errors import BackendUnavailableError
 from vmmarch_cli.vcpu import HypervisorInfo
 
@@ -20,47 +20,40 @@ if TYPE_CHECKING:
     from backends.emulate.vm import EmulateVm
 
 NAME = "emulate"
-MISSING = "unicorn is not installed: pip install 'vmm-arch[emulate]'"
 
 
 def unicorn_version() -> str:
-    """unicorn's version, or BackendUnavailableError with the one-line fix."""
+    """The installed unicorn binding's version (without importing it), or
+    BackendUnavailableError with the one-line fix."""
+    library.wheel_library()  # BackendUnavailableError when the binding cannot be found
     try:
-        unicorn = importlib.import_module("unicorn")
-    except ImportError:
-        raise BackendUnavailableError(MISSING) from None
-    return str(getattr(unicorn, "__version__", "unknown"))
-
-
-def unicorn_library() -> str:
-    """The libunicorn the binding loaded: the wheel's, or ``$LIBUNICORN_PATH``'s (unicorn's own
-    override, e.g. the build of bench/unicorn_fix.py; docs/backends.md, "Speed")."""
-    binding = importlib.import_module("unicorn.unicorn_py3.unicorn")
-    return str(getattr(getattr(binding, "uclib", None), "_name", "unknown"))
+        return importlib.metadata.version("unicorn")
+    except importlib.metadata.PackageNotFoundError:
+        raise BackendUnavailableError(library.MISSING) from None
 
 
 class EmulateHypervisor:
     name = NAME
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
+        """Load unicorn with the CPU engine (built now on first use, saying so on stderr unless
+        ``quiet``) or, failing that, the wheel."""
         self._version = unicorn_version()
+        self.engine = library.load(quiet)
 
     @staticmethod
     def probe() -> HypervisorInfo:
-        """Whether unicorn can be imported here (nothing else is needed: no device, no rights)."""
+        """Whether unicorn is installed here (nothing else is needed: no device, no rights),
+        and which library the backend would run on; builds and loads nothing."""
         try:
-            return EmulateHypervisor().info()
+            version = unicorn_version()
+            engine = library.plan()
         except BackendUnavailableError as e:
             return HypervisorInfo(NAME, False, str(e))
+        return HypervisorInfo(NAME, True, "", _facts(version, engine))
 
     def info(self) -> HypervisorInfo:
-        return HypervisorInfo(NAME, True, "", {
-            "engine": f"unicorn {self._version}",
-            "library": unicorn_library(),
-            "cpu": f"up to {smp.MAX_VCPUS} software CPUs, one running at a time; exceptions, "
-                   "SYSCALL and interrupts through the guest IDT",
-            "devices": "local APIC and I/O APIC (MMIO); port I/O devices as on KVM",
-        })
+        return HypervisorInfo(NAME, True, "", _facts(self._version, self.engine))
 
     def default_cpu_mask(self) -> frozenset[str]:
         # The emulator runs every instruction it reports in CPUID: nothing to hide.
@@ -78,3 +71,19 @@ class EmulateHypervisor:
 
     def close(self) -> None:
         pass
+
+
+def _facts(version: str, engine: library.Choice) -> dict[str, str]:
+    if engine.kind is library.Kind.ENGINE and engine.library:
+        runs = f"the vmm-arch engine: unicorn {version} + {len(libbuild.series())} patches"
+    elif engine.kind is library.Kind.ENGINE:
+        runs = f"the vmm-arch engine ({engine.reason})"
+    else:
+        runs = f"unicorn {version}, {engine.kind} library ({engine.reason})"
+    facts = {"engine": runs}
+    if engine.library:
+        facts["library"] = engine.library
+    facts["cpu"] = (f"up to {smp.MAX_VCPUS} software CPUs, one running at a time; exceptions, "
+                    "SYSCALL and interrupts through the guest IDT")
+    facts["devices"] = "local APIC and I/O APIC (MMIO); port I/O devices as on KVM"
+    return facts

@@ -18,14 +18,11 @@ module relies on were measured on unicorn 2.1.4 (../shared/reference/backends-on
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from unicorn import unicorn_const as uc_const
-from unicorn import x86_const as x86
-
+from backends.emulate.binding import Uc, UcError, uc_const, x86
 from backends.emulate.descriptors import ATTR_L
 from backends.emulate.native import DESC_FLAGS_MASK, DESC_FLAGS_SHIFT
 from vmmarch_cli.arch.x86_64 import msr, regs
@@ -35,10 +32,6 @@ from vmmarch_cli.vcpu import GPR_NAMES, Fpu, Regs, Sregs
 
 #: The highest guest-physical address (unicorn's x86 uses 64-bit physical addresses).
 PHYS_ADDR_LAST = (1 << 64) - 1
-#: The binding's classes, untyped for mypy (its stubs leave most methods unannotated).
-_binding: Any = importlib.import_module("unicorn")
-Uc: Any = _binding.Uc
-UcError: type[Exception] = _binding.UcError
 
 _GPRS = {name: getattr(x86, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
 _SEGMENT_REGS = {"cs": x86.UC_X86_REG_CS, "ss": x86.UC_X86_REG_SS, "ds": x86.UC_X86_REG_DS,

@@ -29,9 +29,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from unicorn import unicorn_const as uc_const
-from unicorn import x86_const as x86
-
+from backends.emulate.binding import uc_const, x86
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.vcpu import DescriptorTable, Segment, Sregs
 
@@ -150,7 +148,7 @@ def _tables_and_control(segs: int) -> tuple[DescriptorTable, DescriptorTable, tu
 def layout() -> Layout:
     """Find the offsets once, in a scratch instance, and check them against a live INT n and
     a live HLT."""
-    from backends.emulate.engine import Uc
+    from backends.emulate.binding import Uc
 
     uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
     code = 0x1000
@@ -203,7 +201,7 @@ def layout() -> Layout:
 _CONTEXT_MARKS = (0x5A17_C0DE, 0x6B28_D1EF)
 
 
-def _uc_handle(uc: Any) -> int:
+def uc_handle(uc: Any) -> int:
     """The address of the binding's engine (uc_struct)."""
     return uc._uch if isinstance(uc._uch, int) else uc._uch.value
 
@@ -212,7 +210,7 @@ def _uc_struct_field(uc: Any, control: int, restore: int, what: str) -> int:
     """The offset in unicorn's engine state (uc_struct, include/uc_priv.h) of the int that
     the uc_ctl write ``control`` sets: two values planted through it, found once each; the
     field is set to ``restore`` afterwards."""
-    handle = _uc_handle(uc)
+    handle = uc_handle(uc)
     found: list[set[int]] = []
     for mark in _CONTEXT_MARKS:
         uc.ctl(control, uc_const.UC_CTL_IO_WRITE, ctypes.c_int(mark))
@@ -241,7 +239,7 @@ def exit_checks_at_block_start_only(uc: Any) -> None:
     a stop from a code or memory hook waits for the next block (this backend's hooks that
     stop then end the run, or are not installed in this mode).
     """
-    handle = _uc_handle(uc)
+    handle = uc_handle(uc)
     context = _uc_struct_field(uc, uc_const.UC_CTL_CONTEXT_MODE, uc_const.UC_CTL_CONTEXT_CPU,
                                "context mode")
     # uc_struct (include/uc_priv.h): int context_content; int cpu_context_size; uint64_t
@@ -281,7 +279,7 @@ class Kick:
     def __init__(self, uc: Any) -> None:
         self._lib = _library()
         self._cpu = ctypes.c_void_p(_cpu_state(uc))
-        handle = _uc_handle(uc)
+        handle = uc_handle(uc)
         self._error = ctypes.c_int32.from_address(handle + _invalid_error_offset())
 
     def __call__(self) -> None:
@@ -296,7 +294,7 @@ def _invalid_error_offset() -> int:
     int invalid_error; int use_exits, which UC_CTL_UC_USE_EXITS sets) and checked in a scratch
     instance: a kick from inside a hook must end emu_start with KICK_ERROR before the next
     instruction."""
-    from backends.emulate.engine import Uc, UcError
+    from backends.emulate.binding import Uc, UcError
 
     uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
     code, probe = 0x1000, 0x2000
@@ -306,7 +304,7 @@ def _invalid_error_offset() -> int:
                            "this unicorn version is not supported")
     use_exits = _uc_struct_field(uc, uc_const.UC_CTL_UC_USE_EXITS, 0, "exits switch")
     offset = use_exits - 4
-    handle = _uc_handle(uc)
+    handle = uc_handle(uc)
     # Read-only first: an unmapped read leaves its address in invalid_addr, 8 bytes before.
     unmapped = 0x5A17_0000
     uc.mem_write(probe, bytes.fromhex("488b04250000175a"))  # mov rax, [0x5a170000]

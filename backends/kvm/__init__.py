@@ -40,8 +40,8 @@ RING0_EMULATOR_MASK = frozenset({
 class KvmHypervisor:
     name = "kvm"
 
-    def __init__(self) -> None:
-        self._fd = open_kvm()
+    def __init__(self, quiet: bool = False) -> None:
+        self._fd = open_kvm()  # nothing to say while opening (``quiet`` is for other backends)
 
     @staticmethod
     def probe() -> HypervisorInfo:

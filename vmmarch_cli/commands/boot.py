@@ -72,7 +72,7 @@ def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, 
                        f"{config.backend}, cmdline: {p.cmdline}", err=True)
 
     try:
-        result = machine.run(config, sink, log, on_ready=announce)
+        result = machine.run(config, sink, log, on_ready=announce, quiet=quiet)
     finally:
         if log is not None:
             # A write error was already reported (Console.warnings); closing retries it.

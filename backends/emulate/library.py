@@ -1,0 +1,237 @@
+"""Which libunicorn the emulate backend runs on, and the engine's own functions in it.
+
+unicorn's Python binding loads its library once, when it is first imported, from
+``$LIBUNICORN_PATH`` when that is set. So the choice is made here, once per process, before the
+binding is imported anywhere:
+
+1. ``VMMARCH_ENGINE=wheel``: the library of the unicorn wheel, as PyPI ships it.
+2. ``LIBUNICORN_PATH`` set by the user: that library ("given").
+3. Otherwise the engine (libbuild.py): from the cache when it passes its load check, else built
+   now (on first use: one line says so, then a progress line).
+4. When the engine cannot be built: the wheel, with a one-line notice naming the cause.
+
+The engine's API (patches 0004-0006: the system CPU) is used when the loaded library has it,
+whatever chose it; the wheel gets the backend's Python delivery path instead (docs/backends.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import importlib.util
+import os
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from backends.emulate import libbuild
+from vmmarch_cli.errors import BackendUnavailableError
+from vmmarch_cli.progress import status
+
+#: Forces the unicorn wheel's library when set to "wheel" (anything else: the engine).
+ENGINE_VARIABLE = "VMMARCH_ENGINE"
+WHEEL = "wheel"
+MISSING = "unicorn is not installed: pip install 'vmm-arch[emulate]'"
+
+Report = Callable[[str], None]
+
+
+def _notice(quiet: bool) -> Report:
+    """One-line messages a user should see (first use, a fallback): stderr unless quiet."""
+    if quiet:
+        return lambda message: None
+    return lambda message: print(f"vmm-arch: {message}", file=sys.stderr, flush=True)
+
+
+class Kind(StrEnum):
+    ENGINE = "engine"  # vmm-arch's build, with the patch series
+    WHEEL = "wheel"  # the unicorn wheel's own library
+    GIVEN = "given"  # $LIBUNICORN_PATH, set by the user
+
+
+@dataclass(frozen=True)
+class Choice:
+    kind: Kind
+    library: str  # the file loaded (or that would be)
+    reason: str  # why not the engine; empty when it is the engine
+    engine: libbuild.Engine | None = None
+
+
+_chosen: Choice | None = None
+_lock = threading.Lock()
+
+
+def chosen() -> Choice | None:
+    """What this process loaded, if the binding was imported through ``load``."""
+    return _chosen
+
+
+def load(quiet: bool = False) -> Choice:
+    """Choose the library (building the engine if need be: a one-line notice, then a status
+    line, on stderr unless ``quiet``), import unicorn's binding with it, and return the choice;
+    the same one on every later call."""
+    global _chosen
+    with _lock:
+        if _chosen is None:
+            _chosen = _import(_choose(_notice(quiet), quiet))
+        return _chosen
+
+
+def plan() -> Choice:
+    """What ``load`` would choose now, without building or loading anything (for reports)."""
+    if _chosen is not None:
+        return _chosen
+    forced = _forced()
+    if forced is not None:
+        return forced
+    digest = libbuild.series_digest(libbuild.series())
+    engine = libbuild.cached(digest)
+    if engine is not None:
+        return Choice(Kind.ENGINE, str(engine.library), "", engine)
+    failure = libbuild.recent_failure(digest)
+    if failure is not None:
+        return Choice(Kind.WHEEL, wheel_library(),
+                      f"the engine failed to build ({failure[0]}) at {failure[1]}")
+    return Choice(Kind.ENGINE, "", "not built yet: it builds on first use (about 20 s)")
+
+
+def wheel_library() -> str:
+    """The library file the unicorn wheel ships (not loaded)."""
+    try:
+        spec = importlib.util.find_spec("unicorn")
+    except (ImportError, ValueError):  # ValueError: imported and found to be missing
+        spec = None
+    if spec is None or spec.origin is None:
+        raise BackendUnavailableError(MISSING)
+    return os.path.join(os.path.dirname(spec.origin), "lib", libbuild.LIB_NAME)
+
+
+def _forced() -> Choice | None:
+    if os.environ.get(ENGINE_VARIABLE, "").strip().lower() == WHEEL:
+        return Choice(Kind.WHEEL, wheel_library(), f"{ENGINE_VARIABLE}=wheel")
+    given = os.environ.get("LIBUNICORN_PATH")
+    if given:
+        return Choice(Kind.GIVEN, os.path.join(given, libbuild.LIB_NAME),
+                      "LIBUNICORN_PATH is set")
+    return None
+
+
+def _choose(notice: Report, quiet: bool) -> Choice:
+    forced = _forced()
+    if forced is not None:
+        return forced
+    wheel = wheel_library()
+    digest = libbuild.series_digest(libbuild.series())
+    engine = libbuild.cached(digest)
+    if engine is not None:
+        problem = libbuild.load_problem(engine)
+        if problem is None:
+            return Choice(Kind.ENGINE, str(engine.library), "", engine)
+        notice(f"the cached CPU engine fails its load check ({problem}): rebuilding it")
+    else:
+        failure = libbuild.recent_failure(digest)
+        if failure is not None:
+            reason = f"the engine failed to build ({failure[0]}) at {failure[1]}"
+            notice(f"{reason}; running on the unicorn wheel (`vmm-arch engine build` tries "
+                   "again)")
+            return Choice(Kind.WHEEL, wheel, reason)
+        notice(f"building the CPU engine (unicorn {libbuild.VERSION} and vmm-arch's patches) "
+               "on first use; about 20 s, once")
+    try:
+        with status("building the CPU engine", quiet) as progress:
+            engine = libbuild.build(progress, force=engine is not None)
+    except libbuild.BuildError as e:
+        reason = f"the engine could not be built: {e}"
+        notice(f"{reason}; running on the unicorn wheel")
+        return Choice(Kind.WHEEL, wheel, reason)
+    return Choice(Kind.ENGINE, str(engine.library), "", engine)
+
+
+def _import(choice: Choice) -> Choice:
+    """Import unicorn's binding so that it loads ``choice.library``; the wheel instead (and
+    said so) when that library does not load: the binding itself silently falls back."""
+    before = os.environ.get("LIBUNICORN_PATH")
+    try:
+        if choice.kind is Kind.ENGINE:
+            os.environ["LIBUNICORN_PATH"] = os.path.dirname(choice.library)
+        elif choice.kind is Kind.WHEEL:
+            os.environ.pop("LIBUNICORN_PATH", None)
+        binding = importlib.import_module("unicorn.unicorn_py3.unicorn")
+    except ImportError:
+        raise BackendUnavailableError(MISSING) from None
+    finally:
+        if before is None:
+            os.environ.pop("LIBUNICORN_PATH", None)
+        else:
+            os.environ["LIBUNICORN_PATH"] = before
+    loaded = str(getattr(getattr(binding, "uclib", None), "_name", ""))
+    if os.path.realpath(loaded) != os.path.realpath(choice.library):
+        return Choice(Kind.WHEEL, loaded, f"{choice.library} did not load")
+    return choice
+
+
+def loaded_library() -> Any:
+    """The ctypes library the binding loaded."""
+    from unicorn.unicorn_py3.unicorn import uclib
+
+    return uclib
+
+
+class SystemCpu:
+    """The engine's system-CPU functions for one unicorn instance (patches 0004-0006): IDT
+    delivery in the CPU loop, SYSCALL, the INTR line and its acknowledge callback."""
+
+    #: int ack(void *opaque): the vector the CPU takes now, or -1.
+    ACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+    EVENT_VECTORS = 256
+
+    def __init__(self, uc: Any) -> None:
+        lib = loaded_library()
+        self._lib = lib
+        from backends.emulate.native import uc_handle
+
+        self._uc = uc_handle(uc)
+        for name, restype, argtypes in (
+            ("vmmarch_system_mode", None, [ctypes.c_void_p]),
+            ("vmmarch_take_shutdown", ctypes.c_bool, [ctypes.c_void_p]),
+            ("vmmarch_event_counts", ctypes.POINTER(ctypes.c_uint64), [ctypes.c_void_p]),
+            ("vmmarch_irq_set_ack", None, [ctypes.c_void_p, self.ACK, ctypes.c_void_p]),
+            ("vmmarch_irq_request", None, [ctypes.c_void_p, ctypes.c_int]),
+        ):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        self._ack: Any = None  # the ctypes callback must outlive the engine's use of it
+        counts = lib.vmmarch_event_counts(self._uc)
+        self.counts = ctypes.cast(counts, ctypes.POINTER(
+            ctypes.c_uint64 * (2 * self.EVENT_VECTORS))).contents
+
+    @staticmethod
+    def available() -> bool:
+        """The loaded library is an engine with the system CPU."""
+        return hasattr(loaded_library(), "vmmarch_irq_request")
+
+    def enable(self, ack: Callable[[], int]) -> None:
+        """Exceptions, INT n and SYSCALL as the CPU does them from now on, and external
+        interrupts acknowledged by ``ack`` (the vector, or -1: nothing after all)."""
+        self._ack = self.ACK(lambda _: ack())
+        self._lib.vmmarch_irq_set_ack(self._uc, self._ack, None)
+        self._lib.vmmarch_system_mode(self._uc)
+
+    def take_shutdown(self) -> bool:
+        """A triple fault ended the last run (the flag is cleared)."""
+        return bool(self._lib.vmmarch_take_shutdown(self._uc))
+
+    def interrupt_line(self, raised: bool) -> None:
+        """Raise or lower the CPU's INTR line; from any thread."""
+        self._lib.vmmarch_irq_request(self._uc, 1 if raised else 0)
+
+    def delivered(self) -> dict[tuple[bool, int], int]:
+        """Deliveries so far: (external, vector) -> count."""
+        out = {}
+        for index, count in enumerate(self.counts):
+            if count:
+                out[(index >= self.EVENT_VECTORS, index % self.EVENT_VECTORS)] = int(count)
+        return out
