@@ -5,6 +5,7 @@ A test that needs a part skips only when the part is truly absent here, and says
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +19,12 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import build as guest_build  # noqa: E402  (examples/build.py)
 import stockboots  # noqa: E402  (tests/stockboots.py)
+
+#: The emulate backend's tests need unicorn's binding. Found, not imported: importing it loads a
+#: library, and the backend chooses which (backends/emulate/library.py) on first use.
+UNICORN_MISSING = importlib.util.find_spec("unicorn") is None
+needs_unicorn = pytest.mark.skipif(
+    UNICORN_MISSING, reason="the emulate backend needs unicorn: pip install 'vmm-arch[emulate]'")
 
 
 def kvm_unusable_reason() -> str | None:

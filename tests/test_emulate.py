@@ -16,11 +16,6 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, run_cli
-
-pytest.importorskip("unicorn", reason="the emulate backend needs unicorn: pip install "
-                    "'vmm-arch[emulate]'")
-
 import backends
 from vmmarch_cli import machine
 from vmmarch_cli.arch.x86_64 import msr
@@ -37,6 +32,10 @@ from vmmarch_cli.vcpu import (
     MsrEntry,
     Shutdown,
 )
+
+from conftest import ROOT, needs_unicorn, run_cli
+
+pytestmark = needs_unicorn
 
 CHECK_LINE = re.compile(r"^CHECK (\w+) ([0-9a-f]{16}) (ok|FAIL)$", re.M)
 DOCS = ROOT / "docs" / "backends.md"
@@ -105,7 +104,7 @@ def test_spin_times_out_on_both(guests: dict[str, Path], backend: str) -> None:
 
 def test_probe_and_backends_command() -> None:
     info = backends.probe("emulate")
-    assert info.usable and info.facts["engine"].startswith("unicorn 2.")
+    assert info.usable and "unicorn 2." in info.facts["engine"]
     assert "through the guest IDT" in info.facts["cpu"] and "APIC" in info.facts["devices"]
     p = run_cli("backends", "--json")
     assert p.returncode == 0
@@ -377,21 +376,30 @@ def test_a_triple_fault_inside_unicorn_ends_the_run(guests: dict[str, Path]) -> 
     may spin inside emu_start, deaf to kicks. The flag set under a running spin guest, as QEMU
     sets it, must end the run as a triple fault (status 70), not hang until the timeout."""
     from backends.emulate import native
+    from backends.emulate.library import SystemCpu
+
+    if SystemCpu.available():
+        pytest.skip("the engine reports a triple fault itself and never stops its CPU for one "
+                    "(patch 0004; the triplefault guest checks it): a wheel-only mechanism")
+    done = threading.Event()
 
     def trip(prepared: machine.Prepared) -> None:
         vcpu = prepared.vcpus[0]
 
         def later() -> None:
-            while getattr(vcpu, "_engine", None) is None:
+            while getattr(vcpu, "_engine", None) is None and not done.is_set():
                 time.sleep(0.01)
-            time.sleep(0.2)
-            native.reset_request(vcpu._engine.uc).value = True
+            if not done.wait(0.2):  # never into an instance the run has closed
+                native.reset_request(vcpu._engine.uc).value = True
 
         threading.Thread(target=later, daemon=True).start()
 
     started = time.monotonic()
-    result = machine.run(BootConfig(kernel=guests["spin"], backend="emulate", timeout=20),
-                         None, on_ready=trip)
+    try:
+        result = machine.run(BootConfig(kernel=guests["spin"], backend="emulate", timeout=20),
+                             None, on_ready=trip)
+    finally:
+        done.set()
     assert (result.reason, result.status) == ("fault", 70), result.detail
     assert "triple fault" in result.detail
     assert time.monotonic() - started < 10
@@ -442,6 +450,6 @@ def test_a_kick_lost_to_emu_start_is_repeated(guests: dict[str, Path],
     monkeypatch.setattr(Engine, "run", run)
     result = machine.run(BootConfig(kernel=guests["spin"], backend="emulate", timeout=3),
                          None, on_ready=lambda p: holder.update(vcpu=p.vcpus[0]))
-    assert result.reason == "timeout"
+    assert result.reason == "timeout", (result.detail, result.fault)
     assert len(starts) >= 2, "the lost kick was never repeated"
     assert starts[1] - starts[0] < 0.5, starts[:2]

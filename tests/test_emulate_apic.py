@@ -12,7 +12,7 @@ import pytest
 from backends.emulate import apic
 from vmmarch_cli.vcpu import LAPIC_PAGE_SIZE, Lapic
 
-from conftest import run_cli
+from conftest import needs_unicorn, run_cli
 
 HZ = 1_000_000_000  # one tick per ns at divide-by-1: easy arithmetic
 
@@ -141,15 +141,15 @@ def _apictimer(guests: dict[str, Path], backend: str) -> tuple[int, dict[str, tu
     return p.returncode, {n: (v, ok) for n, v, ok in CHECK_LINE.findall(p.stdout)}
 
 
+@needs_unicorn
 def test_timer_ipi_and_eoi_on_the_emulator(guests: dict[str, Path]) -> None:
-    pytest.importorskip("unicorn")
     status, checks = _apictimer(guests, "emulate")
     assert len(checks) == 6 and status == 0, checks
 
 
+@needs_unicorn
 @pytest.mark.usefixtures("kvm")
 def test_same_apic_behaviour_as_kvm(guests: dict[str, Path]) -> None:
-    pytest.importorskip("unicorn")
     from backends.kvm.system import host_needs_ring0_workarounds
 
     _, emulated = _apictimer(guests, "emulate")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import needs_unicorn, run_cli
 
-pytest.importorskip("unicorn")
+pytestmark = needs_unicorn
 
 LINE = re.compile(r"^CHECK (\w+) ([0-9a-f]{16}) (ok|FAIL)$", re.M)
 #: INT n from ring 3 on a KVM that emulates guest ring 0 for guests not written for it

@@ -14,7 +14,7 @@ import pytest
 from vmmarch_cli import machine
 from vmmarch_cli.config import BootConfig
 
-from conftest import run_cli
+from conftest import needs_unicorn, run_cli
 
 APIC_BASE_BSP = 1 << 8  # IA32_APIC_BASE bit 8 (SDM vol. 3A 10.4.4)
 
@@ -90,9 +90,9 @@ def test_cpu_count_limits(guests: dict[str, Path]) -> None:
     assert p.returncode == 64
 
 
+@needs_unicorn
 def test_emulate_backend_refuses_more_vcpus_than_it_can_address(guests: dict[str, Path]
                                                                 ) -> None:
-    pytest.importorskip("unicorn")
     from backends.emulate import smp
 
     p = run_cli("boot", str(guests["bootcheck"]), "--backend", "emulate", "--cpus",

@@ -20,11 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from unicorn import unicorn_const as uc_const
-from unicorn import x86_const as x86
-
 from backends.emulate import apic, cpuid, delivery, descriptors, faults, native, smp
-from backends.emulate.engine import ENGINE_MSRS, Engine, UcError, refuse_compatibility_mode
+from backends.emulate.binding import UcError, uc_const, x86
+from backends.emulate.engine import ENGINE_MSRS, Engine, refuse_compatibility_mode
+from backends.emulate.library import SystemCpu
 from backends.emulate.native import NativeCpu
 from backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
 from vmmarch_cli.arch.x86_64 import msr, regs
@@ -144,9 +143,14 @@ class EmulateVcpu:
         self._in_reply: tuple[int, int] | None = None  # (port, value) for the replayed IN
         self._native: NativeCpu | None = None
         self._undeliverable = ""  # why the last exception could not be delivered
-        #: Exceptions and interrupts this backend delivered through the guest IDT, by vector
-        #: name (the same result field as the KVM backend's fallback injections).
-        self.injected_events: dict[str, int] = {}
+        # The engine's system CPU (library.SystemCpu), when the library has it: it delivers
+        # exceptions, SYSCALL and interrupts itself, and the APIC drives its INTR line, under
+        # ``_line`` (the vCPU thread acknowledges while the alarm thread raises).
+        self._system: SystemCpu | None = None
+        self._system_cpu = False  # the engine delivers (stays True after close drops _system)
+        self._line = threading.Lock()
+        self._callback_error: Exception | None = None
+        self._hook_events: dict[str, int] = {}  # delivered by the Python path, by name
         self.rip_samples: Counter[int] = Counter()  # --profile (machine._sampler)
 
     # --- state -------------------------------------------------------------------------
@@ -241,6 +245,24 @@ class EmulateVcpu:
         if self._apic is not None:
             self._apic = self._new_apic(lapic)
 
+    @property
+    def injected_events(self) -> dict[str, int]:
+        """Exceptions and interrupts delivered through the guest IDT, by vector name (the same
+        result field as the KVM backend's fallback injections)."""
+        events = dict(self._hook_events)
+        if self._system is not None:
+            for name, count in self._engine_events().items():
+                events[name] = events.get(name, 0) + count
+        return events
+
+    def _engine_events(self) -> dict[str, int]:
+        assert self._system is not None
+        events: dict[str, int] = {}
+        for (external, vector), count in self._system.delivered().items():
+            name = f"interrupt {vector:#x}" if external else faults.vector_name(vector)
+            events[name] = events.get(name, 0) + count
+        return events
+
     # --- running -----------------------------------------------------------------------
 
     def run(self) -> VcpuExit:
@@ -273,6 +295,9 @@ class EmulateVcpu:
                 return None
             lapic.tick(time.monotonic_ns())
             vector = lapic.pending()
+            if vector is not None and self._system_cpu:
+                self._halted = False  # its INTR line is up: the CPU takes it when IF allows
+                return None
             if vector is not None:
                 # An IN waiting for its replay is half done: the interrupt comes after it, or
                 # the handler's own IN from that port would receive the replayed value.
@@ -314,7 +339,7 @@ class EmulateVcpu:
             return decision.problem or f"interrupt vector {vector} has no usable gate"
         native.interrupt(vector)
         name = f"interrupt {vector:#x}"
-        self.injected_events[name] = self.injected_events.get(name, 0) + 1
+        self._hook_events[name] = self._hook_events.get(name, 0) + 1
         return ""
 
     def _native_cpu(self, uc: Any) -> NativeCpu:
@@ -391,9 +416,16 @@ class EmulateVcpu:
 
     def _interrupt_changed(self) -> None:
         """Something in the APIC changed (from MMIO inside emu_start, a device, the timer):
-        if an interrupt is now deliverable, wake a halted vCPU and have the alarm thread stop
-        the running burst. Never emu_stop here: inside an MMIO callback that would leave RIP on
-        the access and repeat it (measured)."""
+        if an interrupt is now deliverable, wake a halted vCPU and, on the engine, raise the
+        CPU's INTR line, which the CPU takes at its next block start; on the wheel, have the
+        alarm thread stop the running burst. Never emu_stop here: inside an MMIO callback that
+        would leave RIP on the access and repeat it (measured)."""
+        if self._system_cpu:
+            if self._update_line():
+                self._wake.set()
+            with self._alarm:
+                self._alarm.notify()  # the timer deadline may have moved
+            return
         if self._apic is None or self._apic.pending() is None:
             with self._alarm:
                 self._alarm.notify()  # the timer deadline may have moved
@@ -402,6 +434,33 @@ class EmulateVcpu:
         with self._alarm:
             self._alarm_kick = True
             self._alarm.notify()
+
+    def _update_line(self) -> bool:
+        """Set the engine's INTR line to whether the local APIC has a deliverable interrupt;
+        that answer. Under ``_line``: a raise and an acknowledge may race."""
+        with self._line:
+            pending = self._apic is not None and self._apic.pending() is not None
+            if self._system is not None:  # None once closed (a device may still raise a line)
+                self._system.interrupt_line(pending)
+        return pending
+
+    def _acknowledge(self) -> int:
+        """The engine's CPU takes an external interrupt (on the vCPU thread, inside emu_start):
+        the local APIC's highest deliverable vector goes from requested to in service, as in an
+        INTA cycle (SDM vol. 3A 10.8.1); -1 when nothing is deliverable after all."""
+        try:
+            with self._line:
+                lapic = self._apic
+                vector = lapic.pending() if lapic is not None else None
+                if lapic is not None and vector is not None:
+                    lapic.accept(vector)
+                if self._system is not None:
+                    self._system.interrupt_line(lapic is not None and lapic.pending() is not None)
+        except Exception as e:  # it cannot cross the C frames: the run stops instead
+            self._callback_error = e
+            self._kick()
+            return -1
+        return -1 if vector is None else vector
 
     def _retry_kick(self, after: float) -> None:
         with self._alarm:
@@ -452,7 +511,8 @@ class EmulateVcpu:
                     return Interrupted()
                 self._burst += 1
                 self._emulating = self._burst
-            if self._apic is not None and self._apic.pending() is not None:
+            if not self._system_cpu and self._apic is not None and \
+                    self._apic.pending() is not None:
                 # Pending already: either it waits for RFLAGS.IF (a retry is set) or it came
                 # after _between_bursts looked, when a kick would have been dropped (nothing
                 # ran): have the alarm thread kick this burst.
@@ -476,7 +536,12 @@ class EmulateVcpu:
         finally:
             if self._cpu_lock is not None:
                 self._cpu_lock.release()
-        if self._reset_seen or self._reset_flag.value:
+        if self._callback_error is not None:
+            failed, self._callback_error = self._callback_error, None
+            raise BackendError(f"emulate backend callback failed: {failed!r}") from failed
+        if self._system is not None and self._system.take_shutdown():
+            return Shutdown("triple fault")  # KVM reports KVM_EXIT_SHUTDOWN
+        if self._reset_flag is not None and (self._reset_seen or self._reset_flag.value):
             # QEMU saw a triple fault (native.reset_request); KVM reports KVM_EXIT_SHUTDOWN.
             self._reset_seen = False
             return Shutdown("triple fault")
@@ -549,7 +614,7 @@ class EmulateVcpu:
         else:
             native.deliver_instead(decision.vector, decision.error_code or 0)
         name = faults.vector_name(decision.vector)
-        self.injected_events[name] = self.injected_events.get(name, 0) + 1
+        self._hook_events[name] = self._hook_events.get(name, 0) + 1
         return True
 
     def _engine_error(self, error: Exception) -> VcpuExit:
@@ -570,9 +635,16 @@ class EmulateVcpu:
         engine.add_hook(uc_const.UC_HOOK_INSN, self._on_out, x86.UC_X86_INS_OUT)
         engine.add_hook(uc_const.UC_HOOK_INSN, self._on_in, x86.UC_X86_INS_IN)
         engine.add_hook(uc_const.UC_HOOK_INSN, self._on_cpuid, x86.UC_X86_INS_CPUID)
-        engine.add_hook(uc_const.UC_HOOK_INSN, self._on_syscall, x86.UC_X86_INS_SYSCALL)
-        engine.add_hook(uc_const.UC_HOOK_INTR, self._on_interrupt)
-        engine.add_hook(uc_const.UC_HOOK_INSN_INVALID, self._on_invalid)
+        if SystemCpu.available():
+            # The engine delivers exceptions, INT n and SYSCALL itself, in the CPU loop, and
+            # takes interrupts on its INTR line, acknowledged by the local APIC model.
+            self._system = SystemCpu(engine.uc)
+            self._system.enable(self._acknowledge)
+            self._system_cpu = True
+        else:  # the wheel: the Python path below does it, from hooks and between bursts
+            engine.add_hook(uc_const.UC_HOOK_INSN, self._on_syscall, x86.UC_X86_INS_SYSCALL)
+            engine.add_hook(uc_const.UC_HOOK_INTR, self._on_interrupt)
+            engine.add_hook(uc_const.UC_HOOK_INSN_INVALID, self._on_invalid)
         # Only where no RAM is: a memory hook that covers a page keeps every store to it on
         # unicorn's slow path (uc_mem_hook_installed in notdirty_write; measured: ~45% of a
         # Linux boot's time went to those stores while this hook covered everything).
@@ -601,7 +673,8 @@ class EmulateVcpu:
         for index, value in self._msrs.items():
             engine.write_msr(index, value)
         self._halted_flag = native.halted_flag(engine.uc)
-        self._reset_flag = native.reset_request(engine.uc)
+        if self._system is None:  # the engine reports a triple fault itself (take_shutdown)
+            self._reset_flag = native.reset_request(engine.uc)
         if self._io_read is not None:
             # Port I/O completes inside the hooks, so nothing needs a stop in mid-block: turn
             # unicorn's mid-block stop checks off, and let the alarm thread end a running
@@ -755,5 +828,8 @@ class EmulateVcpu:
             self._alarm.notify()
         if self._alarm_thread is not None and self._alarm_thread.is_alive():
             self._alarm_thread.join()
-        with self._lock:
-            self._engine, self._kicker, self._native = None, None, None
+        with self._lock, self._line:  # nothing may reach the closed instance's CPU after this
+            if self._system is not None:  # its counters live in the instance: keep them
+                for name, count in self._engine_events().items():
+                    self._hook_events[name] = self._hook_events.get(name, 0) + count
+            self._engine, self._kicker, self._native, self._system = None, None, None, None
