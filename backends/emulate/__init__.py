@@ -8,7 +8,7 @@ makes up for it, is in docs/backends.md.
 
 from __future__ import annotations
 
-import importlib.metadata
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -23,9 +23,15 @@ NAME = "emulate"
 
 
 def unicorn_version() -> str:
-    """The installed unicorn binding's version (without importing it), or
-    BackendUnavailableError with the one-line fix."""
+    """The installed unicorn binding's version, or BackendUnavailableError with the one-line
+    fix. From the loaded binding when there is one; else from its metadata, without importing
+    it (importlib.metadata costs ~20 ms of imports: only reports pay that)."""
     library.wheel_library()  # BackendUnavailableError when the binding cannot be found
+    loaded = sys.modules.get("unicorn")
+    if loaded is not None:
+        return str(getattr(loaded, "__version__", "unknown"))
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("unicorn")
     except importlib.metadata.PackageNotFoundError:
@@ -38,8 +44,9 @@ class EmulateHypervisor:
     def __init__(self, quiet: bool = False) -> None:
         """Load unicorn with the CPU engine (built now on first use, saying so on stderr unless
         ``quiet``) or, failing that, the wheel."""
-        self._version = unicorn_version()
+        library.wheel_library()  # BackendUnavailableError when the binding cannot be found
         self.engine = library.load(quiet)
+        self._version = unicorn_version()
 
     @staticmethod
     def probe() -> HypervisorInfo:

@@ -161,16 +161,6 @@ class Engine:
         for name, value in zip(("rax", "rcx", "rdi"), saved[1:], strict=True):
             self.uc.reg_write(_GPRS[name], value)
 
-    def write_cpuid_result(self, eax: int, ebx: int, ecx: int, edx: int) -> None:
-        # CPUID writes the 32-bit registers, which clears bits 63:32 in 64-bit mode
-        # (SDM vol. 1 3.4.1.1): writing the full register with the 32-bit value does that.
-        for name, value in zip(("rax", "rbx", "rcx", "rdx"), (eax, ebx, ecx, edx), strict=True):
-            self.uc.reg_write(_GPRS[name], value)
-
-    def cpuid_inputs(self) -> tuple[int, int]:
-        return (int(self.uc.reg_read(_GPRS["rax"])) & 0xFFFF_FFFF,
-                int(self.uc.reg_read(_GPRS["rcx"])) & 0xFFFF_FFFF)
-
 
 def scratch_cpuid() -> Callable[[int, int], tuple[int, int, int, int]]:
     """CPUID(leaf, subleaf) as unicorn's CPU model answers it, from a throwaway instance."""

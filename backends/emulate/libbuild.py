@@ -15,19 +15,12 @@ interrupted build leaves nothing that looks finished. A build that fails is reme
 from __future__ import annotations
 
 import ctypes
-import datetime
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import sysconfig
-import tarfile
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vmmarch_cli import files
+
+# Every boot on the emulate backend looks the engine up here (series, cached, load_problem):
+# what only a build needs (subprocess, tarfile, tempfile, sysconfig, fcntl, datetime: ~5 ms of
+# imports) is imported where it is used.
 
 Progress = Callable[[str], None]
 
@@ -123,6 +120,7 @@ def engine_root() -> Path:
 
 def find_compiler() -> Compiler:
     """$CC or cc, as it would build the engine; BuildError when there is none."""
+    import subprocess
     name = os.environ.get("CC") or "cc"
     path = shutil.which(name)
     if path is None:
@@ -229,6 +227,8 @@ def forget_failure() -> None:
 
 
 def _iso(seconds: float) -> str:
+    import datetime
+
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="seconds")
 
 
@@ -236,6 +236,8 @@ def _iso(seconds: float) -> str:
 
 @contextmanager
 def _build_lock(progress: Progress) -> Iterator[None]:
+    import fcntl
+
     root = engine_root()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "a+b") as lock:
@@ -282,6 +284,8 @@ def _os_cause(e: OSError) -> str:
 
 def _build(patches: Sequence[Patch], digest: str, compiler: Compiler,
            progress: Progress) -> Engine:
+    import tempfile
+
     root = engine_root()
     started = time.monotonic()
     ident = engine_id(digest, compiler)
@@ -316,6 +320,9 @@ def _build(patches: Sequence[Patch], digest: str, compiler: Compiler,
 
 def _sdist(root: Path, work: Path, progress: Progress) -> Path:
     """unicorn's source distribution, kept in the cache once its hash is checked."""
+    import subprocess
+    import sys
+
     kept = root / SDIST_NAME
     if kept.is_file() and _sha256(kept) == SDIST_SHA256:
         return kept
@@ -348,6 +355,8 @@ def _sha256(path: Path) -> str:
 
 def _unpack(tarball: Path, work: Path) -> Path:
     """The CMake project (``src/``) of the sdist, unpacked under ``work``."""
+    import tarfile
+
     with tarfile.open(tarball) as tar:
         members = [m for m in tar.getmembers()
                    if m.name == SOURCE_ROOT or m.name.startswith(SOURCE_ROOT + "/")]
@@ -363,6 +372,8 @@ def _last_line(text: str) -> str:
 def _tool(name: str) -> str | None:
     """``name`` beside this Python (where pip puts the cmake and ninja packages' scripts),
     else on PATH."""
+    import sysconfig
+
     scripts = sysconfig.get_path("scripts")
     here = Path(scripts) / name if scripts else None
     if here is not None and here.is_file() and os.access(here, os.X_OK):
@@ -391,6 +402,8 @@ def _compile(src: Path, out: Path, ident: str, compiler: Compiler, progress: Pro
 def _run_logged(argv: list[str], env: dict[str, str], log: Path, progress: Progress,
                 step: str) -> None:
     """Run a build step, its output appended to ``log``; the compile step's progress shown."""
+    import subprocess
+
     with log.open("ab") as out:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         assert proc.stdout is not None

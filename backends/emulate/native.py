@@ -77,6 +77,8 @@ class SegmentCache(ctypes.Structure):
 #: env->segs[] order (cpu.h R_ES .. R_GS) and the descriptor bits SYSCALL loads (SDM vol. 2B,
 #: SYSCALL: flat 64-bit code and flat data, DPL 0), in QEMU's DESC_* positions.
 R_CS, R_SS, R_FS = 1, 2, 4
+#: env->regs[] order (cpu.h R_EAX, R_ECX, R_EDX, R_EBX, ...).
+R_EAX, R_ECX, R_EDX, R_EBX = 0, 1, 2, 3
 #: env->hflags sits right before env->segs (cpu.h: ... cc_op, df, hflags, hflags2, segs[6]);
 #: HF_INHIBIT_IRQ is set for the one instruction after STI or MOV SS (SDM 6.8.3), when the
 #: CPU takes no external interrupt.
@@ -401,6 +403,12 @@ class NativeCpu:
         self._hflags = ctypes.c_uint32.from_address(
             self.cpu + self._layout.segs - HFLAGS_BEFORE_SEGS)
         self._segs = (SegmentCache * 6).from_address(self.cpu + self._layout.segs)
+        #: env->regs[16] in QEMU's order (cpu.h R_EAX, R_ECX, R_EDX, R_EBX, R_ESP, ...), and
+        #: env->cr[5]: read and written in place from inside a hook, without the binding's
+        #: per-register dispatch (~2 us a register).
+        self.gprs = (ctypes.c_uint64 * 16).from_address(self.cpu + self._layout.env)
+        self.crs = (ctypes.c_uint64 * 5).from_address(
+            self.cpu + self._layout.segs + _CACHES * ctypes.sizeof(SegmentCache))
 
     @property
     def error_code(self) -> int:
