@@ -139,12 +139,14 @@ def gate_problem(memory: GuestMemory, s: Sregs, vector: int) -> str | None:
     raw = read_linear(memory, s, s.idt.base + vector * size, 8)
     if raw is None:
         return f"the IDT entry of vector {vector} is not in mapped guest RAM"
+    # The type is checked before the present bit, as the CPU does (SDM vol. 2A, INT n
+    # pseudo-code: #GP for a descriptor that is not a gate, then #NP for a gate not present).
     access = raw[5]
-    if not access & 0x80:
-        return f"the IDT gate of vector {vector} is not present"
     kind = access & 0xF
     if kind not in (GATE_TYPES_64 if long_mode(s) else GATE_TYPES_32) or access & ATTR_S:
         return f"the IDT entry of vector {vector} is not a gate (type {kind:#x})"
+    if not access & 0x80:
+        return f"the IDT gate of vector {vector} is not present"
     return None
 
 

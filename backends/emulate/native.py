@@ -461,7 +461,8 @@ class NativeCpu:
         segs = self._segs
         segs[R_CS].selector, segs[R_CS].base = selector & 0xFFFC, 0
         segs[R_CS].limit, segs[R_CS].flags = 0xFFFF_FFFF, KERNEL_CODE64
-        segs[R_SS].selector, segs[R_SS].base = (selector + 8) & 0xFFFC, 0
+        # SS.Selector = STAR[47:32] + 8: only CS has its RPL forced to 0 (SDM vol. 2B, SYSCALL)
+        segs[R_SS].selector, segs[R_SS].base = (selector + 8) & 0xFFFF, 0
         segs[R_SS].limit, segs[R_SS].flags = 0xFFFF_FFFF, KERNEL_DATA
         self._update_hflags()
 
