@@ -25,6 +25,9 @@ COMMANDS = {
     "dump-regs": ("vmmarch_cli.commands.dump_regs", "dump_regs_command",
                   "Load KERNEL, run the arch setup pipeline, and show the vCPU state it left, "
                   "read back from the hypervisor, without starting the guest."),
+    "engine": ("vmmarch_cli.commands.engine", "engine_command",
+               "Show the emulate backend's CPU engine: which library it runs on, the patches, "
+               "when it was built, and why the wheel would be used instead."),
     "fetch": ("vmmarch_cli.commands.fetch", "fetch_command",
               "Fetch a Debian kernel and a static busybox for test boots."),
     "backends": ("vmmarch_cli.commands.backends", "backends_command",

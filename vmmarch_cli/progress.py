@@ -13,7 +13,8 @@ from contextlib import contextmanager
 
 @contextmanager
 def status(first: str, quiet: bool = False) -> Iterator[Callable[[str], None]]:
-    """Yields a function that replaces the status text (or prints a line when not a tty)."""
+    """Yields a function that replaces the status text (or prints a line when not a tty).
+    ``first`` is shown until the first update; empty: nothing until then."""
     if quiet:
         yield lambda message: None
         return
@@ -32,7 +33,8 @@ def _plain_lines(first: str) -> Callable[[str], None]:
     (the same text up to ``: ``, as "compiling: 12/75" after "compiling: 4/75") is not
     printed, so a log gets the phases and not every count."""
     last = [first]
-    print(f"vmm-arch: {first}", file=sys.stderr, flush=True)
+    if first:
+        print(f"vmm-arch: {first}", file=sys.stderr, flush=True)
 
     def say(message: str) -> None:
         if message.partition(": ")[0] != last[0].partition(": ")[0]:

@@ -90,6 +90,7 @@ class Engine:
     compiler_stamp: tuple[int, int]
     built_at: str  # ISO 8601, UTC
     build_seconds: float
+    library_stamp: tuple[int, int]  # (size, mtime) of the library file as it was built
 
     @property
     def library(self) -> Path:
@@ -177,6 +178,7 @@ def _read_manifest(path: Path) -> Engine | None:
         raw = json.loads(path.read_text())
         raw["series"] = tuple(raw["series"])
         raw["compiler_stamp"] = tuple(raw["compiler_stamp"])
+        raw["library_stamp"] = tuple(raw["library_stamp"])
         raw["directory"] = str(path.parent)
         return Engine(**raw)
     except (OSError, ValueError, TypeError, KeyError):
@@ -184,8 +186,12 @@ def _read_manifest(path: Path) -> Engine | None:
 
 
 def load_problem(engine: Engine) -> str | None:
-    """The load check: the library loads and names the series it was built from. None when it
-    passes; else what is wrong (the caller rebuilds)."""
+    """The load check: the file is as it was built (size and modification time: a truncated
+    library would crash the process when loaded, SIGBUS; a hash would cost ~3 ms a start), it
+    loads, and it names the series it was built from. None when it passes; else what is wrong
+    (the caller rebuilds)."""
+    if _stamp(str(engine.library)) != engine.library_stamp:
+        return f"{engine.library} has changed since it was built"
     try:
         lib = ctypes.CDLL(str(engine.library))
         ident = lib.vmmarch_engine_id
@@ -212,7 +218,7 @@ def recent_failure(digest: str) -> tuple[str, str] | None:
         return None
 
 
-def _remember_failure(digest: str, cause: str) -> None:
+def remember_failure(digest: str, cause: str) -> None:
     now = time.time()
     record = {"series": digest, "cause": cause, "at": now, "when": _iso(now)}
     try:
@@ -224,6 +230,24 @@ def _remember_failure(digest: str, cause: str) -> None:
 
 def forget_failure() -> None:
     (engine_root() / FAILED).unlink(missing_ok=True)
+
+
+def clean() -> list[Path]:
+    """Remove every built engine, the kept source and the failure record (not a build that
+    holds the lock right now: its staging directory goes with it when it ends); what was
+    removed."""
+    root = engine_root()
+    removed = []
+    for path in [*sorted(root.glob("unicorn-*")), root / FAILED]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(path)
+    return removed
+
 
 
 def _iso(seconds: float) -> str:
@@ -265,11 +289,11 @@ def build(progress: Progress, *, force: bool = False) -> Engine:
                 return engine
             engine = _build(patches, digest, compiler, progress)
     except BuildError as e:
-        _remember_failure(digest, str(e))
+        remember_failure(digest, str(e))
         raise
     except OSError as e:
         cause = _os_cause(e)
-        _remember_failure(digest, cause)
+        remember_failure(digest, cause)
         raise BuildError(cause) from None
     forget_failure()
     return engine
@@ -303,7 +327,8 @@ def _build(patches: Sequence[Patch], digest: str, compiler: Compiler,
         shutil.copy2(work / "build" / LIB_NAME, staged / LIB_NAME)
         engine = Engine(str(final), ident, tuple(p.name for p in patches), compiler.identity,
                         compiler.path, compiler.stamp(), _iso(time.time()),
-                        round(time.monotonic() - started, 1))
+                        round(time.monotonic() - started, 1),
+                        _stamp(str(staged / LIB_NAME)) or (0, 0))
         manifest = asdict(engine)
         del manifest["directory"]
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

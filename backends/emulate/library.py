@@ -29,7 +29,7 @@ from typing import Any
 
 from backends.emulate import libbuild
 from vmmarch_cli.errors import BackendUnavailableError
-from vmmarch_cli.progress import status
+from vmmarch_cli.progress import status as status_line
 
 #: Forces the unicorn wheel's library when set to "wheel" (anything else: the engine).
 ENGINE_VARIABLE = "VMMARCH_ENGINE"
@@ -138,10 +138,17 @@ def _choose(notice: Report, quiet: bool) -> Choice:
             notice(f"{reason}; running on the unicorn wheel (`vmm-arch engine build` tries "
                    "again)")
             return Choice(Kind.WHEEL, wheel, reason)
+        try:
+            libbuild.find_compiler()  # without one, say so instead of "building"
+        except libbuild.BuildError as e:
+            libbuild.remember_failure(digest, str(e))
+            reason = f"the engine could not be built: {e}"
+            notice(f"{reason}; running on the unicorn wheel")
+            return Choice(Kind.WHEEL, wheel, reason)
         notice(f"building the CPU engine (unicorn {libbuild.VERSION} and vmm-arch's patches) "
                "on first use; about 20 s, once")
     try:
-        with status("building the CPU engine", quiet) as progress:
+        with status_line("", quiet) as progress:
             engine = libbuild.build(progress, force=engine is not None)
     except libbuild.BuildError as e:
         reason = f"the engine could not be built: {e}"
@@ -235,3 +242,31 @@ class SystemCpu:
             if count:
                 out[(index >= self.EVENT_VECTORS, index % self.EVENT_VECTORS)] = int(count)
         return out
+
+
+@dataclass(frozen=True)
+class Status:
+    """What ``vmm-arch engine`` reports: the plan, the series, the cache, the last failure."""
+
+    choice: Choice
+    series: tuple[libbuild.Patch, ...]
+    cache: str
+    failure: tuple[str, str] | None  # (cause, when) of a failed build this last day
+    setting: str  # $VMMARCH_ENGINE as given ("" when unset)
+
+
+def status() -> Status:
+    patches = libbuild.series()
+    return Status(plan(), patches, str(libbuild.engine_root()),
+                  libbuild.recent_failure(libbuild.series_digest(patches)),
+                  os.environ.get(ENGINE_VARIABLE, ""))
+
+
+def build(force: bool, quiet: bool = False) -> libbuild.Engine:
+    """Build the engine now (``vmm-arch engine build``): from the cache when it passes its load
+    check unless ``force``; BackendUnavailableError naming the cause when it cannot be built."""
+    try:
+        with status_line("building the CPU engine", quiet) as progress:
+            return libbuild.build(progress, force=force)
+    except libbuild.BuildError as e:
+        raise BackendUnavailableError(f"the CPU engine could not be built: {e}") from None
