@@ -408,10 +408,11 @@ def test_a_triple_fault_inside_unicorn_ends_the_run(guests: dict[str, Path]) -> 
 def test_cpuid_timing_leaf_holds_the_tsc_rate_the_emulated_cpu_reads(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Leaf 15H's TSC rate (from a TscClock started when the VM was made, read after the
-    kernel load) agrees with the same TSC timed over 300 ms, within 0.2%: the kernel keeps
-    time with it (tsc_known_freq, no refinement), so an error here is a clock drift."""
+    kernel load) agrees with the same TSC timed over 300 ms, within 20 ppm: the kernel keeps
+    time with it (tsc_known_freq, no refinement), so an error here is a clock drift (20 ppm:
+    1.7 s a day). Measured: within 1 ppm over 5 ms, idle and with two stock boots beside it."""
     from backends.emulate import vm as vm_module
-    from backends.emulate.engine import TscClock
+    from backends.emulate.hosttsc import TscClock
     from backends.emulate.vm import EmulateVm
 
     monkeypatch.setattr(vm_module, "_TSC_HZ", [])  # this VM measures, not an earlier one
@@ -426,7 +427,7 @@ def test_cpuid_timing_leaf_holds_the_tsc_rate_the_emulated_cpu_reads(
         vm.close()
     assert leaf.eax and leaf.ecx
     leaf_hz = leaf.ecx * leaf.ebx // leaf.eax  # crystal Hz x numerator / denominator (SDM 2A)
-    assert abs(leaf_hz - host_hz) < host_hz * 0.002, (leaf_hz, host_hz)
+    assert abs(leaf_hz - host_hz) < host_hz * 20e-6, (leaf_hz, host_hz)
 
 
 def test_a_kick_lost_to_emu_start_is_repeated(guests: dict[str, Path],

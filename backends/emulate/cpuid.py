@@ -136,10 +136,17 @@ def _past_last_subleaf(function: int, regs: Answer) -> bool:
 #: leaf 15H: ECX = crystal Hz, TSC = crystal * EBX / EAX). Linux takes the TSC frequency from
 #: this leaf on Intel CPUs and sets its APIC timer period from the crystal (native_calibrate_tsc),
 #: so it neither calibrates against a PIT (which a hardware-reduced ACPI machine lacks) nor
-#: busy-waits for it.
-CRYSTAL_HZ = 1_000_000_000
+#: busy-waits for it. Linux computes tsc_khz = crystal_khz * EBX / EAX in 32-bit unsigned
+#: arithmetic, so crystal_khz * EBX must stay below 2^32: a 1 MHz crystal with EAX = 1000 lets
+#: EBX be the rate in kHz (exact to 1 kHz, 0.4 ppm at 2.6 GHz) up to 4.29 GHz; above that the
+#: ratio is stated in 10 kHz (EAX = 100). (With the 1 GHz crystal used before, EBX had to be
+#: the rate in MHz: 385 ppm off, 33 ms a day.) The APIC timer then counts at 1 MHz.
+CRYSTAL_HZ = 1_000_000
 LEAF_TSC = 0x15
 TSC_RATIO_DENOMINATOR = 1000
+TSC_RATIO_DENOMINATOR_FAST = 100
+#: crystal_khz * EBX must be below this (native_calibrate_tsc's unsigned int product).
+LINUX_PRODUCT_LIMIT = 1 << 32
 #: Leaf 16H (SDM vol. 2A, CPUID: EAX base MHz, EBX maximum MHz, ECX bus MHz). Linux reads the
 #: CPU frequency from it before anything else (cpu_khz_from_cpuid); without it, it tries the
 #: PIT: ~100,000 reads of port 0x42 that no device answers (measured), each a trip to Python.
@@ -148,14 +155,18 @@ BUS_MHZ = 100
 
 
 def with_timing_leaf(entries: Sequence[CpuidEntry], tsc_hz: int) -> list[CpuidEntry]:
-    """``entries`` plus leaves 15H and 16H for a TSC of ``tsc_hz`` (to 1 MHz), leaf 0 raised
-    to reach them."""
+    """``entries`` plus leaves 15H and 16H for a TSC of ``tsc_hz`` (to 1 kHz; leaf 16H to
+    1 MHz), leaf 0 raised to reach them."""
     from dataclasses import replace
 
-    numerator = max(round(tsc_hz * TSC_RATIO_DENOMINATOR / CRYSTAL_HZ), 1)
+    denominator = TSC_RATIO_DENOMINATOR
+    numerator = max(round(tsc_hz * denominator / CRYSTAL_HZ), 1)
+    if CRYSTAL_HZ // 1000 * numerator >= LINUX_PRODUCT_LIMIT:
+        denominator = TSC_RATIO_DENOMINATOR_FAST
+        numerator = max(round(tsc_hz * denominator / CRYSTAL_HZ), 1)
     mhz = max(round(tsc_hz / 1_000_000), 1)
     out = [e for e in entries if e.function not in (LEAF_TSC, LEAF_FREQUENCY)]
     out = [replace(e, eax=max(e.eax, LEAF_FREQUENCY)) if e.function == 0 else e for e in out]
-    out.append(CpuidEntry(LEAF_TSC, 0, TSC_RATIO_DENOMINATOR, numerator, CRYSTAL_HZ, 0))
+    out.append(CpuidEntry(LEAF_TSC, 0, denominator, numerator, CRYSTAL_HZ, 0))
     out.append(CpuidEntry(LEAF_FREQUENCY, 0, mhz, mhz, BUS_MHZ, 0))
     return sorted(out, key=lambda e: (e.function, e.index))

@@ -18,7 +18,6 @@ module relies on were measured on unicorn 2.1.4 (../shared/reference/backends-on
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -177,41 +176,3 @@ def scratch_cpuid() -> Callable[[int, int], tuple[int, int, int, int]]:
             x86.UC_X86_REG_RAX, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX))
 
     return query
-
-
-class TscClock:
-    """Times the TSC the emulated CPU reads against the monotonic clock (unicorn's RDTSC
-    returns the host's, measured on 2.1.4). The first reading is taken when the clock is made,
-    the second when the rate is asked for, at least ``MIN_NS`` later: a VM makes its clock
-    before the kernel is loaded and asks after, so a boot no longer sleeps 20 ms for it. Each
-    reading is bracketed by two clock reads and stamped with their midpoint. Against a 0.5 s
-    reading, 10 readings each over 2, 5, 10 and 20 ms were all 100-900 ppm off, the longer
-    intervals no better: the spread is not the readings' jitter. Leaf 15H resolves 1 MHz
-    (~385 ppm) anyway."""
-
-    MIN_NS = 5_000_000
-    _CODE = 0x1000
-
-    def __init__(self) -> None:
-        uc: Any = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
-        uc.mem_map(self._CODE, 0x1000)
-        uc.mem_write(self._CODE, b"\x0f\x31\xf4")  # rdtsc; hlt
-        self._uc = uc
-        self._read()  # translates the block: the first run takes ~50 us longer
-        self._start = self._read()
-
-    def _read(self) -> tuple[int, int]:
-        before = time.monotonic_ns()
-        self._uc.emu_start(self._CODE, 0)
-        after = time.monotonic_ns()
-        tsc = int(self._uc.reg_read(x86.UC_X86_REG_RAX)) & 0xFFFF_FFFF
-        tsc |= (int(self._uc.reg_read(x86.UC_X86_REG_RDX)) & 0xFFFF_FFFF) << 32
-        return (before + after) // 2, tsc
-
-    def hz(self) -> int:
-        t0, c0 = self._start
-        wait = t0 + self.MIN_NS - time.monotonic_ns()
-        if wait > 0:
-            time.sleep(wait / 1e9)
-        t1, c1 = self._read()
-        return (c1 - c0) * 1_000_000_000 // max(t1 - t0, 1)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from backends.emulate import smp
 from backends.emulate.apic import IoApic
 from backends.emulate.cpuid import model_cpuid, with_timing_leaf
-from backends.emulate.engine import TscClock
+from backends.emulate.hosttsc import TscClock
 from backends.emulate.vcpu import EmulateVcpu
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import CpuidEntry
@@ -30,7 +30,7 @@ class EmulateVm:
         with _TSC_LOCK:
             if not _TSC_HZ:
                 _TSC_HZ.append((self._tsc or TscClock()).hz())
-            self._tsc = None  # its unicorn instance holds a few MiB
+            self._tsc = None
             hz = _TSC_HZ[0]
         return with_timing_leaf(model_cpuid(), hz)
 
