@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,8 @@ def _cache(tmp_path: Path, sdist: Path | None = None) -> dict[str, str]:
     (cache / "engine").mkdir(parents=True)
     if sdist is not None:
         shutil.copy2(sdist, cache / "engine" / sdist.name)
-    return {"VMMARCH_CACHE": str(cache)}
+    # The engine, whatever this test run was told (CI runs the emulate tests on the wheel too).
+    return {"VMMARCH_CACHE": str(cache), "VMMARCH_ENGINE": "", "LIBUNICORN_PATH": ""}
 
 
 def _notices(stderr: str) -> list[str]:
@@ -164,3 +166,15 @@ def test_engine_reports_the_patches_and_clean_empties_the_cache(tmp_path: Path,
     removed = run_cli("engine", "clean", env=env)
     assert removed.returncode == 0 and libbuild.SDIST_NAME in removed.stdout
     assert not list(Path(env["VMMARCH_CACHE"], "engine").glob("unicorn-*"))
+
+
+def test_the_layout_the_engine_tells_is_the_one_a_search_finds() -> None:
+    """Patch 0009: vmmarch_layout() against the planted-value search the wheel needs."""
+    from backends.emulate import binding, library, native
+
+    assert binding.Uc is not None  # the binding is loaded: the library is chosen
+    if library.chosen() is None or not hasattr(library.loaded_library(), "vmmarch_layout"):
+        pytest.skip("this process runs on a library without patch 0009 (VMMARCH_ENGINE=wheel)")
+    told = native.layout()
+    # The search finds uc_struct.no_exit_request per instance, not once (None in its layout).
+    assert replace(native._scanned_layout(), no_exit_request=told.no_exit_request) == told

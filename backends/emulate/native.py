@@ -97,13 +97,27 @@ KERNEL_DATA = DESC_G | DESC_B | DESC_P | DESC_S | DESC_W_R | DESC_A
 
 @dataclass(frozen=True)
 class Layout:
-    """Offsets from CPUState of the fields used here (one library build: one layout)."""
+    """Offsets of the fields used here (one library build: one layout): from CPUState, and
+    from uc_struct for the last two."""
 
     dr: int
     exception_index: int
     env: int  # CPUX86State, whose first field is RAX (regs[R_EAX])
     segs: int  # env->segs[6], from CPUState
     eip: int  # env->eip, from CPUState
+    halted: int  # CPUState.halted
+    hflags: int  # env->hflags
+    invalid_error: int  # uc_struct.invalid_error (Kick)
+    no_exit_request: int | None  # uc_struct.no_exit_request; None: found per instance
+
+
+class EngineLayout(ctypes.Structure):
+    """What the engine's vmmarch_layout() fills in (patch 0009): the compiler's offsetof of
+    each field, so no scratch instance has to find them."""
+
+    _fields_ = [(name, ctypes.c_uint32) for name in (
+        "size", "dr", "exception_index", "halted", "env", "segs", "eip", "hflags",
+        "invalid_error", "no_exit_request")]
 
 
 def _cpu_state(uc: Any) -> int:
@@ -148,6 +162,22 @@ def _tables_and_control(segs: int) -> tuple[DescriptorTable, DescriptorTable, tu
 
 @functools.cache
 def layout() -> Layout:
+    """The offsets: from the engine when it says them (patch 0009), else found in scratch
+    instances (``_scanned_layout``)."""
+    lib = _library()
+    if not hasattr(lib, "vmmarch_layout"):
+        return _scanned_layout()
+    told = EngineLayout()
+    lib.vmmarch_layout(ctypes.byref(told))
+    if told.size != ctypes.sizeof(EngineLayout):
+        raise BackendError("the engine's layout record has another size: rebuild it "
+                           "(vmm-arch engine build --force)")
+    return Layout(dr=told.dr, exception_index=told.exception_index, env=told.env,
+                  segs=told.segs, eip=told.eip, halted=told.halted, hflags=told.hflags,
+                  invalid_error=told.invalid_error, no_exit_request=told.no_exit_request)
+
+
+def _scanned_layout() -> Layout:
     """Find the offsets once, in a scratch instance, and check them against a live INT n and
     a live HLT."""
     from backends.emulate.binding import Uc
@@ -178,10 +208,15 @@ def layout() -> Layout:
     if len(common) != 1:
         raise BackendError("unicorn's exception index was not found unambiguously: this "
                            "unicorn version is not supported for exception delivery")
-    found = Layout(dr=dr, exception_index=common.pop(), env=_find_env(uc, cpu, dr),
-                   segs=_find_segs(uc, cpu, dr),
+    exception_index = common.pop()
+    segs = _find_segs(uc, cpu, dr)
+    found = Layout(dr=dr, exception_index=exception_index, env=_find_env(uc, cpu, dr),
+                   segs=segs,
                    eip=_planted(uc, cpu, [x86.UC_X86_REG_RIP], [0x0000_7FED_CBA9_8760], dr,
-                                "instruction pointer"))
+                                "instruction pointer"),
+                   halted=exception_index - _HALTED_BEFORE_INDEX,
+                   hflags=segs - HFLAGS_BEFORE_SEGS, invalid_error=_invalid_error_offset(),
+                   no_exit_request=None)
     uc.reg_write(x86.UC_X86_REG_GDTR, (0, 0x12_3450_00, 0x7F, 0))
     uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0x23_4560_00, 0xFFF, 0))
     uc.reg_write(x86.UC_X86_REG_CR2, 0xDEAD_B000)
@@ -191,7 +226,7 @@ def layout() -> Layout:
             != (0x12_3450_00, 0x7F, 0x23_4560_00, 0xFFF, 0xDEAD_B000, 0x777_7000)):
         raise BackendError("unicorn's descriptor tables and control registers are not laid "
                            "out as this backend expects: this unicorn version is not supported")
-    halted = ctypes.c_uint32.from_address(cpu + found.exception_index - _HALTED_BEFORE_INDEX)
+    halted = ctypes.c_uint32.from_address(cpu + found.halted)
     after_hlt = halted.value
     uc.emu_start(code + 5, 0, 0, 1)  # the NOP: a burst that ends by its count
     if (after_hlt, halted.value) != (1, 0):
@@ -242,6 +277,10 @@ def exit_checks_at_block_start_only(uc: Any) -> None:
     stop then end the run, or are not installed in this mode).
     """
     handle = uc_handle(uc)
+    told = layout().no_exit_request
+    if told is not None:  # the engine says where it is
+        ctypes.c_bool.from_address(handle + told).value = True
+        return
     context = _uc_struct_field(uc, uc_const.UC_CTL_CONTEXT_MODE, uc_const.UC_CTL_CONTEXT_CPU,
                                "context mode")
     # uc_struct (include/uc_priv.h): int context_content; int cpu_context_size; uint64_t
@@ -282,7 +321,7 @@ class Kick:
         self._lib = _library()
         self._cpu = ctypes.c_void_p(_cpu_state(uc))
         handle = uc_handle(uc)
-        self._error = ctypes.c_int32.from_address(handle + _invalid_error_offset())
+        self._error = ctypes.c_int32.from_address(handle + layout().invalid_error)
 
     def __call__(self) -> None:
         if self._error.value == uc_const.UC_ERR_OK:  # an error of the guest's own comes first
@@ -363,8 +402,7 @@ def reset_request(uc: Any) -> ctypes.c_bool:
 def halted_flag(uc: Any) -> ctypes.c_uint32:
     """CPUState.halted of ``uc`` (any x86 mode): 1 after emu_start returned because the guest
     ran HLT, 0 after a burst that ended by its instruction count; emu_start clears it."""
-    return ctypes.c_uint32.from_address(
-        _cpu_state(uc) + layout().exception_index - _HALTED_BEFORE_INDEX)
+    return ctypes.c_uint32.from_address(_cpu_state(uc) + layout().halted)
 
 
 def _find_segs(uc: Any, cpu: int, dr: int) -> int:
@@ -400,8 +438,7 @@ class NativeCpu:
         self._exception_index = ctypes.c_int32.from_address(
             self.cpu + self._layout.exception_index)
         self._eip = ctypes.c_uint64.from_address(self.cpu + self._layout.eip)
-        self._hflags = ctypes.c_uint32.from_address(
-            self.cpu + self._layout.segs - HFLAGS_BEFORE_SEGS)
+        self._hflags = ctypes.c_uint32.from_address(self.cpu + self._layout.hflags)
         self._segs = (SegmentCache * 6).from_address(self.cpu + self._layout.segs)
         #: env->regs[16] in QEMU's order (cpu.h R_EAX, R_ECX, R_EDX, R_EBX, R_ESP, ...), and
         #: env->cr[5]: read and written in place from inside a hook, without the binding's
