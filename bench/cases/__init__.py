@@ -32,7 +32,16 @@ CaseRunner = Callable[[Context], CaseResult]
 
 
 def registry() -> dict[str, ModuleType]:
-    from bench.cases import abstraction, exit_cost, first_run, milestones, rss, smp, startup
+    from bench.cases import (
+        abstraction,
+        exit_cost,
+        first_run,
+        milestones,
+        rss,
+        smp,
+        startup,
+        userspace,
+    )
 
-    mods = (startup, first_run, exit_cost, abstraction, rss, milestones, smp)
+    mods = (startup, first_run, exit_cost, abstraction, rss, milestones, smp, userspace)
     return {m.NAME: m for m in mods}
