@@ -57,7 +57,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="what QEMU runs in the rss case (default: %(default)s)")
     p.add_argument("--libunicorn", type=Path, metavar="DIR",
                    help="run vmm-arch's emulate backend with DIR/libunicorn.so.2 instead of "
-                        "the wheel's (e.g. the one `python -m bench.unicorn_fix` builds)")
+                        "its engine (VMMARCH_ENGINE=wheel in the environment: the wheel's)")
     args = p.parse_args(argv)
     lib_name = inputs_module.LIBUNICORN_NAME
     if args.libunicorn is not None and not (args.libunicorn / lib_name).is_file():
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = Inputs(progress, want_peer=not args.no_peer)
     facts = report.machine_facts()
     qemu = inputs.qemu()
-    facts["libunicorn"] = str(inputs_module.LIBUNICORN or "the unicorn wheel's")
+    facts["libunicorn"] = inputs_module.engine_choice()
     facts["qemu"] = qemu.version if qemu is not None else f"unavailable: {inputs.qemu_error}"
     modules = registry()
     results: list[CaseResult] = []

@@ -25,15 +25,16 @@ def vmm_arch_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "vmmarch_cli", *args]
 
 
-#: The unicorn library vmm-arch's emulate backend runs with (``--libunicorn``; None: the
-#: installed wheel's). unicorn's Python binding loads ``$LIBUNICORN_PATH/libunicorn.so.2``.
+#: A unicorn library for vmm-arch's emulate backend to run on instead of its engine
+#: (``--libunicorn``; None: the backend's own choice, docs/backends.md "The CPU engine").
+#: The backend loads ``$LIBUNICORN_PATH/libunicorn.so.2`` when that is set.
 LIBUNICORN: Path | None = None
 LIBUNICORN_NAME = "libunicorn.so.2"
 
 
 def libunicorn_env(lib_dir: Path | None) -> dict[str, str]:
-    """This environment with unicorn's library set to ``lib_dir``'s (None: the wheel's),
-    never inherited by accident."""
+    """This environment with unicorn's library set to ``lib_dir``'s (None: the backend's own
+    choice), never inherited by accident."""
     env = {k: v for k, v in os.environ.items() if k != "LIBUNICORN_PATH"}
     if lib_dir is not None:
         env["LIBUNICORN_PATH"] = str(lib_dir)
@@ -47,6 +48,21 @@ def vmm_arch_env() -> dict[str, str]:
     env = libunicorn_env(LIBUNICORN)
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{path}" if path else str(REPO)
     return env
+
+
+def engine_choice() -> str:
+    """Which unicorn library vmm-arch's emulate backend loads in the benchmarked processes
+    (their environment: ``VMMARCH_ENGINE``, ``--libunicorn``). Loading it also builds the
+    engine if it is not built yet, so no timed run pays for that build."""
+    code = ("import json; from backends.emulate import library; c = library.load(); "
+            "print(json.dumps({'kind': str(c.kind), 'library': c.library, 'reason': c.reason}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=vmm_arch_env(), cwd=REPO, check=False)
+    if done.returncode != 0:
+        return f"unknown ({(done.stderr.strip().splitlines() or ['no output'])[-1]})"
+    choice = json.loads(done.stdout.strip().splitlines()[-1])
+    why = f", {choice['reason']}" if choice["reason"] else ""
+    return f"{choice['kind']} ({choice['library']}{why})"
 
 
 def byte_compile() -> None:

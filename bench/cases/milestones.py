@@ -210,7 +210,7 @@ def run(ctx: Context) -> CaseResult:
             "both run to the init marker; vmm-arch then exits through the port, QEMU is killed",
             "target (issue 9): the init marker <= 1.0x QEMU TCG",
             "vmm-arch's unicorn library: "
-            + (f"{inputs.LIBUNICORN} (--libunicorn)" if inputs.LIBUNICORN else "the wheel's"),
+            + inputs.engine_choice(),
         ]
         tables.append(emu)
     result = CaseResult(NAME, tables)

@@ -19,8 +19,6 @@ did other work than the rest fails the case rather than give a ratio.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,21 +99,6 @@ def _qemu(runs: Runs, argv: list[str]) -> Sample:
     return runs.sample(run, log)
 
 
-def engine_choice() -> str:
-    """Which unicorn library vmm-arch's emulate backend loads in the benchmarked processes
-    (their environment: ``VMMARCH_ENGINE``, ``--libunicorn``). Loading it also builds the
-    engine if it is not built yet, so no timed run pays for that build."""
-    code = ("import json; from backends.emulate import library; c = library.load(); "
-            "print(json.dumps({'kind': str(c.kind), 'library': c.library, 'reason': c.reason}))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=inputs.vmm_arch_env(), cwd=inputs.REPO, check=False)
-    if done.returncode != 0:
-        return f"unknown ({(done.stderr.strip().splitlines() or ['no output'])[-1]})"
-    choice = json.loads(done.stdout.strip().splitlines()[-1])
-    why = f", {choice['reason']}" if choice["reason"] else ""
-    return f"{choice['kind']} ({choice['library']}{why})"
-
-
 def check_reports(work: guest.Workload, sides: list[Runs]) -> list[str]:
     """Notes on the guests' reports; raises if any run did other work than expected or than
     another run (same results, same sanity line). A run that never printed its report (a
@@ -165,7 +148,7 @@ def run(ctx: Context) -> CaseResult:
     initrd = guest.build_initrd(work, busybox, inputs.WORK_DIR / "userspace")
     qemu = ctx.inputs.qemu()
     ctx.say("userspace: loading vmm-arch's unicorn library (building the engine if need be)")
-    engine = engine_choice()
+    engine = inputs.engine_choice()
     tcg_extra = peers.tcg_tsc_parameter()
 
     a_side, b_side = Runs("vmm-arch"), Runs("QEMU")
