@@ -16,7 +16,13 @@ import pytest
 
 from vmmarch_cli.errors import BadInputError
 from vmmarch_cli.loader.bzimage_payload import extract_vmlinux, payload_of
-from vmmarch_cli.loader.decompress import COMPRESSIONS, Compression, decompress, detect
+from vmmarch_cli.loader.decompress import (
+    COMPRESSIONS,
+    Compression,
+    _lzo1x_block,
+    decompress,
+    detect,
+)
 
 LZ4_MAGIC = b"\x02\x21\x4c\x18"
 BLOCK = 8 << 20
@@ -100,8 +106,41 @@ def test_detect_none_and_unknown() -> None:
             detect(junk)
 
 
-def test_lzo_refused() -> None:
-    with pytest.raises(BadInputError, match=r"lzo.*unsupported"):
+# LZO1X instructions by hand (Documentation/staging/lzo.rst); real lzop output is decoded in
+# tests/test_host_decompress.py.
+LZO_END = b"\x11\x00\x00"  # M4 with distance 16384: end of stream
+
+
+def test_lzo1x_instructions() -> None:
+    stream = (
+        bytes([17 + 4]) + b"abcd"  # first byte 18..255: copy (byte - 17) literals; state 4
+        + bytes([0b01_1_011_00, 0])  # M2: length 3 + 1, distance (0 << 3) + 3 + 1 = 4
+        + bytes([0b001_00110, 3 << 2 | 1, 0])  # M3: length 2 + 6 from distance 4 (overlapping),
+        + b"X"  # then S = 1 literal
+        + LZO_END
+    )
+    assert _lzo1x_block(stream, 17) == b"abcd" * 4 + b"X"
+
+
+def test_lzo1x_extended_literal_run() -> None:
+    # 0000LLLL with L = 0 in state 0: 3 + 15 + 255 per zero byte + the first non-zero byte.
+    literals = bytes(range(256)) + bytes(22)
+    stream = b"\x00\x00\x05" + literals + LZO_END
+    assert _lzo1x_block(stream, 278) == literals
+
+
+@pytest.mark.parametrize(("stream", "error"), [
+    (b"\x10\x01\x04\x00" + LZO_END, ValueError),  # first byte 16: an M4 with nothing before
+    (bytes([17 + 4]) + b"ab", IndexError),  # cut inside the literals
+    (b"\x11\x01", ValueError),  # bitstream version 1 (lzo-rle)
+])
+def test_lzo1x_refuses(stream: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        _lzo1x_block(stream, 100)
+
+
+def test_lzo_header_only() -> None:
+    with pytest.raises(BadInputError, match="lzo payload"):
         decompress(b"\x89LZO\x00\r\n\x1a\n" + b"\0" * 32)
 
 

@@ -1,6 +1,7 @@
 """Debian's stock cloud kernel on the software CPU (``--backend emulate``, issue 9): to the
-busybox init marker three ways, the same facts as the kernel prints on KVM, and ``run``'s exit
-status and streams. Each boot takes seconds here (against minutes on this host's KVM)."""
+busybox init marker four ways (the ELF through both protocols, the bzImage decompressed by its
+own decompressor and by the host), the same facts as the kernel prints on KVM, and ``run``'s
+exit status and streams. Each boot takes seconds here (against minutes on this host's KVM)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ MARKER = "VMM-INIT-REACHED"
 STOCK_BOOTS = ("elf-linux64",)
 #: Seconds a boot may take: ~6 s alone, slower while the KVM boots share the two cores.
 TIMEOUT = 600
-WAYS = {"elf-linux64": ("{vmlinux}", "linux"), "elf-pvh": ("{vmlinux}", "pvh"),
-        "bzimage": ("{bzimage}", "linux")}
+#: Way -> (kernel, --boot-protocol, --decompress).
+WAYS = {"elf-linux64": ("{vmlinux}", "linux", "auto"), "elf-pvh": ("{vmlinux}", "pvh", "auto"),
+        "bzimage": ("{bzimage}", "linux", "guest"),
+        "bzimage-host": ("{bzimage}", "linux", "host")}
 
 
 @dataclass
@@ -67,10 +70,11 @@ def _vmm(args: list[str], log: Path | None = None) -> Run:
 def boots(stock: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     out = tmp_path_factory.mktemp("emulate")
     done = {}
-    for way, (kernel, protocol) in WAYS.items():
+    for way, (kernel, protocol, decompress) in WAYS.items():
         done[way] = _vmm(["boot", "--backend", "emulate", "--timeout", str(TIMEOUT), "--initrd",
                           str(stock["initramfs"]), "--json", "--quiet", "--boot-protocol",
-                          protocol, kernel.format(**{k: str(v) for k, v in stock.items()})],
+                          protocol, "--decompress", decompress,
+                          kernel.format(**{k: str(v) for k, v in stock.items()})],
                          out / f"{way}.log")
     return done
 
@@ -112,6 +116,67 @@ def test_the_kernel_sees_the_same_machine_on_kvm(boots: dict[str, Run], stock_bo
         on_kvm = re.findall(pattern, kvm)
         assert on_kvm, f"the KVM boot printed no {pattern!r}"
         assert re.findall(pattern, emulated) == on_kvm, pattern
+
+
+def test_the_host_decompressed_bzimage_skips_the_kernels_decompressor(
+        boots: dict[str, Run]) -> None:
+    """The kernel's decompressor, when it randomizes the kernel's placement, sets KASLR_FLAG in
+    boot_params.hdr.loadflags (arch/x86/boot/compressed/kaslr.c, choose_random_location), and
+    only then does the kernel randomize its memory regions too and print "Memory KASLR using
+    ..." (arch/x86/mm/kaslr.c, kaslr_memory_enabled). The host-decompressed vmlinux starts at
+    its own entry with the bzImage's header, in which the flag is clear: no such line."""
+    host, guest = boots["bzimage-host"], boots["bzimage"]
+    assert (host.result["kernel"]["entry"], guest.result["kernel"]["entry"]) == \
+        ("0x1000000", "0x100200")
+    assert host.result["kernel"]["decompress"]["where"] == "host"
+    assert host.result["kernel"]["decompress"]["compression"] == "lz4"
+    assert guest.result["kernel"]["decompress"]["where"] == "guest"
+    assert "Memory KASLR using" in guest.console
+    assert "Memory KASLR using" not in host.console
+
+
+@pytest.mark.parametrize("decompress", ["host", "guest"])
+def test_where_the_kernel_runs(stock: dict[str, Path], decompress: str) -> None:
+    """From inside the guest: the host-decompressed kernel runs where it was linked (physical
+    LOAD_PHYSICAL_ADDR, 16 MiB; virtual __START_KERNEL_map + 16 MiB), as with ``nokaslr``;
+    the kernel's own decompressor places it at random (both addresses equal to the linked
+    ones by chance: about 1 in 50,000)."""
+    r = _vmm(["run", "--backend", "emulate", "--decompress", decompress, "--timeout",
+              str(TIMEOUT), str(stock["bzimage"]), "--", "sh", "-c",
+              "grep 'Kernel code' /proc/iomem; grep -w _text /proc/kallsyms"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    physical = re.search(r"^\s*([0-9a-f]+)-[0-9a-f]+ : Kernel code$", r.stdout, re.MULTILINE)
+    virtual = re.search(r"^([0-9a-f]{16}) T _text$", r.stdout, re.MULTILINE)
+    assert physical and virtual, r.stdout
+    linked = (0x100_0000, 0xFFFF_FFFF_8100_0000)
+    placed = (int(physical.group(1), 16), int(virtual.group(1), 16))
+    assert (placed == linked) == (decompress == "host"), placed
+
+
+def test_boot_params_carry_debians_setup_header(stock: dict[str, Path]) -> None:
+    """The guest finds the bzImage's own setup header in boot_params (code32_start aside: the
+    loader's, saying where the kernel is; cmdline_size: the length vmm-arch gives every
+    kernel), read back from guest memory before the guest runs."""
+    from vmmarch_cli import loader, machine
+    from vmmarch_cli.arch.x86_64 import boot_params, layout
+    from vmmarch_cli.config import BootConfig
+    from vmmarch_cli.loader.host_decompress import Decompress
+
+    image = stock["bzimage"].read_bytes()
+    config = BootConfig(kernel=stock["bzimage"], backend="emulate", decompress=Decompress.HOST)
+    with machine.prepare(config, quiet=True) as prepared:
+        page = prepared.vm.memory.read(layout.ZERO_PAGE_START, boot_params.ZERO_PAGE_SIZE)
+    bz = loader.parse_kernel(stock["bzimage"]).bzimage
+    assert bz is not None
+    header_end = boot_params.SETUP_HEADER_START + len(bz.header.raw)
+    written = {"code32_start", "type_of_loader", "cmd_line_ptr", "cmdline_size",
+               "ramdisk_image", "ramdisk_size"}
+    for name, (offset, _) in boot_params.FIELDS.items():
+        if boot_params.SETUP_HEADER_START <= offset < header_end and name not in written:
+            assert boot_params.get(page, name) == boot_params.get(
+                image[: boot_params.ZERO_PAGE_SIZE], name), name
+    assert boot_params.get(page, "code32_start") == 0x100_0000
+    assert boot_params.get(page, "version") == 0x020F
 
 
 def test_com_ports_get_their_irqs_through_acpi(boot: Run) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vmmarch_cli.arch.x86_64 import layout
 from vmmarch_cli.loader.errors import InvalidMemorySize
+from vmmarch_cli.loader.host_decompress import Decompress
 
 MIN_MEM = 16 * layout.MiB
 #: 1 TiB: far beyond this machine, but below anything that overflows the 52-bit address space.
@@ -74,4 +75,5 @@ class BootConfig:
     timeout: float | None = None
     expect: tuple[str, ...] = field(default=())
     boot_protocol: str = "auto"  # "auto", "linux" or "pvh"
+    decompress: Decompress = Decompress.AUTO  # a bzImage's payload: by the host or the guest
     profile_hz: float = 0.0  # sample the guest RIP this often (0: off)

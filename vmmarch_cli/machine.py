@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -37,6 +38,7 @@ from vmmarch_cli.devices.i8042 import I8042, I8042_DATA_PORT
 from vmmarch_cli.devices.rtc import CmosRtc
 from vmmarch_cli.devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial8250
 from vmmarch_cli.loader import KernelImage
+from vmmarch_cli.loader.host_decompress import Decompress, Decompression
 from vmmarch_cli.vcpu import (
     Halt,
     Hypervisor,
@@ -143,6 +145,38 @@ def choose_protocol(kernel: KernelImage, requested: str) -> tuple[str, int]:
     return LINUX64, kernel.entry
 
 
+#: Backends whose vCPUs are a software CPU (docs/backends.md): every guest instruction is
+#: emulated there, the kernel's own decompressor included.
+SOFTWARE_CPU_BACKENDS = frozenset({"emulate"})
+
+
+def choose_decompression(requested: Decompress, backend: str,
+                         ring0_emulated: Callable[[], bool]) -> Decompression:
+    """Where a bzImage's payload is decompressed (docs/decompression.md). ``auto`` takes the
+    host wherever the guest's ring 0 does not run on hardware: on a software CPU, and on a KVM
+    that emulates it, which ``ring0_emulated`` tells (asked only then; ``prepare`` answers with
+    the hypervisor's default CPU mask, the same sign its command line extras follow)."""
+    if requested is not Decompress.AUTO:
+        return Decompression(requested, requested, f"--decompress {requested}")
+    if backend in SOFTWARE_CPU_BACKENDS:
+        return Decompression(requested, Decompress.HOST,
+                             f"auto: the {backend} backend runs the guest on a software CPU")
+    if ring0_emulated():
+        return Decompression(requested, Decompress.HOST,
+                             f"auto: this host's {backend} emulates the guest's ring 0")
+    return Decompression(requested, Decompress.GUEST,
+                         "auto: the guest's ring 0 runs on hardware")
+
+
+def fallback_notice(kernel: KernelImage) -> str | None:
+    """The one line a boot prints when the host was to decompress a bzImage and could not."""
+    d = kernel.decompression
+    if d is None or not d.fallback:
+        return None
+    return (f"vmm-arch: {kernel.path}: the host cannot decompress its payload ({d.fallback}); "
+            "the kernel's own decompressor runs in the guest")
+
+
 @dataclass
 class Prepared:
     """A VM with the kernel loaded and every vCPU configured, not yet running."""
@@ -162,7 +196,8 @@ class Prepared:
 @contextmanager
 def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
     """Open the backend (which reports on stderr unless ``quiet``), build the VM, load the
-    kernel and run the arch pipeline."""
+    kernel and run the arch pipeline. A bzImage the host was to decompress but could not is
+    reported on stderr in one line (unless ``quiet``) once everything else has succeeded."""
     t0 = time.monotonic()
     hv = backends.open_backend(config.backend, quiet)
     try:
@@ -177,7 +212,9 @@ def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
         vm = hv.create_vm(e820.ram_layout(config.mem_size))
         try:
             t1 = time.monotonic()
-            kernel = loader.load_kernel(config.kernel, vm.memory)
+            decompression = choose_decompression(config.decompress, hv.name,
+                                                 lambda: bool(host_mask))
+            kernel = loader.load_kernel(config.kernel, vm.memory, decompression)
             initrd = (0, 0)
             if config.initrd is not None:
                 initrd = loader.load_initrd(config.initrd, vm.memory, kernel)
@@ -203,6 +240,9 @@ def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
             records = configure(plan, vm.memory, vcpus, supported)
             t3 = time.monotonic()
             timings = {"open": t1 - t0, "load": t2 - t1, "setup": t3 - t2}
+            notice = fallback_notice(kernel)
+            if notice is not None and not quiet:
+                print(notice, file=sys.stderr, flush=True)
             yield Prepared(hv, vm, vcpus, kernel, protocol, entry, cmdline, mask, records,
                            timings)
         finally:

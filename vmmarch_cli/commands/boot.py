@@ -46,9 +46,11 @@ def boot_command(ctx: click.Context, /, as_json: bool, quiet: bool, verbose: boo
                  **kwargs: Any) -> None:
     """Boot KERNEL and stream the guest console to stdout.
 
-    KERNEL is an ELF vmlinux (x86_64). The run ends when the guest writes a status to the exit
-    port 0xf4 (that status is the exit status), powers off or resets (0), panics (255), faults
-    (70, registers printed), matches every --expect (0), or hits --timeout (124).
+    KERNEL is an ELF vmlinux (x86_64) or a bzImage (--decompress says who decompresses its
+    payload; the first line says who did, and why). The run ends when the guest writes a
+    status to the exit port 0xf4 (that status is the exit status), powers off or resets (0),
+    panics (255), faults (70, registers printed), matches every --expect (0), or hits
+    --timeout (124).
 
     A phase timing summary goes to stderr. On this kind of host (a KVM that emulates ring 0)
     the default CPU mask and `mitigations=off` are applied; `vmm-arch backends` says which.
@@ -67,9 +69,11 @@ def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, 
     log = console_log.open("wb") if console_log is not None else None
     def announce(p: machine.Prepared) -> None:
         if not quiet:
+            d = p.kernel.decompression
+            how = f", {d.describe()}" if d is not None else ""
             click.echo(f"vmm-arch: {p.kernel.format} {p.kernel.path} via the "
                        f"{PROTOCOL_NAMES[p.protocol]} (entry {p.plan_entry:#x}) on "
-                       f"{config.backend}, cmdline: {p.cmdline}", err=True)
+                       f"{config.backend}{how}, cmdline: {p.cmdline}", err=True)
 
     try:
         result = machine.run(config, sink, log, on_ready=announce, quiet=quiet)
@@ -113,9 +117,11 @@ def result_json(r: BootResult) -> dict[str, Any]:
         "warnings": r.warnings,
     }
     if r.kernel is not None:
+        d = r.kernel.decompression
         doc["kernel"] = {"path": r.kernel.path, "format": r.kernel.format,
                          "entry": f"{r.kernel.entry:#x}", "boot_protocol": r.protocol,
-                         "load": [f"{r.kernel.load_start:#x}", f"{r.kernel.load_end:#x}"]}
+                         "load": [f"{r.kernel.load_start:#x}", f"{r.kernel.load_end:#x}"],
+                         "decompress": d.as_json() if d is not None else None}
     if r.fault is not None:
         doc["fault"] = {
             "cpu": r.fault.cpu,

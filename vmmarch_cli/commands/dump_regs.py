@@ -98,7 +98,9 @@ def _document(config: BootConfig, prepared: machine.Prepared, cpu: int | None = 
     doc = {
         "backend": config.backend,
         "kernel": {"path": prepared.kernel.path, "format": prepared.kernel.format,
-                   "entry": f"{prepared.kernel.entry:#x}", "boot_protocol": prepared.protocol},
+                   "entry": f"{prepared.kernel.entry:#x}", "boot_protocol": prepared.protocol,
+                   "decompress": (prepared.kernel.decompression.as_json()
+                                  if prepared.kernel.decompression is not None else None)},
         "cmdline": prepared.cmdline,
         "cpu_mask": sorted(prepared.cpu_mask),
         "steps": [{"step": r.step, "target": r.target, "set": r.summary}

@@ -12,7 +12,10 @@ import click
 from rich.console import Console
 
 from vmmarch_cli import files, loader
-from vmmarch_cli.machine import choose_protocol
+from vmmarch_cli.commands import options
+from vmmarch_cli.errors import BackendUnavailableError, BadInputError
+from vmmarch_cli.loader.host_decompress import Decompress
+from vmmarch_cli.machine import choose_decompression, choose_protocol
 from vmmarch_cli.render import kv_table
 
 #: Setup-header fields shown, with what each means (Documentation/arch/x86/boot.rst).
@@ -49,9 +52,35 @@ def _version(path: Path, image: loader.ParsedKernel) -> str | None:
         return found.group(0).decode(errors="replace") if found else None
 
 
-def describe(path: Path) -> dict[str, Any]:
+def _ring0_emulated(backend: str) -> bool:
+    """What ``machine.prepare`` asks of an open backend: a default CPU mask means that the
+    host emulates the guest's ring 0 (opens the backend for the answer, quietly)."""
+    import backends
+
+    hv = backends.open_backend(backend, quiet=True)
+    try:
+        return bool(hv.default_cpu_mask())
+    finally:
+        close = getattr(hv, "close", None)
+        if close is not None:
+            close()
+
+
+def describe(path: Path, backend: str = "kvm",
+             decompress: Decompress = Decompress.AUTO) -> dict[str, Any]:
+    """The image's facts, and what ``boot --backend BACKEND --decompress DECOMPRESS`` would do
+    with it: for a bzImage the host decompresses, the vmlinux it boots (decompressed now and
+    cached, as boot would)."""
     parsed = loader.parse_kernel(path)
-    k = parsed.image
+    booted, unknown = parsed, ""
+    if parsed.bzimage is not None:
+        try:
+            plan = choose_decompression(decompress, backend, lambda: _ring0_emulated(backend))
+        except BackendUnavailableError as exc:
+            unknown = f"auto depends on the {backend} backend, unusable here: {exc}"
+        else:
+            booted = loader.parse_kernel(path, plan)
+    k = booted.image
     offered = ["linux64"] + (["pvh"] if k.pvh_entry is not None else [])
     picked, entry = choose_protocol(k, "auto")
     doc: dict[str, Any] = {
@@ -61,7 +90,7 @@ def describe(path: Path) -> dict[str, Any]:
         "version": _version(path, parsed),
         "boot_protocols": offered,
         "boot_picks": picked,
-        "entry_64bit": f"{k.entry:#x}",
+        "entry_64bit": f"{parsed.image.entry:#x}",
         "pvh_entry": f"{k.pvh_entry:#x}" if k.pvh_entry is not None else None,
         "load_range": [f"{k.load_start:#x}", f"{k.load_end:#x}"],
         "memory_needed_mib": -(-k.load_end // (1 << 20)),
@@ -85,7 +114,15 @@ def describe(path: Path) -> dict[str, Any]:
             name: {"value": f"{bz.header.get(name):#x}", "meaning": meaning}
             for name, meaning in HEADER_FIELDS.items()
         }
-        doc["payload_compression"] = detect(payload_of(path.read_bytes()))
+        try:
+            doc["payload_compression"] = detect(payload_of(path.read_bytes()))
+        except BadInputError:
+            doc["payload_compression"] = None  # no format known here: boot lets the guest try
+        d = k.decompression
+        doc["decompress"] = (d.as_json() if d is not None and not unknown else
+                             {"requested": str(decompress), "where": None, "why": unknown})
+        if d is not None and not unknown:
+            doc["decompress"]["summary"] = d.describe()
     return doc
 
 
@@ -94,12 +131,19 @@ def describe(path: Path) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--extract-vmlinux", "extract", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the ELF vmlinux inside a bzImage to this file.")
-def inspect_command(kernel: Path, as_json: bool, extract: Path | None) -> None:
+@options.backend_option
+@options.decompress_option
+def inspect_command(kernel: Path, as_json: bool, extract: Path | None, backend: str,
+                    decompress: str) -> None:
     """Show what KERNEL is (detected from its bytes) and how `vmm-arch boot` would start it:
     format, version, boot protocols offered and the one picked, entry points, load segments,
     the PVH note, setup-header fields with their meaning, payload compression, memory needed.
+
+    For a bzImage it also says who would decompress the payload, given --backend and
+    --decompress as boot takes them; a payload the host would decompress is decompressed and
+    cached now, as boot would.
     """
-    doc = describe(kernel)
+    doc = describe(kernel, backend, Decompress(decompress))
     if extract is not None:
         if doc["format"] != "bzimage":
             raise click.UsageError("--extract-vmlinux needs a bzImage")
@@ -126,5 +170,14 @@ def inspect_command(kernel: Path, as_json: bool, extract: Path | None) -> None:
     if "setup_header" in doc:
         rows = [(n, f"{f['value']:>12}  {f['meaning']}") for n, f in doc["setup_header"].items()]
         out.print(kv_table("setup header", rows))
+    if "decompress" in doc:
+        d = doc["decompress"]
+        rows = [("boot would", d.get("summary") or f"decide at boot ({d['why']})")]
+        if d.get("fallback"):
+            rows.append(("host cannot", d["fallback"]))
+        if d.get("vmlinux"):
+            rows.append(("cached vmlinux", d["vmlinux"]))
+        out.print(kv_table(f"decompression (--backend {backend} --decompress {decompress})",
+                           rows))
     if "extracted" in doc:
         out.print(f"wrote {doc['extracted']['size']} bytes to {doc['extracted']['path']}")

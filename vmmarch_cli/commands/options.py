@@ -10,16 +10,25 @@ import click
 
 from vmmarch_cli.arch.x86_64 import acpi, cpuid
 from vmmarch_cli.config import BASE_CMDLINE, BootConfig, parse_mem_size
+from vmmarch_cli.loader.host_decompress import Decompress
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 kernel_argument = click.argument("kernel", type=click.Path(path_type=Path))
 
+backend_option = click.option("--backend", default="kvm", show_default=True,
+                              help="Hypervisor backend (see `vmm-arch backends`).")
+decompress_option = click.option(
+    "--decompress", type=click.Choice([d.value for d in Decompress]),
+    default=Decompress.AUTO.value, show_default=True,
+    help="Who decompresses a bzImage's payload: host (vmm-arch, cached; the kernel then boots "
+         "without KASLR), guest (the kernel's own decompressor), or auto: host on the emulate "
+         "backend and on a KVM that emulates guest ring 0, guest on hardware KVM.")
+
 
 def boot_options(f: F) -> F:
     decorators = [
-        click.option("--backend", default="kvm", show_default=True,
-                     help="Hypervisor backend (see `vmm-arch backends`)."),
+        backend_option,
         click.option("--initrd", type=click.Path(path_type=Path),
                      help="Initramfs to load at the top of low memory."),
         click.option("--cmdline", default=None, metavar="TEXT",
@@ -42,6 +51,7 @@ def boot_options(f: F) -> F:
                      help="CPU features to hide from the guest, comma-separated "
                           "(e.g. cx16,xsave,smap; 'none' hides nothing). Default: what this "
                           "host's KVM cannot run in guest ring 0 (empty on hardware KVM)."),
+        decompress_option,
     ]
     for d in reversed(decorators):
         f = d(f)
@@ -66,4 +76,5 @@ def boot_config(kwargs: dict[str, Any]) -> BootConfig:
         timeout=kwargs.pop("timeout", None),
         expect=tuple(kwargs.pop("expect", ())),
         boot_protocol=kwargs.pop("boot_protocol"),
+        decompress=Decompress(kwargs.pop("decompress")),
     )

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BufferedReader
 from pathlib import Path
 
 from vmmarch_cli.arch.x86_64 import layout
 from vmmarch_cli.loader import bzimage, elf, errors
+from vmmarch_cli.loader.host_decompress import (
+    Decompress,
+    Decompression,
+    HostCannotDecompress,
+    HostVmlinux,
+    VmlinuxFile,
+    host_vmlinux,
+)
 from vmmarch_cli.vcpu import GuestMemory
 
 PAGE_SIZE = 4096
@@ -30,17 +38,21 @@ class KernelImage:
     initrd_addr_max: int = DEFAULT_INITRD_ADDR_MAX
     #: boot_params.kernel_alignment to report; 0 keeps the image's own (bzImage).
     kernel_alignment: int = 0x100_0000
+    #: A bzImage: who decompressed its payload, and why (None for an ELF).
+    decompression: Decompression | None = None
 
 
 @dataclass(frozen=True)
 class ParsedKernel:
-    """A validated kernel image, before anything is written to guest memory."""
+    """A validated kernel image, before anything is written to guest memory. ``elf`` with
+    ``bzimage`` is the bzImage's vmlinux, decompressed on the host and held in ``vmlinux``."""
 
     path: Path
     size: int
     image: KernelImage
     elf: elf.ElfInfo | None = None
     bzimage: bzimage.BzImageInfo | None = None
+    vmlinux: HostVmlinux | None = None
 
 
 def _open(path: Path) -> BufferedReader:
@@ -54,8 +66,15 @@ def _open(path: Path) -> BufferedReader:
         raise errors.KernelNotFound(f"{path}: cannot read: {e.strerror}") from None
 
 
-def parse_kernel(path: Path) -> ParsedKernel:
-    """Detect the format from the bytes and validate every header; reads headers only."""
+#: What a bzImage gets when the caller plans nothing: the kernel decompresses itself.
+GUEST_DECOMPRESSES = Decompression(Decompress.GUEST, Decompress.GUEST, "--decompress guest")
+
+
+def parse_kernel(path: Path, plan: Decompression = GUEST_DECOMPRESSES) -> ParsedKernel:
+    """Detect the format from the bytes and validate every header; reads headers only, except
+    for a bzImage whose ``plan`` says HOST: its payload is decompressed then (or its vmlinux
+    taken from the cache), and the image describes that vmlinux. When the host cannot decode
+    the payload, the bzImage stays as it is and ``image.decompression.fallback`` says why."""
     name = str(path)
     with _open(path) as f:
         size = path.stat().st_size
@@ -75,8 +94,16 @@ def parse_kernel(path: Path) -> ParsedKernel:
                 cmdline_max=bzimage.cmdline_max(bz),
                 initrd_addr_max=bzimage.initrd_addr_max(bz, DEFAULT_INITRD_ADDR_MAX),
                 kernel_alignment=0,
+                decompression=plan,
             )
-            return ParsedKernel(path, size, image, bzimage=bz)
+            parsed = ParsedKernel(path, size, image, bzimage=bz)
+            if plan.where is not Decompress.HOST:
+                return parsed
+            try:
+                return _decompressed(parsed, bz, f.read(), plan)
+            except HostCannotDecompress as exc:
+                fallback = replace(plan, where=Decompress.GUEST, fallback=str(exc))
+                return replace(parsed, image=replace(image, decompression=fallback))
         if head[:4] != elf.ELF_MAGIC:
             raise errors.UnknownKernelFormat(
                 f"{name}: neither an ELF vmlinux nor a bzImage (starts with "
@@ -94,14 +121,53 @@ def parse_kernel(path: Path) -> ParsedKernel:
     return ParsedKernel(path, size, image, elf=info)
 
 
-def load_kernel(path: Path, memory: GuestMemory) -> KernelImage:
-    """Parse, check against guest RAM, then copy the image in."""
-    parsed = parse_kernel(path)
+def _decompressed(parsed: ParsedKernel, bz: bzimage.BzImageInfo, data: bytes,
+                  plan: Decompression) -> ParsedKernel:
+    """The bzImage's vmlinux (decompressed now, or cached) as the kernel to load: an ELF entered
+    through the 64-bit protocol at its own entry, with the bzImage's setup header for
+    boot_params (code32_start saying where the kernel is)."""
+    name = _vmlinux_name(parsed.path)
+
+    def parse(f: VmlinuxFile) -> elf.ElfInfo:
+        size = f.seek(0, 2)
+        f.seek(0)
+        return elf.parse(f, size, name)
+
+    vmlinux, info = host_vmlinux(data, parse)
+    done = replace(plan, compression=vmlinux.compression, cached=vmlinux.cached,
+                   seconds=vmlinux.seconds, note=vmlinux.note,
+                   vmlinux=str(vmlinux.path) if vmlinux.path is not None else "")
+    image = replace(
+        parsed.image,
+        entry=info.entry,
+        load_start=info.load_start,
+        load_end=info.load_end,
+        setup_header=bzimage.zero_page_header(bz, kernel_address=info.load_start),
+        decompression=done,
+    )
+    return replace(parsed, image=image, elf=info, vmlinux=vmlinux)
+
+
+def _vmlinux_name(path: Path) -> str:
+    """How errors name the vmlinux of a bzImage decompressed on the host."""
+    return f"{path} (its vmlinux, decompressed on the host)"
+
+
+def load_kernel(path: Path, memory: GuestMemory,
+                plan: Decompression = GUEST_DECOMPRESSES) -> KernelImage:
+    """Parse (decompressing a bzImage on the host if ``plan`` says so, see ``parse_kernel``),
+    check against guest RAM, then copy the image in."""
+    parsed = parse_kernel(path, plan)
+    name = str(path)
+    if parsed.vmlinux is not None and parsed.elf is not None:
+        with parsed.vmlinux.open() as v:
+            elf.load(v, parsed.elf, memory, _vmlinux_name(path))
+        return parsed.image
     with _open(path) as f:
         if parsed.bzimage is not None:
-            bzimage.load(f, parsed.bzimage, memory, str(path))
+            bzimage.load(f, parsed.bzimage, memory, name)
         elif parsed.elf is not None:
-            elf.load(f, parsed.elf, memory, str(path))
+            elf.load(f, parsed.elf, memory, name)
     return parsed.image
 
 

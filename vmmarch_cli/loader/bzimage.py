@@ -4,6 +4,7 @@ The setup header is validated in full before anything is written (linux-loader c
 magic, the version and LOADED_HIGH; the rest is listed as missing in boot-pipeline.md section
 3). The protected-mode code is loaded at ``code32_start`` and entered at load + 0x200, the
 64-bit entry (boot.rst, "64-bit Boot Protocol"); the kernel decompresses itself from there.
+Or vmm-arch decompresses it and boots the vmlinux inside with this header (host_decompress.py).
 """
 
 from __future__ import annotations
@@ -57,12 +58,17 @@ class BzImageInfo:
 
     @property
     def decompress_start(self) -> int:
-        """Where the kernel will run after decompressing: the load address aligned up to
-        kernel_alignment (a relocatable kernel), never below pref_address otherwise."""
+        """Where the decompressor puts the kernel without KASLR (arch/x86/boot/compressed/
+        head_64.S, before "Target address to relocate to for decompression"): a relocatable
+        kernel at its load address aligned up to kernel_alignment but never below
+        LOAD_PHYSICAL_ADDR, any other kernel at LOAD_PHYSICAL_ADDR. The header reports
+        LOAD_PHYSICAL_ADDR as pref_address (boot.rst, protocol 2.10+); a header without one
+        (0) leaves the load address as the floor."""
+        floor = self.header.get("pref_address") or self.load_address
         if self.relocatable and self.kernel_alignment:
             align = self.kernel_alignment
-            return (self.load_address + align - 1) // align * align
-        return self.load_address
+            return max((self.load_address + align - 1) // align * align, floor)
+        return floor
 
     @property
     def end(self) -> int:
@@ -151,8 +157,16 @@ def load(f: BufferedReader, info: BzImageInfo, memory: GuestMemory, name: str) -
         raise errors.BzImageTruncated(f"{name}: short read of the protected-mode code")
 
 
-def zero_page_header(info: BzImageInfo) -> bytes:
-    """The image's setup header with the loader's own fields for this load."""
-    raw = bytearray(info.header.raw)
-    struct.pack_into("<I", raw, 0x214 - boot_params.SETUP_HEADER_START, info.load_address)
-    return bytes(raw)
+def zero_page_header(info: BzImageInfo, kernel_address: int | None = None) -> bytes:
+    """The image's setup header with the loader's own fields for this load.
+
+    ``kernel_address`` is where the kernel was placed when it is not the protected-mode code
+    at ``info.load_address`` (a vmlinux decompressed on the host): code32_start then says
+    where the kernel is (boot.rst: "This defaults to the load address of the kernel").
+    """
+    page = bytearray(boot_params.SETUP_HEADER_START) + info.header.raw
+    page = page.ljust(boot_params.ZERO_PAGE_SIZE, b"\0")
+    address = info.load_address if kernel_address is None else kernel_address
+    boot_params.put(page, "code32_start", address)
+    return bytes(page[boot_params.SETUP_HEADER_START : boot_params.SETUP_HEADER_START
+                      + len(info.header.raw)])

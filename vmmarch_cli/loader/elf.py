@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from io import BufferedReader
+from io import BufferedIOBase
 from typing import BinaryIO
 
 from elftools.common.exceptions import ELFError
@@ -170,7 +170,7 @@ def find_pvh_entry(note_segment: bytes, name: str) -> int | None:
     return None
 
 
-def load(f: BufferedReader, info: ElfInfo, memory: GuestMemory, name: str) -> None:
+def load(f: BufferedIOBase, info: ElfInfo, memory: GuestMemory, name: str) -> None:
     """Check every segment against guest RAM, then copy and zero-fill them."""
     for s in info.segments:
         if s.paddr < layout.HIMEM_START:
