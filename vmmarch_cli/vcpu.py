@@ -273,6 +273,29 @@ class Vcpu(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class PostedPortIo(Protocol):
+    """Optional: port accesses a vCPU completes itself, without an exit or a call to the VMM, as
+    the VMM posted them (the emulate backend's engine, patch 0010). A posted port's byte reads
+    return the value given; its byte writes are queued in order until ``collect_posted``. The
+    VMM posts only what has no other effect in the device's present state (devices/bus.py,
+    ``Posting``), and collects before it touches the device again."""
+
+    def post_port(self, port: int, read: int | None, queue: bool) -> bool:
+        """Answer byte reads of ``port`` with ``read`` (None: exit as usual) and queue its
+        byte writes (``queue``); from any thread. False when this vCPU cannot (then it never
+        will: every access exits as usual)."""
+        ...
+
+    def collect_posted(self) -> list[tuple[int, bytes]]:
+        """The queued writes, oldest first, as (port, bytes) runs; one caller at a time."""
+        ...
+
+    def posted_reads(self) -> int:
+        """How many reads were answered without an exit so far."""
+        ...
+
+
 class Vm(Protocol):
     """A virtual machine: memory, interrupt lines and vCPUs."""
 

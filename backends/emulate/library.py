@@ -244,6 +244,52 @@ class SystemCpu:
         return out
 
 
+class PostedPorts:
+    """The engine's posted port I/O for one unicorn instance (patch 0010, vcpu.PostedPortIo):
+    byte reads answered and byte writes queued inside the CPU, without a hook."""
+
+    QUEUE = 4096  # uc_priv.h VMMARCH_QUEUE: one collect empties a full queue
+
+    def __init__(self, uc: Any) -> None:
+        from backends.emulate.native import uc_handle
+
+        lib = loaded_library()
+        self._lib = lib
+        self._uc = uc_handle(uc)
+        for name, restype, argtypes in (
+            ("vmmarch_port_post", None,
+             [ctypes.c_void_p, ctypes.c_uint16, ctypes.c_int, ctypes.c_int]),
+            ("vmmarch_port_collect", ctypes.c_uint32,
+             [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint32]),
+            ("vmmarch_port_posted_ins", ctypes.c_uint64, [ctypes.c_void_p]),
+        ):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        self._buffer = (ctypes.c_uint32 * self.QUEUE)()
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(loaded_library(), "vmmarch_port_post")
+
+    def post(self, port: int, read: int | None, queue: bool) -> None:
+        self._lib.vmmarch_port_post(self._uc, port, -1 if read is None else read & 0xFF,
+                                    1 if queue else 0)
+
+    def collect(self) -> list[tuple[int, bytes]]:
+        """The queued writes as (port, bytes) runs, oldest first."""
+        count = self._lib.vmmarch_port_collect(self._uc, self._buffer, self.QUEUE)
+        runs: list[tuple[int, bytearray]] = []
+        for record in self._buffer[:count]:
+            port = record >> 8
+            if not runs or runs[-1][0] != port:
+                runs.append((port, bytearray()))
+            runs[-1][1].append(record & 0xFF)
+        return [(port, bytes(data)) for port, data in runs]
+
+    def reads(self) -> int:
+        return int(self._lib.vmmarch_port_posted_ins(self._uc))
+
+
 @dataclass(frozen=True)
 class Status:
     """What ``vmm-arch engine`` reports: the plan, the series, the cache, the last failure."""

@@ -23,7 +23,7 @@ from typing import Any
 from backends.emulate import apic, cpuid, delivery, descriptors, faults, native, smp
 from backends.emulate.binding import UcError, uc_const, x86
 from backends.emulate.engine import ENGINE_MSRS, Engine, refuse_compatibility_mode
-from backends.emulate.library import SystemCpu
+from backends.emulate.library import PostedPorts, SystemCpu
 from backends.emulate.native import R_EAX, R_EBX, R_ECX, R_EDX, NativeCpu
 from backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
 from vmmarch_cli.arch.x86_64 import msr, regs
@@ -153,6 +153,11 @@ class EmulateVcpu:
         self._line = threading.Lock()
         self._callback_error: Exception | None = None
         self._hook_events: dict[str, int] = {}  # delivered by the Python path, by name
+        # Posted port I/O (vcpu.PostedPortIo, the engine's patch 0010): what the VMM posted,
+        # applied when the instance is made; under ``_lock`` with the instance.
+        self._posts: dict[int, tuple[int | None, bool]] = {}
+        self._posted: PostedPorts | None = None
+        self._posted_reads = 0  # kept when the instance is closed
         self.rip_samples: Counter[int] = Counter()  # --profile (machine._sampler)
 
     # --- state -------------------------------------------------------------------------
@@ -685,6 +690,12 @@ class EmulateVcpu:
         engine.write_fpu(self._fpu)
         for index, value in self._msrs.items():
             engine.write_msr(index, value)
+        if PostedPorts.available():
+            posted = PostedPorts(engine.uc)
+            for port, (read, queue) in self._posts.items():
+                posted.post(port, read, queue)
+            with self._lock:
+                self._posted = posted
         self._halted_flag = native.halted_flag(engine.uc)
         if self._system is None:  # the engine reports a triple fault itself (take_shutdown)
             self._reset_flag = native.reset_request(engine.uc)
@@ -698,6 +709,25 @@ class EmulateVcpu:
         if self._alarm_thread is not None:
             self._alarm_thread.start()
         return engine
+
+    # --- posted port I/O (vcpu.PostedPortIo) -----------------------------------------------
+
+    def post_port(self, port: int, read: int | None, queue: bool) -> bool:
+        if not PostedPorts.available():
+            return False
+        with self._lock:
+            self._posts[port] = (read, queue)
+            if self._posted is not None:
+                self._posted.post(port, read, queue)
+        return True
+
+    def collect_posted(self) -> list[tuple[int, bytes]]:
+        with self._lock:
+            return self._posted.collect() if self._posted is not None else []
+
+    def posted_reads(self) -> int:
+        with self._lock:
+            return self._posted.reads() if self._posted is not None else self._posted_reads
 
     # --- hooks (called by unicorn on the vCPU thread, inside emu_start) ------------------
 
@@ -850,7 +880,10 @@ class EmulateVcpu:
         if self._alarm_thread is not None and self._alarm_thread.is_alive():
             self._alarm_thread.join()
         with self._lock, self._line:  # nothing may reach the closed instance's CPU after this
+            if self._posted is not None:
+                self._posted_reads = self._posted.reads()
             if self._system is not None:  # its counters live in the instance: keep them
                 for name, count in self._engine_events().items():
                     self._hook_events[name] = self._hook_events.get(name, 0) + count
             self._engine, self._kicker, self._native, self._system = None, None, None, None
+            self._posted = None

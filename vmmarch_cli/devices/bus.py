@@ -4,12 +4,35 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from typing import Protocol
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 
 class PortDevice(Protocol):
     def read(self, offset: int, size: int) -> int: ...
     def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Posting:
+    """What a device lets a vCPU do at its registers without calling it, as long as nothing
+    else touches it: ``reads``, register offset -> the byte every read returns (reads without a
+    side effect); ``queued``, offsets whose byte writes have no effect but what
+    ``write_queued`` does with them later, in order."""
+
+    reads: Mapping[int, int] = field(default_factory=dict)
+    queued: frozenset[int] = frozenset()
+
+
+@runtime_checkable
+class PostingDevice(PortDevice, Protocol):
+    """A device that can say its ``Posting`` (vcpu.PostedPortIo)."""
+
+    def posting(self) -> Posting: ...
+    def write_queued(self, offset: int, data: bytes) -> None:
+        """Byte writes to ``offset`` that were queued, in order."""
+        ...
 
 
 class IoBus:
@@ -27,6 +50,24 @@ class IoBus:
             raise ValueError(f"ports {base:#x}+{length} overlap a device already on the bus")
         self._starts.insert(i, base)
         self._ranges.insert(i, (base, base + length, device))
+
+    def posting_devices(self) -> Iterator[tuple[int, PostingDevice]]:
+        """(base port, device) of every device that can post its registers."""
+        for start, _, device in self._ranges:
+            if isinstance(device, PostingDevice):
+                yield start, device
+
+    def posting_at(self, port: int) -> tuple[int, PostingDevice] | None:
+        """(base port, device) of the posting device that holds ``port``."""
+        found = self._find(port)
+        if found is None or not isinstance(found[1], PostingDevice):
+            return None
+        return port - found[0], found[1]
+
+    def write_queued(self, port: int, data: bytes) -> None:
+        found = self._find(port)
+        if found is not None and isinstance(found[1], PostingDevice):
+            found[1].write_queued(found[0], data)
 
     def _find(self, port: int) -> tuple[int, PortDevice] | None:
         i = bisect.bisect(self._starts, port) - 1

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from vmmarch_cli.devices.bus import Posting
+
 # Register offsets (DLAB=0 unless noted).
 UART_RX = 0  # in: receive buffer
 UART_TX = 0  # out: transmit holding
@@ -85,6 +87,26 @@ class Serial8250:
         value = self._read(offset)
         self._update_irq()
         return value
+
+    def posting(self) -> Posting:
+        """While the divisor latch is closed, loopback is off and nothing was received, LSR
+        and MSR read the same, without a side effect (the transmitter is always empty: see the
+        module docstring), and while the THRE interrupt is off a write to THR only sends the
+        byte (it sets THRE pending, which matters only once IER enables it, and enabling it
+        sets it anyway). A kernel's console writes poll LSR and write THR: 2 exits a byte
+        otherwise."""
+        if self._lcr & UART_LCR_DLAB or self._mcr & UART_MCR_LOOP or self._rx:
+            return Posting()
+        reads = {UART_LSR: self._read(UART_LSR), UART_MSR: self._read(UART_MSR)}
+        queued = frozenset() if self._ier & UART_IER_THRI else frozenset({UART_TX})
+        return Posting(reads, queued)
+
+    def write_queued(self, offset: int, data: bytes) -> None:
+        if offset != UART_TX or not data:
+            return
+        self._output(data)
+        self._thre_pending = True
+        self._update_irq()
 
     def _read(self, offset: int) -> int:
         dlab = self._lcr & UART_LCR_DLAB
