@@ -201,6 +201,12 @@ def _topology_leaves(function: int, t: Topology) -> list[CpuidEntry]:
     ]
 
 
+def without(entries: Sequence[CpuidEntry], names: Iterable[str]) -> list[CpuidEntry]:
+    """``entries`` with the named features (and what depends on them) reading as absent."""
+    clear = _clear_bits(close_mask(names))
+    return [_apply_mask(e, clear) for e in entries]
+
+
 def _clear_bits(mask: frozenset[str]) -> dict[tuple[int, int], dict[Register, int]]:
     """(leaf, subleaf) -> register -> the bits the mask clears there."""
     out: dict[tuple[int, int], dict[Register, int]] = {}
