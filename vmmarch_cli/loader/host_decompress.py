@@ -14,7 +14,6 @@ differently (no KASLR, the load address) is in docs/decompression.md.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import time
 from collections.abc import Callable
@@ -25,8 +24,9 @@ from typing import TypeVar
 
 from vmmarch_cli import files
 from vmmarch_cli.errors import BadInputError
-from vmmarch_cli.loader.bzimage_payload import extract_vmlinux, payload_of
-from vmmarch_cli.loader.decompress import detect
+
+# Every boot imports this module (the Decompress setting); only a bzImage needs the
+# decompressors (bz2, lzma, zlib, lz4) and hashlib: they are imported where they are used.
 
 #: Under ``files.cache_dir()``: one ``<sha256 of the bzImage>.elf`` per image.
 CACHE_SUBDIR = "vmlinux"
@@ -102,6 +102,8 @@ class HostCannotDecompress(BadInputError):
 
 def cache_path(image: bytes) -> Path:
     """Where the vmlinux of ``image`` (the whole bzImage file) is cached."""
+    import hashlib
+
     return files.cache_dir() / CACHE_SUBDIR / f"{hashlib.sha256(image).hexdigest()}.elf"
 
 
@@ -112,6 +114,9 @@ def host_vmlinux(image: bytes, parse: Callable[[VmlinuxFile], T]) -> tuple[HostV
     is decompressed again, and a fresh vmlinux it refuses is never cached. Raises
     HostCannotDecompress when the payload cannot be decoded here, or not to such an ELF.
     """
+    from vmmarch_cli.loader.bzimage_payload import extract_vmlinux, payload_of
+    from vmmarch_cli.loader.decompress import detect
+
     try:
         compression = detect(payload_of(image))
     except BadInputError as exc:
