@@ -65,8 +65,8 @@ class Spec:
 
 
 def _boot(*extra: str) -> tuple[str, ...]:
-    return ("boot", "--initrd", "{initramfs}", "--json", "--quiet", "--console-log", "{log}",
-            *extra)
+    return ("boot", "--backend", "kvm", "--initrd", "{initramfs}", "--json", "--quiet",
+            "--console-log", "{log}", *extra)
 
 
 SPECS: dict[str, Spec] = {
@@ -83,14 +83,16 @@ SPECS: dict[str, Spec] = {
     "smp4": Spec(_boot("{vmlinux}", "--boot-protocol", "linux", "--cpus", "4"),
                  kernel_only_args=("--expect", SMP_DONE)),
     # Issue 5: `run` exit statuses and streams, and a panic that must never read as success.
-    "run-true": Spec(("run", "{vmlinux}", "--", "true"), userspace_only=True),
-    "run-false": Spec(("run", "{vmlinux}", "--", "false"), userspace_only=True),
-    "run-exit7": Spec(("run", "{vmlinux}", "--", "sh", "-c",
+    "run-true": Spec(("run", "--backend", "kvm", "{vmlinux}", "--", "true"),
+                     userspace_only=True),
+    "run-false": Spec(("run", "--backend", "kvm", "{vmlinux}", "--", "false"),
+                      userspace_only=True),
+    "run-exit7": Spec(("run", "--backend", "kvm", "{vmlinux}", "--", "sh", "-c",
                        "echo to-stdout; echo to-stderr >&2; exit 7"), userspace_only=True),
     # rdinit names a program that does not exist: the kernel falls back to mounting a root
     # file system, finds none and panics ("VFS: Unable to mount root fs", init/do_mounts.c);
     # panic=-1 resets at once.
-    "panic": Spec(("boot", "{vmlinux}", "--initrd", "{initramfs}", "--append",
+    "panic": Spec(("boot", "--backend", "kvm", "{vmlinux}", "--initrd", "{initramfs}", "--append",
                    "rdinit=/nonexistent init=/nonexistent")),
 }
 

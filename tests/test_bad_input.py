@@ -145,11 +145,11 @@ def test_usage_error_is_64(guests: dict[str, Path]) -> None:
 
 
 def test_unusable_kvm_device_is_69(guests: dict[str, Path], tmp_path: Path) -> None:
-    p = run_cli("boot", str(guests["bootcheck"]),
+    p = run_cli("boot", "--backend", "kvm", str(guests["bootcheck"]),
                 env={"VMMARCH_KVM_DEVICE": str(tmp_path / "kvm")})
     assert_one_line_error(p, status=69, match="does not exist")
     (tmp_path / "notkvm").write_bytes(b"")
-    p = run_cli("boot", str(guests["bootcheck"]),
+    p = run_cli("boot", "--backend", "kvm", str(guests["bootcheck"]),
                 env={"VMMARCH_KVM_DEVICE": str(tmp_path / "notkvm")})
     assert p.returncode == 69 and "Traceback" not in p.stderr
 

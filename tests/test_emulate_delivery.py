@@ -40,7 +40,7 @@ def test_every_delivery_is_right_on_the_emulator(emulated: dict[str, tuple[str, 
 @pytest.mark.usefixtures("kvm")
 def test_same_frames_as_kvm(guests: dict[str, Path], emulated: dict[str, tuple[str, str]],
                             user_syscalls: tuple[bool, str]) -> None:
-    p = run_cli("boot", str(guests["idtcheck"]), "--timeout", "60")
+    p = run_cli("boot", str(guests["idtcheck"]), "--backend", "kvm", "--timeout", "60")
     on_kvm = _checks(p.stdout)
     assert on_kvm.keys() == emulated.keys()
     differ = {n for n in on_kvm if on_kvm[n] != emulated[n]}

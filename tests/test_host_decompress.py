@@ -20,6 +20,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+import backends
 from vmmarch_cli import loader, machine
 from vmmarch_cli.arch.x86_64 import boot_params, layout
 from vmmarch_cli.config import BootConfig
@@ -155,8 +156,8 @@ def test_auto_is_host_on_the_emulate_backend(bootcheck_elf: bytes, tmp_path: Pat
     p = run_cli("boot", "--backend", "emulate", "--timeout", "60", str(kernel))
     assert p.returncode == 0, p.stderr[-2000:]
     line = next(x for x in vmm_lines(p.stderr) if "via the 64-bit Linux boot protocol" in x)
-    assert "(entry 0x1000000) on emulate, lz4 payload decompressed on the host (auto: the " \
-           "emulate backend runs the guest on a software CPU;" in line
+    assert "(entry 0x1000000) on emulate, lz4 payload decompressed on the host (auto: " \
+           "emulate runs the guest's ring 0 in software" in line
 
 
 def _zero_page(config: BootConfig) -> tuple[bytes, int]:
@@ -315,15 +316,17 @@ def test_auto_policy() -> None:
         raise AssertionError("the host's ring 0 was asked about although it did not matter")
 
     choose = machine.choose_decompression
-    assert choose(Decompress.AUTO, "emulate", never).where is Decompress.HOST
-    assert choose(Decompress.AUTO, "kvm", lambda: True).where is Decompress.HOST
-    assert choose(Decompress.AUTO, "kvm", lambda: False).where is Decompress.GUEST
+    assert choose(Decompress.AUTO, "emulate", lambda: False).where is Decompress.HOST
+    assert choose(Decompress.AUTO, "kvm", lambda: False).where is Decompress.HOST
+    assert choose(Decompress.AUTO, "kvm", lambda: True).where is Decompress.GUEST
     for given in (Decompress.HOST, Decompress.GUEST):
         for backend in ("kvm", "emulate"):
             plan = choose(given, backend, never)
             assert (plan.where, plan.why) == (given, f"--decompress {given}")
-    assert "emulates the guest's ring 0" in choose(Decompress.AUTO, "kvm", lambda: True).why
-    assert "on hardware" in choose(Decompress.AUTO, "kvm", lambda: False).why
+    assert "ring 0 in software" in choose(Decompress.AUTO, "kvm", lambda: False).why
+    assert "on hardware" in choose(Decompress.AUTO, "kvm", lambda: True).why
+    # What prepare asks: the registry, without opening a backend.
+    assert backends.runs_ring0_in_hardware("emulate") is False
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -30,14 +30,16 @@ def test_schema_is_valid() -> None:
 ])
 def test_guest_results_validate(guests: dict[str, Path], guest: str, status: int,
                                 reason: str) -> None:
-    p = run_cli("boot", str(guests[guest]), "--json", "--quiet", "--timeout", "60")
+    p = run_cli("boot", str(guests[guest]), "--backend", "kvm", "--json", "--quiet",
+                "--timeout", "60")
     doc = json.loads(p.stdout)
     validate(doc)
     assert (p.returncode, doc["status"], doc["reason"]) == (status, status, reason)
 
 
 def test_timeout_result_validates(guests: dict[str, Path]) -> None:
-    p = run_cli("boot", str(guests["spin"]), "--json", "--quiet", "--timeout", "0.2")
+    p = run_cli("boot", str(guests["spin"]), "--backend", "kvm", "--json", "--quiet",
+                "--timeout", "0.2")
     doc = json.loads(p.stdout)
     validate(doc)
     assert doc["reason"] == "timeout" and p.returncode == 124

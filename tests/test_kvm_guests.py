@@ -21,7 +21,7 @@ EXPECTED_CHECKS = 31
 
 
 def test_bootcheck_guest_sees_the_promised_state(guests: dict[str, Path]) -> None:
-    p = run_cli("boot", str(guests["bootcheck"]), "--timeout", "60")
+    p = run_cli("boot", str(guests["bootcheck"]), "--backend", "kvm", "--timeout", "60")
     checks = CHECK_LINE.findall(p.stdout)
     assert len(checks) == EXPECTED_CHECKS, p.stdout + p.stderr
     failed = [c for c in checks if c[2] != "ok"]
@@ -37,7 +37,7 @@ def test_bootcheck_guest_sees_the_promised_state(guests: dict[str, Path]) -> Non
 
 def test_bootcheck_through_the_library_api(guests: dict[str, Path]) -> None:
     sink = io.BytesIO()
-    result = machine.run(BootConfig(kernel=guests["bootcheck"], timeout=60), sink)
+    result = machine.run(BootConfig(kernel=guests["bootcheck"], backend="kvm", timeout=60), sink)
     assert result.reason == "exit-port" and result.status == 0 and result.guest_status == 0
     assert sink.getvalue().count(b" ok\n") == EXPECTED_CHECKS
     assert [r.step for r in result.setup] == [
@@ -48,7 +48,7 @@ def test_bootcheck_through_the_library_api(guests: dict[str, Path]) -> None:
 
 
 def test_triple_fault_is_a_guest_fault_with_registers(guests: dict[str, Path]) -> None:
-    p = run_cli("boot", str(guests["triplefault"]), "--timeout", "60")
+    p = run_cli("boot", str(guests["triplefault"]), "--backend", "kvm", "--timeout", "60")
     assert p.returncode == 70, p.stderr
     assert "TRIPLE" in p.stdout
     assert "guest fault" in p.stderr and "triple fault" in p.stderr
@@ -56,7 +56,7 @@ def test_triple_fault_is_a_guest_fault_with_registers(guests: dict[str, Path]) -
 
 
 def test_json_result_of_a_fault(guests: dict[str, Path]) -> None:
-    p = run_cli("boot", str(guests["triplefault"]), "--timeout", "60", "--json")
+    p = run_cli("boot", str(guests["triplefault"]), "--backend", "kvm", "--timeout", "60", "--json")
     assert p.returncode == 70
     doc = json.loads(p.stdout)
     assert doc["reason"] == "fault" and doc["status"] == 70
@@ -66,7 +66,7 @@ def test_json_result_of_a_fault(guests: dict[str, Path]) -> None:
 
 
 def test_timeout_ends_with_124(guests: dict[str, Path]) -> None:
-    p = run_cli("boot", str(guests["spin"]), "--timeout", "0.5")
+    p = run_cli("boot", str(guests["spin"]), "--backend", "kvm", "--timeout", "0.5")
     assert p.returncode == 124, p.stderr
     assert "timeout" in p.stderr
     assert "last console line: SPIN" in p.stderr
@@ -90,13 +90,13 @@ def test_sigint_stops_the_guest_with_130(guests: dict[str, Path]) -> None:
 
 
 def test_outloop_reaches_its_exit_status(guests: dict[str, Path]) -> None:
-    p = run_cli("boot", str(guests["outloop"]), "--timeout", "120", "-v")
+    p = run_cli("boot", str(guests["outloop"]), "--backend", "kvm", "--timeout", "120", "-v")
     assert p.returncode == 0, p.stderr
     assert "'io': 100001" in p.stderr
 
 
 def test_dump_regs_reads_the_state_back(guests: dict[str, Path]) -> None:
-    p = run_cli("dump-regs", str(guests["bootcheck"]), "--json")
+    p = run_cli("dump-regs", str(guests["bootcheck"]), "--backend", "kvm", "--json")
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     cpu = doc["cpus"][0]
@@ -119,15 +119,15 @@ def test_dump_regs_reads_the_state_back(guests: dict[str, Path]) -> None:
     assert int(leaf1["ecx"], 16) >> 31 == 1
     assert [st["step"] for st in doc["steps"]][:6] == [
         "cmdline", "gdt", "page_tables", "mptable", "acpi", "boot_params"]
-    p2 = run_cli("dump-regs", str(guests["bootcheck"]))
+    p2 = run_cli("dump-regs", str(guests["bootcheck"]), "--backend", "kvm")
     assert p2.returncode == 0 and "cpu0 registers (read back)" in p2.stdout
 
 
 def test_pvh_guest_sees_the_pvh_entry_state(guests: dict[str, Path], tmp_path: Path) -> None:
     module = tmp_path / "module.bin"
     module.write_bytes(b"m" * 5000)
-    p = run_cli("boot", str(guests["pvhcheck"]), "--initrd", str(module), "--timeout", "60",
-                "--append", "pvh-test")
+    p = run_cli("boot", str(guests["pvhcheck"]), "--backend", "kvm", "--initrd", str(module),
+                "--timeout", "60", "--append", "pvh-test")
     checks = CHECK_LINE.findall(p.stdout)
     assert [c[0] for c in checks][:4] == ["pvh_cr0", "pvh_cr4", "pvh_efer", "pvh_cs"]
     assert not [c for c in checks if c[2] != "ok"], p.stdout
@@ -140,21 +140,22 @@ def test_pvh_guest_sees_the_pvh_entry_state(guests: dict[str, Path], tmp_path: P
 
 
 def test_pvh_refused_without_the_note(guests: dict[str, Path]) -> None:
-    p = run_cli("boot", str(guests["bootcheck"]), "--boot-protocol", "pvh")
+    p = run_cli("boot", str(guests["bootcheck"]), "--backend", "kvm", "--boot-protocol", "pvh")
     assert p.returncode == 65
     assert "PVH entry note" in p.stderr
 
 
 def test_crash_report_disassembles_the_faulting_instruction(guests: dict[str, Path]) -> None:
-    p = run_cli("boot", str(guests["triplefault"]), "--timeout", "60")
+    p = run_cli("boot", str(guests["triplefault"]), "--backend", "kvm", "--timeout", "60")
     assert p.returncode == 70
     assert re.search(r"=> 0x0000000001[0-9a-f]{6}\s+0f 0b\s+ud2", p.stderr), p.stderr
     assert "lidt" in p.stderr  # the instruction before it
 
 
 def test_expect_matches_in_order(guests: dict[str, Path]) -> None:
-    p = run_cli("boot", str(guests["bootcheck"]), "--expect", r"CHECK cr0 \w+ ok",
-                "--expect", "CHECK rsp", "--timeout", "60", "--json", "--quiet")
+    p = run_cli("boot", str(guests["bootcheck"]), "--backend", "kvm",
+                "--expect", r"CHECK cr0 \w+ ok", "--expect", "CHECK rsp", "--timeout", "60",
+                "--json", "--quiet")
     doc = json.loads(p.stdout)
     assert (p.returncode, doc["reason"]) == (0, "expect")
     assert "CHECK rsp" in doc["detail"]
@@ -164,6 +165,7 @@ def test_expect_that_never_comes_times_out(guests: dict[str, Path]) -> None:
     import time
 
     start = time.monotonic()
-    p = run_cli("boot", str(guests["spin"]), "--expect", "never printed", "--timeout", "1")
+    p = run_cli("boot", str(guests["spin"]), "--backend", "kvm", "--expect", "never printed",
+                "--timeout", "1")
     assert p.returncode == 124
     assert time.monotonic() - start < 1 + 5  # the timeout plus start-up

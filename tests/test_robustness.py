@@ -74,7 +74,7 @@ def _rss_kib() -> int:
 
 @pytest.mark.usefixtures("kvm")
 def test_soak_library_api(guests: dict[str, Path]) -> None:
-    config = BootConfig(kernel=guests["bootcheck"], timeout=60)
+    config = BootConfig(kernel=guests["bootcheck"], backend="kvm", timeout=60)
     machine.run(config, io.BytesIO())  # warm-up: imports, ctypes classes
     fds, threads, rss = _fds(), threading.active_count(), _rss_kib()
     for _ in range(100):

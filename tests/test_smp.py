@@ -27,7 +27,7 @@ APIC_BASE_BSP = 1 << 8  # IA32_APIC_BASE bit 8 (SDM vol. 3A 10.4.4)
 ])
 def test_every_vcpu_thread_stops(guests: dict[str, Path], guest: str, cpus: int,
                                  timeout: float, reason: str, status: int) -> None:
-    config = BootConfig(kernel=guests[guest], cpus=cpus, timeout=timeout)
+    config = BootConfig(kernel=guests[guest], backend="kvm", cpus=cpus, timeout=timeout)
     before = threading.active_count()
     t0 = time.monotonic()
     result = machine.run(config, io.BytesIO())

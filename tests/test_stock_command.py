@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.stock]
 
 @pytest.mark.usefixtures("kvm")
 def test_stock_command_fetches_and_boots(stock: dict[str, Path]) -> None:
-    p = run_cli("stock", "--timeout", "3", "--json", "--quiet", timeout=300)
+    p = run_cli("stock", "--backend", "kvm", "--timeout", "3", "--json", "--quiet", timeout=300)
     assert p.returncode == 124, p.stderr
     doc = json.loads(p.stdout)
     assert doc["reason"] == "timeout"

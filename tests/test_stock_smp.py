@@ -65,8 +65,8 @@ def test_acpi_tables_the_kernel_printed_are_the_ones_dump_regs_decodes(
         smp: tuple[str, Finished], stock: dict[str, Path]) -> None:
     name, f = smp
     cpus, protocol, mem = SMP_BOOTS[name]
-    p = run_cli("dump-regs", str(stock["vmlinux"]), "--json", "--tables", "--cpus", str(cpus),
-                "--mem", str(mem // (1 << 20)), "--boot-protocol", protocol)
+    p = run_cli("dump-regs", str(stock["vmlinux"]), "--backend", "kvm", "--json", "--tables",
+                "--cpus", str(cpus), "--mem", str(mem // (1 << 20)), "--boot-protocol", protocol)
     assert p.returncode == 0, p.stderr
     tables = json.loads(p.stdout)["tables"]
     # "ACPI: APIC 0x00000000000E0180 000062 (v05 VMMARC VMMAMADT ...)" (drivers/acpi/tables.c)

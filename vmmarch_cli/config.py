@@ -65,7 +65,7 @@ def parse_mem_size(text: str) -> int:
 @dataclass(frozen=True)
 class BootConfig:
     kernel: Path
-    backend: str = "kvm"
+    backend: str = "auto"  # a backend name, or backends.AUTO
     initrd: Path | None = None
     cmdline: str | None = None  # None: BASE_CMDLINE (+ the backend's extras)
     append: str = ""

@@ -93,6 +93,7 @@ class BootResult:
     protocol: str = ""
     cmdline: str = ""
     backend: str = ""
+    backend_reason: str = ""  # why this backend: --backend NAME, or what auto saw
     cpu_mask: tuple[str, ...] = ()
     fault: Fault | None = None
     console_tail: list[str] = field(default_factory=list)
@@ -146,27 +147,19 @@ def choose_protocol(kernel: KernelImage, requested: str) -> tuple[str, int]:
     return LINUX64, kernel.entry
 
 
-#: Backends whose vCPUs are a software CPU (docs/backends.md): every guest instruction is
-#: emulated there, the kernel's own decompressor included.
-SOFTWARE_CPU_BACKENDS = frozenset({"emulate"})
-
-
 def choose_decompression(requested: Decompress, backend: str,
-                         ring0_emulated: Callable[[], bool]) -> Decompression:
+                         ring0_in_hardware: Callable[[], bool]) -> Decompression:
     """Where a bzImage's payload is decompressed (docs/decompression.md). ``auto`` takes the
-    host wherever the guest's ring 0 does not run on hardware: on a software CPU, and on a KVM
-    that emulates it, which ``ring0_emulated`` tells (asked only then; ``prepare`` answers with
-    the hypervisor's default CPU mask, the same sign its command line extras follow)."""
+    host wherever the guest's ring 0 does not run on hardware: on the emulate backend's software
+    CPU, and on a KVM that emulates it (``ring0_in_hardware`` is asked only for ``auto``;
+    ``prepare`` answers with backends.runs_ring0_in_hardware)."""
     if requested is not Decompress.AUTO:
         return Decompression(requested, requested, f"--decompress {requested}")
-    if backend in SOFTWARE_CPU_BACKENDS:
-        return Decompression(requested, Decompress.HOST,
-                             f"auto: the {backend} backend runs the guest on a software CPU")
-    if ring0_emulated():
-        return Decompression(requested, Decompress.HOST,
-                             f"auto: this host's {backend} emulates the guest's ring 0")
-    return Decompression(requested, Decompress.GUEST,
-                         "auto: the guest's ring 0 runs on hardware")
+    if ring0_in_hardware():
+        return Decompression(requested, Decompress.GUEST,
+                             "auto: the guest's ring 0 runs on hardware")
+    return Decompression(requested, Decompress.HOST,
+                         f"auto: {backend} runs the guest's ring 0 in software")
 
 
 def fallback_notice(kernel: KernelImage) -> str | None:
@@ -192,6 +185,7 @@ class Prepared:
     cpu_mask: frozenset[str]
     setup: list[StepRecord]
     timings: dict[str, float]
+    backend: backends.Pick  # which backend, and why (--backend auto: backends.pick)
 
 
 @contextmanager
@@ -200,7 +194,8 @@ def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
     kernel and run the arch pipeline. A bzImage the host was to decompress but could not is
     reported on stderr in one line (unless ``quiet``) once everything else has succeeded."""
     t0 = time.monotonic()
-    hv = backends.open_backend(config.backend, quiet)
+    chosen = backends.resolve(config.backend)
+    hv = backends.open_backend(chosen.name, quiet)
     try:
         # The host's own mask says whether its ring 0 is emulated (it reads /sys and /proc).
         host_mask = hv.default_cpu_mask()
@@ -213,8 +208,8 @@ def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
         vm = hv.create_vm(e820.ram_layout(config.mem_size))
         try:
             t1 = time.monotonic()
-            decompression = choose_decompression(config.decompress, hv.name,
-                                                 lambda: bool(host_mask))
+            decompression = choose_decompression(
+                config.decompress, hv.name, lambda: backends.runs_ring0_in_hardware(hv.name))
             kernel = loader.load_kernel(config.kernel, vm.memory, decompression)
             initrd = (0, 0)
             if config.initrd is not None:
@@ -245,7 +240,7 @@ def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
             if notice is not None and not quiet:
                 print(notice, file=sys.stderr, flush=True)
             yield Prepared(hv, vm, vcpus, kernel, protocol, entry, cmdline, mask, records,
-                           timings)
+                           timings, chosen)
         finally:
             vm.close()
     finally:
@@ -367,7 +362,8 @@ def run(
             kernel=prepared.kernel,
             protocol=prepared.protocol,
             cmdline=prepared.cmdline,
-            backend=config.backend,
+            backend=prepared.backend.name,
+            backend_reason=prepared.backend.reason,
             cpu_mask=tuple(sorted(prepared.cpu_mask)),
             fault=state.fault,
             console_tail=list(console.tail),

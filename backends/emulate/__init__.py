@@ -62,6 +62,10 @@ class EmulateHypervisor:
     def info(self) -> HypervisorInfo:
         return HypervisorInfo(NAME, True, "", _facts(self._version, self.engine))
 
+    @staticmethod
+    def runs_ring0_in_hardware() -> bool:
+        return False  # every guest instruction runs on the software CPU
+
     def default_cpu_mask(self) -> frozenset[str]:
         # The emulator runs every instruction it reports in CPUID: nothing to hide.
         return frozenset()

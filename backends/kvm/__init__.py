@@ -69,6 +69,11 @@ class KvmHypervisor:
     def default_cpu_mask(self) -> frozenset[str]:
         return RING0_EMULATOR_MASK if host_needs_ring0_workarounds() else frozenset()
 
+    @staticmethod
+    def runs_ring0_in_hardware() -> bool:
+        """Guest kernel code runs on the CPU here (VMX/SVM), not in KVM's emulator."""
+        return not host_needs_ring0_workarounds()
+
     def max_vcpus(self) -> int:
         # KVM_CAP_MAX_VCPUS; 0 from a kernel that predates it means KVM_CAP_NR_VCPUS
         # (Documentation/virt/kvm/api.rst 4.7, KVM_CREATE_VCPU).

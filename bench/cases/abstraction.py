@@ -146,7 +146,7 @@ def run(ctx: Context) -> CaseResult:
     pipe_runs: list[Sample] = []
     raw_runs: list[Sample | None] = []
     floor_runs: list[Sample | None] = []
-    with machine.prepare(BootConfig(kernel=kernel)) as p:
+    with machine.prepare(BootConfig(kernel=kernel, backend="kvm")) as p:
         vcpu = p.vcpus[0]
         if not isinstance(vcpu, KvmVcpu):
             raise RuntimeError("the abstraction case needs the KVM backend")

@@ -55,7 +55,8 @@ def through_vmm_arch(elf: Path, address: int, count: int) -> Sample:
     def on_ready(p: machine.Prepared) -> None:
         _patch(p.vm.memory, address, count)
 
-    result = machine.run(BootConfig(kernel=elf, timeout=120), None, on_ready=on_ready)
+    result = machine.run(BootConfig(kernel=elf, backend="kvm", timeout=120), None,
+                         on_ready=on_ready)
     if result.reason != "exit-port" or result.guest_status != 0:
         raise RuntimeError(f"outloop ended with {result.reason}: {result.detail}")
     exits = result.exits["io"]
@@ -66,7 +67,7 @@ def through_vmm_arch(elf: Path, address: int, count: int) -> Sample:
 
 
 def bare_loop(elf: Path, address: int, count: int) -> Sample:
-    with machine.prepare(BootConfig(kernel=elf)) as p:
+    with machine.prepare(BootConfig(kernel=elf, backend="kvm")) as p:
         _patch(p.vm.memory, address, count)
         vcpu = p.vcpus[0]
         if not isinstance(vcpu, KvmVcpu):

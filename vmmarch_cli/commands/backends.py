@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 import backends
+from vmmarch_cli.errors import BackendUnavailableError
+from vmmarch_cli.vcpu import HypervisorInfo
 
 
 @click.command("backends")
@@ -18,9 +20,10 @@ def backends_command(as_json: bool) -> None:
 
     For KVM this opens /dev/kvm and checks the API version and every capability vmm-arch
     needs; it also says whether guest ring 0 runs in hardware or is emulated (then the CPU
-    mask and the int3 fallback apply).
+    mask and the int3 fallback apply). The last row says what --backend auto (the default)
+    picks here, and why.
     """
-    infos = [backends.probe(name) for name in backends.names()]
+    infos = [backends.probe(name) for name in backends.names()] + [_auto()]
     if as_json:
         click.echo(json.dumps([{"name": i.name, "usable": i.usable, "reason": i.reason,
                                 "facts": i.facts} for i in infos], indent=2))
@@ -33,3 +36,12 @@ def backends_command(as_json: bool) -> None:
         facts = i.reason or "; ".join(f"{k}: {v}" for k, v in i.facts.items())
         t.add_row(i.name, "yes" if i.usable else "[red]no[/]", facts)
     Console().print(t)
+
+
+def _auto() -> HypervisorInfo:
+    """``auto`` as a row: what it picks here and why (backends.pick)."""
+    try:
+        chosen = backends.pick()
+    except BackendUnavailableError as e:
+        return HypervisorInfo(backends.AUTO, False, str(e))
+    return HypervisorInfo(backends.AUTO, True, "", {"picks": chosen.name, "why": chosen.reason})

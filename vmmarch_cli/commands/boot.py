@@ -11,6 +11,7 @@ from typing import Any, BinaryIO
 
 import click
 
+import backends
 from vmmarch_cli import machine
 from vmmarch_cli.commands import options
 from vmmarch_cli.config import BootConfig
@@ -71,9 +72,10 @@ def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, 
         if not quiet:
             d = p.kernel.decompression
             how = f", {d.describe()}" if d is not None else ""
+            why = f" ({p.backend.reason})" if config.backend == backends.AUTO else ""
             click.echo(f"vmm-arch: {p.kernel.format} {p.kernel.path} via the "
                        f"{PROTOCOL_NAMES[p.protocol]} (entry {p.plan_entry:#x}) on "
-                       f"{config.backend}{how}, cmdline: {p.cmdline}", err=True)
+                       f"{p.backend.name}{why}{how}, cmdline: {p.cmdline}", err=True)
 
     try:
         result = machine.run(config, sink, log, on_ready=announce, quiet=quiet)
@@ -107,6 +109,7 @@ def result_json(r: BootResult) -> dict[str, Any]:
         "guest_exit_code": r.guest_status,
         "detail": r.detail,
         "backend": r.backend,
+        "backend_reason": r.backend_reason,
         "cmdline": r.cmdline,
         "cpu_mask": list(r.cpu_mask),
         "timings": {k: round(v, 6) for k, v in r.timings.items()},

@@ -96,7 +96,7 @@ def _document(config: BootConfig, prepared: machine.Prepared, cpu: int | None = 
     ``with_tables`` the memory map, MP and ACPI tables decoded from guest memory."""
     vcpus = prepared.vcpus if cpu is None else [prepared.vcpus[cpu]]
     doc = {
-        "backend": config.backend,
+        "backend": prepared.backend.name,
         "kernel": {"path": prepared.kernel.path, "format": prepared.kernel.format,
                    "entry": f"{prepared.kernel.entry:#x}", "boot_protocol": prepared.protocol,
                    "decompress": (prepared.kernel.decompression.as_json()

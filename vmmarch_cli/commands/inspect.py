@@ -11,6 +11,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+import backends
 from vmmarch_cli import files, loader
 from vmmarch_cli.commands import options
 from vmmarch_cli.errors import BackendUnavailableError, BadInputError
@@ -52,21 +53,7 @@ def _version(path: Path, image: loader.ParsedKernel) -> str | None:
         return found.group(0).decode(errors="replace") if found else None
 
 
-def _ring0_emulated(backend: str) -> bool:
-    """What ``machine.prepare`` asks of an open backend: a default CPU mask means that the
-    host emulates the guest's ring 0 (opens the backend for the answer, quietly)."""
-    import backends
-
-    hv = backends.open_backend(backend, quiet=True)
-    try:
-        return bool(hv.default_cpu_mask())
-    finally:
-        close = getattr(hv, "close", None)
-        if close is not None:
-            close()
-
-
-def describe(path: Path, backend: str = "kvm",
+def describe(path: Path, backend: str = "auto",
              decompress: Decompress = Decompress.AUTO) -> dict[str, Any]:
     """The image's facts, and what ``boot --backend BACKEND --decompress DECOMPRESS`` would do
     with it: for a bzImage the host decompresses, the vmlinux it boots (decompressed now and
@@ -75,10 +62,12 @@ def describe(path: Path, backend: str = "kvm",
     booted, unknown = parsed, ""
     if parsed.bzimage is not None:
         try:
-            plan = choose_decompression(decompress, backend, lambda: _ring0_emulated(backend))
+            name = backends.resolve(backend).name
         except BackendUnavailableError as exc:
-            unknown = f"auto depends on the {backend} backend, unusable here: {exc}"
+            unknown = f"auto depends on the backend, and none is usable here: {exc}"
         else:
+            plan = choose_decompression(decompress, name,
+                                        lambda: backends.runs_ring0_in_hardware(name))
             booted = loader.parse_kernel(path, plan)
     k = booted.image
     offered = ["linux64"] + (["pvh"] if k.pvh_entry is not None else [])

@@ -16,8 +16,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 kernel_argument = click.argument("kernel", type=click.Path(path_type=Path))
 
-backend_option = click.option("--backend", default="kvm", show_default=True,
-                              help="Hypervisor backend (see `vmm-arch backends`).")
+backend_option = click.option(
+    "--backend", default="auto", show_default=True,
+    help="Hypervisor backend: kvm, emulate, or auto: KVM where /dev/kvm runs guest ring 0 in "
+         "hardware, else the emulate backend (the report line says which and why; `vmm-arch "
+         "backends` shows it).")
 decompress_option = click.option(
     "--decompress", type=click.Choice([d.value for d in Decompress]),
     default=Decompress.AUTO.value, show_default=True,
