@@ -27,6 +27,22 @@ needs_unicorn = pytest.mark.skipif(
     UNICORN_MISSING, reason="the emulate backend needs unicorn: pip install 'vmm-arch[emulate]'")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers from what a test needs (before ``-m`` selects): ``kvm`` for /dev/kvm, ``stock``
+    for Debian's kernel, and ``slow`` for the stock boots on KVM (minutes each on a KVM that
+    emulates ring 0): the README's test command leaves those out (pyproject.toml), and
+    ``.ci/run`` runs them with ``-m slow``."""
+    for item in items:
+        needs = set(getattr(item, "fixturenames", ()))
+        if "kvm" in needs:
+            item.add_marker(pytest.mark.kvm)
+        if needs & {"stock", "stock_boots"}:
+            item.add_marker(pytest.mark.stock)
+        if "stock_boots" in needs:
+            item.add_marker(pytest.mark.slow)
+
+
 def kvm_unusable_reason() -> str | None:
     if not os.path.exists("/dev/kvm"):
         return "/dev/kvm does not exist on this machine"
@@ -67,7 +83,7 @@ def user_syscalls(kvm: None, guests: dict[str, Path]) -> tuple[bool, str]:
     """Whether a guest user process can enter the guest kernel with SYSCALL on this KVM, and
     the usersyscall guest's report. False on a KVM that emulates ring 0 for guests not written
     for it (kvm_pvm): there SYSCALL runs the kernel's entry at CPL 3 (docs/limited-kvm.md)."""
-    p = run_cli("boot", str(guests["usersyscall"]), "--timeout", "60")
+    p = run_cli("boot", str(guests["usersyscall"]), "--backend", "kvm", "--timeout", "60")
     line = next((x for x in p.stdout.splitlines() if x.startswith("SYSCALL_CS")), "")
     assert line, f"usersyscall guest printed no verdict: {p.stdout!r} {p.stderr!r}"
     return p.returncode == 0, line
