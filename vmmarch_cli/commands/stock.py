@@ -31,8 +31,10 @@ def stock_command(ctx: click.Context, /, flavour: str, image: str, as_json: bool
     (into the cache, never /boot), build an initramfs whose /init prints facts and the marker
     VMM-INIT-REACHED, and boot it. Exits 0 when init reports success through the exit port.
 
-    On a KVM that emulates guest ring 0 (nested PVM hosts) this takes minutes; on hardware KVM
-    about a second.
+    The boot takes about a second on hardware KVM and on the emulate backend, which --backend
+    auto (the default) picks where /dev/kvm is missing or emulates guest ring 0 (nested PVM
+    hosts, where a stock kernel on KVM needs minutes and never reaches userspace). The first
+    run on the emulate backend also builds its CPU engine (~20 s, once).
     """
     from vmmarch_cli.assets import fetch_busybox, fetch_debian_kernel, stock_initramfs
     from vmmarch_cli.progress import status
