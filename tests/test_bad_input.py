@@ -41,6 +41,42 @@ def test_directory_as_kernel(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("boot", str(tmp_path)), match="is a directory")
 
 
+@pytest.mark.parametrize("command", ["boot", "inspect", "dump-regs"])
+def test_fifo_as_kernel_is_refused_not_waited_on(command: str, tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "fifo")  # no writer: an open or a read would block forever
+    p = run_cli(command, str(tmp_path / "fifo"), timeout=30)
+    assert_one_line_error(p, match="is a FIFO, not a regular file")
+
+
+def test_device_as_kernel_or_initrd(guests: dict[str, Path]) -> None:
+    # /dev/zero has size 0 and never ends: neither "empty" nor a read until memory runs out.
+    assert_one_line_error(run_cli("boot", "/dev/zero"), match="is a device, not a regular file")
+    p = run_cli("boot", str(guests["bootcheck"]), "--initrd", "/dev/null")
+    assert_one_line_error(p, match="initrd is a device, not a regular file")
+
+
+def test_fifo_as_initrd(guests: dict[str, Path], tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    p = run_cli("boot", str(guests["bootcheck"]), "--initrd", str(tmp_path / "fifo"), timeout=30)
+    assert_one_line_error(p, match="initrd is a FIFO, not a regular file")
+
+
+def test_memory_the_host_cannot_map(guests: dict[str, Path]) -> None:
+    # Within the accepted range (up to 1 TiB) but beyond what this host lets one process map.
+    p = run_cli("boot", str(guests["bootcheck"]), "--mem", "1T")
+    assert_one_line_error(p, match="MiB of guest RAM at 0x100000000: Cannot allocate memory")
+
+
+def test_expect_that_is_not_a_regex(guests: dict[str, Path]) -> None:
+    p = run_cli("boot", str(guests["bootcheck"]), "--expect", "(")
+    assert p.returncode == 64 and "Traceback" not in p.stderr
+    assert "Invalid value for '--expect': '(' is not a regular expression" in p.stderr
+
+
 def test_empty_file(tmp_path: Path) -> None:
     (tmp_path / "empty").write_bytes(b"")
     assert_one_line_error(run_cli("boot", str(tmp_path / "empty")), match="empty file")

@@ -42,7 +42,13 @@ class MmapGuestMemory:
                     "non-empty and must not overlap"
                 )
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-            mapping = mmap.mmap(-1, length, flags=flags)
+            try:
+                mapping = mmap.mmap(-1, length, flags=flags)
+            except OSError as e:  # ENOMEM: beyond the address space or vm.overcommit rules
+                self.close()
+                raise GuestMemoryError(
+                    f"cannot map {length >> 20} MiB of guest RAM at {start:#x}: {e.strerror} "
+                    "(a smaller --mem fits)") from None
             anchor = ctypes.c_char.from_buffer(mapping)
             host_address = ctypes.addressof(anchor)
             del anchor  # drop the buffer export so close() can unmap later

@@ -26,7 +26,7 @@ from vmmarch_cli.render import regs_dict, regs_table, sregs_dict, sregs_tables, 
 @options.boot_options
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Stop the guest after SECONDS and exit 124, saying what was last seen.")
-@click.option("--expect", "expect", multiple=True, metavar="REGEX",
+@click.option("--expect", "expect", multiple=True, metavar="REGEX", callback=options.regexes,
               help="Stop with status 0 once the console has matched every REGEX, in order. "
                    "Repeatable.")
 @click.option("--console-log", type=click.Path(dir_okay=False, writable=True, path_type=Path),

@@ -81,3 +81,17 @@ def boot_config(kwargs: dict[str, Any]) -> BootConfig:
         boot_protocol=kwargs.pop("boot_protocol"),
         decompress=Decompress(kwargs.pop("decompress")),
     )
+
+
+def regexes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+            ) -> tuple[str, ...]:
+    """Refuse a pattern Python's ``re`` cannot compile while the options are read (status 64),
+    not when the console first needs it."""
+    import re
+
+    for value in values:
+        try:
+            re.compile(value.encode())
+        except re.error as e:
+            raise click.BadParameter(f"{value!r} is not a regular expression: {e}") from None
+    return values

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from io import BufferedReader
 from pathlib import Path
 
 from vmmarch_cli.arch.x86_64 import layout
+from vmmarch_cli.files import NotRegularFile, open_regular
 from vmmarch_cli.loader import bzimage, elf, errors
 from vmmarch_cli.loader.host_decompress import (
     Decompress,
@@ -57,11 +59,11 @@ class ParsedKernel:
 
 def _open(path: Path) -> BufferedReader:
     try:
-        return path.open("rb")
+        return open_regular(path)
     except FileNotFoundError:
         raise errors.KernelNotFound(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise errors.KernelNotFound(f"{path}: is a directory, not a kernel image") from None
+    except NotRegularFile as e:
+        raise errors.KernelNotFound(f"{path}: {e}") from None
     except OSError as e:
         raise errors.KernelNotFound(f"{path}: cannot read: {e.strerror}") from None
 
@@ -77,7 +79,7 @@ def parse_kernel(path: Path, plan: Decompression = GUEST_DECOMPRESSES) -> Parsed
     the payload, the bzImage stays as it is and ``image.decompression.fallback`` says why."""
     name = str(path)
     with _open(path) as f:
-        size = path.stat().st_size
+        size = os.fstat(f.fileno()).st_size
         head = f.read(1024)
         f.seek(0)
         if size == 0:
@@ -178,10 +180,12 @@ def load_initrd(path: Path, memory: GuestMemory, kernel: KernelImage) -> tuple[i
     keeps it far from the kernel's own decompression and early allocations.
     """
     try:
-        data_size = path.stat().st_size
-        f = path.open("rb")
+        f = open_regular(path)
+        data_size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         raise errors.InitrdNotFound(f"{path}: no such initrd file") from None
+    except NotRegularFile as e:
+        raise errors.InitrdNotFound(f"{path}: initrd {e}") from None
     except OSError as e:
         raise errors.InitrdNotFound(f"{path}: cannot read initrd: {e.strerror}") from None
     with f:
