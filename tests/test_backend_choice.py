@@ -71,3 +71,11 @@ def test_resolve_names_and_refuses_unknown_ones() -> None:
     assert backends.resolve("emulate") == backends.Pick("emulate", "--backend emulate")
     with pytest.raises(BadInputError, match="choose one of auto, kvm, emulate"):
         backends.resolve("vmx")
+
+
+@needs_unicorn
+def test_run_with_default_options_gives_the_commands_status(stock: dict[str, Path]) -> None:
+    """Issue 17's newcomer case: no --backend, no --timeout. On a KVM that emulates ring 0 this
+    once spent minutes and ended in a panic; auto runs it where it can finish."""
+    p = run_cli("run", str(stock["vmlinux"]), "--", "sh", "-c", "exit 7", timeout=300)
+    assert p.returncode == 7, p.stderr[-2000:]
