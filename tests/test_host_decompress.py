@@ -384,3 +384,20 @@ def test_inspect_says_what_boot_would_do(bootcheck_elf: bytes, tmp_path: Path) -
     assert fallback["decompress"]["where"] == "guest" and fallback["decompress"]["fallback"]
     text = run_cli("inspect", str(kernel), "--backend", "emulate").stdout
     assert "decompression (--backend emulate --decompress auto)" in text
+
+
+@needs_unicorn
+def test_an_image_without_a_payload_boots_its_own_code(tmp_path: Path) -> None:
+    """Issue 17: payload_offset and payload_length 0 make a valid 64-bit boot-protocol image
+    that is simply not a compressed Linux. Only extracting a vmlinux needs them: inspect says
+    the host cannot, and boot runs the image's own entry (the stub's status)."""
+    image = bytearray(bzimage_around(b""))
+    boot_params.put(image, "payload_offset", 0)
+    boot_params.put(image, "payload_length", 0)
+    kernel = write(tmp_path / "bz", bytes(image))
+    status, doc, err = boot(kernel)
+    assert status == STUB_STATUS, err
+    assert doc["kernel"]["decompress"]["where"] == "guest"
+    p = run_cli("inspect", "--json", "--backend", "emulate", str(kernel))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["format"] == "bzimage"
