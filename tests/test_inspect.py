@@ -27,6 +27,35 @@ def test_inspect_elf_without_note(guests: dict[str, Path]) -> None:
     assert doc["entry_64bit"] == "0x1000000"
 
 
+def test_inspect_describes_what_boot_refuses(guests: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 17: an ELF whose PT_LOAD segments are all empty still has its PVH note. inspect
+    shows it and says why boot would refuse the image; boot refuses it (65)."""
+    data = bytearray(guests["pvhcheck"].read_bytes())
+    # Elf64_Ehdr: e_phoff at 0x20, e_phentsize at 0x36, e_phnum at 0x38; Elf64_Phdr: p_type
+    # at 0, p_filesz at 0x20, p_memsz at 0x28 (System V gABI, "Program Header").
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        if struct.unpack_from("<I", data, at)[0] == 1:  # PT_LOAD
+            struct.pack_into("<QQ", data, at + 0x20, 0, 0)
+    kernel = tmp_path / "empty-loads.elf"
+    kernel.write_bytes(bytes(data))
+
+    p = run_cli("inspect", "--json", str(kernel))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["pvh_entry"] == "0x1000008" and doc["segments"] == []
+    assert doc["not_bootable"] == "no PT_LOAD segment to load"
+    text = run_cli("inspect", str(kernel))
+    assert text.returncode == 0 and "not bootable: no PT_LOAD segment to load" in text.stdout
+    refused = run_cli("boot", str(kernel))
+    assert refused.returncode == 65
+    assert refused.stderr.strip() == f"vmm-arch: error: {kernel}: no PT_LOAD segment to load"
+    fine = json.loads(run_cli("inspect", "--json", str(guests["pvhcheck"])).stdout)
+    assert fine["not_bootable"] is None
+
+
 def test_inspect_bzimage_and_extract(tmp_path: Path) -> None:
     # A bzImage whose payload is an (uncompressed) ELF, as CONFIG_KERNEL_UNCOMPRESSED builds.
     elf = b"\x7fELF" + bytes(60)

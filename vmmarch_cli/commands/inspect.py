@@ -58,7 +58,7 @@ def describe(path: Path, backend: str = "auto",
     """The image's facts, and what ``boot --backend BACKEND --decompress DECOMPRESS`` would do
     with it: for a bzImage the host decompresses, the vmlinux it boots (decompressed now and
     cached, as boot would)."""
-    parsed = loader.parse_kernel(path)
+    parsed = loader.parse_kernel(path, describe_only=True)
     booted, unknown = parsed, ""
     if parsed.bzimage is not None:
         try:
@@ -86,6 +86,8 @@ def describe(path: Path, backend: str = "auto",
         "cmdline_max": k.cmdline_max - 1,
         "initrd_addr_max": f"{k.initrd_addr_max:#x}",
         "picked_entry": f"{entry:#x}",
+        # Why `boot` would refuse the image, or null.
+        "not_bootable": parsed.elf.unbootable if parsed.elf is not None else None,
     }
     if parsed.elf is not None:
         doc["segments"] = [
@@ -148,7 +150,8 @@ def inspect_command(kernel: Path, as_json: bool, extract: Path | None, backend: 
         click.echo(json.dumps(doc, indent=2))
         return
     out = Console(highlight=False)
-    scalars = {k: str(v) for k, v in doc.items() if not isinstance(v, (dict, list))}
+    scalars = {k: str(v) for k, v in doc.items()
+               if not isinstance(v, (dict, list)) and k != "not_bootable"}
     scalars["boot_protocols"] = ", ".join(doc["boot_protocols"])
     scalars["load_range"] = " - ".join(doc["load_range"])
     out.print(kv_table(f"{kernel}", scalars))
@@ -168,5 +171,7 @@ def inspect_command(kernel: Path, as_json: bool, extract: Path | None, backend: 
             rows.append(("cached vmlinux", d["vmlinux"]))
         out.print(kv_table(f"decompression (--backend {backend} --decompress {decompress})",
                            rows))
+    if doc["not_bootable"]:
+        out.print(f"not bootable: {doc['not_bootable']}")
     if "extracted" in doc:
         out.print(f"wrote {doc['extracted']['size']} bytes to {doc['extracted']['path']}")

@@ -72,11 +72,13 @@ def _open(path: Path) -> BufferedReader:
 GUEST_DECOMPRESSES = Decompression(Decompress.GUEST, Decompress.GUEST, "--decompress guest")
 
 
-def parse_kernel(path: Path, plan: Decompression = GUEST_DECOMPRESSES) -> ParsedKernel:
+def parse_kernel(path: Path, plan: Decompression = GUEST_DECOMPRESSES,
+                 describe_only: bool = False) -> ParsedKernel:
     """Detect the format from the bytes and validate every header; reads headers only, except
     for a bzImage whose ``plan`` says HOST: its payload is decompressed then (or its vmlinux
     taken from the cache), and the image describes that vmlinux. When the host cannot decode
-    the payload, the bzImage stays as it is and ``image.decompression.fallback`` says why."""
+    the payload, the bzImage stays as it is and ``image.decompression.fallback`` says why.
+    An ELF that cannot boot (``ElfInfo.unbootable``) is an error unless ``describe_only``."""
     name = str(path)
     with _open(path) as f:
         size = os.fstat(f.fileno()).st_size
@@ -112,6 +114,8 @@ def parse_kernel(path: Path, plan: Decompression = GUEST_DECOMPRESSES) -> Parsed
                 f"{head[:4].hex(' ')})"
             )
         info = elf.parse(f, size, name)
+        if not describe_only:
+            elf.require_bootable(info, name)
     image = KernelImage(
         path=name,
         format="elf",
@@ -133,7 +137,9 @@ def _decompressed(parsed: ParsedKernel, bz: bzimage.BzImageInfo, data: bytes,
     def parse(f: VmlinuxFile) -> elf.ElfInfo:
         size = f.seek(0, 2)
         f.seek(0)
-        return elf.parse(f, size, name)
+        info = elf.parse(f, size, name)
+        elf.require_bootable(info, name)
+        return info
 
     vmlinux, info = host_vmlinux(data, parse)
     done = replace(plan, compression=vmlinux.compression, cached=vmlinux.cached,

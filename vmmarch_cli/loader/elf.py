@@ -59,11 +59,29 @@ class ElfInfo:
 
     @property
     def load_start(self) -> int:
-        return min(s.paddr for s in self.segments)
+        return min((s.paddr for s in self.segments), default=self.entry)
 
     @property
     def load_end(self) -> int:
-        return max(s.end for s in self.segments)
+        return max((s.end for s in self.segments), default=self.entry)
+
+    @property
+    def unbootable(self) -> str | None:
+        """Why ``boot`` refuses this well-formed ELF (``inspect`` still describes it)."""
+        if not self.segments:
+            return "no PT_LOAD segment to load"
+        if not any(s.paddr <= self.entry < s.end for s in self.segments):
+            return f"entry point {self.entry:#x} is outside every loadable segment"
+        return None
+
+
+def require_bootable(info: ElfInfo, name: str) -> None:
+    """Raise the error ``boot`` gives for ``info.unbootable``."""
+    reason = info.unbootable
+    if reason is None:
+        return
+    error = errors.NoLoadableSegments if not info.segments else errors.InvalidEntryAddress
+    raise error(f"{name}: {reason}")
 
 
 def _align4(n: int) -> int:
@@ -71,7 +89,8 @@ def _align4(n: int) -> int:
 
 
 def parse(f: BinaryIO, size: int, name: str) -> ElfInfo:
-    """Validate an ELF64 x86_64 kernel and describe it; reads headers only."""
+    """Validate an ELF64 x86_64 kernel's headers and describe it; reads headers only. Whether
+    it can boot is ``ElfInfo.unbootable`` (``require_bootable``)."""
     ident = f.read(16)
     f.seek(0)
     if len(ident) < 16 or ident[:4] != ELF_MAGIC:
@@ -126,12 +145,6 @@ def parse(f: BinaryIO, size: int, name: str) -> ElfInfo:
         raise errors.ElfReadError(f"{name}: corrupt ELF: {e}") from None
     except (struct.error, ValueError) as e:
         raise errors.ElfReadError(f"{name}: corrupt ELF headers: {e}") from None
-    if not segments:
-        raise errors.NoLoadableSegments(f"{name}: no PT_LOAD segment to load")
-    if not any(s.paddr <= entry < s.end for s in segments):
-        raise errors.InvalidEntryAddress(
-            f"{name}: entry point {entry:#x} is outside every loadable segment"
-        )
     return ElfInfo(entry, tuple(segments), pvh_entry)
 
 
