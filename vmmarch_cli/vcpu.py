@@ -281,6 +281,11 @@ class PostedPortIo(Protocol):
     VMM posts only what has no other effect in the device's present state (devices/bus.py,
     ``Posting``), and collects before it touches the device again."""
 
+    def can_post(self) -> bool:
+        """Whether this vCPU completes posted accesses; fixed for its lifetime (the emulate
+        backend on the unicorn wheel cannot, and every access exits as usual)."""
+        ...
+
     def post_port(self, port: int, read: int | None, queue: bool) -> bool:
         """Answer byte reads of ``port`` with ``read`` (None: exit as usual) and queue its
         byte writes (``queue``); from any thread. False when this vCPU cannot (then it never

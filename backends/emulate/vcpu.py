@@ -712,6 +712,9 @@ class EmulateVcpu:
 
     # --- posted port I/O (vcpu.PostedPortIo) -----------------------------------------------
 
+    def can_post(self) -> bool:
+        return PostedPorts.available()
+
     def post_port(self, port: int, read: int | None, queue: bool) -> bool:
         if not PostedPorts.available():
             return False
