@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 import click
-from click.utils import make_default_short_help
 
 from vmmarch_cli import __version__
 from vmmarch_cli.errors import EX_INTERRUPTED, EX_USAGE, VmmArchError
@@ -65,9 +64,24 @@ class LazyGroup(click.Group):
         """Click's listing (same layout and truncation), from the summaries above."""
         names = self.list_commands(ctx)
         limit = formatter.width - 6 - max(len(name) for name in names)
-        rows = [(name, make_default_short_help(COMMANDS[name][2], limit)) for name in names]
+        rows = [(name, _shortened(COMMANDS[name][2], limit)) for name in names]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+def _shortened(summary: str, limit: int) -> str:
+    """``summary`` cut at a word to fit ``limit`` columns with "..." (Click's listing does the
+    same; its helper for it is deprecated in Click 8.2)."""
+    if len(summary) <= limit:
+        return summary
+    words: list[str] = []
+    used = 0
+    for word in summary.split():
+        if used + len(word) + bool(words) > limit - 3:
+            break
+        used += len(word) + bool(words)
+        words.append(word)
+    return " ".join(words) + "..."
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
