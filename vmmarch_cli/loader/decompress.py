@@ -220,6 +220,16 @@ def _lzop_header_end(payload: bytes) -> tuple[int, int]:
     return pos, flags
 
 
+def _lzo_long_count(src: bytes, ip: int, base: int) -> tuple[int, int]:
+    """A count field of 0 extended by the bytes at ``ip``: ``base`` plus 255 for each zero
+    byte, plus the first non-zero one (LZO1X's literal runs and M3/M4 match lengths). Returns
+    (count, the index after it)."""
+    while src[ip] == 0:
+        base += 255
+        ip += 1
+    return base + src[ip], ip + 1
+
+
 def _lzo1x_block(src: bytes, expected: int) -> bytes:
     """One LZO1X block, as lib/lzo/lzo1x_decompress_safe.c decodes it (bitstream version 0,
     what lzop writes). The instruction encoding is Documentation/staging/lzo.rst's; ``state`` is
@@ -245,12 +255,7 @@ def _lzo1x_block(src: bytes, expected: int) -> bytes:
             if state == 0:
                 # 0000LLLL: a run of 4 or more literals; L == 0 is extended by zero bytes.
                 if t == 0:
-                    t = 15
-                    while src[ip] == 0:
-                        t += 255
-                        ip += 1
-                    t += src[ip]
-                    ip += 1
+                    t, ip = _lzo_long_count(src, ip, 15)
                 t += 3
                 if ip + t > len(src):
                     raise IndexError("literal run past the end of the block")
@@ -277,12 +282,7 @@ def _lzo1x_block(src: bytes, expected: int) -> bytes:
             mask = 31 if t >= 32 else 7
             length = t & mask
             if length == 0:
-                length = mask
-                while src[ip] == 0:
-                    length += 255
-                    ip += 1
-                length += src[ip]
-                ip += 1
+                length, ip = _lzo_long_count(src, ip, mask)
             length += 2
             low, high = src[ip], src[ip + 1]
             ip += 2
