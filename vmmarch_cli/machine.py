@@ -410,21 +410,8 @@ class IrqLines:
 def _io_handlers(bus: IoBus, state: _Run, posted: posted_io.PostedIo
                  ) -> tuple[Callable[[int, int], int], Callable[[int, int, int], None]]:
     """The bus as direct calls, with the same locking and counting as the exits in _vcpu_loop,
-    and, where a vCPU posts, posted writes delivered before each access (posted_io.py)."""
+    and posted writes delivered before each access (posted_io.py)."""
     exits = state.exits
-
-    if not posted.enabled:
-        def plain_read(port: int, size: int) -> int:
-            exits["io"] += 1
-            with state.device_lock:
-                return bus.read(port, size)
-
-        def plain_write(port: int, size: int, value: int) -> None:
-            exits["io"] += 1
-            with state.device_lock:
-                bus.write(port, size, value)
-
-        return plain_read, plain_write
 
     def read(port: int, size: int) -> int:
         exits["io"] += 1
