@@ -138,6 +138,8 @@ def test_two_first_runs_build_once_and_a_broken_library_is_rebuilt(
     assert len(built) == 1 and (built[0] / "libunicorn.so.2").is_file()
     status = json.loads(run_cli("engine", "--json", env=env).stdout)
     assert status["kind"] == "engine" and status["library"].startswith(str(built[0]))
+    from backends.emulate import libbuild
+    assert status["built"]["cpu"] == libbuild.host_cpu()  # compiled for this CPU (-march=native)
 
     # A cached library that fails its load check is rebuilt, not trusted.
     library = built[0] / "libunicorn.so.2"
@@ -148,6 +150,12 @@ def test_two_first_runs_build_once_and_a_broken_library_is_rebuilt(
     assert json.loads(run_cli("engine", "--json", env=env).stdout)["kind"] == "engine"
     again = _boot(guests["bootcheck"], env)
     assert again.returncode == 0 and not _notices(again.stderr), again.stderr
+
+    # One built for another CPU is not loaded here, where it may meet an opcode this CPU lacks.
+    manifest = built[0] / libbuild.MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "cpu": "another"}))
+    status = json.loads(run_cli("engine", "--json", env=env).stdout)
+    assert not status["library"] and "not built yet" in status["reason"], status
 
 
 def test_engine_reports_the_patches_and_clean_empties_the_cache(tmp_path: Path,

@@ -49,7 +49,7 @@ def status_command(as_json: bool) -> None:
         "patches": [{"name": p.name, "title": p.title} for p in s.series],
         "built": None if engine is None else {
             "at": engine.built_at, "seconds": engine.build_seconds,
-            "compiler": engine.compiler, "id": engine.engine_id},
+            "compiler": engine.compiler, "cpu": engine.cpu, "id": engine.engine_id},
         "last_failure": None if s.failure is None else {"cause": s.failure[0],
                                                           "at": s.failure[1]},
     }
@@ -62,7 +62,7 @@ def status_command(as_json: bool) -> None:
         click.echo(f"  because: {s.choice.reason}")
     if engine is not None:
         click.echo(f"  built {engine.built_at} in {engine.build_seconds:g} s by "
-                   f"{engine.compiler}")
+                   f"{engine.compiler}, for this CPU ({engine.cpu}: -march=native)")
     if s.failure is not None:
         click.echo(f"last failed build: {s.failure[1]}: {s.failure[0]}")
     click.echo(f"cache: {s.cache}")
