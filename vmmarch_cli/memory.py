@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 from vmmarch_cli.errors import GuestMemoryError
 
+#: mmap(2)'s "do not reserve swap space" flag (include/uapi/asm-generic/mman.h, which x86 uses).
+#: Python's mmap module names it only from 3.13 on.
+MAP_NORESERVE = 0x4000
+
 
 @dataclass
 class _Region:
@@ -41,7 +45,7 @@ class MmapGuestMemory:
                     f"bad memory region [{start:#x}, +{length:#x}): regions must be page-aligned, "
                     "non-empty and must not overlap"
                 )
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
             try:
                 mapping = mmap.mmap(-1, length, flags=flags)
             except OSError as e:  # ENOMEM: beyond the address space or vm.overcommit rules
