@@ -73,14 +73,14 @@ SPECS: dict[str, Spec] = {
     # The same kernel, initramfs and cmdline three ways (issue 2: ELF through the 64-bit Linux
     # protocol; issue 4: ELF through PVH, and the bzImage, which decompresses itself: without
     # --decompress guest a KVM that emulates ring 0 would decompress it on the host).
-    "elf-linux64": Spec(_boot("{vmlinux}", "--boot-protocol", "linux")),
+    "elf-linux64": Spec(_boot("{vmlinux}", "--boot-protocol", "linux64")),
     "elf-pvh": Spec(_boot("{vmlinux}", "--boot-protocol", "pvh")),
-    "bzimage": Spec(_boot("{bzimage}", "--boot-protocol", "linux", "--decompress", "guest")),
+    "bzimage": Spec(_boot("{bzimage}", "--boot-protocol", "linux64", "--decompress", "guest")),
     # Issue 6: SMP through ACPI (the cloud kernel has no MP-table parser) on both protocols,
     # and memory on both sides of the 32-bit gap.
     "smp2-5g": Spec(_boot("{vmlinux}", "--boot-protocol", "pvh", "--cpus", "2", "--mem", "5G"),
                     kernel_only_args=("--expect", SMP_DONE)),
-    "smp4": Spec(_boot("{vmlinux}", "--boot-protocol", "linux", "--cpus", "4"),
+    "smp4": Spec(_boot("{vmlinux}", "--boot-protocol", "linux64", "--cpus", "4"),
                  kernel_only_args=("--expect", SMP_DONE)),
     # Issue 5: `run` exit statuses and streams, and a panic that must never read as success.
     "run-true": Spec(("run", "--backend", "kvm", "{vmlinux}", "--", "true"),

@@ -1,5 +1,7 @@
 """Guest memory: every access at and past each region's edge is refused cleanly."""
 
+from pathlib import Path
+
 import pytest
 
 from vmmarch_cli.errors import GuestMemoryError
@@ -71,7 +73,7 @@ def test_guest_ram_reserves_no_swap() -> None:
     m = MmapGuestMemory([(0, 64 * MiB)])
     try:
         start = m.host_regions()[0][2]
-        smaps = open("/proc/self/smaps").read().split("\n")
+        smaps = Path("/proc/self/smaps").read_text().split("\n")
         header = next(i for i, line in enumerate(smaps)
                       if line.split("-", 1)[0] == f"{start:x}")
         flags = next(line for line in smaps[header:] if line.startswith("VmFlags:"))

@@ -59,7 +59,7 @@ def test_per_vcpu_state_read_back(guests: dict[str, Path]) -> None:
 
 
 @pytest.mark.usefixtures("kvm")
-@pytest.mark.parametrize("protocol", ["linux", "pvh"])
+@pytest.mark.parametrize("protocol", ["linux64", "pvh"])
 def test_tables_decoded_from_guest_memory(guests: dict[str, Path], protocol: str) -> None:
     guest = "pvhcheck" if protocol == "pvh" else "bootcheck"
     p = run_cli("dump-regs", str(guests[guest]), "--cpus", "5", "--mem", "4G", "--json",

@@ -36,9 +36,9 @@ STOCK_BOOTS = ("elf-linux64",)
 #: Seconds a boot may take: ~6 s alone, slower while the KVM boots share the two cores.
 TIMEOUT = 600
 #: Way -> (kernel, --boot-protocol, --decompress).
-WAYS = {"elf-linux64": ("{vmlinux}", "linux", "auto"), "elf-pvh": ("{vmlinux}", "pvh", "auto"),
-        "bzimage": ("{bzimage}", "linux", "guest"),
-        "bzimage-host": ("{bzimage}", "linux", "host")}
+WAYS = {"elf-linux64": ("{vmlinux}", "linux64", "auto"), "elf-pvh": ("{vmlinux}", "pvh", "auto"),
+        "bzimage": ("{bzimage}", "linux64", "guest"),
+        "bzimage-host": ("{bzimage}", "linux64", "host")}
 
 
 @dataclass

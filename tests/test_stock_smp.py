@@ -24,7 +24,7 @@ from stockboots import (
 pytestmark = [pytest.mark.stock, pytest.mark.usefixtures("kvm")]
 
 #: (boot, vCPUs, protocol, guest RAM) as in tests/stockboots.py
-SMP_BOOTS = {"smp2-5g": (2, "pvh", 5 << 30), "smp4": (4, "linux", 256 << 20)}
+SMP_BOOTS = {"smp2-5g": (2, "pvh", 5 << 30), "smp4": (4, "linux64", 256 << 20)}
 STOCK_BOOTS = tuple(SMP_BOOTS)
 
 

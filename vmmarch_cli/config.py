@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmmarch_cli.arch.x86_64 import layout
+from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.loader.errors import InvalidMemorySize
 from vmmarch_cli.loader.host_decompress import Decompress
 
@@ -74,6 +75,6 @@ class BootConfig:
     cpu_mask: frozenset[str] | None = None  # None: the backend's default for this host
     timeout: float | None = None
     expect: tuple[str, ...] = field(default=())
-    boot_protocol: str = "auto"  # "auto", "linux" or "pvh"
+    boot_protocol: BootProtocol | None = None  # None: auto (machine.choose_protocol)
     decompress: Decompress = Decompress.AUTO  # a bzImage's payload: by the host or the guest
     profile_hz: float = 0.0  # sample the guest RIP this often (0: off)

@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import BinaryIO
 
+from vmmarch_cli.stop import StopReason
+
 #: Lines Linux prints on its way down (kernel/panic.c, kernel/reboot.c "reboot: " pr_fmt).
 PANIC_LINE = re.compile(rb"Kernel panic - not syncing")
 POWER_DOWN_LINE = re.compile(rb"reboot: Power down")
@@ -30,7 +32,7 @@ class Console:
     def __init__(
         self,
         sink: BinaryIO | None,
-        on_event: Callable[[str, str], None],
+        on_event: Callable[[StopReason, str], None],
         expect: tuple[str, ...] = (),
         log: BinaryIO | None = None,
     ) -> None:
@@ -93,12 +95,12 @@ class Console:
                 if name not in self.milestones and pattern.search(line):
                     self.milestones[name] = time.monotonic()
         if PANIC_LINE.search(line):
-            self._on_event("panic", line.decode(errors="replace"))
+            self._on_event(StopReason.PANIC, line.decode(errors="replace"))
         elif POWER_DOWN_LINE.search(line):
-            self._on_event("poweroff", "")
+            self._on_event(StopReason.POWEROFF, "")
         if self._expect_index < len(self._expect) and self._expect[self._expect_index].search(
             line
         ):
             self._expect_index += 1
             if self._expect_index == len(self._expect):
-                self._on_event("expect", line.decode(errors="replace"))
+                self._on_event(StopReason.EXPECT, line.decode(errors="replace"))

@@ -23,13 +23,12 @@ import backends
 from vmmarch_cli import errors, loader, posted_io
 from vmmarch_cli.arch.x86_64 import e820
 from vmmarch_cli.arch.x86_64.pipeline import (
-    LINUX64,
-    PVH,
     BootPlan,
     StepRecord,
     configure,
     probe_cpuid_mask,
 )
+from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.config import BASE_CMDLINE, EMULATED_RING0_CMDLINE, BootConfig
 from vmmarch_cli.console import Console
 from vmmarch_cli.crash import CodeWindow, read_code
@@ -40,6 +39,7 @@ from vmmarch_cli.devices.rtc import CmosRtc
 from vmmarch_cli.devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial8250
 from vmmarch_cli.loader import KernelImage
 from vmmarch_cli.loader.host_decompress import Decompress, Decompression
+from vmmarch_cli.stop import STATUS_FOR_REASON, StopReason
 from vmmarch_cli.vcpu import (
     Halt,
     Hypervisor,
@@ -57,18 +57,6 @@ from vmmarch_cli.vcpu import (
     Vm,
 )
 
-#: Stop reason -> exit status (DESIGN.md); "exit-port" carries the guest's own status.
-STATUS_FOR_REASON = {
-    "poweroff": 0,
-    "reset": 0,
-    "halt": 0,
-    "expect": 0,
-    "timeout": errors.EX_TIMEOUT,
-    "panic": errors.EX_PANIC,
-    "fault": errors.EX_SOFTWARE,
-    "interrupted": errors.EX_INTERRUPTED,
-}
-
 
 @dataclass(frozen=True)
 class Fault:
@@ -84,13 +72,13 @@ class Fault:
 
 @dataclass
 class BootResult:
-    reason: str = ""
+    reason: StopReason | None = None
     status: int = 0
     guest_status: int | None = None
     detail: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     kernel: KernelImage | None = None
-    protocol: str = ""
+    protocol: BootProtocol | None = None
     cmdline: str = ""
     backend: str = ""
     backend_reason: str = ""  # why this backend: --backend NAME, or what auto saw
@@ -134,17 +122,18 @@ def build_cmdline(config: BootConfig, emulated_ring0: bool, leaked: list[str]) -
     return " ".join(p for p in parts if p)
 
 
-def choose_protocol(kernel: KernelImage, requested: str) -> tuple[str, int]:
-    """(pipeline protocol, entry address). ``auto`` takes PVH when the ELF offers it, as
+def choose_protocol(kernel: KernelImage, requested: BootProtocol | None
+                    ) -> tuple[BootProtocol, int]:
+    """(protocol, entry address). ``None`` (auto) takes PVH when the ELF offers it, as
     Firecracker does since v1.12: it skips the 64-bit page-table handover entirely."""
-    if requested == "pvh" or (requested == "auto" and kernel.pvh_entry is not None):
+    if requested == BootProtocol.PVH or (requested is None and kernel.pvh_entry is not None):
         if kernel.pvh_entry is None:
             raise errors.BadInputError(
                 f"{kernel.path}: --boot-protocol pvh needs a Xen PVH entry note "
-                "(XEN_ELFNOTE_PHYS32_ENTRY), which this kernel lacks; use --boot-protocol linux"
+                "(XEN_ELFNOTE_PHYS32_ENTRY), which this kernel lacks; use --boot-protocol linux64"
             )
-        return PVH, kernel.pvh_entry
-    return LINUX64, kernel.entry
+        return BootProtocol.PVH, kernel.pvh_entry
+    return BootProtocol.LINUX64, kernel.entry
 
 
 def choose_decompression(requested: Decompress, backend: str,
@@ -179,7 +168,7 @@ class Prepared:
     vm: Vm
     vcpus: list[Vcpu]
     kernel: KernelImage
-    protocol: str
+    protocol: BootProtocol
     plan_entry: int
     cmdline: str
     cpu_mask: frozenset[str]
@@ -259,13 +248,14 @@ class _Run:
         # Serialises device access between vCPUs, and with the main thread when it delivers
         # posted writes (posted_io.py); one vCPU alone needs no lock on its hot path.
         self.device_lock: AbstractContextManager[object] = nullcontext()
-        self.reason = ""
+        self.reason: StopReason | None = None
         self.detail = ""
         self.guest_status: int | None = None
         self.fault: Fault | None = None
         self.exits: Counter[str] = Counter()
 
-    def stop(self, reason: str, detail: str = "", guest_status: int | None = None) -> None:
+    def stop(self, reason: StopReason, detail: str = "", guest_status: int | None = None
+             ) -> None:
         with self.lock:
             if self.reason:
                 return
@@ -325,11 +315,12 @@ def run(
             sampler.start()
         try:
             if not _wait(state, config.timeout, posted):
-                state.stop("timeout", f"no stop condition within {config.timeout:g} s")
+                state.stop(StopReason.TIMEOUT, f"no stop condition within {config.timeout:g} s")
         except KeyboardInterrupt:
-            state.stop("interrupted", "interrupted by a signal (SIGINT, SIGTERM or SIGHUP)")
+            state.stop(StopReason.INTERRUPTED,
+                       "interrupted by a signal (SIGINT, SIGTERM or SIGHUP)")
         finally:
-            state.stop("interrupted")  # no-op if something already stopped it
+            state.stop(StopReason.INTERRUPTED)  # no-op if something already stopped it
             for t in threads:
                 t.join()
             if sampler is not None:
@@ -351,10 +342,11 @@ def run(
         injected: Counter[str] = Counter()
         for v in prepared.vcpus:
             injected.update(getattr(v, "injected_events", {}))
-        status = (state.guest_status if state.reason == "exit-port" and
-                  state.guest_status is not None else STATUS_FOR_REASON[state.reason])
+        reason = state.reason or StopReason.INTERRUPTED  # set: the finally above stops it
+        status = (state.guest_status if reason is StopReason.EXIT_PORT and
+                  state.guest_status is not None else STATUS_FOR_REASON[reason])
         return BootResult(
-            reason=state.reason,
+            reason=reason,
             status=status,
             guest_status=state.guest_status,
             detail=state.detail,
@@ -471,10 +463,10 @@ def _devices(vm: Vm, console: Console, state: _Run,
     bus.add(COM1_BASE, REGISTER_COUNT, Serial8250(console.write, lines.source(COM1_IRQ)))
     for (base, irq), sink in zip(EXTRA_SERIAL_PORTS, serial_sinks, strict=False):
         bus.add(base, REGISTER_COUNT, Serial8250(sink, lines.source(irq)))
-    bus.add(I8042_DATA_PORT, 5, I8042(lambda: state.stop("reset", "i8042 reset (0xfe)")))
+    bus.add(I8042_DATA_PORT, 5, I8042(lambda: state.stop(StopReason.RESET, "i8042 reset (0xfe)")))
     bus.add(0x70, 2, CmosRtc())
     bus.add(EXIT_PORT, 1, ExitPort(lambda status: state.stop(
-        "exit-port", f"guest wrote {status} to port {EXIT_PORT:#x}", status)))
+        StopReason.EXIT_PORT, f"guest wrote {status} to port {EXIT_PORT:#x}", status)))
     return bus
 
 
@@ -509,10 +501,10 @@ def _vcpu_loop(vcpu: Vcpu, bus: IoBus, state: _Run) -> None:
             elif isinstance(ex, Interrupted):
                 return
             elif isinstance(ex, Halt):
-                state.stop("halt", f"cpu{vcpu.index} halted with interrupts off")
+                state.stop(StopReason.HALT, f"cpu{vcpu.index} halted with interrupts off")
             elif isinstance(ex, Shutdown):
                 if ex.reason == "reset":
-                    state.stop("reset", "guest reset")
+                    state.stop(StopReason.RESET, "guest reset")
                 else:
                     _fault(vcpu, state, ex.reason, b"")
             elif isinstance(ex, InternalError):
@@ -538,4 +530,4 @@ def _fault(vcpu: Vcpu, state: _Run, reason: str, instruction: bytes) -> None:
     detail = f"cpu{vcpu.index}: {reason}"
     if instruction:
         detail += f" (instruction bytes {instruction.hex(' ')})"
-    state.stop("fault", detail)
+    state.stop(StopReason.FAULT, detail)

@@ -10,8 +10,8 @@ Per round (A B A B ..., no warm-up by default: one stock boot takes minutes here
   ELF through its PVH note. The same vmm-arch run is also paired with QEMU under TCG
   (``-accel tcg -cpu max``) and with QEMU's own defaults (vmm-arch's defaults pick exactly this
   protocol and command line; the table says so after checking).
-* ``bzimage``: vmm-arch ``boot bzImage --boot-protocol linux`` vs QEMU ``-M pc`` with it.
-* ``elf64``: vmm-arch ``boot vmlinux --boot-protocol linux``; QEMU has no such path (it loads an
+* ``bzimage``: vmm-arch ``boot bzImage --boot-protocol linux64`` vs QEMU ``-M pc`` with it.
+* ``elf64``: vmm-arch ``boot vmlinux --boot-protocol linux64``; QEMU has no such path (it loads an
   ELF only through PVH), so it is paired with the same round's QEMU PVH run.
 
 Identical inputs: QEMU gets exactly vmm-arch's command line (``dump-regs --json``), and
@@ -149,13 +149,13 @@ def run(ctx: Context) -> CaseResult:
         if "bzimage" in SELECTED:
             ctx.say(f"{tag}: vmm-arch bzImage via the Linux boot protocol (minutes)")
             # The kernel's own decompressor, as QEMU runs it: identical work on both sides.
-            got["bzimage"] = _vmm_arch(stock.bzimage, stock.initrd, "linux", cmdline, "kvm",
+            got["bzimage"] = _vmm_arch(stock.bzimage, stock.initrd, "linux64", cmdline, "kvm",
                                        "--decompress", "guest")
             ctx.say(f"{tag}: QEMU pc, bzImage, KVM")
             got["q_bz"] = q("q_bz", QEMU_KVM_TIMEOUT)
         if "elf64" in SELECTED:
             ctx.say(f"{tag}: vmm-arch vmlinux via the 64-bit Linux boot protocol (minutes)")
-            got["elf64"] = _vmm_arch(stock.vmlinux, stock.initrd, "linux", cmdline)
+            got["elf64"] = _vmm_arch(stock.vmlinux, stock.initrd, "linux64", cmdline)
         if "emulate" in SELECTED:
             ctx.say(f"{tag}: vmm-arch --backend emulate, vmlinux via PVH")
             got["emulate"] = _vmm_arch(stock.vmlinux, stock.initrd, "pvh", cmdline,
@@ -164,7 +164,7 @@ def run(ctx: Context) -> CaseResult:
             got["q_tcg_emu"] = q("q_tcg", QEMU_TCG_TIMEOUT)
         if "emulate-bzimage" in SELECTED:
             ctx.say(f"{tag}: vmm-arch --backend emulate, bzImage (decompressed as auto picks)")
-            got["emulate_bz"] = _vmm_arch(stock.bzimage, stock.initrd, "linux", cmdline,
+            got["emulate_bz"] = _vmm_arch(stock.bzimage, stock.initrd, "linux64", cmdline,
                                           backend="emulate")
             ctx.say(f"{tag}: QEMU pc, bzImage, TCG (the emulate bzImage pair)")
             got["q_tcg_bz"] = q("q_tcg_bz", QEMU_TCG_TIMEOUT)

@@ -13,12 +13,14 @@ import click
 
 import backends
 from vmmarch_cli import machine
+from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.commands import options
 from vmmarch_cli.config import BootConfig
 from vmmarch_cli.crash import disassemble
 from vmmarch_cli.machine import BootResult, Fault
 from vmmarch_cli.profile import Symbols, fold
 from vmmarch_cli.render import regs_dict, regs_table, sregs_dict, sregs_tables, stderr_console
+from vmmarch_cli.stop import StopReason
 
 
 @click.command("boot")
@@ -140,7 +142,8 @@ def result_json(r: BootResult) -> dict[str, Any]:
 
 PROFILE_TOP = 20
 
-PROTOCOL_NAMES = {"linux64": "64-bit Linux boot protocol", "pvh": "Xen PVH entry"}
+PROTOCOL_NAMES = {BootProtocol.LINUX64: "64-bit Linux boot protocol",
+                  BootProtocol.PVH: "Xen PVH entry"}
 
 PHASES = ("open", "load", "setup", "first_console_byte", "linux_banner", "memory_line",
           "run_init", "run", "total")
@@ -154,12 +157,12 @@ def report(r: BootResult, quiet: bool, verbose: bool) -> None:
     # Plain lines but for a fault's tables: importing rich costs ~20 ms of every exit.
     if r.fault is not None:
         _report_fault(r.fault, r.console_tail)
-    if r.reason == "timeout" and r.console_tail:
+    if r.reason is StopReason.TIMEOUT and r.console_tail:
         _say(f"last console line: {r.console_tail[-1]}")
     for warning in r.warnings:
         _say(f"vmm-arch: warning: {warning}")
     summary = f"vmm-arch: {r.reason} (status {r.status})"
-    if r.detail and r.reason not in ("fault",):
+    if r.detail and r.reason is not StopReason.FAULT:
         summary += f": {r.detail}"
     _say(summary)
     if quiet:

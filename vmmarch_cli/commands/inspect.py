@@ -13,8 +13,10 @@ from rich.console import Console
 
 import backends
 from vmmarch_cli import files, loader
+from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.commands import options
 from vmmarch_cli.errors import BackendUnavailableError, BadInputError
+from vmmarch_cli.loader import KernelFormat
 from vmmarch_cli.loader.host_decompress import Decompress
 from vmmarch_cli.machine import choose_decompression, choose_protocol
 from vmmarch_cli.render import kv_table
@@ -70,8 +72,8 @@ def describe(path: Path, backend: str = "auto",
                                         lambda: backends.runs_ring0_in_hardware(name))
             booted = loader.parse_kernel(path, plan)
     k = booted.image
-    offered = ["linux64"] + (["pvh"] if k.pvh_entry is not None else [])
-    picked, entry = choose_protocol(k, "auto")
+    offered = [BootProtocol.LINUX64] + ([BootProtocol.PVH] if k.pvh_entry is not None else [])
+    picked, entry = choose_protocol(k, None)
     doc: dict[str, Any] = {
         "path": str(path),
         "format": k.format,
@@ -136,7 +138,7 @@ def inspect_command(kernel: Path, as_json: bool, extract: Path | None, backend: 
     """
     doc = describe(kernel, backend, Decompress(decompress))
     if extract is not None:
-        if doc["format"] != "bzimage":
+        if doc["format"] != KernelFormat.BZIMAGE:
             raise click.UsageError("--extract-vmlinux needs a bzImage")
         from vmmarch_cli.loader.bzimage_payload import extract_vmlinux
 

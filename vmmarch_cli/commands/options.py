@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from vmmarch_cli.arch.x86_64 import acpi, cpuid
+from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.config import BASE_CMDLINE, BootConfig, parse_mem_size
 from vmmarch_cli.loader.host_decompress import Decompress
 
@@ -41,10 +42,10 @@ def boot_options(f: F) -> F:
                      help="Appended to the (default or given) command line."),
         click.option("--mem", "mem", default="256M", show_default=True, metavar="SIZE",
                      help="Guest RAM: a number with K/M/G suffix (bare number = MiB)."),
-        click.option("--boot-protocol", type=click.Choice(["auto", "linux", "pvh"]),
-                     default="auto", show_default=True,
-                     help="linux: the 64-bit Linux boot protocol; pvh: the Xen PVH entry of an "
-                          "ELF with a PVH note; auto: PVH when the note exists, else linux."),
+        click.option("--boot-protocol", type=click.Choice([AUTO, *(p.value for p in BootProtocol)]),
+                     default=AUTO, show_default=True,
+                     help="linux64: the 64-bit Linux boot protocol; pvh: the Xen PVH entry of "
+                          "an ELF with a PVH note; auto: PVH when the note exists, else linux64."),
         click.option("--cpus", type=click.IntRange(1, acpi.MAX_CPUS), default=1,
                      show_default=True,
                      help=f"Number of vCPUs (1-{acpi.MAX_CPUS}: xAPIC IDs are 8 bits, 0xFF is "
@@ -59,6 +60,14 @@ def boot_options(f: F) -> F:
     for d in reversed(decorators):
         f = d(f)
     return f
+
+
+#: --boot-protocol's choice of the protocol by what the kernel offers (machine.choose_protocol).
+AUTO = "auto"
+
+
+def _protocol(value: str) -> BootProtocol | None:
+    return None if value == AUTO else BootProtocol(value)
 
 
 def boot_config(kwargs: dict[str, Any]) -> BootConfig:
@@ -78,7 +87,7 @@ def boot_config(kwargs: dict[str, Any]) -> BootConfig:
         cpu_mask=mask,
         timeout=kwargs.pop("timeout", None),
         expect=tuple(kwargs.pop("expect", ())),
-        boot_protocol=kwargs.pop("boot_protocol"),
+        boot_protocol=_protocol(kwargs.pop("boot_protocol")),
         decompress=Decompress(kwargs.pop("decompress")),
     )
 

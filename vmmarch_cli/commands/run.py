@@ -17,6 +17,7 @@ from vmmarch_cli import files, machine
 from vmmarch_cli.commands import options
 from vmmarch_cli.commands.boot import report, result_json
 from vmmarch_cli.errors import BadInputError
+from vmmarch_cli.stop import StopReason
 
 #: With --json the command's output is kept for the document, up to this many bytes each.
 CAPTURE_LIMIT = 1 << 20
@@ -125,7 +126,7 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
         if console_log is not None:
             doc["console_log"] = str(console_log)
         click.echo(json.dumps(doc, indent=2))
-    elif result.reason != "exit-port" or verbose or result.warnings:
+    elif result.reason is not StopReason.EXIT_PORT or verbose or result.warnings:
         report(result, quiet=not verbose, verbose=verbose)
     ctx.exit(result.status)
 

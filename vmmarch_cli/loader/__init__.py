@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from io import BufferedReader
 from pathlib import Path
 
@@ -25,12 +26,17 @@ PAGE_SIZE = 4096
 DEFAULT_INITRD_ADDR_MAX = 0x37FF_FFFF
 
 
+class KernelFormat(StrEnum):
+    ELF = "elf"  # a vmlinux: entered at e_entry (64-bit protocol) or its Xen PVH note
+    BZIMAGE = "bzimage"  # a bzImage: the boot protocol's setup header and a compressed payload
+
+
 @dataclass(frozen=True)
 class KernelImage:
     """What the loader put in guest memory, and what the boot protocol needs to know of it."""
 
     path: str
-    format: str
+    format: KernelFormat
     entry: int
     load_start: int
     load_end: int
@@ -90,7 +96,7 @@ def parse_kernel(path: Path, plan: Decompression = GUEST_DECOMPRESSES,
             bz = bzimage.parse(head, size, name)
             image = KernelImage(
                 path=name,
-                format="bzimage",
+                format=KernelFormat.BZIMAGE,
                 entry=bz.entry,
                 load_start=bz.load_address,
                 load_end=bz.end,
@@ -118,7 +124,7 @@ def parse_kernel(path: Path, plan: Decompression = GUEST_DECOMPRESSES,
             elf.require_bootable(info, name)
     image = KernelImage(
         path=name,
-        format="elf",
+        format=KernelFormat.ELF,
         entry=info.entry,
         load_start=info.load_start,
         load_end=info.load_end,

@@ -25,6 +25,7 @@ from vmmarch_cli.arch.x86_64 import (
     pvh,
     regs,
 )
+from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.vcpu import CpuidEntry, GuestMemory, Vcpu
 
 
@@ -34,9 +35,7 @@ class BootPlan:
 
     entry: int
     cmdline: bytes
-    #: "linux64": the 64-bit Linux boot protocol (boot_params, long mode);
-    #: "pvh": the Xen PVH entry (hvm_start_info, 32-bit protected mode, paging off).
-    protocol: str
+    protocol: BootProtocol
     ram_regions: tuple[tuple[int, int], ...]
     cpu_count: int = 1
     cpu_mask: frozenset[str] = frozenset()
@@ -65,8 +64,6 @@ class StepRecord:
         return self.describe()
 
 
-LINUX64 = "linux64"
-PVH = "pvh"
 
 MemoryStep = Callable[[BootPlan, GuestMemory], Describe]
 VcpuStep = Callable[[BootPlan, Vcpu, Sequence[CpuidEntry]], Describe]
@@ -85,7 +82,7 @@ def write_cmdline(plan: BootPlan, mem: GuestMemory) -> Describe:
 
 
 def write_gdt(plan: BootPlan, mem: GuestMemory) -> Describe:
-    table = gdt.pvh_gdt() if plan.protocol == PVH else gdt.linux64_gdt()
+    table = gdt.pvh_gdt() if plan.protocol == BootProtocol.PVH else gdt.linux64_gdt()
     mem.write(layout.BOOT_GDT_START, gdt.pack_table(table))
     mem.write(layout.BOOT_IDT_START, bytes(8))
     count = len(table)
@@ -180,7 +177,7 @@ def set_fpu(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Desc
 
 
 def set_regs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Describe:
-    if plan.protocol == PVH:
+    if plan.protocol == BootProtocol.PVH:
         r = regs.pvh_regs(plan.entry)
         vcpu.set_regs(r)
         return lambda: {"rip": _hex(r.rip), "rbx": _hex(r.rbx), "rflags": _hex(r.rflags)}
@@ -192,7 +189,7 @@ def set_regs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Des
 
 def set_sregs(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> Describe:
     current = vcpu.get_sregs()
-    if plan.protocol == PVH:
+    if plan.protocol == BootProtocol.PVH:
         s = regs.pvh_sregs(current)
     else:
         s = regs.linux64_sregs(current, cr3=layout.PML4_START)
@@ -213,7 +210,7 @@ def set_lapic(plan: BootPlan, vcpu: Vcpu, supported: Sequence[CpuidEntry]) -> De
 
 #: The pipeline, in order, per boot protocol. Names are what ``dump-regs`` and tests use.
 MEMORY_STEPS: dict[str, tuple[tuple[str, MemoryStep], ...]] = {
-    LINUX64: (
+    BootProtocol.LINUX64: (
         ("cmdline", write_cmdline),
         ("gdt", write_gdt),
         ("page_tables", write_page_tables),
@@ -221,7 +218,7 @@ MEMORY_STEPS: dict[str, tuple[tuple[str, MemoryStep], ...]] = {
         ("acpi", write_acpi),
         ("boot_params", write_zero_page),
     ),
-    PVH: (
+    BootProtocol.PVH: (
         ("cmdline", write_cmdline),
         ("gdt", write_gdt),
         ("mptable", write_mptable),

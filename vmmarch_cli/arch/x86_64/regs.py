@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 from vmmarch_cli.arch.x86_64 import gdt, layout
+from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.vcpu import DescriptorTable, Fpu, Regs, Segment, Sregs
 
 # Control-register bits (Intel SDM vol. 3A 2.5) and EFER bits (2.2.1).
@@ -45,10 +46,10 @@ def linux64_regs(entry: int, zero_page: int = layout.ZERO_PAGE_START) -> Regs:
 
 
 @functools.cache
-def _boot_segments(protocol: str) -> tuple[Segment, Segment, Segment, DescriptorTable]:
+def _boot_segments(protocol: BootProtocol) -> tuple[Segment, Segment, Segment, DescriptorTable]:
     """Code, data and TSS segments as loaded from the protocol's boot GDT, and its GDTR.
     A pure function of constant tables, computed once (vCPU setup is a measured hot path)."""
-    if protocol == "pvh":
+    if protocol == BootProtocol.PVH:
         table = gdt.pvh_gdt()
         selectors = (gdt.PVH_CS_INDEX, gdt.PVH_DS_INDEX, gdt.PVH_TSS_INDEX)
     else:
@@ -62,7 +63,7 @@ def _boot_segments(protocol: str) -> tuple[Segment, Segment, Segment, Descriptor
 BOOT_IDTR = DescriptorTable(layout.BOOT_IDT_START, 8 - 1)
 
 
-def _flat_sregs(current: Sregs, protocol: str, cr0: int, cr3: int, cr4: int,
+def _flat_sregs(current: Sregs, protocol: BootProtocol, cr0: int, cr3: int, cr4: int,
                 efer: int) -> Sregs:
     """Segments loaded from the boot GDT (data in DS/ES/FS/GS/SS), the boot GDTR/IDTR and the
     control registers.
@@ -77,7 +78,7 @@ def _flat_sregs(current: Sregs, protocol: str, cr0: int, cr3: int, cr4: int,
 
 def linux64_sregs(current: Sregs, cr3: int) -> Sregs:
     """Long mode with the segments of ``gdt.linux64_gdt()``."""
-    return _flat_sregs(current, "linux64", BOOT_CR0, cr3, BOOT_CR4, BOOT_EFER)
+    return _flat_sregs(current, BootProtocol.LINUX64, BOOT_CR0, cr3, BOOT_CR4, BOOT_EFER)
 
 
 #: PVH entry: protected mode with paging off (docs/misc/pvh.pandoc: "CR0: bit 0 (PE) must be
@@ -92,7 +93,7 @@ def pvh_regs(entry: int, start_info: int = layout.PVH_INFO_START) -> Regs:
 
 def pvh_sregs(current: Sregs) -> Sregs:
     """32-bit protected mode, paging off, with the segments of ``gdt.pvh_gdt()``."""
-    return _flat_sregs(current, "pvh", PVH_CR0, 0, 0, 0)
+    return _flat_sregs(current, BootProtocol.PVH, PVH_CR0, 0, 0, 0)
 
 
 def boot_fpu() -> Fpu:

@@ -12,6 +12,7 @@ import struct
 from typing import Any
 
 from vmmarch_cli.arch.x86_64 import acpi, aml, boot_params, e820, layout, mptable, pvh
+from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.errors import GuestMemoryError
 from vmmarch_cli.vcpu import GuestMemory
 
@@ -32,9 +33,9 @@ def find_mp_floating_pointer(mem: GuestMemory) -> int | None:
     return None
 
 
-def memory_map(mem: GuestMemory, protocol: str) -> tuple[str, list[e820.E820Entry], int]:
+def memory_map(mem: GuestMemory, protocol: BootProtocol) -> tuple[str, list[e820.E820Entry], int]:
     """(where it was found, the entries, the RSDP address the protocol carries)."""
-    if protocol == "pvh":
+    if protocol == BootProtocol.PVH:
         size = struct.calcsize(pvh.START_INFO_FORMAT)
         info = pvh.read_start_info(mem.read(layout.PVH_INFO_START, size))
         count = min(info["memmap_entries"], MAX_MEMMAP_ENTRIES)
@@ -46,7 +47,7 @@ def memory_map(mem: GuestMemory, protocol: str) -> tuple[str, list[e820.E820Entr
             boot_params.get(page, "acpi_rsdp_addr"))
 
 
-def read_boot_tables(mem: GuestMemory, protocol: str) -> dict[str, Any]:
+def read_boot_tables(mem: GuestMemory, protocol: BootProtocol) -> dict[str, Any]:
     source, entries, rsdp_address = memory_map(mem, protocol)
     doc: dict[str, Any] = {
         "e820": {"source": source, "entries": [
