@@ -54,7 +54,7 @@ def engine_choice() -> str:
     """Which unicorn library vmm-arch's emulate backend loads in the benchmarked processes
     (their environment: ``VMMARCH_ENGINE``, ``--libunicorn``). Loading it also builds the
     engine if it is not built yet, so no timed run pays for that build."""
-    code = ("import json; from backends.emulate import library; c = library.load(); "
+    code = ("import json; from vmmarch_cli.backends.emulate import library; c = library.load(); "
             "print(json.dumps({'kind': str(c.kind), 'library': c.library, 'reason': c.reason}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=vmm_arch_env(), cwd=REPO, check=False)

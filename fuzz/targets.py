@@ -20,6 +20,7 @@ from typing import Any
 
 from vmmarch_cli import loader
 from vmmarch_cli.arch.x86_64 import acpi, aml, cpuid, mptable, tables
+from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.config import parse_mem_size
 from vmmarch_cli.errors import BadInputError
 from vmmarch_cli.loader import elf
@@ -92,7 +93,8 @@ def cpu_mask(data: bytes) -> None:
 
 def cmdline(data: bytes) -> None:
     """The kernel command line: length against the image's limit, no NUL, bytes from argv."""
-    k = loader.KernelImage(path="k", format="elf", entry=0, load_start=0, load_end=0)
+    k = loader.KernelImage(path="k", format=loader.KernelFormat.ELF, entry=0, load_start=0,
+                           load_end=0)
     try:
         raw = loader.check_cmdline(_text(data), k)
     except BadInputError:
@@ -125,7 +127,7 @@ def boot_tables(data: bytes) -> None:
     blob = data[: 0x1000]
     mem.write(0xE0000, blob.ljust(0x1000, b"\0"))
     mem.write(0x9FC00, blob[::-1].ljust(0x400, b"\0")[:0x400])
-    for protocol in ("linux64", "pvh"):
+    for protocol in BootProtocol:
         with contextlib.suppress(BadInputError):  # a memmap pointer outside guest memory
             tables.read_boot_tables(mem, protocol)
     for read in (lambda: acpi.read_all(mem.read, 0xE0000),

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from vmmarch_cli.arch.x86_64 import acpi, aml, boot_params, e820, layout, mptable, pipeline, pvh
+from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.memory import MmapGuestMemory
 
 
@@ -18,7 +19,7 @@ def memory() -> Iterator[MmapGuestMemory]:
     mem.close()
 
 
-def _plan(cpus: int, protocol: str = pipeline.LINUX64) -> pipeline.BootPlan:
+def _plan(cpus: int, protocol: BootProtocol = BootProtocol.LINUX64) -> pipeline.BootPlan:
     return pipeline.BootPlan(entry=0x100_0000, cmdline=b"console=ttyS0", protocol=protocol,
                              ram_regions=((0, 4 * layout.MiB),), cpu_count=cpus)
 
@@ -97,13 +98,13 @@ def test_both_protocols_point_the_kernel_at_the_rsdp(memory: MmapGuestMemory) ->
     pipeline.write_zero_page(_plan(2), memory)
     page = memory.read(layout.ZERO_PAGE_START, boot_params.ZERO_PAGE_SIZE)
     assert boot_params.get(page, "acpi_rsdp_addr") == layout.ACPI_RSDP_START
-    pipeline.write_start_info(_plan(2, pipeline.PVH), memory)
+    pipeline.write_start_info(_plan(2, BootProtocol.PVH), memory)
     info = pvh.read_start_info(memory.read(layout.PVH_INFO_START, 56))
     assert info["rsdp_paddr"] == layout.ACPI_RSDP_START
 
 
 def test_both_protocols_write_acpi() -> None:
-    for protocol in (pipeline.LINUX64, pipeline.PVH):
+    for protocol in (BootProtocol.LINUX64, BootProtocol.PVH):
         names = [name for name, _ in pipeline.MEMORY_STEPS[protocol]]
         assert "acpi" in names and "mptable" in names
 

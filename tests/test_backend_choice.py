@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import backends
+from vmmarch_cli import backends
 from vmmarch_cli.errors import BadInputError
 
 from conftest import needs_unicorn, run_cli

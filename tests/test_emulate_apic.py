@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.emulate import apic
+from vmmarch_cli.backends.emulate import apic
 from vmmarch_cli.vcpu import LAPIC_PAGE_SIZE, Lapic
 
 from conftest import needs_unicorn, run_cli
@@ -150,7 +150,7 @@ def test_timer_ipi_and_eoi_on_the_emulator(guests: dict[str, Path]) -> None:
 @needs_unicorn
 @pytest.mark.usefixtures("kvm")
 def test_same_apic_behaviour_as_kvm(guests: dict[str, Path]) -> None:
-    from backends.kvm.system import host_needs_ring0_workarounds
+    from vmmarch_cli.backends.kvm.system import host_needs_ring0_workarounds
 
     _, emulated = _apictimer(guests, "emulate")
     status, on_kvm = _apictimer(guests, "kvm")

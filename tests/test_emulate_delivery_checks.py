@@ -7,8 +7,8 @@ from __future__ import annotations
 import struct
 from dataclasses import replace
 
-from backends.emulate import delivery
 from vmmarch_cli.arch.x86_64 import paging, regs
+from vmmarch_cli.backends.emulate import delivery
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import DescriptorTable, Segment, Sregs
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from backends.emulate import smp
+from vmmarch_cli.backends.emulate import smp
 
 # ICR low words as Linux writes them (arch/x86/kernel/smpboot.c, wakeup_secondary_cpu_via_init;
 # apic_flat_64.c): INIT assert (level, assert), INIT de-assert, STARTUP to page 0x9a.

@@ -27,8 +27,8 @@ if UNICORN_MISSING:
     pytest.skip("the emulate backend needs unicorn: pip install 'vmm-arch[emulate]'",
                 allow_module_level=True)
 
-from backends.emulate import library, native
-from backends.emulate.binding import Uc, UcError, uc_const, x86
+from vmmarch_cli.backends.emulate import library, native
+from vmmarch_cli.backends.emulate.binding import Uc, UcError, uc_const, x86
 
 CODE, DATA = 0x1000, 0x8000
 

@@ -30,7 +30,7 @@ NOTICE = "vmm-arch: "
 @pytest.fixture(scope="module")
 def sdist() -> Path:
     """unicorn's source distribution, as the engine build keeps it (built once if need be)."""
-    from backends.emulate import libbuild
+    from vmmarch_cli.backends.emulate import libbuild
 
     p = run_cli("engine", "build", "-q", timeout=600)
     assert p.returncode == 0, p.stderr
@@ -112,7 +112,7 @@ def test_a_source_with_another_hash_is_refused(tmp_path: Path, sdist: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The pinned hash is checked after the download (here: the pin is changed, the real
     source stays the same)."""
-    from backends.emulate import libbuild
+    from vmmarch_cli.backends.emulate import libbuild
 
     monkeypatch.setenv("VMMARCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(libbuild, "SDIST_SHA256", "0" * 64)
@@ -138,7 +138,7 @@ def test_two_first_runs_build_once_and_a_broken_library_is_rebuilt(
     assert len(built) == 1 and (built[0] / "libunicorn.so.2").is_file()
     status = json.loads(run_cli("engine", "--json", env=env).stdout)
     assert status["kind"] == "engine" and status["library"].startswith(str(built[0]))
-    from backends.emulate import libbuild
+    from vmmarch_cli.backends.emulate import libbuild
     assert status["built"]["cpu"] == libbuild.host_cpu()  # compiled for this CPU (-march=native)
 
     # A cached library that fails its load check is rebuilt, not trusted.
@@ -160,7 +160,7 @@ def test_two_first_runs_build_once_and_a_broken_library_is_rebuilt(
 
 def test_engine_reports_the_patches_and_clean_empties_the_cache(tmp_path: Path,
                                                                 sdist: Path) -> None:
-    from backends.emulate import libbuild
+    from vmmarch_cli.backends.emulate import libbuild
 
     env = _cache(tmp_path, sdist)
     p = run_cli("engine", env=env)
@@ -178,7 +178,7 @@ def test_engine_reports_the_patches_and_clean_empties_the_cache(tmp_path: Path,
 
 def test_the_layout_the_engine_tells_is_the_one_a_search_finds() -> None:
     """Patch 0009: vmmarch_layout() against the planted-value search the wheel needs."""
-    from backends.emulate import binding, library, native
+    from vmmarch_cli.backends.emulate import binding, library, native
 
     assert binding.Uc is not None  # the binding is loaded: the library is chosen
     if library.chosen() is None or not hasattr(library.loaded_library(), "vmmarch_layout"):

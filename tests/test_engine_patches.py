@@ -85,7 +85,7 @@ def boot(guest: Path, env: dict[str, str], *extra: str) -> Run:
 def libraries() -> None:
     """Each environment loads the library it names: otherwise an engine that failed to build
     (the backend then falls back to the wheel) would look like a failing patch."""
-    probe = ("from backends.emulate import library; c = library.load(quiet=True); "
+    probe = ("from vmmarch_cli.backends.emulate import library; c = library.load(quiet=True); "
              "print(c.kind, c.reason)")
     for env, kind in ((ENGINE, "engine"), (WHEEL, "wheel")):
         p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

@@ -20,8 +20,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-import backends
-from vmmarch_cli import loader, machine
+from vmmarch_cli import backends, loader, machine
 from vmmarch_cli.arch.x86_64 import boot_params, layout
 from vmmarch_cli.config import BootConfig
 from vmmarch_cli.errors import BadInputError

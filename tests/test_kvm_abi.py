@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.kvm import abi
+from vmmarch_cli.backends.kvm import abi
 from vmmarch_cli.vcpu import Regs
 
 HEADER = Path("/usr/include/linux/kvm.h")
@@ -144,7 +144,7 @@ def test_struct_formats_match_the_ctypes_layouts() -> None:
 def test_segment_flags_round_trip_through_the_named_fields() -> None:
     """convert.py translates kvm_segment's flag bytes with two memoized functions; set the
     named ctypes fields, read the neutral attribute word, and back (no /dev/kvm needed)."""
-    from backends.kvm import convert
+    from vmmarch_cli.backends.kvm import convert
     from vmmarch_cli.vcpu import Segment
 
     k = abi.kvm_sregs()

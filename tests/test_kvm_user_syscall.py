@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backends.kvm.system import host_needs_ring0_workarounds
+from vmmarch_cli.backends.kvm.system import host_needs_ring0_workarounds
 
 
 def test_syscall_from_ring3_reaches_ring0_or_the_host_is_known_not_to(

@@ -93,7 +93,7 @@ def test_cpu_count_limits(guests: dict[str, Path]) -> None:
 @needs_unicorn
 def test_emulate_backend_refuses_more_vcpus_than_it_can_address(guests: dict[str, Path]
                                                                 ) -> None:
-    from backends.emulate import smp
+    from vmmarch_cli.backends.emulate import smp
 
     p = run_cli("boot", str(guests["bootcheck"]), "--backend", "emulate", "--cpus",
                 str(smp.MAX_VCPUS + 1))

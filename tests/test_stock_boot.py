@@ -128,7 +128,7 @@ def test_boot_protocol_reported(boots: dict[str, Boot]) -> None:
 def test_workarounds_were_needed_and_used_on_this_host(boot: Boot) -> None:
     """On a ring-0-emulating KVM the int3 self-test is completed by injection; on hardware
     KVM no event is injected and no mask applies."""
-    from backends.kvm.system import host_needs_ring0_workarounds
+    from vmmarch_cli.backends.kvm.system import host_needs_ring0_workarounds
 
     if host_needs_ring0_workarounds():
         assert boot.result["injected_events"].get("int3", 0) >= 1

@@ -19,8 +19,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-import backends
-from vmmarch_cli import errors, loader, posted_io
+from vmmarch_cli import backends, errors, loader, posted_io
 from vmmarch_cli.arch.x86_64 import e820
 from vmmarch_cli.arch.x86_64.pipeline import (
     BootPlan,
@@ -43,6 +42,7 @@ from vmmarch_cli.stop import STATUS_FOR_REASON, StopReason
 from vmmarch_cli.vcpu import (
     Halt,
     Hypervisor,
+    InlinePortIo,
     InternalError,
     Interrupted,
     IoIn,
@@ -233,9 +233,7 @@ def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
         finally:
             vm.close()
     finally:
-        close = getattr(hv, "close", None)
-        if close is not None:
-            close()
+        hv.close()
 
 
 class _Run:
@@ -290,9 +288,8 @@ def run(
         if posted.active or len(prepared.vcpus) > 1:
             state.device_lock = threading.Lock()
         for v in prepared.vcpus:
-            attach_io = getattr(v, "attach_io", None)  # a backend that completes port I/O
-            if attach_io is not None:                  # inside the vCPU (emulate) takes the bus
-                attach_io(*_io_handlers(bus, state, posted))
+            if isinstance(v, InlinePortIo):  # completes port I/O inside run: takes the bus
+                v.attach_io(*_io_handlers(bus, state, posted))
         threads = [
             threading.Thread(target=_vcpu_loop, args=(v, bus, state), name=f"vcpu{v.index}",
                              daemon=True)
@@ -341,7 +338,7 @@ def run(
             timings[name] = at - start
         injected: Counter[str] = Counter()
         for v in prepared.vcpus:
-            injected.update(getattr(v, "injected_events", {}))
+            injected.update(v.injected_events)
         reason = state.reason or StopReason.INTERRUPTED  # set: the finally above stops it
         status = (state.guest_status if reason is StopReason.EXIT_PORT and
                   state.guest_status is not None else STATUS_FOR_REASON[reason])
@@ -444,15 +441,13 @@ def _sampler(vcpus: Sequence[Vcpu], state: _Run, hz: float) -> None:
     """Ask each vCPU where the guest is, ``hz`` times a second, until the run stops."""
     while not state.done.wait(1 / hz):
         for v in vcpus:
-            sample = getattr(v, "sample", None)  # a backend may not offer sampling
-            if sample is not None:
-                sample()
+            v.sample()
 
 
 def _merged_samples(vcpus: Sequence[Vcpu]) -> Counter[int]:
     total: Counter[int] = Counter()
     for v in vcpus:
-        total.update(getattr(v, "rip_samples", {}))
+        total.update(v.rip_samples)
     return total
 
 

@@ -9,7 +9,7 @@ A backend translates to its native form once, at its own boundary.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -270,7 +270,34 @@ class Vcpu(Protocol):
         """Make a running or the next ``run`` return ``Interrupted``; callable from any thread."""
         ...
 
+    def sample(self) -> None:
+        """Record the guest RIP now into ``rip_samples`` (``--profile``); from any thread."""
+        ...
+
+    @property
+    def rip_samples(self) -> Mapping[int, int]:
+        """RIP -> how many ``sample`` calls found the vCPU there."""
+        ...
+
+    @property
+    def injected_events(self) -> Mapping[str, int]:
+        """What the backend delivered to the guest itself, by name ("#PF", "interrupt 0x20"):
+        for ``--verbose`` and the JSON."""
+        ...
+
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class InlinePortIo(Protocol):
+    """Optional: a vCPU that completes port I/O inside ``run`` by calling the VMM's devices
+    (the emulate backend), instead of returning ``IoIn``/``IoOut`` exits."""
+
+    def attach_io(self, read: Callable[[int, int], int],
+                  write: Callable[[int, int, int], None]) -> None:
+        """Complete every port access with ``read(port, size)`` and ``write(port, size,
+        value)``, called on the vCPU's thread."""
+        ...
 
 
 @runtime_checkable
@@ -304,7 +331,8 @@ class PostedPortIo(Protocol):
 class Vm(Protocol):
     """A virtual machine: memory, interrupt lines and vCPUs."""
 
-    memory: GuestMemory
+    @property
+    def memory(self) -> GuestMemory: ...
 
     def supported_cpuid(self) -> list[CpuidEntry]:
         """What the hypervisor can offer a guest, the starting point of the CPUID step."""
@@ -340,4 +368,25 @@ class Hypervisor(Protocol):
 
     def create_vm(self, regions: Sequence[tuple[int, int]]) -> Vm:
         """A VM whose RAM is the given (guest-physical start, length) regions."""
+        ...
+
+    def close(self) -> None:
+        """Release what opening the backend took (the KVM fd); its VMs are closed first."""
+        ...
+
+
+class HypervisorClass(Protocol):
+    """A backend as the registry finds it (``vmmarch_cli.backends``): its class, asked about
+    the host before anything is opened."""
+
+    def __call__(self, quiet: bool = False) -> Hypervisor:
+        """Open the backend; what it has to say while opening goes to stderr unless ``quiet``."""
+        ...
+
+    def probe(self) -> HypervisorInfo:
+        """Whether it can run here, and why not (``vmm-arch backends``); opens nothing."""
+        ...
+
+    def runs_ring0_in_hardware(self) -> bool:
+        """Whether guest kernel code runs on the CPU (not in an emulator) here."""
         ...

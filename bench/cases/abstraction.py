@@ -20,9 +20,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from backends.kvm import abi
-from backends.kvm.system import ioctl
-from backends.kvm.vcpu import KvmVcpu
 from bench import inputs
 from bench.cases import Context, Settings
 from bench.stats import CaseResult, Sample, Table, paired_row
@@ -30,6 +27,9 @@ from vmmarch_cli import machine
 from vmmarch_cli.arch.x86_64 import cpuid, msr, regs
 from vmmarch_cli.arch.x86_64.lapic import APIC_LVT0, APIC_LVT1
 from vmmarch_cli.arch.x86_64.pipeline import VCPU_STEPS, BootPlan
+from vmmarch_cli.backends.kvm import abi
+from vmmarch_cli.backends.kvm.system import ioctl
+from vmmarch_cli.backends.kvm.vcpu import KvmVcpu
 from vmmarch_cli.config import BootConfig
 from vmmarch_cli.vcpu import CpuidEntry
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from backends.kvm import abi, system
-from backends.kvm.vcpu import KvmVcpu
 from bench import inputs
 from bench.cases import Context, Settings
 from bench.stats import CaseResult, Sample, Table, alternate, paired_row
 from vmmarch_cli import machine
+from vmmarch_cli.backends.kvm import abi, system
+from vmmarch_cli.backends.kvm.vcpu import KvmVcpu
 from vmmarch_cli.config import BootConfig
 from vmmarch_cli.vcpu import GuestMemory
 

@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-import backends
+from vmmarch_cli import backends
 from vmmarch_cli.errors import BackendUnavailableError
 from vmmarch_cli.vcpu import HypervisorInfo
 

@@ -11,8 +11,7 @@ from typing import Any, BinaryIO
 
 import click
 
-import backends
-from vmmarch_cli import machine
+from vmmarch_cli import backends, machine
 from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.commands import options
 from vmmarch_cli.config import BootConfig

@@ -13,7 +13,7 @@ from vmmarch_cli.errors import BackendUnavailableError
 
 def _library() -> Any:
     """backends.emulate.library, or exit 69 naming what is missing (it needs unicorn)."""
-    from backends.emulate import library
+    from vmmarch_cli.backends.emulate import library
 
     library.wheel_library()  # BackendUnavailableError: unicorn is not installed
     return library

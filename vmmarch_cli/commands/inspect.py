@@ -11,8 +11,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-import backends
-from vmmarch_cli import files, loader
+from vmmarch_cli import backends, files, loader
 from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.commands import options
 from vmmarch_cli.errors import BackendUnavailableError, BadInputError

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from backends.emulate import libbuild
+from vmmarch_cli.backends.emulate import libbuild
 from vmmarch_cli.errors import BackendUnavailableError
 from vmmarch_cli.progress import status as status_line
 
@@ -198,7 +198,7 @@ class SystemCpu:
     def __init__(self, uc: Any) -> None:
         lib = loaded_library()
         self._lib = lib
-        from backends.emulate.native import uc_handle
+        from vmmarch_cli.backends.emulate.native import uc_handle
 
         self._uc = uc_handle(uc)
         for name, restype, argtypes in (
@@ -251,7 +251,7 @@ class PostedPorts:
     QUEUE = 4096  # uc_priv.h VMMARCH_QUEUE: one collect empties a full queue
 
     def __init__(self, uc: Any) -> None:
-        from backends.emulate.native import uc_handle
+        from vmmarch_cli.backends.emulate.native import uc_handle
 
         lib = loaded_library()
         self._lib = lib

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from backends.kvm import abi
-from backends.kvm.system import check_extension, checked, ioctl
-from backends.kvm.vcpu import KvmVcpu, cpuid_from_kvm
 from vmmarch_cli.arch.x86_64 import layout
+from vmmarch_cli.backends.kvm import abi
+from vmmarch_cli.backends.kvm.system import check_extension, checked, ioctl
+from vmmarch_cli.backends.kvm.vcpu import KvmVcpu, cpuid_from_kvm
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import CpuidEntry
 

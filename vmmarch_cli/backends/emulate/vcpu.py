@@ -20,13 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from backends.emulate import apic, cpuid, delivery, descriptors, faults, native, smp
-from backends.emulate.binding import UcError, uc_const, x86
-from backends.emulate.engine import ENGINE_MSRS, Engine, refuse_compatibility_mode
-from backends.emulate.library import PostedPorts, SystemCpu
-from backends.emulate.native import R_EAX, R_EBX, R_ECX, R_EDX, NativeCpu
-from backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
 from vmmarch_cli.arch.x86_64 import msr, regs
+from vmmarch_cli.backends.emulate import apic, cpuid, delivery, descriptors, faults, native, smp
+from vmmarch_cli.backends.emulate.binding import UcError, uc_const, x86
+from vmmarch_cli.backends.emulate.engine import ENGINE_MSRS, Engine, refuse_compatibility_mode
+from vmmarch_cli.backends.emulate.library import PostedPorts, SystemCpu
+from vmmarch_cli.backends.emulate.native import R_EAX, R_EBX, R_ECX, R_EDX, NativeCpu
+from vmmarch_cli.backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import (

@@ -12,12 +12,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from backends.emulate import libbuild, library, smp
+from vmmarch_cli.backends.emulate import libbuild, library, smp
 from vmmarch_cli.errors import BackendUnavailableError
 from vmmarch_cli.vcpu import HypervisorInfo
 
 if TYPE_CHECKING:
-    from backends.emulate.vm import EmulateVm
+    from vmmarch_cli.backends.emulate.vm import EmulateVm
 
 NAME = "emulate"
 
@@ -76,7 +76,7 @@ class EmulateHypervisor:
         return smp.MAX_VCPUS
 
     def create_vm(self, regions: Sequence[tuple[int, int]]) -> EmulateVm:
-        from backends.emulate.vm import EmulateVm
+        from vmmarch_cli.backends.emulate.vm import EmulateVm
 
         return EmulateVm(regions)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from backends.emulate import library
+from vmmarch_cli.backends.emulate import library
 
 library.load()
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from backends.kvm import abi
-from backends.kvm.system import (
+from vmmarch_cli.backends.kvm import abi
+from vmmarch_cli.backends.kvm.system import (
     KVM_DEVICE,
     check_extension,
     host_needs_ring0_workarounds,
     open_kvm,
 )
-from backends.kvm.vcpu import install_kick_handler
-from backends.kvm.vm import KvmVm
+from vmmarch_cli.backends.kvm.vcpu import install_kick_handler
+from vmmarch_cli.backends.kvm.vm import KvmVm
 from vmmarch_cli.errors import BackendUnavailableError
 from vmmarch_cli.vcpu import HypervisorInfo
 

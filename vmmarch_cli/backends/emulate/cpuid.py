@@ -109,7 +109,7 @@ def model_cpuid() -> tuple[CpuidEntry, ...]:
     This is what the emulator can run (TCG implements what its model advertises), the
     counterpart of KVM_GET_SUPPORTED_CPUID. It is the same on every call, so it is cached.
     """
-    from backends.emulate.engine import scratch_cpuid
+    from vmmarch_cli.backends.emulate.engine import scratch_cpuid
 
     query = scratch_cpuid()
     entries: list[CpuidEntry] = []

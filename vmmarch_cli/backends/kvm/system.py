@@ -12,7 +12,7 @@ import errno
 import os
 from pathlib import Path
 
-from backends.kvm import abi
+from vmmarch_cli.backends.kvm import abi
 from vmmarch_cli.errors import BackendError, BackendUnavailableError
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from backends.emulate import smp
-from backends.emulate.apic import IoApic
-from backends.emulate.cpuid import model_cpuid, with_timing_leaf
-from backends.emulate.hosttsc import TscClock
-from backends.emulate.vcpu import EmulateVcpu
+from vmmarch_cli.backends.emulate import smp
+from vmmarch_cli.backends.emulate.apic import IoApic
+from vmmarch_cli.backends.emulate.cpuid import model_cpuid, with_timing_leaf
+from vmmarch_cli.backends.emulate.hosttsc import TscClock
+from vmmarch_cli.backends.emulate.vcpu import EmulateVcpu
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import CpuidEntry
 

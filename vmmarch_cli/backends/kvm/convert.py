@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from backends.kvm import abi
+from vmmarch_cli.backends.kvm import abi
 from vmmarch_cli.vcpu import GPR_NAMES, DescriptorTable, Regs, Segment, Sregs
 
 _REGS = (*GPR_NAMES, "rip", "rflags")

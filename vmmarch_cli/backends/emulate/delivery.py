@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from backends.emulate import descriptors, faults
+from vmmarch_cli.backends.emulate import descriptors, faults
 from vmmarch_cli.vcpu import GuestMemory, Sregs
 
 #: Error-code bits for a fault caused by an IDT entry (SDM 6.13): EXT, IDT; index = vector.

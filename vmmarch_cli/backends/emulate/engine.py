@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from backends.emulate.binding import Uc, UcError, uc_const, x86
-from backends.emulate.descriptors import ATTR_L
-from backends.emulate.native import DESC_FLAGS_MASK, DESC_FLAGS_SHIFT
 from vmmarch_cli.arch.x86_64 import msr, regs
+from vmmarch_cli.backends.emulate.binding import Uc, UcError, uc_const, x86
+from vmmarch_cli.backends.emulate.descriptors import ATTR_L
+from vmmarch_cli.backends.emulate.native import DESC_FLAGS_MASK, DESC_FLAGS_SHIFT
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import GPR_NAMES, Fpu, Regs, Sregs

@@ -29,7 +29,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from backends.emulate.binding import uc_const, x86
+from vmmarch_cli.backends.emulate.binding import uc_const, x86
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.vcpu import DescriptorTable, Segment, Sregs
 
@@ -180,7 +180,7 @@ def layout() -> Layout:
 def _scanned_layout() -> Layout:
     """Find the offsets once, in a scratch instance, and check them against a live INT n and
     a live HLT."""
-    from backends.emulate.binding import Uc
+    from vmmarch_cli.backends.emulate.binding import Uc
 
     uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
     code = 0x1000
@@ -335,7 +335,7 @@ def _invalid_error_offset() -> int:
     int invalid_error; int use_exits, which UC_CTL_UC_USE_EXITS sets) and checked in a scratch
     instance: a kick from inside a hook must end emu_start with KICK_ERROR before the next
     instruction."""
-    from backends.emulate.binding import Uc, UcError
+    from vmmarch_cli.backends.emulate.binding import Uc, UcError
 
     uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
     code, probe = 0x1000, 0x2000

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
 
 from vmmarch_cli.errors import BackendUnavailableError, BadInputError
-from vmmarch_cli.vcpu import Hypervisor, HypervisorInfo
+from vmmarch_cli.vcpu import Hypervisor, HypervisorClass, HypervisorInfo
 
 #: name -> (module, class)
 REGISTRY: dict[str, tuple[str, str]] = {
-    "kvm": ("backends.kvm", "KvmHypervisor"),
-    "emulate": ("backends.emulate", "EmulateHypervisor"),
+    "kvm": ("vmmarch_cli.backends.kvm", "KvmHypervisor"),
+    "emulate": ("vmmarch_cli.backends.emulate", "EmulateHypervisor"),
 }
 
 
@@ -57,8 +56,7 @@ def pick() -> Pick:
 
 def runs_ring0_in_hardware(name: str) -> bool:
     """Whether backend ``name`` runs guest kernel code on the CPU (not in an emulator)."""
-    answer: bool = _class(name).runs_ring0_in_hardware()
-    return answer
+    return _class(name).runs_ring0_in_hardware()
 
 
 def resolve(name: str) -> Pick:
@@ -69,13 +67,14 @@ def resolve(name: str) -> Pick:
     return Pick(name, f"--backend {name}")
 
 
-def _class(name: str) -> Any:
+def _class(name: str) -> HypervisorClass:
     if name not in REGISTRY:
         raise BadInputError(f"unknown backend {name!r}; choose one of {AUTO}, "
                             f"{', '.join(REGISTRY)}")
     module, cls = REGISTRY[name]
     try:
-        return getattr(importlib.import_module(module), cls)
+        found: HypervisorClass = getattr(importlib.import_module(module), cls)
+        return found
     except ImportError as e:
         raise BackendUnavailableError(f"backend {name!r} cannot load: {e}") from None
 
@@ -84,13 +83,11 @@ def open_backend(name: str, quiet: bool = False) -> Hypervisor:
     """Open backend ``name`` (not ``auto``: ``resolve`` it first); what it has to say while it
     opens (the emulate backend building its CPU engine on first use) goes to stderr unless
     ``quiet``."""
-    hv: Hypervisor = _class(name)(quiet=quiet)
-    return hv
+    return _class(name)(quiet=quiet)
 
 
 def probe(name: str) -> HypervisorInfo:
     try:
-        info: HypervisorInfo = _class(name).probe()
+        return _class(name).probe()
     except BackendUnavailableError as e:
         return HypervisorInfo(name, False, str(e))
-    return info

@@ -13,9 +13,14 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 
-from backends.kvm import abi, convert
-from backends.kvm.emulation import OPCODE_FWAIT, SoftwareEvent, decode_software_event, fwait_event
-from backends.kvm.system import checked, raw_ioctl
+from vmmarch_cli.backends.kvm import abi, convert
+from vmmarch_cli.backends.kvm.emulation import (
+    OPCODE_FWAIT,
+    SoftwareEvent,
+    decode_software_event,
+    fwait_event,
+)
+from vmmarch_cli.backends.kvm.system import checked, raw_ioctl
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.vcpu import (
     LAPIC_PAGE_SIZE,

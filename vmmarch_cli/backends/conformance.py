@@ -1,0 +1,38 @@
+"""What mypy checks of every backend: its classes implement the neutral interface of
+``vmmarch_cli/vcpu.py``, required members and the optional Protocols they claim. Nothing here
+runs; the backends return their own types, so without these lines no check would compare them
+with the Protocols."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vmmarch_cli.backends.emulate import EmulateHypervisor
+    from vmmarch_cli.backends.emulate.vcpu import EmulateVcpu
+    from vmmarch_cli.backends.emulate.vm import EmulateVm
+    from vmmarch_cli.backends.kvm import KvmHypervisor
+    from vmmarch_cli.backends.kvm.vcpu import KvmVcpu
+    from vmmarch_cli.backends.kvm.vm import KvmVm
+    from vmmarch_cli.vcpu import (
+        Hypervisor,
+        HypervisorClass,
+        InlinePortIo,
+        PostedPortIo,
+        Vcpu,
+        Vm,
+    )
+
+    def _kvm(hv: KvmHypervisor, vm: KvmVm, vcpu: KvmVcpu) -> None:
+        opens: HypervisorClass = KvmHypervisor
+        hypervisor: Hypervisor = hv
+        machine: Vm = vm
+        cpu: Vcpu = vcpu
+
+    def _emulate(hv: EmulateHypervisor, vm: EmulateVm, vcpu: EmulateVcpu) -> None:
+        opens: HypervisorClass = EmulateHypervisor
+        hypervisor: Hypervisor = hv
+        machine: Vm = vm
+        cpu: Vcpu = vcpu
+        inline: InlinePortIo = vcpu
+        posted: PostedPortIo = vcpu
