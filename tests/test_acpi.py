@@ -7,7 +7,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmmarch_cli.arch.x86_64 import acpi, aml, boot_params, e820, layout, mptable, pipeline, pvh
+from vmmarch_cli.arch.x86_64 import (
+    acpi,
+    aml,
+    board,
+    boot_params,
+    e820,
+    layout,
+    mptable,
+    pipeline,
+    pvh,
+)
 from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.memory import MmapGuestMemory
 
@@ -51,7 +61,7 @@ def test_tables_read_back_from_guest_memory(memory: MmapGuestMemory, cpus: int) 
     records = acpi.decode_madt(madt)
     kinds = [r["type"] for r in records]
     assert kinds == (["local_apic"] * cpus + ["io_apic"]
-                     + ["interrupt_override"] * len(acpi.ISA_IRQS_USED) + ["local_apic_nmi"])
+                     + ["interrupt_override"] * len(board.ISA_IRQS_USED) + ["local_apic_nmi"])
     lapics = records[:cpus]
     assert [r["apic_id"] for r in lapics] == list(range(cpus))
     assert [r["uid"] for r in lapics] == list(range(cpus))

@@ -160,3 +160,24 @@ def test_same_apic_behaviour_as_kvm(guests: dict[str, Path]) -> None:
     expected = {"timer_in_service"} if host_needs_ring0_workarounds() else set()
     assert differ == expected, {n: (on_kvm[n], emulated.get(n)) for n in differ}
     assert status == len(expected)
+
+
+@needs_unicorn
+@pytest.mark.parametrize("cpus", [1, 2, 4])
+def test_the_io_apic_id_register_says_what_the_madt_and_mp_table_say(cpus: int) -> None:
+    from vmmarch_cli.arch.x86_64 import acpi, mptable
+    from vmmarch_cli.backends.emulate.vm import EmulateVm
+
+    vm = EmulateVm([(0, 16 << 20)])
+    try:
+        for i in range(cpus):
+            vm.create_vcpu(i)
+        vm.ioapic.write(apic.IOREGSEL, 4, apic.IOAPIC_ID)
+        register = vm.ioapic.read(apic.IOWIN, 4) >> 24
+    finally:
+        vm.close()
+    madt = acpi.decode_madt(acpi.Table("APIC", 0, 1, acpi.madt(cpus)))
+    in_madt = next(r["ioapic_id"] for r in madt if r["type"] == "io_apic")
+    table = mptable.build(cpus, 0)
+    in_mp = mptable.read(lambda a, n: table.data[a:a + n], 0)["ioapics"][0]["id"]
+    assert register == in_madt == in_mp == cpus

@@ -48,6 +48,17 @@ class GuestMemoryError(BadInputError):
     """An access outside every guest memory region."""
 
 
+class PipelineStepError(VmmArchError):
+    """An arch pipeline step failed: says which step on which target ("memory" or "cpuN"),
+    chains the cause and keeps its exit status."""
+
+    def __init__(self, step: str, target: str, cause: VmmArchError) -> None:
+        super().__init__(f"{step} on {target}: {cause}")
+        self.step = step
+        self.target = target
+        self.exit_status = cause.exit_status
+
+
 class GuestFaultError(VmmArchError):
     """The guest stopped in a way it cannot recover from (triple fault, emulation failure)."""
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmmarch_cli.arch.x86_64 import board
 from vmmarch_cli.errors import BadInputError
 
 # buffer-format.rst: "c_magic 6 The string "070701" or "070702"". 070702 adds a checksum of the
@@ -53,10 +54,9 @@ DEV_CONSOLE = (5, 1)
 DEV_NULL = (1, 3)
 DEV_PORT = (1, 4)
 
-# The VMM's exit port: a 1-byte OUT to I/O port 0xf4 means "exit with this status". 0xf4 is where
-# QEMU users usually map isa-debug-exit (iobase=0xf4), so the same initramfs also ends a QEMU run
-# (there with status (N << 1) | 1).
-EXIT_PORT = 0xF4
+# The VMM's exit port (board.EXIT_PORT): a 1-byte OUT there means "exit with this status". A QEMU
+# run with isa-debug-exit at iobase=0xf4 ends the same way (there with status (N << 1) | 1).
+EXIT_PORT = board.EXIT_PORT
 
 # gzip(1)'s default level. The kernel's usr/Makefile uses -9, but on the busybox image that saves
 # only 0.4% (1,028,796 vs 1,032,692 bytes) for twice the time (0.17 vs 0.08 s).
@@ -361,10 +361,9 @@ vmm_exit() {{
 
 
 #: Where ``vmm-arch run`` sends the command's output: COM2 and COM3, so the kernel log on
-#: COM1 (the console) never mixes with it. /dev/ttyS1 and /dev/ttyS2 are the legacy ports
-#: 0x2f8 and 0x3e8 (Linux include/asm-generic/serial.h SERIAL_PORT_DFNS).
-COMMAND_STDOUT_TTY = "/dev/ttyS1"
-COMMAND_STDERR_TTY = "/dev/ttyS2"
+#: COM1 (the console) never mixes with it.
+COMMAND_STDOUT_TTY = board.SERIAL_PORTS[1].tty
+COMMAND_STDERR_TTY = board.SERIAL_PORTS[2].tty
 
 
 def command_init_script(argv: Sequence[str]) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from vmmarch_cli import backends, errors, loader, posted_io
-from vmmarch_cli.arch.x86_64 import e820
+from vmmarch_cli.arch.x86_64 import board, e820
 from vmmarch_cli.arch.x86_64.pipeline import (
     BootPlan,
     StepRecord,
@@ -32,10 +32,10 @@ from vmmarch_cli.config import BASE_CMDLINE, EMULATED_RING0_CMDLINE, BootConfig
 from vmmarch_cli.console import Console
 from vmmarch_cli.crash import CodeWindow, read_code
 from vmmarch_cli.devices.bus import IoBus
-from vmmarch_cli.devices.exit_port import EXIT_PORT, ExitPort
-from vmmarch_cli.devices.i8042 import I8042, I8042_DATA_PORT
+from vmmarch_cli.devices.exit_port import ExitPort
+from vmmarch_cli.devices.i8042 import I8042
 from vmmarch_cli.devices.rtc import CmosRtc
-from vmmarch_cli.devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial8250
+from vmmarch_cli.devices.serial import Serial8250
 from vmmarch_cli.loader import KernelImage
 from vmmarch_cli.loader.host_decompress import Decompress, Decompression
 from vmmarch_cli.stop import STATUS_FOR_REASON, StopReason
@@ -365,9 +365,6 @@ def run(
         )
 
 
-#: The legacy PC serial ports after COM1: base port and ISA IRQ (Linux
-#: include/asm-generic/serial.h SERIAL_PORT_DFNS). COM3 shares IRQ 4 with COM1.
-EXTRA_SERIAL_PORTS = ((0x2F8, 3), (0x3E8, 4), (0x2E8, 3))
 
 
 class IrqLines:
@@ -451,17 +448,25 @@ def _merged_samples(vcpus: Sequence[Vcpu]) -> Counter[int]:
     return total
 
 
+def _unplugged(data: bytes) -> None:
+    pass
+
+
 def _devices(vm: Vm, console: Console, state: _Run,
              serial_sinks: Sequence[Callable[[bytes], None]] = ()) -> IoBus:
     bus = IoBus()
     lines = IrqLines(vm)
-    bus.add(COM1_BASE, REGISTER_COUNT, Serial8250(console.write, lines.source(COM1_IRQ)))
-    for (base, irq), sink in zip(EXTRA_SERIAL_PORTS, serial_sinks, strict=False):
-        bus.add(base, REGISTER_COUNT, Serial8250(sink, lines.source(irq)))
-    bus.add(I8042_DATA_PORT, 5, I8042(lambda: state.stop(StopReason.RESET, "i8042 reset (0xfe)")))
-    bus.add(0x70, 2, CmosRtc())
-    bus.add(EXIT_PORT, 1, ExitPort(lambda status: state.stop(
-        StopReason.EXIT_PORT, f"guest wrote {status} to port {EXIT_PORT:#x}", status)))
+    # Every port the ACPI tables describe answers; one with no sink is a UART with nothing
+    # plugged in (what the guest writes there goes nowhere).
+    sinks = [console.write, *serial_sinks]
+    for n, port in enumerate(board.SERIAL_PORTS):
+        sink = sinks[n] if n < len(sinks) else _unplugged
+        bus.add(port.base, board.SERIAL_PORT_COUNT, Serial8250(sink, lines.source(port.irq)))
+    bus.add(board.I8042_BASE, board.I8042_PORT_COUNT,
+            I8042(lambda: state.stop(StopReason.RESET, "i8042 reset (0xfe)")))
+    bus.add(board.RTC_BASE, board.RTC_PORT_COUNT, CmosRtc())
+    bus.add(board.EXIT_PORT, 1, ExitPort(lambda status: state.stop(
+        StopReason.EXIT_PORT, f"guest wrote {status} to port {board.EXIT_PORT:#x}", status)))
     return bus
 
 

@@ -22,6 +22,7 @@ from bench import inputs
 from bench.cases import Context, Settings
 from bench.stats import CaseResult, Sample, Table, alternate, paired_row
 from vmmarch_cli import machine
+from vmmarch_cli.arch.x86_64 import board
 from vmmarch_cli.backends.kvm import abi, system
 from vmmarch_cli.backends.kvm.vcpu import KvmVcpu
 from vmmarch_cli.config import BootConfig
@@ -32,7 +33,7 @@ DEFAULTS = Settings(runs=5, warmup=1)
 QUICK = Settings(runs=1, warmup=0, quick=True)
 COUNT = 100_000
 QUICK_COUNT = 2_000
-EXIT_PORT = 0xF4
+EXIT_PORT = board.EXIT_PORT
 
 
 def count_address(elf: Path) -> int:

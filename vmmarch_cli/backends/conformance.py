@@ -23,16 +23,14 @@ if TYPE_CHECKING:
         Vm,
     )
 
+    def _implements(cls: HypervisorClass, hv: Hypervisor, vm: Vm, vcpu: Vcpu) -> None: ...
+    def _inline(vcpu: InlinePortIo) -> None: ...
+    def _posts(vcpu: PostedPortIo) -> None: ...
+
     def _kvm(hv: KvmHypervisor, vm: KvmVm, vcpu: KvmVcpu) -> None:
-        opens: HypervisorClass = KvmHypervisor
-        hypervisor: Hypervisor = hv
-        machine: Vm = vm
-        cpu: Vcpu = vcpu
+        _implements(KvmHypervisor, hv, vm, vcpu)
 
     def _emulate(hv: EmulateHypervisor, vm: EmulateVm, vcpu: EmulateVcpu) -> None:
-        opens: HypervisorClass = EmulateHypervisor
-        hypervisor: Hypervisor = hv
-        machine: Vm = vm
-        cpu: Vcpu = vcpu
-        inline: InlinePortIo = vcpu
-        posted: PostedPortIo = vcpu
+        _implements(EmulateHypervisor, hv, vm, vcpu)
+        _inline(vcpu)
+        _posts(vcpu)

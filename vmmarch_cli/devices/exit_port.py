@@ -1,15 +1,14 @@
 """The exit port: a guest writes its status and the VMM ends with it.
 
-Port 0xf4 is where QEMU's isa-debug-exit device conventionally sits; unlike QEMU (which exits
-with ``value << 1 | 1``), vmm-arch exits with the value itself, so a guest's ``exit 7`` is 7.
+It sits at board.EXIT_PORT (0xf4, where QEMU's isa-debug-exit conventionally sits); unlike
+QEMU (which exits with ``value << 1 | 1``), vmm-arch exits with the value itself, so a guest's
+``exit 7`` is 7.
 A 1-, 2- or 4-byte write is accepted; the low 8 bits are the status.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-EXIT_PORT = 0xF4
 
 
 class ExitPort:

@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-I8042_DATA_PORT = 0x60
-I8042_COMMAND_PORT = 0x64
 I8042_STR_OBF = 0x01  # output buffer full: data for the CPU at port 0x60
 I8042_STR_SYSFLAG = 0x04
 I8042_STR_CMDDAT = 0x08  # last write was a command

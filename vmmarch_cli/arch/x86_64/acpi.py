@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmmarch_cli.arch.x86_64 import aml, layout
+from vmmarch_cli.arch.x86_64 import aml, board, layout
 from vmmarch_cli.arch.x86_64.lapic import MAX_XAPIC_CPUS
 
 # --- record layouts -------------------------------------------------------------------------
@@ -89,17 +89,15 @@ MADT_TYPE_LAPIC_NMI = 4
 ALL_PROCESSORS = 0xFF
 NMI_LINT = 1  # LINT1 carries NMI, as in the MP table and on every PC
 
-#: ISA IRQs our devices raise (COM2/COM4 on 3, COM1/COM3 on 4). KVM's default GSI routing
-#: wires ISA IRQ n to IOAPIC pin n, so each override states an identity mapping; IRQ 0 gets none
-#: because a hardware-reduced kernel never uses the PIT.
-ISA_IRQS_USED = (3, 4)
+#: The board's ISA IRQs (board.ISA_IRQS_USED) each get an interrupt source override. KVM's
+#: default GSI routing wires ISA IRQ n to IOAPIC pin n, so each states an identity mapping; IRQ 0
+#: gets none because a hardware-reduced kernel never uses the PIT.
 
 MAX_CPUS = MAX_XAPIC_CPUS
 
-#: The COM ports the VMM emulates, at the PC addresses and IRQs (Linux
-#: include/asm-generic/serial.h SERIAL_PORT_DFNS), as PNP0501 devices (16550-compatible).
-COM_PORTS = tuple(aml.IsaDevice(f"COM{n}", "PNP0501", n, base, 8, irq)
-                  for n, (base, irq) in enumerate(((0x3F8, 4), (0x2F8, 3), (0x3E8, 4)), 1))
+#: The board's serial ports as PNP0501 devices (16550-compatible): every port the machine wires.
+COM_PORTS = tuple(aml.IsaDevice(p.name, "PNP0501", n, p.base, board.SERIAL_PORT_COUNT, p.irq)
+                  for n, p in enumerate(board.SERIAL_PORTS, 1))
 
 #: Tables are placed 16-byte aligned after the RSDP (5.2.5.1: the RSDP on a 16-byte boundary
 #: in the BIOS read-only area 0xE0000-0xFFFFF, where a kernel without boot_params finds it).
@@ -170,7 +168,7 @@ def dsdt(devices: tuple[aml.IsaDevice, ...] = COM_PORTS) -> bytes:
 def madt(cpus: int) -> bytes:
     if not 1 <= cpus <= MAX_CPUS:
         raise ValueError(f"the MADT describes 1..{MAX_CPUS} xAPIC CPUs, not {cpus}")
-    ioapic_id = cpus  # the first ID after the CPUs' 0..cpus-1, as in the MP table
+    ioapic_id = board.ioapic_id(cpus)
     records = [struct.pack(MADT_BODY_FORMAT, layout.APIC_DEFAULT_ADDRESS, MADT_PCAT_COMPAT)]
     records += [struct.pack(MADT_LAPIC_FORMAT, MADT_TYPE_LAPIC,
                             struct.calcsize(MADT_LAPIC_FORMAT), i, i, LAPIC_ENABLED)
@@ -179,7 +177,7 @@ def madt(cpus: int) -> bytes:
                                struct.calcsize(MADT_IOAPIC_FORMAT), ioapic_id, 0,
                                layout.IOAPIC_ADDRESS, 0))
     records += [struct.pack(MADT_ISO_FORMAT, MADT_TYPE_ISO, struct.calcsize(MADT_ISO_FORMAT),
-                            ISA_BUS, irq, irq, MPS_INTI_CONFORMS) for irq in ISA_IRQS_USED]
+                            ISA_BUS, irq, irq, MPS_INTI_CONFORMS) for irq in board.ISA_IRQS_USED]
     records.append(struct.pack(MADT_LAPIC_NMI_FORMAT, MADT_TYPE_LAPIC_NMI,
                                struct.calcsize(MADT_LAPIC_NMI_FORMAT), ALL_PROCESSORS, 0,
                                NMI_LINT))

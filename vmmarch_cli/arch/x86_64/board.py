@@ -40,5 +40,12 @@ I8042_PORT_COUNT = 5
 RTC_BASE = 0x70
 RTC_PORT_COUNT = 2
 
+def ioapic_id(cpus: int) -> int:
+    """The I/O APIC's ID: the first after the CPUs' local APIC IDs 0..cpus-1 (MP spec 1.4, 3.6.8:
+    IDs are unique across local and I/O APICs). The MP table, the MADT and the emulated I/O
+    APIC's ID register all say this one."""
+    return cpus
+
+
 #: The ISA IRQs the board's devices raise, for the MADT's interrupt source overrides.
 ISA_IRQS_USED = tuple(sorted({p.irq for p in SERIAL_PORTS}))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vmmarch_cli.arch.x86_64 import layout
+from vmmarch_cli.arch.x86_64 import board, layout
 from vmmarch_cli.arch.x86_64.lapic import MAX_XAPIC_CPUS
 
 MPF_SIGNATURE = b"_MP_"
@@ -71,7 +71,7 @@ def build(cpus: int, address: int = layout.SYSTEM_MEM_START) -> MpTable:
     """Floating pointer at ``address``, the configuration table right after it."""
     if not 1 <= cpus <= MAX_CPUS:
         raise ValueError(f"the MP table describes 1..{MAX_CPUS} CPUs, not {cpus}")
-    ioapic_id = cpus  # the first ID after the CPUs' 0..cpus-1
+    ioapic_id = board.ioapic_id(cpus)
     entries = [cpu_entry(i) for i in range(cpus)]
     entries.append(struct.pack(MPC_BUS_FORMAT, MP_BUS, 0, b"ISA   "))
     entries.append(struct.pack(MPC_IOAPIC_FORMAT, MP_IOAPIC, ioapic_id, APIC_VERSION,

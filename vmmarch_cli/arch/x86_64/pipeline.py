@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from vmmarch_cli.arch.x86_64 import (
     acpi,
@@ -26,6 +27,7 @@ from vmmarch_cli.arch.x86_64 import (
     regs,
 )
 from vmmarch_cli.arch.x86_64.protocols import BootProtocol
+from vmmarch_cli.errors import PipelineStepError, VmmArchError
 from vmmarch_cli.vcpu import CpuidEntry, GuestMemory, Vcpu
 
 
@@ -255,10 +257,19 @@ def configure(
     vcpus: Sequence[Vcpu],
     supported_cpuid: Sequence[CpuidEntry],
 ) -> list[StepRecord]:
-    """Run every step: memory once, then each vCPU in index order."""
-    records = [StepRecord(name, "memory", step(plan, memory))
+    """Run every step: memory once, then each vCPU in index order. A step that fails raises
+    PipelineStepError naming it and its target, with the cause chained."""
+    records = [_record(name, "memory", partial(step, plan, memory))
                for name, step in MEMORY_STEPS[plan.protocol]]
     for vcpu in vcpus:
         for name, vstep in VCPU_STEPS:
-            records.append(StepRecord(name, f"cpu{vcpu.index}", vstep(plan, vcpu, supported_cpuid)))
+            records.append(_record(name, f"cpu{vcpu.index}",
+                                   partial(vstep, plan, vcpu, supported_cpuid)))
     return records
+
+
+def _record(step: str, target: str, run: Callable[[], Describe]) -> StepRecord:
+    try:
+        return StepRecord(step, target, run())
+    except VmmArchError as e:
+        raise PipelineStepError(step, target, e) from e

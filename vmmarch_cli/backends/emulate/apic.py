@@ -15,41 +15,41 @@ import threading
 import time
 from collections.abc import Callable
 
+from vmmarch_cli.arch.x86_64 import layout
+from vmmarch_cli.arch.x86_64.lapic import (
+    APIC_DFR,
+    APIC_EOI,
+    APIC_ESR,
+    APIC_ICR_HIGH,
+    APIC_ICR_LOW,
+    APIC_ID,
+    APIC_IRR,
+    APIC_ISR,
+    APIC_LDR,
+    APIC_LVT_ERROR,
+    APIC_LVT_TIMER,
+    APIC_PPR,
+    APIC_SVR,
+    APIC_TIMER_CURRENT,
+    APIC_TIMER_DIVIDE,
+    APIC_TIMER_INITIAL,
+    APIC_TPR,
+    APIC_VERSION,
+    DELIVERY_MODE_MASK,
+    LVT_MASKED,
+    VERSION_VALUE,
+)
 from vmmarch_cli.vcpu import LAPIC_PAGE_SIZE, Lapic
 
-APIC_BASE = 0xFEE0_0000
-IOAPIC_BASE = 0xFEC0_0000
+APIC_BASE = layout.APIC_DEFAULT_ADDRESS
+IOAPIC_BASE = layout.IOAPIC_ADDRESS
 MMIO_SIZE = 0x1000
 
-# Local APIC registers (SDM table 10-1).
-APIC_ID = 0x20
-APIC_VERSION = 0x30
-APIC_TPR = 0x80
-APIC_PPR = 0xA0
-APIC_EOI = 0xB0
-APIC_LDR = 0xD0
-APIC_DFR = 0xE0
-APIC_SVR = 0xF0
-APIC_ISR = 0x100
-APIC_TMR = 0x180
-APIC_IRR = 0x200
-APIC_ESR = 0x280
-APIC_ICR_LOW = 0x300
-APIC_ICR_HIGH = 0x310
-APIC_LVT_TIMER = 0x320
-APIC_LVT_LINT0 = 0x350
-APIC_LVT_ERROR = 0x370
-APIC_TIMER_INITIAL = 0x380
-APIC_TIMER_CURRENT = 0x390
-APIC_TIMER_DIVIDE = 0x3E0
-#: Version register: 6 LVT entries (max LVT index 5 in bits 23:16), version 0x14 (integrated).
-VERSION_VALUE = 0x0005_0014
-LVT_MASKED = 1 << 16
 LVT_VECTOR = 0xFF
 TIMER_MODE_SHIFT = 17  # 00 one-shot, 01 periodic, 10 TSC-deadline (SDM figure 10-8)
 TIMER_PERIODIC = 1
 SVR_ENABLED = 1 << 8
-ICR_DELIVERY_MODE = 0x700
+ICR_DELIVERY_MODE = DELIVERY_MODE_MASK
 ICR_SHORTHAND_SHIFT = 18  # 00 none, 01 self, 10 all incl. self, 11 all excl. self
 ICR_DELIVERY_STATUS = 1 << 12
 #: Divide configuration bits 3,1,0 -> divisor (SDM figure 10-10).
@@ -257,6 +257,11 @@ class IoApic:
         self._levels = [False] * IOAPIC_PINS
         self._deliver = deliver
         self._lock = threading.Lock()
+
+    def set_id(self, apic_id: int) -> None:
+        """The ID the VMM assigned (board.ioapic_id), before the guest runs."""
+        with self._lock:
+            self._id = apic_id << 24
 
     def read(self, offset: int, size: int) -> int:
         with self._lock:

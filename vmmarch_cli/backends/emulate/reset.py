@@ -8,30 +8,29 @@ vCPU reads back the same on both backends.
 
 from __future__ import annotations
 
-from vmmarch_cli.arch.x86_64 import lapic
+from vmmarch_cli.arch.x86_64 import lapic, layout
+from vmmarch_cli.arch.x86_64.lapic import (
+    APIC_DFR,
+    APIC_ID,
+    APIC_LVT_ERROR,
+    APIC_LVT_PERF,
+    APIC_LVT_THERMAL,
+    APIC_LVT_TIMER,
+    APIC_SVR,
+    APIC_VERSION,
+    LVT_MASKED,
+    VERSION_VALUE,
+)
 from vmmarch_cli.vcpu import DescriptorTable, Lapic, Regs, Segment, Sregs
 
 #: EDX after reset holds the processor signature; KVM uses family 6, model 0.
 RESET_EDX = 0x600
 RESET_RIP = 0xFFF0
 RESET_CR0 = 0x6000_0010  # CD | NW | ET
-#: IA32_APIC_BASE: the default base 0xFEE00000, enabled (bit 11), BSP flag (bit 8) on CPU 0.
-APIC_DEFAULT_BASE = 0xFEE0_0000
+#: IA32_APIC_BASE: the default base, enabled (bit 11), BSP flag (bit 8) on CPU 0 (SDM 10.4.4).
+APIC_DEFAULT_BASE = layout.APIC_DEFAULT_ADDRESS
 APIC_BASE_ENABLE = 1 << 11
 APIC_BASE_BSP = 1 << 8
-
-# Local APIC registers (SDM table 10-1) and their reset values (10.4.7.1).
-APIC_ID = 0x20
-APIC_VERSION = 0x30
-APIC_DFR = 0xE0
-APIC_SVR = 0xF0
-APIC_LVT_TIMER = 0x320
-APIC_LVT_THERMAL = 0x330
-APIC_LVT_PERF = 0x340
-APIC_LVT_ERROR = 0x370
-LVT_MASKED = 1 << 16
-#: Version 0x14 (integrated xAPIC), 6 LVT entries (bits 23:16 hold entries - 1), as KVM reports.
-VERSION_VALUE = 0x14 | (5 << 16)
 
 
 def reset_regs() -> Regs:
@@ -64,7 +63,8 @@ def reset_lapic(index: int) -> Lapic:
         APIC_LVT_THERMAL: LVT_MASKED,
         APIC_LVT_PERF: LVT_MASKED,
         # KVM wires the BSP's LINT0 to the PIC (ExtINT, unmasked) at reset, as a BIOS would.
-        lapic.APIC_LVT0: (lapic.APIC_MODE_EXTINT << 8) if index == 0 else LVT_MASKED,
+        lapic.APIC_LVT0: (lapic.APIC_MODE_EXTINT << lapic.DELIVERY_MODE_SHIFT) if index == 0
+        else LVT_MASKED,
         lapic.APIC_LVT1: LVT_MASKED,
         APIC_LVT_ERROR: LVT_MASKED,
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+from vmmarch_cli.arch.x86_64 import board
 from vmmarch_cli.backends.emulate import smp
 from vmmarch_cli.backends.emulate.apic import IoApic
 from vmmarch_cli.backends.emulate.cpuid import model_cpuid, with_timing_leaf
@@ -21,8 +22,8 @@ class EmulateVm:
         self.memory = MmapGuestMemory(regions)
         self._vcpus: list[EmulateVcpu] = []
         self._cpu = smp.CpuLock()
-        # The I/O APIC ID follows the CPUs' as in the MADT and MP table; one vCPU: ID 1.
-        self.ioapic = IoApic(1, self._deliver)
+        # Its ID follows the CPUs', as the MADT and the MP table say (create_vcpu renumbers it).
+        self.ioapic = IoApic(board.ioapic_id(1), self._deliver)
         # Started now, read when the CPUID model is asked for (after the kernel is loaded).
         self._tsc = None if _TSC_HZ else TscClock()
 
@@ -38,6 +39,7 @@ class EmulateVm:
         vcpu = EmulateVcpu(index, self.memory, self.ioapic)
         vcpu.join(self._cpu, self._route_ipi, application_processor=index != 0)
         self._vcpus.append(vcpu)
+        self.ioapic.set_id(board.ioapic_id(len(self._vcpus)))
         return vcpu
 
     def _route_ipi(self, source: EmulateVcpu, low: int, high: int) -> None:

@@ -334,9 +334,13 @@ class KvmVcpu:
                 signal.pthread_kill(thread_id, KICK_SIGNAL)
 
     def close(self) -> None:
+        """Unmap kvm_run and close the fd; once only (the VM closes its vCPUs again)."""
+        if self._fd < 0:
+            return
         self._run = None  # nothing may touch kvm_run once it is unmapped
         self._map.close()
-        os.close(self._fd)
+        fd, self._fd = self._fd, -1
+        os.close(fd)
 
 
 def cpuid_from_kvm(k: abi.kvm_cpuid_entry2) -> CpuidEntry:
