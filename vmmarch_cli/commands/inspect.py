@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 
 from vmmarch_cli import backends, files, loader
+from vmmarch_cli.arch.x86_64 import boot_params
 from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.commands import options
 from vmmarch_cli.errors import BackendUnavailableError, BadInputError
@@ -37,15 +38,13 @@ HEADER_FIELDS = {
     "payload_length": "length of the compressed vmlinux",
 }
 LINUX_VERSION = re.compile(rb"Linux version (\S+)[^\0\n]*")
-#: boot.rst: "020E/2 kernel_version Pointer to kernel version string", from offset 0x200.
-KERNEL_VERSION_FIELD = 0x20E
 
 
 def _version(path: Path, image: loader.ParsedKernel) -> str | None:
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if image.bzimage is not None and image.size > KERNEL_VERSION_FIELD + 2:
-            pointer = int.from_bytes(m[KERNEL_VERSION_FIELD : KERNEL_VERSION_FIELD + 2], "little")
-            start = 0x200 + pointer
+        if image.bzimage is not None and image.size >= boot_params.end_of("kernel_version"):
+            pointer = boot_params.get(m[: boot_params.end_of("kernel_version")], "kernel_version")
+            start = boot_params.JUMP_BASE + pointer
             if pointer and start < image.size:
                 end = m.find(b"\0", start, start + 256)
                 text = m[start : end if end > 0 else start + 256]

@@ -9,7 +9,6 @@ Or vmm-arch decompresses it and boots the vmlinux inside with this header (host_
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from io import BufferedReader
 
@@ -17,8 +16,6 @@ from vmmarch_cli.arch.x86_64 import boot_params
 from vmmarch_cli.loader import errors
 from vmmarch_cli.vcpu import GuestMemory
 
-SECTOR = 512
-SETUP_SECTS_DEFAULT = 4  # boot.rst: "If this field is 0, the real value is 4."
 #: boot.rst: protocol 2.12 added xloadflags and with it XLF_KERNEL_64.
 MIN_VERSION_64BIT = 0x020C
 #: boot.rst: protocol 2.06 added cmdline_size; older kernels take 255 characters.
@@ -28,8 +25,6 @@ VERSION_INITRD_ADDR_MAX = 0x0203
 XLF_KERNEL_64 = 1 << 0
 #: boot.rst: "the 64-bit entry point is at the load address + 0x200".
 ENTRY_64BIT_OFFSET = 0x200
-#: The header is 0x1F1 up to the end the jump at 0x200 announces: 0x202 + (jump >> 8).
-HEADER_END_BASE = 0x202
 
 
 @dataclass(frozen=True)
@@ -77,15 +72,17 @@ class BzImageInfo:
 
 
 def is_bzimage(head: bytes) -> bool:
-    return len(head) >= 0x206 and head[0x202:0x206] == b"HdrS"
+    return (len(head) >= boot_params.end_of("header")
+            and boot_params.get(head, "header") == boot_params.HDRS_MAGIC)
 
 
 def parse(image_head: bytes, size: int, name: str) -> BzImageInfo:
     """Validate the setup header; ``image_head`` is at least the first 1 KiB of the file."""
-    if len(image_head) < HEADER_END_BASE + 4 or image_head[0x202:0x206] != b"HdrS":
-        raise errors.InvalidBzImage(f"{name}: no 'HdrS' setup-header signature at 0x202")
-    jump = struct.unpack_from("<H", image_head, 0x200)[0]
-    header_end = min(HEADER_END_BASE + (jump >> 8), boot_params.SETUP_HEADER_MAX_END)
+    if not is_bzimage(image_head):
+        raise errors.InvalidBzImage(f"{name}: no 'HdrS' setup-header signature at "
+                                    f"{boot_params.FIELDS['header'][0]:#x}")
+    jump = boot_params.get(image_head, "jump")
+    header_end = min(boot_params.HEADER_END_BASE + (jump >> 8), boot_params.SETUP_HEADER_MAX_END)
     header = SetupHeader(image_head[boot_params.SETUP_HEADER_START : header_end])
     if header.get("boot_flag") != boot_params.BOOT_FLAG_MAGIC:
         raise errors.InvalidBzImage(
@@ -106,8 +103,8 @@ def parse(image_head: bytes, size: int, name: str) -> BzImageInfo:
         raise errors.BzImageNotLoadableHigh(
             f"{name}: loadflags lack LOADED_HIGH: a zImage, which vmm-arch does not boot"
         )
-    setup_sects = header.get("setup_sects") or SETUP_SECTS_DEFAULT
-    setup_size = (setup_sects + 1) * SECTOR
+    setup_sects = header.get("setup_sects") or boot_params.SETUP_SECTS_DEFAULT
+    setup_size = (setup_sects + 1) * boot_params.SECTOR_SIZE
     if size <= setup_size:
         raise errors.BzImageTruncated(
             f"{name}: {size} bytes, but the setup code alone is {setup_size} bytes (truncated?)"

@@ -32,6 +32,7 @@ FIELDS: dict[str, tuple[int, str]] = {
     "jump": (0x200, "<H"),
     "header": (0x202, "<I"),
     "version": (0x206, "<H"),
+    "kernel_version": (0x20E, "<H"),  # from 0x200: the kernel version string
     "type_of_loader": (0x210, "<B"),
     "loadflags": (0x211, "<B"),
     "code32_start": (0x214, "<I"),
@@ -62,7 +63,15 @@ E820_ENTRY_FORMAT = "<QQI"
 E820_MAX_ENTRIES_ZEROPAGE = 128
 
 BOOT_FLAG_MAGIC = 0xAA55  # boot.rst: "boot_flag ... Contains 0xAA55"
-HDRS_MAGIC = 0x53726448  # "HdrS"
+HDRS_MAGIC = 0x53726448  # "HdrS", little-endian
+#: boot.rst: the real-mode code is the 512-byte boot sector plus setup_sects more sectors, and
+#: "If this field is 0, the real value is 4."
+SECTOR_SIZE = 512
+SETUP_SECTS_DEFAULT = 4
+#: The 2-byte jump at 0x200 ends the header: it ends at 0x202 + (jump >> 8); kernel_version
+#: counts from 0x200 too.
+JUMP_BASE = 0x200
+HEADER_END_BASE = 0x202
 #: type_of_loader 0xFF: "undefined" boot loader (boot.rst, type_of_loader).
 LOADER_TYPE_UNDEFINED = 0xFF
 LOADFLAGS_LOADED_HIGH = 0x01
@@ -115,9 +124,22 @@ def put(page: bytearray, name: str, value: int) -> None:
 
 
 def get(page: bytes, name: str) -> int:
+    """A field of a zero page, or of an image's first sectors (the setup header sits at the same
+    offsets in both)."""
     offset, fmt = FIELDS[name]
     value: int = struct.unpack_from(fmt, page, offset)[0]
     return value
+
+
+def end_of(name: str) -> int:
+    """The offset just past field ``name``: how much of an image holds it."""
+    offset, fmt = FIELDS[name]
+    return offset + struct.calcsize(fmt)
+
+
+def setup_sectors(image: bytes) -> int:
+    """How many 512-byte setup sectors follow the boot sector."""
+    return get(image, "setup_sects") or SETUP_SECTS_DEFAULT
 
 
 def read_e820(page: bytes) -> list[E820Entry]:
