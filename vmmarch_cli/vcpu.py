@@ -45,6 +45,27 @@ class Regs:
     rflags: int = 0x2  # bit 1 is reserved and always 1 (SDM vol. 1 3.4.3)
 
 
+# Segment.attributes, bit by bit: the descriptor's bits 40-55 (SDM vol. 3A 3.4.5, figure 3-8)
+# without the limit's bits 19:16 (word bits 8-11), which is also KVM's layout.
+ATTR_TYPE = 0xF  # tables 3-1 (code/data) and 3-2 (system)
+ATTR_TYPE_ACCESSED = 1 << 0  # code/data: set by the CPU on every load
+ATTR_TYPE_BUSY = 1 << 1  # TSS: set by LTR
+ATTR_S = 1 << 4  # code/data (1) or system (0)
+ATTR_DPL_SHIFT = 5
+ATTR_DPL_MASK = 0x3
+ATTR_P = 1 << 7
+ATTR_AVL = 1 << 12
+ATTR_L = 1 << 13  # 64-bit code
+ATTR_DB = 1 << 14
+ATTR_G = 1 << 15  # limit in 4 KiB units
+ATTR_MASK = 0xF0FF
+# Type values (SDM tables 3-1 and 3-2).
+TYPE_DATA_RW = 0x2
+TYPE_CODE_XR = 0xA
+TYPE_LDT = 0x2
+TYPE_TSS_BUSY = 0xB  # a busy 64-bit TSS in IA-32e mode, a busy 32-bit TSS outside it
+
+
 @dataclass(frozen=True)
 class Segment:
     """A segment register with its hidden part.
@@ -61,7 +82,7 @@ class Segment:
 
     @property
     def present(self) -> bool:
-        return bool(self.attributes & 0x80)
+        return bool(self.attributes & ATTR_P)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from vmmarch_cli.machine import BootResult, Fault
 from vmmarch_cli.profile import Symbols, fold
 from vmmarch_cli.render import regs_dict, regs_table, sregs_dict, sregs_tables, stderr_console
 from vmmarch_cli.stop import StopReason
+from vmmarch_cli.vcpu import ATTR_L
 
 
 @click.command("boot")
@@ -181,7 +182,7 @@ def _report_fault(fault: Fault, console_tail: list[str]) -> None:
         err.print(f"instruction bytes: {fault.instruction.hex(' ')}")
     if fault.code is not None and fault.sregs is not None:
         err.print("code at the fault:")
-        long_mode = bool(fault.sregs.cs.attributes & 0x2000)  # CS.L (SDM 3.4.5)
+        long_mode = bool(fault.sregs.cs.attributes & ATTR_L)
         for line in disassemble(fault.code, mode64=long_mode):
             err.print(f"  {line}", markup=False)
     if fault.regs is not None:

@@ -9,14 +9,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmmarch_cli.vcpu import Segment
+from vmmarch_cli.vcpu import (
+    ATTR_DB,
+    ATTR_G,
+    ATTR_L,
+    ATTR_MASK,
+    ATTR_P,
+    ATTR_S,
+    ATTR_TYPE_ACCESSED,
+    TYPE_CODE_XR,
+    TYPE_DATA_RW,
+    TYPE_TSS_BUSY,
+    Segment,
+)
 
-# Attribute words (SDM 3.4.5.1 type field, 3.4.5 flags).
-CODE64_FLAGS = 0xA09B  # G=1 L=1 P=1 DPL=0 S=1 type=0xb (execute/read, accessed)
-DATA_FLAGS = 0xC093  # G=1 D/B=1 P=1 DPL=0 S=1 type=0x3 (read/write, accessed)
-CODE32_FLAGS = 0xC09B  # G=1 D=1, 32-bit flat code (PVH entry)
-TSS64_BUSY_FLAGS = 0x008B  # P=1 S=0 type=0xb (busy 64-bit TSS, SDM table 3-2)
-TSS32_BUSY_FLAGS = 0x008B  # same type value means "busy 32-bit TSS" outside long mode
+# The boot segments' attribute words (vcpu.py: ATTR_*), all DPL 0.
+_CODE = ATTR_P | ATTR_S | TYPE_CODE_XR | ATTR_TYPE_ACCESSED
+CODE64_FLAGS = ATTR_G | ATTR_L | _CODE  # 0xA09B
+DATA_FLAGS = ATTR_G | ATTR_DB | ATTR_P | ATTR_S | TYPE_DATA_RW | ATTR_TYPE_ACCESSED  # 0xC093
+CODE32_FLAGS = ATTR_G | ATTR_DB | _CODE  # 0xC09B: 32-bit flat code (PVH entry)
+TSS64_BUSY_FLAGS = ATTR_P | TYPE_TSS_BUSY  # 0x008B
+TSS32_BUSY_FLAGS = TSS64_BUSY_FLAGS  # the same type is "busy 32-bit TSS" outside long mode
 
 #: A TSS is 104 bytes; its limit is the last byte (SDM 7.2.1). The PVH ABI asks for 0x67.
 TSS_LIMIT = 0x67
@@ -29,7 +42,7 @@ def gdt_entry(flags: int, base: int, limit: int) -> int:
     """
     return (
         ((base & 0xFF00_0000) << (56 - 24))
-        | ((flags & 0xF0FF) << 40)
+        | ((flags & ATTR_MASK) << 40)
         | ((limit & 0xF_0000) << (48 - 16))
         | ((base & 0x00FF_FFFF) << 16)
         | (limit & 0xFFFF)
@@ -53,12 +66,12 @@ class Descriptor:
     def unpack(cls, raw: int) -> Descriptor:
         base = ((raw >> 16) & 0xFF_FFFF) | ((raw >> 32) & 0xFF00_0000)
         limit_field = (raw & 0xFFFF) | ((raw >> 32) & 0xF_0000)
-        flags = (raw >> 40) & 0xF0FF
+        flags = (raw >> 40) & ATTR_MASK
         return cls(base, limit_field, flags)
 
     @property
     def granular(self) -> bool:
-        return bool(self.flags & 0x8000)
+        return bool(self.flags & ATTR_G)
 
     @property
     def limit_bytes(self) -> int:

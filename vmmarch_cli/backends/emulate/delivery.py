@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from vmmarch_cli.backends.emulate import descriptors, faults
-from vmmarch_cli.vcpu import GuestMemory, Sregs
+from vmmarch_cli.vcpu import ATTR_DPL_MASK, ATTR_DPL_SHIFT, ATTR_L, ATTR_P, GuestMemory, Sregs
 
 #: Error-code bits for a fault caused by an IDT entry (SDM 6.13): EXT, IDT; index = vector.
 ERROR_EXT = 1
@@ -25,7 +25,6 @@ TSS_IST1 = 0x24
 #: aligned down to 16 bytes, mapped and writable (a fault while QEMU pushes it would longjmp
 #: through the Python hook).
 FRAME_BYTES = 6 * 8
-ATTR_L = 1 << 13
 
 
 @dataclass(frozen=True)
@@ -60,9 +59,9 @@ def _stack_problem(memory: GuestMemory, s: Sregs, gate: Gate, cpl: int, rsp: int
         target = descriptors.load_segment(memory, s, "cs", gate.selector & ~0x3)
     except Exception as e:  # BackendError: beyond the GDT, unmapped
         return f"its code segment {gate.selector:#x}: {e}"
-    if not target.attributes & 0x80 or not target.attributes & ATTR_L:
+    if not target.attributes & ATTR_P or not target.attributes & ATTR_L:
         return f"its code segment {gate.selector:#x} is not a present 64-bit code segment"
-    new_cpl = (target.attributes >> 5) & 0x3
+    new_cpl = (target.attributes >> ATTR_DPL_SHIFT) & ATTR_DPL_MASK
     if gate.ist or new_cpl < cpl:
         slot = TSS_IST1 + 8 * (gate.ist - 1) if gate.ist else TSS_RSP0
         raw = descriptors.read_linear(memory, s, s.tr.base + slot, 8)

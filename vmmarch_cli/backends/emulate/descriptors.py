@@ -13,16 +13,18 @@ from __future__ import annotations
 from vmmarch_cli.arch.x86_64 import paging, regs
 from vmmarch_cli.arch.x86_64.gdt import Descriptor
 from vmmarch_cli.errors import BackendError, GuestMemoryError
-from vmmarch_cli.vcpu import GuestMemory, Segment, Sregs
+from vmmarch_cli.vcpu import (
+    ATTR_MASK,
+    ATTR_P,
+    ATTR_S,
+    ATTR_TYPE_ACCESSED,
+    ATTR_TYPE_BUSY,
+    GuestMemory,
+    Segment,
+    Sregs,
+)
 
 SELECTOR_TI = 1 << 2  # table indicator: the LDT (SDM 3.4.2)
-ATTR_S = 1 << 4  # code/data (1) or system (0) descriptor
-ATTR_TYPE_ACCESSED = 1 << 0  # set by the CPU on every load of a code/data segment
-ATTR_TYPE_BUSY = 1 << 1  # the TSS busy bit, set by LTR
-ATTR_L = 1 << 13
-ATTR_DB = 1 << 14
-#: The attribute bits a descriptor holds (bits 8-11 of the word are limit 19:16 there).
-ATTR_MASK = 0xF0FF
 #: Gate types (SDM table 3-2): 64-bit interrupt/trap gates, and the legacy ones.
 GATE_TYPES_64 = frozenset({0xE, 0xF})
 GATE_TYPES_32 = frozenset({0x5, 0x6, 0x7, 0xE, 0xF})
@@ -145,7 +147,7 @@ def gate_problem(memory: GuestMemory, s: Sregs, vector: int) -> str | None:
     kind = access & 0xF
     if kind not in (GATE_TYPES_64 if long_mode(s) else GATE_TYPES_32) or access & ATTR_S:
         return f"the IDT entry of vector {vector} is not a gate (type {kind:#x})"
-    if not access & 0x80:
+    if not access & ATTR_P:
         return f"the IDT gate of vector {vector} is not present"
     return None
 

@@ -23,11 +23,10 @@ from typing import Any
 
 from vmmarch_cli.arch.x86_64 import msr, regs
 from vmmarch_cli.backends.emulate.binding import Uc, UcError, uc_const, x86
-from vmmarch_cli.backends.emulate.descriptors import ATTR_L
 from vmmarch_cli.backends.emulate.native import DESC_FLAGS_MASK, DESC_FLAGS_SHIFT
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.memory import MmapGuestMemory
-from vmmarch_cli.vcpu import GPR_NAMES, Fpu, Regs, Sregs
+from vmmarch_cli.vcpu import ATTR_L, GPR_NAMES, Fpu, Regs, Sregs
 
 #: The highest guest-physical address (unicorn's x86 uses 64-bit physical addresses).
 PHYS_ADDR_LAST = (1 << 64) - 1

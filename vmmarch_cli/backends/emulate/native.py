@@ -29,9 +29,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from vmmarch_cli.arch.x86_64 import gdt
 from vmmarch_cli.backends.emulate.binding import uc_const, x86
 from vmmarch_cli.errors import BackendError
-from vmmarch_cli.vcpu import DescriptorTable, Segment, Sregs
+from vmmarch_cli.vcpu import ATTR_MASK, DescriptorTable, Segment, Sregs
 
 _DRS = [getattr(x86, f"UC_X86_REG_DR{i}") for i in range(8)]
 #: How far past CPUState to look for the planted values (CPUX86State sits inside X86CPU).
@@ -88,11 +89,10 @@ HF_CS64 = 1 << 15  # cpu.h HF_CS64_SHIFT
 #: SegmentCache.flags is the descriptor's high dword: our attribute word (type, S, DPL, P at
 #: bits 0-7; AVL, L, D/B, G at 12-15) sits at bits 8-23.
 DESC_FLAGS_SHIFT = 8
-DESC_FLAGS_MASK = 0xF0FF << DESC_FLAGS_SHIFT
-DESC_A, DESC_W_R, DESC_CS, DESC_S, DESC_P = 1 << 8, 1 << 9, 1 << 11, 1 << 12, 1 << 15
-DESC_L, DESC_B, DESC_G = 1 << 21, 1 << 22, 1 << 23
-KERNEL_CODE64 = DESC_G | DESC_P | DESC_S | DESC_CS | DESC_W_R | DESC_A | DESC_L
-KERNEL_DATA = DESC_G | DESC_B | DESC_P | DESC_S | DESC_W_R | DESC_A
+DESC_FLAGS_MASK = ATTR_MASK << DESC_FLAGS_SHIFT
+#: The flat 64-bit kernel segments in that form.
+KERNEL_CODE64 = gdt.CODE64_FLAGS << DESC_FLAGS_SHIFT
+KERNEL_DATA = gdt.DATA_FLAGS << DESC_FLAGS_SHIFT
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,20 @@ from vmmarch_cli.arch.x86_64.lapic import (
     LVT_MASKED,
     VERSION_VALUE,
 )
-from vmmarch_cli.vcpu import DescriptorTable, Lapic, Regs, Segment, Sregs
+from vmmarch_cli.vcpu import (
+    ATTR_P,
+    ATTR_S,
+    ATTR_TYPE_ACCESSED,
+    TYPE_CODE_XR,
+    TYPE_DATA_RW,
+    TYPE_LDT,
+    TYPE_TSS_BUSY,
+    DescriptorTable,
+    Lapic,
+    Regs,
+    Segment,
+    Sregs,
+)
 
 #: EDX after reset holds the processor signature; KVM uses family 6, model 0.
 RESET_EDX = 0x600
@@ -38,13 +51,14 @@ def reset_regs() -> Regs:
 
 
 def reset_sregs(index: int) -> Sregs:
-    data = Segment(0, 0, 0xFFFF, 0x93)  # present, read/write, accessed
+    data = Segment(0, 0, 0xFFFF, ATTR_P | ATTR_S | TYPE_DATA_RW | ATTR_TYPE_ACCESSED)
     bsp = APIC_BASE_BSP if index == 0 else 0
     return Sregs(
-        cs=Segment(0xF000, 0xFFFF_0000, 0xFFFF, 0x9B),
+        cs=Segment(0xF000, 0xFFFF_0000, 0xFFFF,
+                   ATTR_P | ATTR_S | TYPE_CODE_XR | ATTR_TYPE_ACCESSED),
         ds=data, es=data, fs=data, gs=data, ss=data,
-        tr=Segment(0, 0, 0xFFFF, 0x8B),
-        ldt=Segment(0, 0, 0xFFFF, 0x82),
+        tr=Segment(0, 0, 0xFFFF, ATTR_P | TYPE_TSS_BUSY),
+        ldt=Segment(0, 0, 0xFFFF, ATTR_P | TYPE_LDT),
         gdt=DescriptorTable(0, 0xFFFF),
         idt=DescriptorTable(0, 0xFFFF),
         cr0=RESET_CR0,

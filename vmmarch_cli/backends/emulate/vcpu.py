@@ -30,6 +30,8 @@ from vmmarch_cli.backends.emulate.reset import reset_lapic, reset_regs, reset_sr
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import (
+    ATTR_DB,
+    ATTR_L,
     LAPIC_PAGE_SIZE,
     CpuidEntry,
     Fpu,
@@ -68,9 +70,9 @@ VECTOR_UD = 6
 
 def cpu_mode_name(s: Sregs) -> str:
     """The CPU mode ``s`` puts the vCPU in, as the messages name it (SDM vol. 3A 2.2)."""
-    if descriptors.long_mode(s) and s.cs.attributes & descriptors.ATTR_L:
+    if descriptors.long_mode(s) and s.cs.attributes & ATTR_L:
         return "64-bit"
-    if s.cr0 & regs.X86_CR0_PE and s.cs.attributes & descriptors.ATTR_DB:
+    if s.cr0 & regs.X86_CR0_PE and s.cs.attributes & ATTR_DB:
         return "32-bit"
     return "16-bit"
 

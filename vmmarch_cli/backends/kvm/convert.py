@@ -6,7 +6,22 @@ from __future__ import annotations
 import functools
 
 from vmmarch_cli.backends.kvm import abi
-from vmmarch_cli.vcpu import GPR_NAMES, DescriptorTable, Regs, Segment, Sregs
+from vmmarch_cli.vcpu import (
+    ATTR_AVL,
+    ATTR_DB,
+    ATTR_DPL_MASK,
+    ATTR_DPL_SHIFT,
+    ATTR_G,
+    ATTR_L,
+    ATTR_P,
+    ATTR_S,
+    ATTR_TYPE,
+    GPR_NAMES,
+    DescriptorTable,
+    Regs,
+    Segment,
+    Sregs,
+)
 
 _REGS = (*GPR_NAMES, "rip", "rflags")
 
@@ -34,20 +49,24 @@ _TABLES = _SEG_FIELDS * len(SEGMENTS)
 @functools.lru_cache(maxsize=256)
 def _attributes(flags: bytes) -> int:
     """kvm_segment's type, present, dpl, db, s, l, g, avl, unusable, padding as the neutral
-    attribute word (SDM vol. 3A 3.4.5 bit positions); an unusable segment is not present."""
+    attribute word (vcpu.py, ATTR_*); an unusable segment is not present."""
     type_, present, dpl, db, s, long_, g, avl, unusable, _padding = flags
-    present = 1 if present and not unusable else 0
-    return (type_ | s << 4 | dpl << 5 | present << 7
-            | avl << 12 | long_ << 13 | db << 14 | g << 15)
+    word = (type_ & ATTR_TYPE) | (dpl & ATTR_DPL_MASK) << ATTR_DPL_SHIFT
+    for bit, on in ((ATTR_S, s), (ATTR_P, present and not unusable), (ATTR_AVL, avl),
+                    (ATTR_L, long_), (ATTR_DB, db), (ATTR_G, g)):
+        if on:
+            word |= bit
+    return word
 
 
 @functools.lru_cache(maxsize=256)
 def _flags(attributes: int) -> bytes:
     """The inverse of _attributes: a segment without P is marked unusable."""
     a = attributes
-    present = (a >> 7) & 1
-    return bytes((a & 0xF, present, (a >> 5) & 3, (a >> 14) & 1, (a >> 4) & 1, (a >> 13) & 1,
-                  (a >> 15) & 1, (a >> 12) & 1, 0 if present else 1, 0))
+    present = bool(a & ATTR_P)
+    return bytes((a & ATTR_TYPE, present, (a >> ATTR_DPL_SHIFT) & ATTR_DPL_MASK,
+                  bool(a & ATTR_DB), bool(a & ATTR_S), bool(a & ATTR_L), bool(a & ATTR_G),
+                  bool(a & ATTR_AVL), not present, 0))
 
 
 def sregs_to_kvm(s: Sregs, into: abi.kvm_sregs) -> abi.kvm_sregs:
