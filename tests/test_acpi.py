@@ -109,8 +109,8 @@ def test_both_protocols_point_the_kernel_at_the_rsdp(memory: MmapGuestMemory) ->
     page = memory.read(layout.ZERO_PAGE_START, boot_params.ZERO_PAGE_SIZE)
     assert boot_params.get(page, "acpi_rsdp_addr") == layout.ACPI_RSDP_START
     pipeline.write_start_info(_plan(2, BootProtocol.PVH), memory)
-    info = pvh.read_start_info(memory.read(layout.PVH_INFO_START, 56))
-    assert info["rsdp_paddr"] == layout.ACPI_RSDP_START
+    info = pvh.read_start_info(memory.read(layout.PVH_INFO_START, pvh.HvmStartInfo.sizeof()))
+    assert info.rsdp_paddr == layout.ACPI_RSDP_START
 
 
 def test_both_protocols_write_acpi() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from vmmarch_cli.arch.x86_64 import board
 from vmmarch_cli.errors import BadInputError
+from vmmarch_cli.loader import elf64
 
 # buffer-format.rst: "c_magic 6 The string "070701" or "070702"". 070702 adds a checksum of the
 # data, which the kernel only verifies; 070701 leaves c_check zero.
@@ -217,44 +218,20 @@ def _outb_helper(port: int) -> bytes:
     )
     # The smallest ELF64 executable: the file header, one PT_LOAD mapping the whole file at
     # 0x400000 (the x86_64 psABI's conventional base), and the code right after the headers.
-    # Field layouts are the System V gABI's Elf64_Ehdr and Elf64_Phdr.
-    ehdr_size, phdr_size, base = 64, 56, 0x400000
-    total = ehdr_size + phdr_size + len(code)
-    ehdr = struct.pack(
-        "<4sBBBBB7sHHIQQQIHHHHHH",
-        b"\x7fELF",
-        2,  # EI_CLASS: ELFCLASS64
-        1,  # EI_DATA: ELFDATA2LSB
-        1,  # EI_VERSION: EV_CURRENT
-        0,  # EI_OSABI: ELFOSABI_NONE
-        0,  # EI_ABIVERSION
-        b"\0" * 7,  # EI_PAD
-        2,  # e_type: ET_EXEC
-        62,  # e_machine: EM_X86_64
-        1,  # e_version: EV_CURRENT
-        base + ehdr_size + phdr_size,  # e_entry: the first code byte
-        ehdr_size,  # e_phoff
-        0,  # e_shoff: no section headers
-        0,  # e_flags
-        ehdr_size,  # e_ehsize
-        phdr_size,  # e_phentsize
-        1,  # e_phnum
-        0,  # e_shentsize
-        0,  # e_shnum
-        0,  # e_shstrndx
-    )
-    phdr = struct.pack(
-        "<IIQQQQQQ",
-        1,  # p_type: PT_LOAD
-        5,  # p_flags: PF_R | PF_X
-        0,  # p_offset
-        base,  # p_vaddr
-        base,  # p_paddr
-        total,  # p_filesz
-        total,  # p_memsz
-        0x1000,  # p_align: the x86_64 page size
-    )
-    return ehdr + phdr + code
+    base = 0x400000
+    headers = elf64.Elf64Header.sizeof() + elf64.Elf64ProgramHeader.sizeof()
+    total = headers + len(code)
+    ehdr = elf64.Elf64Header(
+        ei_magic=elf64.ELF_MAGIC, ei_class=elf64.ELFCLASS64, ei_data=elf64.ELFDATA2LSB,
+        ei_version=elf64.EV_CURRENT, ei_osabi=elf64.ELFOSABI_NONE, e_type=elf64.ET_EXEC,
+        e_machine=elf64.EM_X86_64, e_version=elf64.EV_CURRENT,
+        e_entry=base + headers,  # the first code byte
+        e_phoff=elf64.Elf64Header.sizeof(), e_ehsize=elf64.Elf64Header.sizeof(),
+        e_phentsize=elf64.Elf64ProgramHeader.sizeof(), e_phnum=1)  # no section headers
+    phdr = elf64.Elf64ProgramHeader(
+        p_type=elf64.PT_LOAD, p_flags=elf64.PF_R | elf64.PF_X, p_offset=0, p_vaddr=base,
+        p_paddr=base, p_filesz=total, p_memsz=total, p_align=0x1000)  # the x86_64 page size
+    return ehdr.pack() + phdr.pack() + code
 
 
 def _read_host_file(path: Path, what: str) -> tuple[bytes, int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vmmarch_cli.arch.x86_64 import layout
 from vmmarch_cli.files import NotRegularFile, open_regular
-from vmmarch_cli.loader import bzimage, elf, errors
+from vmmarch_cli.loader import bzimage, elf, elf64, errors
 from vmmarch_cli.loader.host_decompress import (
     Decompress,
     Decompression,
@@ -114,7 +114,7 @@ def parse_kernel(path: Path, plan: Decompression = GUEST_DECOMPRESSES,
             except HostCannotDecompress as exc:
                 fallback = replace(plan, where=Decompress.GUEST, fallback=str(exc))
                 return replace(parsed, image=replace(image, decompression=fallback))
-        if head[:4] != elf.ELF_MAGIC:
+        if head[:4] != elf64.ELF_MAGIC:
             raise errors.UnknownKernelFormat(
                 f"{name}: neither an ELF vmlinux nor a bzImage (starts with "
                 f"{head[:4].hex(' ')})"

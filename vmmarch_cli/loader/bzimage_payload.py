@@ -10,7 +10,8 @@ import struct
 
 from vmmarch_cli.arch.x86_64 import boot_params
 from vmmarch_cli.errors import BadInputError
-from vmmarch_cli.loader.decompress import ELF_MAGIC, decompress, detect
+from vmmarch_cli.loader.decompress import decompress, detect
+from vmmarch_cli.loader.elf64 import ELF_MAGIC
 
 # boot.rst: "0248/4 2.08+ payload_offset" and "024C/4 2.08+ payload_length".
 PAYLOAD_MIN_VERSION = 0x0208

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmmarch_cli.errors import BadInputError
+from vmmarch_cli.loader.elf64 import ELF_MAGIC
 
 # The ELF identification (System V gABI, e_ident[EI_MAG0..EI_MAG3]); an uncompressed payload.
-ELF_MAGIC = b"\x7fELF"
 
 # lib/decompress_unlz4.c: "ARCHIVE_MAGICNUMBER 0x184C2102", the LZ4 legacy frame, stored
 # little-endian, followed by blocks of (u32 LE compressed size, data).

@@ -22,15 +22,10 @@ from elftools.elf.structs import ELFStructs
 
 from vmmarch_cli.arch.x86_64 import layout
 from vmmarch_cli.loader import errors
+from vmmarch_cli.loader.elf64 import ELF_MAGIC, ELFCLASS64, ELFDATA2LSB, Elf64ProgramHeader
 from vmmarch_cli.vcpu import GuestMemory
 
-ELF_MAGIC = b"\x7fELF"
-ELFCLASS64 = 2  # e_ident[EI_CLASS]
-ELFDATA2LSB = 1  # e_ident[EI_DATA]
-EM_X86_64 = 62
-PHDR64_SIZE = 56
-PT_LOAD = 1
-PT_NOTE = 4
+PHDR64_SIZE = Elf64ProgramHeader.sizeof()
 #: include/xen/interface/elfnote.h: the 32-bit physical entry point of a PVH kernel.
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 XEN_NOTE_NAME = b"Xen\0"

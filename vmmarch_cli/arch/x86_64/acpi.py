@@ -12,29 +12,38 @@ built without MP-table parsing, so this MADT is how it finds the APs and the IOA
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmmarch_cli.arch.x86_64 import aml, board, layout
 from vmmarch_cli.arch.x86_64.lapic import MAX_XAPIC_CPUS
+from vmmarch_cli.arch.x86_64.record import Record
 
 # --- record layouts -------------------------------------------------------------------------
 
-#: 5.2.5.3 RSDP (revision 2): signature, checksum (first 20 bytes), OEMID, revision,
-#: RsdtAddress, length, XsdtAddress, extended checksum (all 36 bytes), reserved.
-RSDP_FORMAT = "<8sB6sBIIQB3s"
+class Rsdp(Record):  # 5.2.5.3, revision 2
+    _fields_ = (("signature", ctypes.c_char * 8), ("checksum", ctypes.c_uint8),  # first 20 bytes
+                ("oem_id", ctypes.c_char * 6), ("revision", ctypes.c_uint8),
+                ("rsdt_address", ctypes.c_uint32), ("length", ctypes.c_uint32),
+                ("xsdt_address", ctypes.c_uint64),
+                ("extended_checksum", ctypes.c_uint8),  # all 36 bytes
+                ("reserved", ctypes.c_uint8 * 3))
+
+
+class SdtHeader(Record):  # 5.2.6 System Description Table header
+    _fields_ = (("signature", ctypes.c_char * 4), ("length", ctypes.c_uint32),
+                ("revision", ctypes.c_uint8), ("checksum", ctypes.c_uint8),
+                ("oem_id", ctypes.c_char * 6), ("oem_table_id", ctypes.c_char * 8),
+                ("oem_revision", ctypes.c_uint32), ("creator_id", ctypes.c_char * 4),
+                ("creator_revision", ctypes.c_uint32))
+
+
 RSDP_SIGNATURE = b"RSD PTR "
 RSDP_REVISION = 2  # ACPI 2.0+: has the XSDT address
-RSDP_CHECKSUM_OFFSET = 8
-RSDP_CHECKSUM_LENGTH = 20
-RSDP_EXT_CHECKSUM_OFFSET = 32
-
-#: 5.2.6 System Description Table header: signature, length, revision, checksum, OEMID,
-#: OEM table ID, OEM revision, creator ID, creator revision.
-SDT_HEADER_FORMAT = "<4sIBB6s8sI4sI"
-SDT_HEADER_SIZE = struct.calcsize(SDT_HEADER_FORMAT)  # 36
-SDT_CHECKSUM_OFFSET = 9
+RSDP_CHECKSUM_LENGTH = Rsdp.checksum.offset + 12  # 5.2.5.3: the ACPI 1.0 part, 20 bytes
+SDT_HEADER_SIZE = SdtHeader.sizeof()  # 36
 
 OEM_ID = b"VMMARC"
 CREATOR_ID = b"VMMA"
@@ -48,16 +57,20 @@ FADT_MINOR_REVISION = 5
 DSDT_REVISION = 2  # 5.2.11.1: 2 = 64-bit AML integers
 MADT_REVISION = 5  # 5.2.12, table 5.43 (6.5 keeps 5 for the x86 structures used here)
 
-#: 5.2.9 table 5.9: the FADT is 276 bytes in revision 6. Only the fields we set are named;
-#: the rest stay zero (no PM blocks, no GPEs, no SMI port: hardware-reduced).
-FADT_SIZE = 276
-FADT_FIELDS: dict[str, tuple[int, str]] = {
-    "iapc_boot_arch": (109, "<H"),
-    "flags": (112, "<I"),
-    "minor_revision": (131, "<B"),
-    "x_dsdt": (140, "<Q"),
-    "hypervisor_vendor": (268, "<8s"),
-}
+class Fadt(Record):
+    """5.2.9 table 5.9: the FADT, 276 bytes in revision 6. Only the fields we set are named; the
+    rest stay zero (no PM blocks, no GPEs, no SMI port: hardware-reduced)."""
+
+    _fields_ = (("header", SdtHeader), ("_unset_36", ctypes.c_uint8 * 73),
+                ("iapc_boot_arch", ctypes.c_uint16),  # offset 109
+                ("reserved", ctypes.c_uint8), ("flags", ctypes.c_uint32),  # offset 112
+                ("_unset_116", ctypes.c_uint8 * 15),  # RESET_REG, RESET_VALUE, ARM_BOOT_ARCH
+                ("minor_revision", ctypes.c_uint8),  # offset 131
+                ("x_firmware_ctrl", ctypes.c_uint64), ("x_dsdt", ctypes.c_uint64),  # 132, 140
+                ("_unset_148", ctypes.c_uint8 * 120),
+                ("hypervisor_vendor", ctypes.c_char * 8))  # offset 268
+
+
 #: 5.2.9.1 table 5.10 fixed feature flags.
 FADT_F_PWR_BUTTON = 1 << 4  # no fixed-feature power button
 FADT_F_SLP_BUTTON = 1 << 5  # no fixed-feature sleep button
@@ -68,23 +81,40 @@ IAPC_VGA_NOT_PRESENT = 1 << 2
 IAPC_MSI_NOT_SUPPORTED = 1 << 3  # no PCI, so no MSI
 HYPERVISOR_VENDOR = b"VMMARCH\0"
 
-#: 5.2.12 table 5.43: local interrupt controller address, flags.
-MADT_BODY_FORMAT = "<II"
+class MadtBody(Record):  # 5.2.12 table 5.43, after the header
+    _fields_ = (("lapic_address", ctypes.c_uint32), ("flags", ctypes.c_uint32))
+
+
+_MADT_ENTRY = (("type", ctypes.c_uint8), ("length", ctypes.c_uint8))
+
+
+class MadtLocalApic(Record):  # 5.2.12.2 Processor Local APIC
+    _fields_ = (*_MADT_ENTRY, ("uid", ctypes.c_uint8), ("apic_id", ctypes.c_uint8),
+                ("flags", ctypes.c_uint32))
+
+
+class MadtIoApic(Record):  # 5.2.12.3
+    _fields_ = (*_MADT_ENTRY, ("ioapic_id", ctypes.c_uint8), ("reserved", ctypes.c_uint8),
+                ("address", ctypes.c_uint32), ("gsi_base", ctypes.c_uint32))
+
+
+class MadtInterruptOverride(Record):  # 5.2.12.5 Interrupt Source Override
+    _fields_ = (*_MADT_ENTRY, ("bus", ctypes.c_uint8), ("source", ctypes.c_uint8),
+                ("gsi", ctypes.c_uint32), ("flags", ctypes.c_uint16))  # MPS INTI flags
+
+
+class MadtLocalApicNmi(Record):  # 5.2.12.7
+    _fields_ = (*_MADT_ENTRY, ("uid", ctypes.c_uint8), ("flags", ctypes.c_uint16),
+                ("lint", ctypes.c_uint8))
+
+
 MADT_PCAT_COMPAT = 1 << 0  # KVM's in-kernel irqchip includes the dual 8259
-#: 5.2.12.2 Processor Local APIC: type, length, ACPI processor UID, APIC ID, flags.
-MADT_LAPIC_FORMAT = "<BBBBI"
 MADT_TYPE_LAPIC = 0
 LAPIC_ENABLED = 1 << 0
-#: 5.2.12.3 I/O APIC: type, length, IOAPIC ID, reserved, address, GSI base.
-MADT_IOAPIC_FORMAT = "<BBBBII"
 MADT_TYPE_IOAPIC = 1
-#: 5.2.12.5 Interrupt Source Override: type, length, bus, source, GSI, MPS INTI flags.
-MADT_ISO_FORMAT = "<BBBBIH"
 MADT_TYPE_ISO = 2
 ISA_BUS = 0
 MPS_INTI_CONFORMS = 0  # polarity and trigger "conform to the bus": ISA is edge, active high
-#: 5.2.12.7 Local APIC NMI: type, length, ACPI processor UID, flags, LINT#.
-MADT_LAPIC_NMI_FORMAT = "<BBBHB"
 MADT_TYPE_LAPIC_NMI = 4
 ALL_PROCESSORS = 0xFF
 NMI_LINT = 1  # LINT1 carries NMI, as in the MP table and on every PC
@@ -121,21 +151,30 @@ def checksum(data: bytes | bytearray) -> int:
     return -sum(data) & 0xFF
 
 
+def _header(signature: bytes, revision: int, length: int, table_id: bytes) -> SdtHeader:
+    return SdtHeader(signature=signature, length=length, revision=revision, oem_id=OEM_ID,
+                     oem_table_id=table_id.ljust(8, b" "), oem_revision=OEM_REVISION,
+                     creator_id=CREATOR_ID, creator_revision=CREATOR_REVISION)
+
+
+def _with_checksum(table: bytes) -> bytes:
+    """``table`` with its header's checksum set: all its bytes sum to 0 mod 256 (5.2.6)."""
+    out = bytearray(table)
+    out[SdtHeader.checksum.offset] = checksum(out)
+    return bytes(out)
+
+
 def _sdt(signature: bytes, revision: int, body: bytes, table_id: bytes) -> bytes:
-    header = struct.pack(SDT_HEADER_FORMAT, signature, SDT_HEADER_SIZE + len(body), revision, 0,
-                         OEM_ID, table_id.ljust(8, b" "), OEM_REVISION, CREATOR_ID,
-                         CREATOR_REVISION)
-    table = bytearray(header + body)
-    table[SDT_CHECKSUM_OFFSET] = checksum(table)
-    return bytes(table)
+    header = _header(signature, revision, SDT_HEADER_SIZE + len(body), table_id)
+    return _with_checksum(header.pack() + body)
 
 
 def rsdp(xsdt_address: int) -> bytes:
-    data = bytearray(struct.pack(RSDP_FORMAT, RSDP_SIGNATURE, 0, OEM_ID, RSDP_REVISION, 0,
-                                 struct.calcsize(RSDP_FORMAT), xsdt_address, 0, bytes(3)))
-    data[RSDP_CHECKSUM_OFFSET] = checksum(data[:RSDP_CHECKSUM_LENGTH])
-    data[RSDP_EXT_CHECKSUM_OFFSET] = checksum(data)
-    return bytes(data)
+    record = Rsdp(signature=RSDP_SIGNATURE, oem_id=OEM_ID, revision=RSDP_REVISION,
+                  length=Rsdp.sizeof(), xsdt_address=xsdt_address)
+    record.checksum = checksum(record.pack()[:RSDP_CHECKSUM_LENGTH])
+    record.extended_checksum = checksum(record.pack())
+    return record.pack()
 
 
 def xsdt(table_addresses: list[int]) -> bytes:
@@ -144,18 +183,12 @@ def xsdt(table_addresses: list[int]) -> bytes:
 
 
 def fadt(dsdt_address: int) -> bytes:
-    body = bytearray(FADT_SIZE - SDT_HEADER_SIZE)
-    values = {
-        "iapc_boot_arch": IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED,
-        "flags": FADT_F_HW_REDUCED_ACPI | FADT_F_PWR_BUTTON | FADT_F_SLP_BUTTON,
-        "minor_revision": FADT_MINOR_REVISION,
-        "x_dsdt": dsdt_address,
-        "hypervisor_vendor": HYPERVISOR_VENDOR,
-    }
-    for name, value in values.items():
-        offset, fmt = FADT_FIELDS[name]
-        struct.pack_into(fmt, body, offset - SDT_HEADER_SIZE, value)
-    return _sdt(b"FACP", FADT_REVISION, bytes(body), b"VMMAFACP")
+    table = Fadt(header=_header(b"FACP", FADT_REVISION, Fadt.sizeof(), b"VMMAFACP"),
+                 iapc_boot_arch=IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED,
+                 flags=FADT_F_HW_REDUCED_ACPI | FADT_F_PWR_BUTTON | FADT_F_SLP_BUTTON,
+                 minor_revision=FADT_MINOR_REVISION, x_dsdt=dsdt_address,
+                 hypervisor_vendor=HYPERVISOR_VENDOR)
+    return _with_checksum(table.pack())
 
 
 def dsdt(devices: tuple[aml.IsaDevice, ...] = COM_PORTS) -> bytes:
@@ -169,19 +202,18 @@ def madt(cpus: int) -> bytes:
     if not 1 <= cpus <= MAX_CPUS:
         raise ValueError(f"the MADT describes 1..{MAX_CPUS} xAPIC CPUs, not {cpus}")
     ioapic_id = board.ioapic_id(cpus)
-    records = [struct.pack(MADT_BODY_FORMAT, layout.APIC_DEFAULT_ADDRESS, MADT_PCAT_COMPAT)]
-    records += [struct.pack(MADT_LAPIC_FORMAT, MADT_TYPE_LAPIC,
-                            struct.calcsize(MADT_LAPIC_FORMAT), i, i, LAPIC_ENABLED)
-                for i in range(cpus)]
-    records.append(struct.pack(MADT_IOAPIC_FORMAT, MADT_TYPE_IOAPIC,
-                               struct.calcsize(MADT_IOAPIC_FORMAT), ioapic_id, 0,
-                               layout.IOAPIC_ADDRESS, 0))
-    records += [struct.pack(MADT_ISO_FORMAT, MADT_TYPE_ISO, struct.calcsize(MADT_ISO_FORMAT),
-                            ISA_BUS, irq, irq, MPS_INTI_CONFORMS) for irq in board.ISA_IRQS_USED]
-    records.append(struct.pack(MADT_LAPIC_NMI_FORMAT, MADT_TYPE_LAPIC_NMI,
-                               struct.calcsize(MADT_LAPIC_NMI_FORMAT), ALL_PROCESSORS, 0,
-                               NMI_LINT))
-    return _sdt(b"APIC", MADT_REVISION, b"".join(records), b"VMMAMADT")
+    records: list[Record] = [MadtBody(lapic_address=layout.APIC_DEFAULT_ADDRESS,
+                                      flags=MADT_PCAT_COMPAT)]
+    records += [MadtLocalApic(type=MADT_TYPE_LAPIC, length=MadtLocalApic.sizeof(), uid=i,
+                              apic_id=i, flags=LAPIC_ENABLED) for i in range(cpus)]
+    records.append(MadtIoApic(type=MADT_TYPE_IOAPIC, length=MadtIoApic.sizeof(),
+                              ioapic_id=ioapic_id, address=layout.IOAPIC_ADDRESS))
+    records += [MadtInterruptOverride(type=MADT_TYPE_ISO, length=MadtInterruptOverride.sizeof(),
+                                      bus=ISA_BUS, source=irq, gsi=irq, flags=MPS_INTI_CONFORMS)
+                for irq in board.ISA_IRQS_USED]
+    records.append(MadtLocalApicNmi(type=MADT_TYPE_LAPIC_NMI, length=MadtLocalApicNmi.sizeof(),
+                                    uid=ALL_PROCESSORS, lint=NMI_LINT))
+    return _sdt(b"APIC", MADT_REVISION, b"".join(r.pack() for r in records), b"VMMAMADT")
 
 
 def _align(address: int) -> int:
@@ -190,7 +222,7 @@ def _align(address: int) -> int:
 
 def build(cpus: int, address: int = layout.ACPI_RSDP_START) -> AcpiTables:
     """RSDP at ``address``, then DSDT, FADT, MADT and the XSDT that lists FADT and MADT."""
-    rsdp_size = struct.calcsize(RSDP_FORMAT)
+    rsdp_size = Rsdp.sizeof()
     dsdt_data = dsdt()
     dsdt_at = _align(address + rsdp_size)
     fadt_data = fadt(dsdt_at)
@@ -220,11 +252,9 @@ Reader = Callable[[int, int], bytes]
 #: for 254 CPUs is about 2 KiB), so a corrupted length cannot make us read a whole guest.
 MAX_TABLE_LENGTH = 64 * 1024
 
-MADT_RECORD_FORMATS = {
-    MADT_TYPE_LAPIC: (MADT_LAPIC_FORMAT, ("uid", "apic_id", "flags")),
-    MADT_TYPE_IOAPIC: (MADT_IOAPIC_FORMAT, ("ioapic_id", "reserved", "address", "gsi_base")),
-    MADT_TYPE_ISO: (MADT_ISO_FORMAT, ("bus", "source", "gsi", "flags")),
-    MADT_TYPE_LAPIC_NMI: (MADT_LAPIC_NMI_FORMAT, ("uid", "flags", "lint")),
+MADT_RECORDS: dict[int, type[Record]] = {
+    MADT_TYPE_LAPIC: MadtLocalApic, MADT_TYPE_IOAPIC: MadtIoApic,
+    MADT_TYPE_ISO: MadtInterruptOverride, MADT_TYPE_LAPIC_NMI: MadtLocalApicNmi,
 }
 MADT_RECORD_NAMES = {MADT_TYPE_LAPIC: "local_apic", MADT_TYPE_IOAPIC: "io_apic",
                      MADT_TYPE_ISO: "interrupt_override", MADT_TYPE_LAPIC_NMI: "local_apic_nmi"}
@@ -243,19 +273,19 @@ class Table:
 
 
 def read_table(read: Reader, address: int) -> Table:
-    header = read(address, SDT_HEADER_SIZE)
-    signature, length, revision = struct.unpack_from("<4sIB", header)
-    if not SDT_HEADER_SIZE <= length <= MAX_TABLE_LENGTH:
-        raise ValueError(f"ACPI table at {address:#x} claims length {length}")
-    return Table(signature.decode("ascii", "replace"), address, revision, read(address, length))
+    header = SdtHeader.read(read(address, SDT_HEADER_SIZE))
+    if not SDT_HEADER_SIZE <= header.length <= MAX_TABLE_LENGTH:
+        raise ValueError(f"ACPI table at {address:#x} claims length {header.length}")
+    return Table(header.signature.decode("ascii", "replace"), address, header.revision,
+                 read(address, header.length))
 
 
 def read_rsdp(read: Reader, address: int) -> dict[str, int | str | bool]:
-    data = read(address, struct.calcsize(RSDP_FORMAT))
-    sig, _, oem, revision, rsdt, length, xsdt_address, _, _ = struct.unpack(RSDP_FORMAT, data)
-    return {"address": address, "signature": sig.decode("ascii", "replace"),
-            "oem": oem.decode("ascii", "replace"), "revision": revision, "rsdt": rsdt,
-            "xsdt": xsdt_address, "length": length,
+    data = read(address, Rsdp.sizeof())
+    r = Rsdp.read(data)
+    return {"address": address, "signature": r.signature.decode("ascii", "replace"),
+            "oem": r.oem_id.decode("ascii", "replace"), "revision": r.revision,
+            "rsdt": r.rsdt_address, "xsdt": r.xsdt_address, "length": r.length,
             "checksum_ok": sum(data[:RSDP_CHECKSUM_LENGTH]) & 0xFF == 0
             and sum(data) & 0xFF == 0}
 
@@ -272,25 +302,23 @@ def read_all(read: Reader, rsdp_address: int) -> list[Table]:
         table = read_table(read, address)
         tables.append(table)
         if table.signature == "FACP":
-            offset, fmt = FADT_FIELDS["x_dsdt"]
-            (dsdt_address,) = struct.unpack_from(fmt, table.data, offset)
-            tables.append(read_table(read, dsdt_address))
+            tables.append(read_table(read, Fadt.read(table.data).x_dsdt))
     return tables
 
 
 def decode_madt(table: Table) -> list[dict[str, int | str]]:
     """The MADT's interrupt controller structures, in table order."""
     records: list[dict[str, int | str]] = []
-    offset = SDT_HEADER_SIZE + struct.calcsize(MADT_BODY_FORMAT)
+    offset = SDT_HEADER_SIZE + MadtBody.sizeof()
     while offset + 2 <= len(table.data):
         kind, length = table.data[offset], table.data[offset + 1]
         if length < 2:
             raise ValueError(f"MADT record at offset {offset} has length {length}")
-        known = MADT_RECORD_FORMATS.get(kind)
+        known = MADT_RECORDS.get(kind)
         record: dict[str, int | str] = {"type": MADT_RECORD_NAMES.get(kind, str(kind))}
-        if known is not None and length == struct.calcsize(known[0]):
-            values = struct.unpack_from(known[0], table.data, offset)[2:]
-            record.update(zip(known[1], values, strict=True))
+        if known is not None and length == known.sizeof():
+            entry = known.read(table.data, offset)
+            record.update((name, getattr(entry, name)) for name in entry.field_names()[2:])
         records.append(record)
         offset += length
     return records

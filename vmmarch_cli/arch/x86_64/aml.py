@@ -10,8 +10,11 @@ through acpi_register_gsi to the I/O APIC pin, as Firecracker and Cloud Hypervis
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass
+
+from vmmarch_cli.arch.x86_64.record import Record
 
 # 20.2.5 term encodings.
 SCOPE_OP = 0x10
@@ -97,6 +100,17 @@ def device(seg: str, terms: bytes) -> bytes:
     return bytes([EXT_OP_PREFIX, DEVICE_OP]) + pkg_length(len(body)) + body
 
 
+class IoPortDescriptor(Record):  # ACPI 6.4.2.5 I/O Port Descriptor (small resource)
+    _fields_ = (("tag", ctypes.c_uint8), ("information", ctypes.c_uint8),
+                ("minimum", ctypes.c_uint16), ("maximum", ctypes.c_uint16),
+                ("alignment", ctypes.c_uint8), ("length", ctypes.c_uint8))
+
+
+class IrqDescriptor(Record):  # ACPI 6.4.2.1 IRQ Descriptor, with the information byte
+    _fields_ = (("tag", ctypes.c_uint8), ("mask", ctypes.c_uint16),
+                ("information", ctypes.c_uint8))
+
+
 @dataclass(frozen=True)
 class IsaDevice:
     """A device at fixed I/O ports with one ISA IRQ (a COM port: PNP0501, 8 ports)."""
@@ -111,10 +125,13 @@ class IsaDevice:
     def resources(self) -> bytes:
         """ResourceTemplate() { IO(Decode16, base, base, 1, length)
         IRQ(Edge, ActiveHigh, Shared) {irq} }."""
-        io = struct.pack("<BBHHBB", IO_DESCRIPTOR, IO_DECODE_16, self.io_base, self.io_base, 1,
-                         self.io_length)
-        irq = struct.pack("<BHB", IRQ_DESCRIPTOR, 1 << self.irq, IRQ_EDGE | IRQ_SHARED)
-        return io + irq + bytes([END_TAG, 0])  # checksum 0: "treated as if it summed to 0"
+        io = IoPortDescriptor(tag=IO_DESCRIPTOR, information=IO_DECODE_16,
+                              minimum=self.io_base, maximum=self.io_base, alignment=1,
+                              length=self.io_length)
+        irq = IrqDescriptor(tag=IRQ_DESCRIPTOR, mask=1 << self.irq,
+                            information=IRQ_EDGE | IRQ_SHARED)
+        # checksum 0: "treated as if it summed to 0" (6.4.2.9)
+        return io.pack() + irq.pack() + bytes([END_TAG, 0])
 
     def aml(self) -> bytes:
         return device(self.name, name("_HID", dword(eisa_id(self.hid)))
@@ -164,10 +181,13 @@ def _read_name_value(data: bytes, at: int, end: int) -> tuple[str, int | bytes, 
 
 def _decode_resources(data: bytes) -> tuple[int, int, int]:
     """(I/O base, I/O length, IRQ) from the template ``IsaDevice.resources`` writes."""
-    if len(data) < 14 or data[0] != IO_DESCRIPTOR or data[8] != IRQ_DESCRIPTOR:
+    if len(data) < IoPortDescriptor.sizeof() + IrqDescriptor.sizeof():
         raise AmlError("resource template is not one I/O range and one IRQ")
-    _, _, base, _, _, length = struct.unpack_from("<BBHHBB", data)
-    mask = struct.unpack_from("<H", data, 9)[0]
+    io = IoPortDescriptor.read(data)
+    irq = IrqDescriptor.read(data, IoPortDescriptor.sizeof())
+    if io.tag != IO_DESCRIPTOR or irq.tag != IRQ_DESCRIPTOR:
+        raise AmlError("resource template is not one I/O range and one IRQ")
+    base, length, mask = io.minimum, io.length, irq.mask
     if mask == 0 or mask & (mask - 1):
         raise AmlError(f"IRQ mask {mask:#x} does not name exactly one IRQ")
     return base, length, mask.bit_length() - 1

@@ -7,11 +7,13 @@ in its own first sector; for an ELF vmlinux we fill the fields a boot loader mus
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vmmarch_cli.arch.x86_64.e820 import E820Entry
+from vmmarch_cli.arch.x86_64.record import Record
 
 ZERO_PAGE_SIZE = 4096
 
@@ -59,7 +61,6 @@ SETUP_HEADER_START = 0x1F1
 #: The header ends at the byte given by the jump at 0x200: 0x202 + (jump >> 8).
 SETUP_HEADER_MAX_END = 0x290
 E820_TABLE = 0x2D0
-E820_ENTRY_FORMAT = "<QQI"
 E820_MAX_ENTRIES_ZEROPAGE = 128
 
 BOOT_FLAG_MAGIC = 0xAA55  # boot.rst: "boot_flag ... Contains 0xAA55"
@@ -76,6 +77,10 @@ HEADER_END_BASE = 0x202
 LOADER_TYPE_UNDEFINED = 0xFF
 LOADFLAGS_LOADED_HIGH = 0x01
 LOADFLAGS_CAN_USE_HEAP = 0x80
+
+
+class BootE820Entry(Record):  # struct boot_e820_entry (bootparam.h), packed: 20 bytes
+    _fields_ = (("addr", ctypes.c_uint64), ("size", ctypes.c_uint64), ("type", ctypes.c_uint32))
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,9 @@ def build(zp: ZeroPage) -> bytes:
         put(page, "acpi_rsdp_addr", zp.acpi_rsdp_address)
     put(page, "e820_entries", len(zp.e820))
     for i, e in enumerate(zp.e820):
-        struct.pack_into(E820_ENTRY_FORMAT, page, E820_TABLE + 20 * i, e.address, e.size, e.type)
+        at = E820_TABLE + BootE820Entry.sizeof() * i
+        page[at : at + BootE820Entry.sizeof()] = BootE820Entry(addr=e.address, size=e.size,
+                                                              type=e.type).pack()
     return bytes(page)
 
 
@@ -145,5 +152,6 @@ def setup_sectors(image: bytes) -> int:
 def read_e820(page: bytes) -> list[E820Entry]:
     """Decode the e820 table from a zero page (as read back from guest memory)."""
     count = min(get(page, "e820_entries"), E820_MAX_ENTRIES_ZEROPAGE)
-    return [E820Entry(*struct.unpack_from(E820_ENTRY_FORMAT, page, E820_TABLE + 20 * i))
-            for i in range(count)]
+    entries = (BootE820Entry.read(page, E820_TABLE + BootE820Entry.sizeof() * i)
+               for i in range(count))
+    return [E820Entry(e.addr, e.size, e.type) for e in entries]

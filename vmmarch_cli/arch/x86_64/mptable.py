@@ -1,34 +1,67 @@
 """The Intel MultiProcessor Specification 1.4 tables: floating pointer, configuration table.
 
-Record layouts are declared as data (struct formats, MP spec 1.4 chapter 4, tables 4-1 to 4-12);
-one writer per record type; the composer lays them out and fixes both checksums.
+Each record is declared once as a structure (MP spec 1.4 chapter 4, tables 4-1 to 4-12); the
+composer writes them by field name and fixes both checksums, the reader reads the same names.
 """
 
 from __future__ import annotations
 
-import struct
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vmmarch_cli.arch.x86_64 import board, layout
+from vmmarch_cli.arch.x86_64 import board, lapic, layout
 from vmmarch_cli.arch.x86_64.lapic import MAX_XAPIC_CPUS
+from vmmarch_cli.arch.x86_64.record import Record
 
 MPF_SIGNATURE = b"_MP_"
 MPC_SIGNATURE = b"PCMP"
 MP_SPEC_REVISION = 4  # 1.4
-APIC_VERSION = 0x14  # an integrated (xAPIC) local APIC, as KVM reports it
 
-# Table 4-1 floating pointer: signature, physptr, length (16-byte units), spec, checksum,
-# feature bytes 1..5.
-MPF_FORMAT = "<4sIBBBB3sB"
-# Table 4-2 configuration table header.
-MPC_HEADER_FORMAT = "<4sHBB8s12sIHHII"
-MPC_CPU_FORMAT = "<BBBBII8s"  # table 4-4
-MPC_BUS_FORMAT = "<BB6s"  # table 4-8
-MPC_IOAPIC_FORMAT = "<BBBBI"  # table 4-9
-MPC_INTSRC_FORMAT = "<BBHBBBB"  # table 4-10 (I/O interrupt assignment)
-MPC_LINTSRC_FORMAT = "<BBHBBBB"  # table 4-12 (local interrupt assignment)
+
+
+class MpFloatingPointer(Record):  # table 4-1
+    _fields_ = (("signature", ctypes.c_char * 4), ("physptr", ctypes.c_uint32),
+                ("length", ctypes.c_uint8),  # in 16-byte units
+                ("spec_rev", ctypes.c_uint8), ("checksum", ctypes.c_uint8),
+                ("features", ctypes.c_uint8 * 5))
+
+
+class MpConfigHeader(Record):  # table 4-2
+    _fields_ = (("signature", ctypes.c_char * 4), ("length", ctypes.c_uint16),
+                ("spec_rev", ctypes.c_uint8), ("checksum", ctypes.c_uint8),
+                ("oem_id", ctypes.c_char * 8), ("product_id", ctypes.c_char * 12),
+                ("oem_table", ctypes.c_uint32), ("oem_table_size", ctypes.c_uint16),
+                ("entry_count", ctypes.c_uint16), ("lapic_address", ctypes.c_uint32),
+                ("extended_length", ctypes.c_uint16), ("extended_checksum", ctypes.c_uint8),
+                ("reserved", ctypes.c_uint8))
+
+
+class MpProcessor(Record):  # table 4-4
+    _fields_ = (("type", ctypes.c_uint8), ("apic_id", ctypes.c_uint8),
+                ("apic_version", ctypes.c_uint8), ("flags", ctypes.c_uint8),
+                ("signature", ctypes.c_uint32), ("features", ctypes.c_uint32),
+                ("reserved", ctypes.c_uint8 * 8))
+
+
+class MpBus(Record):  # table 4-8
+    _fields_ = (("type", ctypes.c_uint8), ("bus_id", ctypes.c_uint8),
+                ("bus_type", ctypes.c_char * 6))
+
+
+class MpIoApic(Record):  # table 4-9
+    _fields_ = (("type", ctypes.c_uint8), ("apic_id", ctypes.c_uint8),
+                ("apic_version", ctypes.c_uint8), ("flags", ctypes.c_uint8),
+                ("address", ctypes.c_uint32))
+
+
+class MpInterrupt(Record):  # tables 4-10 (I/O) and 4-12 (local): the same layout
+    _fields_ = (("type", ctypes.c_uint8), ("irq_type", ctypes.c_uint8),
+                ("flags", ctypes.c_uint16),  # polarity and trigger mode
+                ("source_bus", ctypes.c_uint8), ("source_irq", ctypes.c_uint8),
+                ("dest_apic", ctypes.c_uint8), ("dest_pin", ctypes.c_uint8))
+
 
 # Entry types (table 4-3).
 MP_PROCESSOR = 0
@@ -50,6 +83,7 @@ MP_IRQ_EXTINT = 3
 MP_IRQ_POLARITY_DEFAULT = 0
 IOAPIC_PINS = 24  # KVM's in-kernel IOAPIC
 ALL_APICS = 0xFF
+NMI_LINT = 1  # LINT1 carries NMI on every PC
 
 MAX_CPUS = MAX_XAPIC_CPUS
 
@@ -61,10 +95,8 @@ class MpTable:
 
 
 def size(cpus: int) -> int:
-    return (struct.calcsize(MPF_FORMAT) + struct.calcsize(MPC_HEADER_FORMAT)
-            + cpus * struct.calcsize(MPC_CPU_FORMAT) + struct.calcsize(MPC_BUS_FORMAT)
-            + struct.calcsize(MPC_IOAPIC_FORMAT) + IOAPIC_PINS * struct.calcsize(MPC_INTSRC_FORMAT)
-            + 2 * struct.calcsize(MPC_LINTSRC_FORMAT))
+    return (MpFloatingPointer.sizeof() + MpConfigHeader.sizeof() + cpus * MpProcessor.sizeof()
+            + MpBus.sizeof() + MpIoApic.sizeof() + (IOAPIC_PINS + 2) * MpInterrupt.sizeof())
 
 
 def build(cpus: int, address: int = layout.SYSTEM_MEM_START) -> MpTable:
@@ -72,32 +104,34 @@ def build(cpus: int, address: int = layout.SYSTEM_MEM_START) -> MpTable:
     if not 1 <= cpus <= MAX_CPUS:
         raise ValueError(f"the MP table describes 1..{MAX_CPUS} CPUs, not {cpus}")
     ioapic_id = board.ioapic_id(cpus)
-    entries = [cpu_entry(i) for i in range(cpus)]
-    entries.append(struct.pack(MPC_BUS_FORMAT, MP_BUS, 0, b"ISA   "))
-    entries.append(struct.pack(MPC_IOAPIC_FORMAT, MP_IOAPIC, ioapic_id, APIC_VERSION,
-                               IOAPIC_USABLE, layout.IOAPIC_ADDRESS))
-    entries += [struct.pack(MPC_INTSRC_FORMAT, MP_INTSRC, MP_IRQ_INT, MP_IRQ_POLARITY_DEFAULT,
-                            0, irq, ioapic_id, irq) for irq in range(IOAPIC_PINS)]
-    entries.append(struct.pack(MPC_LINTSRC_FORMAT, MP_LINTSRC, MP_IRQ_EXTINT,
-                               MP_IRQ_POLARITY_DEFAULT, 0, 0, 0, 0))
-    entries.append(struct.pack(MPC_LINTSRC_FORMAT, MP_LINTSRC, MP_IRQ_NMI,
-                               MP_IRQ_POLARITY_DEFAULT, 0, 0, ALL_APICS, 1))
-    body = b"".join(entries)
-    table_address = address + struct.calcsize(MPF_FORMAT)
-    header_len = struct.calcsize(MPC_HEADER_FORMAT)
-    header = struct.pack(MPC_HEADER_FORMAT, MPC_SIGNATURE, header_len + len(body),
-                         MP_SPEC_REVISION, 0, b"VMMARCH ", b"000000000000", 0, 0, len(entries),
-                         layout.APIC_DEFAULT_ADDRESS, 0)
-    table = with_checksum(header + body, offset=7)
-    mpf = struct.pack(MPF_FORMAT, MPF_SIGNATURE, table_address, 1, MP_SPEC_REVISION, 0, 0,
-                      b"\0\0\0", 0)
-    return MpTable(address, with_checksum(mpf, offset=10) + table)
+    entries: list[Record] = [cpu_entry(i) for i in range(cpus)]
+    entries.append(MpBus(type=MP_BUS, bus_id=0, bus_type=b"ISA   "))
+    entries.append(MpIoApic(type=MP_IOAPIC, apic_id=ioapic_id, apic_version=lapic.VERSION,
+                            flags=IOAPIC_USABLE, address=layout.IOAPIC_ADDRESS))
+    entries += [MpInterrupt(type=MP_INTSRC, irq_type=MP_IRQ_INT, flags=MP_IRQ_POLARITY_DEFAULT,
+                            source_irq=irq, dest_apic=ioapic_id, dest_pin=irq)
+                for irq in range(IOAPIC_PINS)]
+    entries.append(MpInterrupt(type=MP_LINTSRC, irq_type=MP_IRQ_EXTINT,
+                               flags=MP_IRQ_POLARITY_DEFAULT))  # LINT0: the PIC, ExtINT
+    entries.append(MpInterrupt(type=MP_LINTSRC, irq_type=MP_IRQ_NMI,
+                               flags=MP_IRQ_POLARITY_DEFAULT, dest_apic=ALL_APICS,
+                               dest_pin=NMI_LINT))
+    body = b"".join(e.pack() for e in entries)
+    header = MpConfigHeader(signature=MPC_SIGNATURE, length=MpConfigHeader.sizeof() + len(body),
+                            spec_rev=MP_SPEC_REVISION, oem_id=b"VMMARCH ",
+                            product_id=b"000000000000", entry_count=len(entries),
+                            lapic_address=layout.APIC_DEFAULT_ADDRESS)
+    table = with_checksum(header.pack() + body, offset=MpConfigHeader.checksum.offset)
+    mpf = MpFloatingPointer(signature=MPF_SIGNATURE, physptr=address + MpFloatingPointer.sizeof(),
+                            length=MpFloatingPointer.sizeof() // 16, spec_rev=MP_SPEC_REVISION)
+    return MpTable(address,
+                   with_checksum(mpf.pack(), offset=MpFloatingPointer.checksum.offset) + table)
 
 
-def cpu_entry(index: int) -> bytes:
+def cpu_entry(index: int) -> MpProcessor:
     flags = CPU_ENABLED | (CPU_BOOTPROCESSOR if index == 0 else 0)
-    return struct.pack(MPC_CPU_FORMAT, MP_PROCESSOR, index, APIC_VERSION, flags, CPU_SIGNATURE,
-                       CPU_FEATURE_APIC | CPU_FEATURE_FPU, bytes(8))
+    return MpProcessor(type=MP_PROCESSOR, apic_id=index, apic_version=lapic.VERSION, flags=flags,
+                       signature=CPU_SIGNATURE, features=CPU_FEATURE_APIC | CPU_FEATURE_FPU)
 
 
 def with_checksum(data: bytes, offset: int) -> bytes:
@@ -110,42 +144,41 @@ def with_checksum(data: bytes, offset: int) -> bytes:
 
 # --- reader: decode the table back from guest memory (``dump-regs --tables``) ----------------
 
-ENTRY_SIZES = {MP_PROCESSOR: struct.calcsize(MPC_CPU_FORMAT), MP_BUS: 8, MP_IOAPIC: 8,
-               MP_INTSRC: 8, MP_LINTSRC: 8}
+ENTRY_TYPES: dict[int, type[Record]] = {MP_PROCESSOR: MpProcessor, MP_BUS: MpBus,
+                                         MP_IOAPIC: MpIoApic, MP_INTSRC: MpInterrupt,
+                                         MP_LINTSRC: MpInterrupt}
+COUNTED = {MP_BUS: "buses", MP_INTSRC: "io_interrupts", MP_LINTSRC: "local_interrupts"}
 
 
 def read(read_fn: Callable[[int, int], bytes], address: int) -> dict[str, Any]:
     """The floating pointer at ``address`` and the configuration table it points at."""
-    mpf = read_fn(address, struct.calcsize(MPF_FORMAT))
-    signature, table_address, _, revision, _, _, _, _ = struct.unpack(MPF_FORMAT, mpf)
-    if signature != MPF_SIGNATURE:
+    mpf_bytes = read_fn(address, MpFloatingPointer.sizeof())
+    mpf = MpFloatingPointer.read(mpf_bytes)
+    if mpf.signature != MPF_SIGNATURE:
         raise ValueError(f"no MP floating pointer at {address:#x}")
-    header = read_fn(table_address, struct.calcsize(MPC_HEADER_FORMAT))
-    fields = struct.unpack(MPC_HEADER_FORMAT, header)
-    length, count, lapic_address = fields[1], fields[8], fields[9]
-    if fields[0] != MPC_SIGNATURE or length < len(header):
-        raise ValueError(f"no MP configuration table at {table_address:#x}")
-    table = read_fn(table_address, length)
+    header = MpConfigHeader.read(read_fn(mpf.physptr, MpConfigHeader.sizeof()))
+    if header.signature != MPC_SIGNATURE or header.length < MpConfigHeader.sizeof():
+        raise ValueError(f"no MP configuration table at {mpf.physptr:#x}")
+    table = read_fn(mpf.physptr, header.length)
     cpus: list[dict[str, Any]] = []
     ioapics: list[dict[str, Any]] = []
     kinds: dict[str, int] = {}
-    pos = len(header)
-    for _ in range(count):
+    pos = MpConfigHeader.sizeof()
+    for _ in range(header.entry_count):
         kind = table[pos]
-        size = ENTRY_SIZES.get(kind)
-        if size is None or pos + size > length:
+        record = ENTRY_TYPES.get(kind)
+        if record is None or pos + record.sizeof() > header.length:
             raise ValueError(f"MP table entry {kind} at offset {pos} does not fit")
         if kind == MP_PROCESSOR:
-            _, apic_id, _, flags, _, _, _ = struct.unpack_from(MPC_CPU_FORMAT, table, pos)
-            cpus.append({"apic_id": apic_id, "enabled": bool(flags & CPU_ENABLED),
-                         "bsp": bool(flags & CPU_BOOTPROCESSOR)})
+            cpu = MpProcessor.read(table, pos)
+            cpus.append({"apic_id": cpu.apic_id, "enabled": bool(cpu.flags & CPU_ENABLED),
+                         "bsp": bool(cpu.flags & CPU_BOOTPROCESSOR)})
         elif kind == MP_IOAPIC:
-            _, ioapic_id, _, _, ioapic_address = struct.unpack_from(MPC_IOAPIC_FORMAT, table, pos)
-            ioapics.append({"id": ioapic_id, "address": ioapic_address})
-        name = {MP_BUS: "buses", MP_INTSRC: "io_interrupts", MP_LINTSRC: "local_interrupts"}
-        if kind in name:
-            kinds[name[kind]] = kinds.get(name[kind], 0) + 1
-        pos += size
-    return {"address": address, "table_address": table_address, "spec_revision": revision,
-            "lapic_address": lapic_address, "checksum_ok": sum(mpf) & 0xFF == 0
+            ioapic = MpIoApic.read(table, pos)
+            ioapics.append({"id": ioapic.apic_id, "address": ioapic.address})
+        if kind in COUNTED:
+            kinds[COUNTED[kind]] = kinds.get(COUNTED[kind], 0) + 1
+        pos += record.sizeof()
+    return {"address": address, "table_address": mpf.physptr, "spec_revision": mpf.spec_rev,
+            "lapic_address": header.lapic_address, "checksum_ok": sum(mpf_bytes) & 0xFF == 0
             and sum(table) & 0xFF == 0, "cpus": cpus, "ioapics": ioapics, **kinds}

@@ -8,7 +8,6 @@ the RSDP through the pointer the boot protocol carries. ``dump-regs --tables`` s
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from vmmarch_cli.arch.x86_64 import acpi, aml, boot_params, e820, layout, mptable, pvh
@@ -21,7 +20,7 @@ from vmmarch_cli.vcpu import GuestMemory
 MP_SCAN_AREAS = ((layout.EBDA_START, 0xA0000), (0xF0000, layout.BIOS_END))
 PARAGRAPH = 16
 #: More memmap entries than this in hvm_start_info is not something we wrote.
-MAX_MEMMAP_ENTRIES = 128
+MAX_MEMMAP_ENTRIES = boot_params.E820_MAX_ENTRIES_ZEROPAGE
 
 
 def find_mp_floating_pointer(mem: GuestMemory) -> int | None:
@@ -36,12 +35,10 @@ def find_mp_floating_pointer(mem: GuestMemory) -> int | None:
 def memory_map(mem: GuestMemory, protocol: BootProtocol) -> tuple[str, list[e820.E820Entry], int]:
     """(where it was found, the entries, the RSDP address the protocol carries)."""
     if protocol == BootProtocol.PVH:
-        size = struct.calcsize(pvh.START_INFO_FORMAT)
-        info = pvh.read_start_info(mem.read(layout.PVH_INFO_START, size))
-        count = min(info["memmap_entries"], MAX_MEMMAP_ENTRIES)
-        entry_size = struct.calcsize(pvh.MEMMAP_ENTRY_FORMAT)
-        data = mem.read(info["memmap_paddr"], count * entry_size)
-        return "hvm_start_info.memmap", pvh.read_memmap(data), info["rsdp_paddr"]
+        info = pvh.read_start_info(mem.read(layout.PVH_INFO_START, pvh.HvmStartInfo.sizeof()))
+        count = min(info.memmap_entries, MAX_MEMMAP_ENTRIES)
+        data = mem.read(info.memmap_paddr, count * pvh.HvmMemmapEntry.sizeof())
+        return "hvm_start_info.memmap", pvh.read_memmap(data), info.rsdp_paddr
     page = mem.read(layout.ZERO_PAGE_START, boot_params.ZERO_PAGE_SIZE)
     return ("boot_params.e820_table", boot_params.read_e820(page),
             boot_params.get(page, "acpi_rsdp_addr"))
