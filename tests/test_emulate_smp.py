@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+from vmmarch_cli.arch.x86_64 import lapic
 from vmmarch_cli.backends.emulate import smp
 
 # ICR low words as Linux writes them (arch/x86/kernel/smpboot.c, wakeup_secondary_cpu_via_init;
@@ -21,10 +22,10 @@ ALL_BUT_SELF_FD = 0x000C_00FD  # shorthand 11: reschedule to everyone else
 def test_init_and_startup_decode() -> None:
     init = smp.Ipi.decode(INIT_ASSERT, 2 << 24)
     assert init is not None and (init.mode, init.destination, init.logical) == \
-        (smp.MODE_INIT, 2, False)
+        (lapic.APIC_MODE_INIT, 2, False)
     assert smp.Ipi.decode(INIT_DEASSERT, 2 << 24) is None  # ignored by a xAPIC
     sipi = smp.Ipi.decode(STARTUP_9A, 2 << 24)
-    assert sipi is not None and (sipi.mode, sipi.vector) == (smp.MODE_STARTUP, 0x9A)
+    assert sipi is not None and (sipi.mode, sipi.vector) == (lapic.APIC_MODE_STARTUP, 0x9A)
 
 
 def test_destinations() -> None:

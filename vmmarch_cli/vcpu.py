@@ -121,7 +121,8 @@ SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 
 @dataclass(frozen=True)
 class Fpu:
-    """The x87 control word and the SSE control/status register (SDM vol. 1 8.1.5, 10.2.3)."""
+    """The x87 control word and the SSE control/status register; the defaults are their values
+    after FNINIT and reset (SDM vol. 1 8.1.5, 10.2.3.1)."""
 
     fcw: int = 0x37F
     mxcsr: int = 0x1F80

@@ -8,7 +8,7 @@ from enum import StrEnum
 from io import BufferedReader
 from pathlib import Path
 
-from vmmarch_cli.arch.x86_64 import layout
+from vmmarch_cli.arch.x86_64 import layout, paging
 from vmmarch_cli.files import NotRegularFile, open_regular
 from vmmarch_cli.loader import bzimage, elf, elf64, errors
 from vmmarch_cli.loader.host_decompress import (
@@ -21,7 +21,6 @@ from vmmarch_cli.loader.host_decompress import (
 )
 from vmmarch_cli.vcpu import GuestMemory
 
-PAGE_SIZE = 4096
 #: boot.rst: without a header saying otherwise the initrd must end below 0x37FFFFFF + 1.
 DEFAULT_INITRD_ADDR_MAX = 0x37FF_FFFF
 
@@ -203,7 +202,7 @@ def load_initrd(path: Path, memory: GuestMemory, kernel: KernelImage) -> tuple[i
     with f:
         low_start, low_len = memory.regions()[0]
         top = min(low_start + low_len, kernel.initrd_addr_max + 1, layout.MMIO32_START)
-        address = (top - data_size) & ~(PAGE_SIZE - 1)
+        address = (top - data_size) & ~(paging.PAGE_SIZE - 1)
         if data_size == 0 or address < kernel.load_end:
             raise errors.InitrdTooLarge(
                 f"{path}: initrd of {data_size} bytes does not fit between the kernel's end "

@@ -40,6 +40,10 @@ I8042_PORT_COUNT = 5
 RTC_BASE = 0x70
 RTC_PORT_COUNT = 2
 
+#: The I/O APIC's inputs: 24, as KVM's in-kernel IOAPIC and the 82093AA have.
+IOAPIC_PINS = 24
+
+
 def ioapic_id(cpus: int) -> int:
     """The I/O APIC's ID: the first after the CPUs' local APIC IDs 0..cpus-1 (MP spec 1.4, 3.6.8:
     IDs are unique across local and I/O APICs). The MP table, the MADT and the emulated I/O

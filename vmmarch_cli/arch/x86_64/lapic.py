@@ -43,8 +43,23 @@ VERSION_VALUE = VERSION | (5 << 16)
 LVT_MASKED = 1 << 16  # SDM figure 10-8
 DELIVERY_MODE_MASK = 0x700  # LVT and ICR bits 10:8
 DELIVERY_MODE_SHIFT = 8
+APIC_MODE_FIXED = 0x0
+APIC_MODE_LOWEST = 0x1
 APIC_MODE_NMI = 0x4
+APIC_MODE_INIT = 0x5
+APIC_MODE_STARTUP = 0x6
 APIC_MODE_EXTINT = 0x7
+#: xAPIC ID 0xFF addresses every local APIC (SDM vol. 3A 10.6.2.1).
+BROADCAST_ID = 0xFF
+
+# The interrupt command register (SDM vol. 3A figure 10-12): vector and delivery mode as in an
+# LVT entry, then these; the destination is in ICR high's top byte.
+ICR_VECTOR = 0xFF
+ICR_LOGICAL = 1 << 11  # destination mode
+ICR_DELIVERY_STATUS = 1 << 12  # send pending
+ICR_LEVEL_ASSERT = 1 << 14
+ICR_SHORTHAND_SHIFT = 18  # 00 none, 01 self, 10 all including self, 11 all excluding self
+ICR_DEST_SHIFT = 24  # in ICR high
 
 
 def set_delivery_mode(value: int, mode: int) -> int:

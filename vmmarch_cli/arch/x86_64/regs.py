@@ -30,9 +30,6 @@ BOOT_CR0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_PG
 BOOT_CR4 = X86_CR4_PAE
 BOOT_EFER = EFER_LME | EFER_LMA
 
-#: x87 control word after FNINIT and the MXCSR reset value (SDM vol. 1 8.1.5, 10.2.3.1).
-FPU_FCW_INIT = 0x37F
-MXCSR_INIT = 0x1F80
 
 
 def linux64_regs(entry: int, zero_page: int = layout.ZERO_PAGE_START) -> Regs:
@@ -97,4 +94,4 @@ def pvh_sregs(current: Sregs) -> Sregs:
 
 
 def boot_fpu() -> Fpu:
-    return Fpu(fcw=FPU_FCW_INIT, mxcsr=MXCSR_INIT)
+    return Fpu()  # FNINIT's control word, MXCSR's reset value

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from vmmarch_cli.arch.x86_64 import layout
+from vmmarch_cli.arch.x86_64 import board, layout
 from vmmarch_cli.arch.x86_64.lapic import (
     APIC_DFR,
     APIC_EOI,
@@ -36,6 +36,8 @@ from vmmarch_cli.arch.x86_64.lapic import (
     APIC_TPR,
     APIC_VERSION,
     DELIVERY_MODE_MASK,
+    ICR_DELIVERY_STATUS,
+    ICR_SHORTHAND_SHIFT,
     LVT_MASKED,
     VERSION_VALUE,
 )
@@ -49,9 +51,6 @@ LVT_VECTOR = 0xFF
 TIMER_MODE_SHIFT = 17  # 00 one-shot, 01 periodic, 10 TSC-deadline (SDM figure 10-8)
 TIMER_PERIODIC = 1
 SVR_ENABLED = 1 << 8
-ICR_DELIVERY_MODE = DELIVERY_MODE_MASK
-ICR_SHORTHAND_SHIFT = 18  # 00 none, 01 self, 10 all incl. self, 11 all excl. self
-ICR_DELIVERY_STATUS = 1 << 12
 #: Divide configuration bits 3,1,0 -> divisor (SDM figure 10-10).
 DIVISORS = {0b000: 2, 0b001: 4, 0b010: 8, 0b011: 16, 0b100: 32, 0b101: 64, 0b110: 128,
             0b111: 1}
@@ -64,7 +63,7 @@ IOAPIC_ID = 0x00
 IOAPIC_VER = 0x01
 IOAPIC_ARB = 0x02
 IOAPIC_REDTBL = 0x10
-IOAPIC_PINS = 24
+IOAPIC_PINS = board.IOAPIC_PINS
 IOAPIC_VERSION_VALUE = (IOAPIC_PINS - 1) << 16 | 0x11
 REDIR_MASKED = 1 << 16
 
@@ -169,7 +168,7 @@ class LocalApic:
 
     def _self_ipi(self, icr: int, high: int) -> None:
         shorthand = (icr >> ICR_SHORTHAND_SHIFT) & 3
-        fixed = icr & ICR_DELIVERY_MODE == 0
+        fixed = icr & DELIVERY_MODE_MASK == 0
         to_self = shorthand in (1, 2) or (shorthand == 0 and high >> 24 == self.apic_id)
         if fixed and to_self:
             self.raise_vector(icr & 0xFF)

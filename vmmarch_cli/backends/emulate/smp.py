@@ -20,25 +20,24 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vmmarch_cli.arch.x86_64.lapic import (
+    APIC_MODE_INIT,
+    BROADCAST_ID,
+    DELIVERY_MODE_MASK,
+    DELIVERY_MODE_SHIFT,
+    ICR_DEST_SHIFT,
+    ICR_LEVEL_ASSERT,
+    ICR_LOGICAL,
+    ICR_SHORTHAND_SHIFT,
+    ICR_VECTOR,
+)
+
 #: How long a vCPU waits for the CPU before it asks the running one to stop: the round-robin
 #: slice (QEMU's TCG uses 10 ms; shorter here, since a vCPU often waits on another's spinlock).
 TIME_SLICE_SECONDS = 0.002
 #: vCPUs per VM: Linux addresses up to 8 CPUs with the flat logical model (SDM 10.6.2.2).
 MAX_VCPUS = 8
 
-ICR_VECTOR = 0xFF
-ICR_MODE_SHIFT = 8
-ICR_LOGICAL = 1 << 11
-ICR_LEVEL_ASSERT = 1 << 14
-ICR_SHORTHAND_SHIFT = 18
-DEST_SHIFT = 24  # in ICR high
-BROADCAST = 0xFF
-
-MODE_FIXED = 0
-MODE_LOWEST = 1
-MODE_NMI = 4
-MODE_INIT = 5
-MODE_STARTUP = 6
 
 SHORTHAND_NONE, SHORTHAND_SELF, SHORTHAND_ALL, SHORTHAND_OTHERS = range(4)
 
@@ -55,11 +54,11 @@ class Ipi:
     def decode(cls, low: int, high: int) -> Ipi | None:
         """The IPI an ICR write sends; None for an INIT level de-assert, which a xAPIC
         ignores (SDM 10.6.1: "INIT Level De-assert ... not supported")."""
-        mode = (low >> ICR_MODE_SHIFT) & 7
-        if mode == MODE_INIT and not low & ICR_LEVEL_ASSERT:
+        mode = (low & DELIVERY_MODE_MASK) >> DELIVERY_MODE_SHIFT
+        if mode == APIC_MODE_INIT and not low & ICR_LEVEL_ASSERT:
             return None
         return cls(mode, low & ICR_VECTOR, (low >> ICR_SHORTHAND_SHIFT) & 3,
-                   (high >> DEST_SHIFT) & 0xFF, bool(low & ICR_LOGICAL))
+                   (high >> ICR_DEST_SHIFT) & 0xFF, bool(low & ICR_LOGICAL))
 
     def reaches(self, is_source: bool, apic_id: int, ldr_bits: int) -> bool:
         if self.shorthand == SHORTHAND_SELF:
@@ -70,7 +69,7 @@ class Ipi:
             return not is_source
         if self.logical:
             return bool(ldr_bits & self.destination)
-        return self.destination in (BROADCAST, apic_id)
+        return self.destination in (BROADCAST_ID, apic_id)
 
 
 class CpuLock:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from vmmarch_cli.arch.x86_64 import msr, regs
+from vmmarch_cli.arch.x86_64 import lapic, msr, regs
 from vmmarch_cli.backends.emulate import apic, cpuid, delivery, descriptors, faults, native, smp
 from vmmarch_cli.backends.emulate.binding import UcError, uc_const, x86
 from vmmarch_cli.backends.emulate.engine import ENGINE_MSRS, Engine, refuse_compatibility_mode
@@ -376,7 +376,7 @@ class EmulateVcpu:
 
     def receive_ipi(self, ipi: smp.Ipi, source: EmulateVcpu) -> None:
         """An IPI that reached this vCPU (from another vCPU's thread)."""
-        if ipi.mode in (smp.MODE_FIXED, smp.MODE_LOWEST):
+        if ipi.mode in (lapic.APIC_MODE_FIXED, lapic.APIC_MODE_LOWEST):
             if self._apic is not None and not self._awaiting_sipi:
                 # Cross-modifying code (SDM vol. 3A 8.1.3): another vCPU may have written
                 # code this vCPU's own unicorn instance holds translated. Linux signals the
@@ -384,9 +384,10 @@ class EmulateVcpu:
                 # translations are dropped before this vCPU runs again.
                 self._translations_stale = self._translations_stale or source is not self
                 self._apic.raise_vector(ipi.vector)
-        elif ipi.mode == smp.MODE_INIT and self.index != 0 and self._engine is None:
+        elif ipi.mode == lapic.APIC_MODE_INIT and self.index != 0 and self._engine is None:
             self._awaiting_sipi, self._sipi_vector = True, None
-        elif ipi.mode == smp.MODE_STARTUP and self._awaiting_sipi and self._sipi_vector is None:
+        elif (ipi.mode == lapic.APIC_MODE_STARTUP and self._awaiting_sipi
+              and self._sipi_vector is None):
             self._sipi_vector = ipi.vector
             self._wake.set()
         # NMI, SMI and INIT to a running vCPU are not modelled: Linux sends them only to

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from vmmarch_cli.arch.x86_64 import board
+from vmmarch_cli.arch.x86_64 import board, lapic
 from vmmarch_cli.backends.emulate import smp
 from vmmarch_cli.backends.emulate.apic import IoApic
 from vmmarch_cli.backends.emulate.cpuid import model_cpuid, with_timing_leaf
@@ -64,7 +64,7 @@ class EmulateVm:
         if ipi is None or not self._vcpus:
             return
         targets = [v for v in self._vcpus if v.accepts_ipi(ipi, None)] or self._vcpus[:1]
-        if ipi.mode == smp.MODE_LOWEST:
+        if ipi.mode == lapic.APIC_MODE_LOWEST:
             targets = targets[:1]  # one of them; the first, as with QEMU's round-robin off
         for vcpu in targets:
             vcpu.raise_interrupt(ipi.vector)
