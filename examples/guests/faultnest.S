@@ -57,6 +57,7 @@
         /* boot_params (Linux boot protocol, RSI at the 64-bit entry): cmd_line_ptr */
         .set BP_CMD_LINE_PTR, 0x228
 
+        .include "ring3.inc"
         .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
 
 /* ARM continuation: where a 64-bit handler resumes (ring 0, this stack). */
@@ -79,26 +80,10 @@ _start:
         mov     [rip + triple], rax
 
         /* TSS descriptor base and IST1 (SDM 7.7, figure 7-11), GDT, segments, TR. */
-        lea     rax, [rip + tss]
-        mov     word ptr [rip + gdt_tss + 2], ax
-        shr     rax, 16
-        mov     byte ptr [rip + gdt_tss + 4], al
-        mov     byte ptr [rip + gdt_tss + 7], ah
-        shr     rax, 16
-        mov     dword ptr [rip + gdt_tss + 8], eax
+        TSS_BASE
         lea     rax, [rip + ist1_top]
         mov     [rip + tss + 0x24], rax
-        lgdt    [rip + gdtr]
-        push    KERNEL_CS
-        lea     rax, [rip + 1f]
-        push    rax
-        retfq
-1:      mov     ax, KERNEL_DS
-        mov     ds, ax
-        mov     es, ax
-        mov     ss, ax
-        mov     ax, TSS_SEL
-        ltr     ax
+        LOAD_GDT
 
         /* Gates: #NP, #GP, #PF interrupt gates; #DF on IST 1. #UD's is set per check. */
         mov     edi, VECTOR_NP

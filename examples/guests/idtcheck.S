@@ -35,7 +35,6 @@
         .set USER_DS, 0x23
         .set USER_CS, 0x2b
         .set TSS_SEL, 0x30
-        .set PTE_USER, 4
         .set RFLAGS_IF, 0x200
         /* Gate type/attribute words (SDM 6.14.1, figure 6-8): P, DPL, type; low byte = IST. */
         .set TRAP_GATE, 0x8f00
@@ -65,6 +64,7 @@
         iretq
         .endm
 
+        .include "ring3.inc"
         .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
 
         .section .text.entry, "ax", @progbits
@@ -73,40 +73,14 @@ _start:
         cli
         lea     rsp, [rip + kstack_top]
         /* U bit for the 2 MiB page holding this guest: PML4[0], PDPT[0], PD[8] (SDM 4.6). */
-        mov     rax, cr3
-        and     rax, ~0xfff
-        or      qword ptr [rax], PTE_USER
-        mov     rbx, [rax]
-        and     rbx, ~0xfff
-        or      qword ptr [rbx], PTE_USER
-        mov     rcx, [rbx]
-        and     rcx, ~0xfff
-        or      qword ptr [rcx + 8 * 8], PTE_USER
-        mov     rax, cr3
-        mov     cr3, rax
+        USER_PAGE
         /* TSS descriptor base, RSP0 and IST1 (SDM 7.7, figure 7-11). */
-        lea     rax, [rip + tss]
-        mov     word ptr [rip + gdt_tss + 2], ax
-        shr     rax, 16
-        mov     byte ptr [rip + gdt_tss + 4], al
-        mov     byte ptr [rip + gdt_tss + 7], ah
-        shr     rax, 16
-        mov     dword ptr [rip + gdt_tss + 8], eax
+        TSS_BASE
         lea     rax, [rip + rsp0_top]
         mov     [rip + tss + 4], rax
         lea     rax, [rip + ist1_top]
         mov     [rip + tss + 0x24], rax
-        lgdt    [rip + gdtr]
-        push    KERNEL_CS
-        lea     rax, [rip + 1f]
-        push    rax
-        retfq
-1:      mov     ax, KERNEL_DS
-        mov     ds, ax
-        mov     es, ax
-        mov     ss, ax
-        mov     ax, TSS_SEL
-        ltr     ax
+        LOAD_GDT
 
         mov     edi, 0
         lea     rsi, [rip + stub_0]

@@ -38,7 +38,6 @@
         .set USER_DS, 0x23
         .set USER_CS, 0x2b
         .set TSS_SEL, 0x30
-        .set PTE_USER, 4
         .set VECTOR_UD, 6
         /* RFLAGS bits (SDM vol. 1 3.4.3): CF, the always-one bit 1, IF, DF, RF, AC. */
         .set RFLAGS_CF, 1 << 0
@@ -69,6 +68,7 @@
         iretq
         .endm
 
+        .include "ring3.inc"
         .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
 
         .section .text.entry, "ax", @progbits
@@ -78,38 +78,12 @@ _start:
         lea     rsp, [rip + kstack_top]
         /* Ring 3 needs the U bit at every level for the 2 MiB page holding this guest (the
          * VMM's identity map leaves it clear): PML4[0], PDPT[0], PD[8] (SDM vol. 3A 4.6). */
-        mov     rax, cr3
-        and     rax, ~0xfff
-        or      qword ptr [rax], PTE_USER
-        mov     rbx, [rax]
-        and     rbx, ~0xfff
-        or      qword ptr [rbx], PTE_USER
-        mov     rcx, [rbx]
-        and     rcx, ~0xfff
-        or      qword ptr [rcx + 8 * 8], PTE_USER
-        mov     rax, cr3
-        mov     cr3, rax
+        USER_PAGE
         /* The TSS descriptor's base, and RSP0 for exceptions from ring 3 (SDM 7.7). */
-        lea     rax, [rip + tss]
-        mov     word ptr [rip + gdt_tss + 2], ax
-        shr     rax, 16
-        mov     byte ptr [rip + gdt_tss + 4], al
-        mov     byte ptr [rip + gdt_tss + 7], ah
-        shr     rax, 16
-        mov     dword ptr [rip + gdt_tss + 8], eax
+        TSS_BASE
         lea     rax, [rip + kstack_top]
         mov     [rip + tss + 4], rax
-        lgdt    [rip + gdtr]
-        push    KERNEL_CS
-        lea     rax, [rip + 1f]
-        push    rax
-        retfq
-1:      mov     ax, KERNEL_DS
-        mov     ds, ax
-        mov     es, ax
-        mov     ss, ax
-        mov     ax, TSS_SEL
-        ltr     ax
+        LOAD_GDT
         /* #UD, #GP and #PF go to the recording handler (#GP/#PF only if something is wrong). */
         mov     edi, VECTOR_UD
         lea     rsi, [rip + stub_6]

@@ -33,9 +33,9 @@
         .set USER_DS, 0x23
         .set USER_CS, 0x2b
         .set TSS_SEL, 0x30
-        .set PTE_USER, 4
         .set VECTOR_UD, 6
 
+        .include "ring3.inc"
         .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
 
         .section .text.entry, "ax", @progbits
@@ -45,44 +45,18 @@ _start:
         lea     rsp, [rip + kstack_top]
         /* Ring 3 needs the U bit at every level for the 2 MiB page holding this guest (the
          * VMM's identity map leaves it clear): PML4[0], PDPT[0], PD[8] (SDM vol. 3A 4.6). */
-        mov     rax, cr3
-        and     rax, ~0xfff
-        or      qword ptr [rax], PTE_USER
-        mov     rbx, [rax]
-        and     rbx, ~0xfff
-        or      qword ptr [rbx], PTE_USER
-        mov     rcx, [rbx]
-        and     rcx, ~0xfff
-        or      qword ptr [rcx + 8 * 8], PTE_USER
-        mov     rax, cr3
-        mov     cr3, rax
+        USER_PAGE
         /* The TSS descriptor's base, and RSP0 for ring-3 -> ring-0 interrupts (SDM 7.7). */
-        lea     rax, [rip + tss]
-        mov     word ptr [rip + gdt_tss + 2], ax
-        shr     rax, 16
-        mov     byte ptr [rip + gdt_tss + 4], al
-        mov     byte ptr [rip + gdt_tss + 7], ah
-        shr     rax, 16
-        mov     dword ptr [rip + gdt_tss + 8], eax
+        TSS_BASE
         lea     rax, [rip + kstack_top]
         mov     [rip + tss + 4], rax
-        lgdt    [rip + gdtr]
         /* One interrupt gate, #UD. */
         mov     edi, VECTOR_UD
         lea     rsi, [rip + ud_handler]
         mov     edx, INTR_GATE
         call    set_gate
         lidt    [rip + idtr]
-        push    KERNEL_CS
-        lea     rax, [rip + 1f]
-        push    rax
-        retfq
-1:      mov     ax, KERNEL_DS
-        mov     ds, ax
-        mov     es, ax
-        mov     ss, ax
-        mov     ax, TSS_SEL
-        ltr     ax
+        LOAD_GDT
         mov     ecx, MSR_STAR
         xor     eax, eax
         mov     edx, 0x00180008
