@@ -187,6 +187,11 @@ def loaded_library() -> Any:
     return uclib
 
 
+def uc_handle(uc: Any) -> int:
+    """The address of the binding's engine (uc_struct)."""
+    return uc._uch if isinstance(uc._uch, int) else uc._uch.value
+
+
 class SystemCpu:
     """The engine's system-CPU functions for one unicorn instance (patches 0004-0006): IDT
     delivery in the CPU loop, SYSCALL, the INTR line and its acknowledge callback."""
@@ -198,8 +203,6 @@ class SystemCpu:
     def __init__(self, uc: Any) -> None:
         lib = loaded_library()
         self._lib = lib
-        from vmmarch_cli.backends.emulate.native import uc_handle
-
         self._uc = uc_handle(uc)
         for name, restype, argtypes in (
             ("vmmarch_system_mode", None, [ctypes.c_void_p]),
@@ -251,8 +254,6 @@ class PostedPorts:
     QUEUE = 4096  # uc_priv.h VMMARCH_QUEUE: one collect empties a full queue
 
     def __init__(self, uc: Any) -> None:
-        from vmmarch_cli.backends.emulate.native import uc_handle
-
         lib = loaded_library()
         self._lib = lib
         self._uc = uc_handle(uc)

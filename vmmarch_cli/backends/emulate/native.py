@@ -31,6 +31,7 @@ from typing import Any
 
 from vmmarch_cli.arch.x86_64 import gdt
 from vmmarch_cli.backends.emulate.binding import uc_const, x86
+from vmmarch_cli.backends.emulate.library import uc_handle
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.vcpu import ATTR_MASK, DescriptorTable, Segment, Sregs
 
@@ -236,11 +237,6 @@ def _scanned_layout() -> Layout:
 
 
 _CONTEXT_MARKS = (0x5A17_C0DE, 0x6B28_D1EF)
-
-
-def uc_handle(uc: Any) -> int:
-    """The address of the binding's engine (uc_struct)."""
-    return uc._uch if isinstance(uc._uch, int) else uc._uch.value
 
 
 def _uc_struct_field(uc: Any, control: int, restore: int, what: str) -> int:

@@ -9,272 +9,53 @@ page and the CPUID table (answered from here through an instruction hook).
 Exits follow KVM's model: an OUT or IN stops the vCPU at that instruction and ``run`` returns
 IoOut / IoIn. An OUT has completed when ``run`` returns; an IN is undone and replayed on the next
 ``run`` with the data ``complete_io_in`` gave, as KVM completes it on the next KVM_RUN.
+
+This module holds the run loop and the hooks; the vCPU's other jobs are its parts, each a
+module of its own over the shared state of vcpu_core: vcpu_state, vcpu_interrupts, vcpu_ports
+and vcpu_stopping.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from vmmarch_cli.arch.x86_64 import lapic, msr, regs
-from vmmarch_cli.backends.emulate import apic, cpuid, delivery, descriptors, faults, native, smp
+from vmmarch_cli.arch.x86_64 import msr
+from vmmarch_cli.backends.emulate import apic, cpuid, delivery, descriptors, faults, native
 from vmmarch_cli.backends.emulate.binding import UcError, uc_const, x86
-from vmmarch_cli.backends.emulate.engine import ENGINE_MSRS, Engine, refuse_compatibility_mode
+from vmmarch_cli.backends.emulate.engine import Engine
 from vmmarch_cli.backends.emulate.library import PostedPorts, SystemCpu
-from vmmarch_cli.backends.emulate.native import R_EAX, R_EBX, R_ECX, R_EDX, NativeCpu
-from vmmarch_cli.backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
+from vmmarch_cli.backends.emulate.native import R_EAX, R_EBX, R_ECX, R_EDX
+from vmmarch_cli.backends.emulate.reset import reset_regs, reset_sregs
+from vmmarch_cli.backends.emulate.vcpu_core import (
+    BURST_INSTRUCTIONS,
+    HALT_POLL_SECONDS,
+    INTERRUPT_WINDOW_SECONDS,
+    RFLAGS_IF,
+    RFLAGS_RF,
+    UNMAPPED_ACCESS,
+    UNMAPPED_ERRORS,
+    VECTOR_UD,
+    cpu_mode_name,
+)
+from vmmarch_cli.backends.emulate.vcpu_interrupts import Interrupts
+from vmmarch_cli.backends.emulate.vcpu_ports import PortIo
+from vmmarch_cli.backends.emulate.vcpu_state import StateAccess
+from vmmarch_cli.backends.emulate.vcpu_stopping import Stopping
 from vmmarch_cli.errors import BackendError
-from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import (
-    ATTR_DB,
-    ATTR_L,
-    LAPIC_PAGE_SIZE,
-    CpuidEntry,
-    Fpu,
     Halt,
     InternalError,
     Interrupted,
     IoIn,
-    IoOut,
-    Lapic,
-    MsrEntry,
-    Regs,
     Shutdown,
-    Sregs,
     VcpuExit,
 )
 
-#: How often a stop request is repeated while the vCPU is still emulating (see ``_kick``).
-KICK_RETRY_SECONDS = 0.001
-#: Instructions per burst when port I/O leaves emu_start (no attach_io): unicorn then runs its
-#: per-instruction counting hook anyway (for precise stops), so the burst bound costs nothing
-#: more and replaces stops from other threads, which are unsafe there (see native.py).
-BURST_INSTRUCTIONS = 100_000
-#: MSRs only this backend holds: unicorn drops TSC writes and has no APIC base MSR.
-BACKEND_MSRS = frozenset({msr.MSR_IA32_TSC, msr.MSR_IA32_APIC_BASE})
-#: MSRs KVM refuses a non-canonical address for (arch/x86/kvm/x86.c, __kvm_set_msr); unicorn
-#: takes anything, so the check is here and both backends reject the same input.
-CANONICAL_MSRS = frozenset({msr.MSR_LSTAR, msr.MSR_CSTAR, msr.MSR_KERNEL_GS_BASE})
-UNMAPPED_ACCESS = {
-    uc_const.UC_MEM_READ_UNMAPPED: "read", uc_const.UC_MEM_WRITE_UNMAPPED: "write",
-    uc_const.UC_MEM_FETCH_UNMAPPED: "instruction fetch",
-}
-UNMAPPED_ERRORS = {uc_const.UC_ERR_READ_UNMAPPED, uc_const.UC_ERR_WRITE_UNMAPPED,
-                   uc_const.UC_ERR_FETCH_UNMAPPED}
-VECTOR_UD = 6
 
-
-def cpu_mode_name(s: Sregs) -> str:
-    """The CPU mode ``s`` puts the vCPU in, as the messages name it (SDM vol. 3A 2.2)."""
-    if descriptors.long_mode(s) and s.cs.attributes & ATTR_L:
-        return "64-bit"
-    if s.cr0 & regs.X86_CR0_PE and s.cs.attributes & ATTR_DB:
-        return "32-bit"
-    return "16-bit"
-
-
-def canonical(address: int) -> bool:
-    """Bits 63:47 all equal (48-bit linear addresses, SDM vol. 1 3.3.7.1)."""
-    top = address >> 47
-    return top in (0, (1 << 17) - 1)
-
-
-#: While an interrupt waits for RFLAGS.IF, the vCPU is stopped again this often to look.
-INTERRUPT_WINDOW_SECONDS = 0.0002
-#: A halted vCPU with no timer armed still looks for a stop request this often.
-HALT_POLL_SECONDS = 0.05
-RFLAGS_IF = 0x200
-RFLAGS_RF = 0x10000
-
-
-class EmulateVcpu:
-    def __init__(self, index: int, memory: MmapGuestMemory,
-                 ioapic: apic.IoApic | None = None) -> None:
-        self.index = index
-        self._memory = memory
-        self._ioapic = ioapic
-        self._apic: apic.LocalApic | None = None
-        # Interrupt plumbing: the alarm thread fires the APIC timer and stops a running burst
-        # when an interrupt becomes deliverable; the vCPU thread injects between bursts.
-        self._wake = threading.Event()
-        self._alarm = threading.Condition()
-        self._alarm_kick = False
-        self._alarm_retry: float | None = None
-        self._alarm_at: int | None = None  # the timer deadline the alarm thread sleeps until
-        self._kick_burst = 0  # a kicked burst the alarm thread kicks again until it is over
-        self._alarm_thread: threading.Thread | None = None
-        self._closed = False
-        self._halted = False
-        # Port I/O completed inside the hooks (attach_io), instead of IoIn/IoOut exits.
-        self._io_read: Callable[[int, int], int] | None = None
-        self._io_write: Callable[[int, int, int], None] | None = None
-        self._regs = reset_regs()
-        self._sregs = reset_sregs(index)
-        self._fpu = Fpu()
-        self._msrs: dict[int, int] = {}  # until the engine exists
-        self._tsc = 0
-        self._cpuid: list[CpuidEntry] = []
-        self._cpuid_answers: dict[tuple[int, int], cpuid.Answer] = {}  # memo of cpuid.answer
-        self._lapic = reset_lapic(index)
-        self._engine: Engine | None = None
-        # Stopping from other threads: ``_emulating`` is the number of the burst inside
-        # emu_start (0 when none), guarded by ``_lock`` with the engine reference.
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._burst = 0
-        self._emulating = 0
-        self._kicked = False
-        self._kicker: native.Kick | None = None  # see _start
-        # SMP (smp.py): the CPU shared with the other vCPUs, the VM's IPI routing, and an AP's
-        # wait for its STARTUP IPI (the vector, once it came).
-        self._cpu_lock: smp.CpuLock | None = None
-        self._route_ipi: Callable[[EmulateVcpu, int, int], None] | None = None
-        self._awaiting_sipi = False
-        self._sipi_vector: int | None = None
-        self._translations_stale = False  # see receive_ipi
-        self._halted_flag: Any = None  # unicorn's CPUState.halted (native.halted_flag)
-        self._reset_flag: Any = None  # unicorn's CPUState.stopped (native.reset_request)
-        self._reset_seen = False  # the alarm thread let a stopped CPU out (_watch_reset)
-        # What the hooks saw during the last burst.
-        self._exit: VcpuExit | None = None
-        self._vector: int | None = None
-        self._unmapped: tuple[str, int] | None = None
-        self._in_undo: tuple[int, ...] | None = None
-        self._in_reply: tuple[int, int] | None = None  # (port, value) for the replayed IN
-        self._native: NativeCpu | None = None
-        self._undeliverable = ""  # why the last exception could not be delivered
-        # The engine's system CPU (library.SystemCpu), when the library has it: it delivers
-        # exceptions, SYSCALL and interrupts itself, and the APIC drives its INTR line, under
-        # ``_line`` (the vCPU thread acknowledges while the alarm thread raises).
-        self._system: SystemCpu | None = None
-        self._system_cpu = False  # the engine delivers (stays True after close drops _system)
-        self._line = threading.Lock()
-        self._callback_error: Exception | None = None
-        self._hook_events: dict[str, int] = {}  # delivered by the Python path, by name
-        # Posted port I/O (vcpu.PostedPortIo, the engine's patch 0010): what the VMM posted,
-        # applied when the instance is made; under ``_lock`` with the instance.
-        self._posts: dict[int, tuple[int | None, bool]] = {}
-        self._posted: PostedPorts | None = None
-        self._posted_reads = 0  # kept when the instance is closed
-        self.rip_samples: Counter[int] = Counter()  # --profile (machine._sampler)
-
-    # --- state -------------------------------------------------------------------------
-
-    def get_regs(self) -> Regs:
-        return self._engine.read_regs() if self._engine else self._regs
-
-    def set_regs(self, regs: Regs) -> None:
-        self._regs = regs
-        if self._engine:
-            self._engine.write_regs(regs)
-
-    def get_sregs(self) -> Sregs:
-        engine = self._engine
-        if engine is None:
-            return self._sregs
-        cpu = self._native_cpu(engine.uc)
-        gdt, idt, (cr0, _, cr2, cr3, cr4) = cpu.tables_and_control()
-        seg = cpu.segments()
-        return replace(self._sregs, cs=seg["cs"], ds=seg["ds"], es=seg["es"], fs=seg["fs"],
-                       gs=seg["gs"], ss=seg["ss"], tr=seg["tr"], ldt=seg["ldt"], gdt=gdt,
-                       idt=idt, cr0=cr0, cr2=cr2, cr3=cr3, cr4=cr4,
-                       cr8=int(engine.uc.reg_read(x86.UC_X86_REG_CR8)),
-                       efer=engine.read_msr(msr.MSR_EFER))
-
-    def set_sregs(self, sregs: Sregs) -> None:
-        # unicorn cannot hold CS/SS/DS/ES hidden state: check it against the GDT instead, so
-        # a wrong descriptor fails here as it would misbehave on a real CPU or KVM.
-        descriptors.check_segments(self._memory, sregs)
-        refuse_compatibility_mode(sregs)
-        self._sregs = sregs
-        if self._engine:
-            self._write_sregs(self._engine, sregs)
-
-    def get_fpu(self) -> Fpu:
-        return self._engine.read_fpu() if self._engine else self._fpu
-
-    def set_fpu(self, fpu: Fpu) -> None:
-        self._fpu = fpu
-        if self._engine:
-            self._engine.write_fpu(fpu)
-
-    def get_msrs(self, indices: Sequence[int]) -> list[MsrEntry]:
-        """Like KVM_GET_MSRS: stops at the first MSR this backend does not have."""
-        out: list[MsrEntry] = []
-        for index in indices:
-            if index == msr.MSR_IA32_TSC:
-                value = self._tsc
-            elif index == msr.MSR_IA32_APIC_BASE:
-                value = self._sregs.apic_base
-            elif index == msr.MSR_EFER and not self._engine:
-                value = self._sregs.efer
-            elif index in ENGINE_MSRS:
-                value = (self._engine.read_msr(index) if self._engine
-                         else self._msrs.get(index, 0))
-            else:
-                break
-            out.append(MsrEntry(index, value))
-        return out
-
-    def set_msrs(self, entries: Sequence[MsrEntry]) -> None:
-        for e in entries:  # all or nothing: check every entry first
-            if e.index not in ENGINE_MSRS | BACKEND_MSRS:
-                raise BackendError(f"MSR {e.index:#x} is not supported by the emulate backend")
-            if e.index in CANONICAL_MSRS and not canonical(e.value):
-                raise BackendError(f"MSR {e.index:#x} = {e.value:#x} is not a canonical address")
-        for e in entries:
-            if e.index == msr.MSR_IA32_TSC:
-                self._tsc = e.value
-            elif e.index == msr.MSR_IA32_APIC_BASE:
-                self._sregs = replace(self._sregs, apic_base=e.value)
-            elif e.index == msr.MSR_EFER and not self._engine:
-                self._sregs = replace(self._sregs, efer=e.value)
-            elif self._engine:
-                self._engine.write_msr(e.index, e.value)
-            else:
-                self._msrs[e.index] = e.value
-
-    def get_cpuid(self) -> list[CpuidEntry]:
-        return list(self._cpuid)
-
-    def set_cpuid(self, entries: Sequence[CpuidEntry]) -> None:
-        self._cpuid = list(entries)
-        self._cpuid_answers = {}
-
-    def get_lapic(self) -> Lapic:
-        return self._apic.page() if self._apic is not None else self._lapic
-
-    def set_lapic(self, lapic: Lapic) -> None:
-        if len(lapic.page) != LAPIC_PAGE_SIZE:
-            raise BackendError(f"a LAPIC page is {LAPIC_PAGE_SIZE} bytes, not {len(lapic.page)}")
-        self._lapic = lapic
-        if self._apic is not None:
-            self._apic = self._new_apic(lapic)
-
-    @property
-    def injected_events(self) -> dict[str, int]:
-        """Exceptions and interrupts delivered through the guest IDT, by vector name (the same
-        result field as the KVM backend's fallback injections)."""
-        events = dict(self._hook_events)
-        if self._system is not None:
-            for name, count in self._engine_events().items():
-                events[name] = events.get(name, 0) + count
-        return events
-
-    def _engine_events(self) -> dict[str, int]:
-        assert self._system is not None
-        events: dict[str, int] = {}
-        for (external, vector), count in self._system.delivered().items():
-            name = f"interrupt {vector:#x}" if external else faults.vector_name(vector)
-            events[name] = events.get(name, 0) + count
-        return events
-
-    # --- running -----------------------------------------------------------------------
-
+class EmulateVcpu(StateAccess, Interrupts, PortIo, Stopping):
     def run(self) -> VcpuExit:
         if self._awaiting_sipi:
             waited = self._await_sipi()
@@ -351,175 +132,6 @@ class EmulateVcpu:
         name = f"interrupt {vector:#x}"
         self._hook_events[name] = self._hook_events.get(name, 0) + 1
         return ""
-
-    def _native_cpu(self, uc: Any) -> NativeCpu:
-        if self._native is None:
-            self._native = NativeCpu(uc)
-        return self._native
-
-    # --- more than one vCPU (smp.py) ------------------------------------------------------
-
-    def join(self, cpu_lock: smp.CpuLock, route_ipi: Callable[[EmulateVcpu, int, int], None],
-             application_processor: bool) -> None:
-        """Share the CPU with the VM's other vCPUs and send IPIs through ``route_ipi``; an
-        application processor waits for INIT and STARTUP before it runs (SDM 8.4.4.1), as KVM
-        keeps every vCPU but the BSP."""
-        self._cpu_lock, self._route_ipi = cpu_lock, route_ipi
-        self._awaiting_sipi = application_processor
-
-    def accepts_ipi(self, ipi: smp.Ipi, source: EmulateVcpu | None) -> bool:
-        """``ipi`` from ``source`` (None: the I/O APIC) names this vCPU."""
-        model = self._apic
-        apic_id = model.apic_id if model is not None else self.index
-        ldr = model.logical_id if model is not None else 0
-        return ipi.reaches(source is self, apic_id, ldr)
-
-    def receive_ipi(self, ipi: smp.Ipi, source: EmulateVcpu) -> None:
-        """An IPI that reached this vCPU (from another vCPU's thread)."""
-        if ipi.mode in (lapic.APIC_MODE_FIXED, lapic.APIC_MODE_LOWEST):
-            if self._apic is not None and not self._awaiting_sipi:
-                # Cross-modifying code (SDM vol. 3A 8.1.3): another vCPU may have written
-                # code this vCPU's own unicorn instance holds translated. Linux signals the
-                # end of such a write with an IPI to every CPU (text_poke_sync), so the
-                # translations are dropped before this vCPU runs again.
-                self._translations_stale = self._translations_stale or source is not self
-                self._apic.raise_vector(ipi.vector)
-        elif ipi.mode == lapic.APIC_MODE_INIT and self.index != 0 and self._engine is None:
-            self._awaiting_sipi, self._sipi_vector = True, None
-        elif (ipi.mode == lapic.APIC_MODE_STARTUP and self._awaiting_sipi
-              and self._sipi_vector is None):
-            self._sipi_vector = ipi.vector
-            self._wake.set()
-        # NMI, SMI and INIT to a running vCPU are not modelled: Linux sends them only to
-        # report a lockup or to restart a CPU.
-
-    def _await_sipi(self) -> VcpuExit | None:
-        """Block until a STARTUP IPI (then start in real mode at vector * 4 KiB, CS = vector
-        << 8, IP = 0: SDM 8.4.4.1) or a stop request."""
-        while self._sipi_vector is None:
-            if self._stop.is_set():
-                return Interrupted()
-            self._wake.wait(HALT_POLL_SECONDS)
-            self._wake.clear()
-        vector = self._sipi_vector
-        start = reset_sregs(self.index)
-        self.set_sregs(replace(start, cs=replace(start.cs, selector=vector << 8,
-                                                  base=vector << 12),
-                               apic_base=self._sregs.apic_base))
-        self.set_regs(replace(reset_regs(), rip=0))
-        self._awaiting_sipi = False
-        return None
-
-    # --- interrupts from devices and the APIC timer (any thread) --------------------------
-
-    def raise_interrupt(self, vector: int) -> None:
-        """A fixed interrupt for this vCPU's local APIC (from the I/O APIC)."""
-        if self._apic is not None:
-            self._apic.raise_vector(vector)
-
-    def _new_apic(self, page: Lapic) -> apic.LocalApic:
-        model = apic.LocalApic(page, cpuid.CRYSTAL_HZ)
-        model.on_change = self._interrupt_changed
-        if self._route_ipi is not None:
-            route = self._route_ipi
-            model.on_ipi = lambda low, high: route(self, low, high)
-        return model
-
-    def _interrupt_changed(self) -> None:
-        """Something in the APIC changed (from MMIO inside emu_start, a device, the timer):
-        if an interrupt is now deliverable, wake a halted vCPU and, on the engine, raise the
-        CPU's INTR line, which the CPU takes at its next block start; on the wheel, have the
-        alarm thread stop the running burst. Never emu_stop here: inside an MMIO callback that
-        would leave RIP on the access and repeat it (measured)."""
-        if self._system_cpu:
-            if self._update_line():
-                self._wake.set()
-            self._timer_moved()
-            return
-        if self._apic is None or self._apic.pending() is None:
-            self._timer_moved()
-            return
-        self._wake.set()
-        with self._alarm:
-            self._alarm_kick = True
-            self._alarm.notify()
-
-    def _timer_moved(self) -> None:
-        """Wake the alarm thread if the APIC timer now fires before the time it sleeps until.
-        Only then: waking a thread from inside a hook hands it the GIL, which cost ~0.3 ms per
-        APIC write (EOI, TPR) in a boot when it was done for every change."""
-        deadline = self._apic.deadline() if self._apic is not None else None
-        if deadline is None:
-            return
-        with self._alarm:
-            if self._alarm_at is None or deadline < self._alarm_at:
-                self._alarm.notify()
-
-    def _update_line(self) -> bool:
-        """Set the engine's INTR line to whether the local APIC has a deliverable interrupt;
-        that answer. Under ``_line``: a raise and an acknowledge may race."""
-        with self._line:
-            pending = self._apic is not None and self._apic.pending() is not None
-            if self._system is not None:  # None once closed (a device may still raise a line)
-                self._system.interrupt_line(pending)
-        return pending
-
-    def _acknowledge(self) -> int:
-        """The engine's CPU takes an external interrupt (on the vCPU thread, inside emu_start):
-        the local APIC's highest deliverable vector goes from requested to in service, as in an
-        INTA cycle (SDM vol. 3A 10.8.1); -1 when nothing is deliverable after all."""
-        try:
-            with self._line:
-                lapic = self._apic
-                vector = lapic.pending() if lapic is not None else None
-                if lapic is not None and vector is not None:
-                    lapic.accept(vector)
-                if self._system is not None:
-                    self._system.interrupt_line(lapic is not None and lapic.pending() is not None)
-        except Exception as e:  # it cannot cross the C frames: the run stops instead
-            self._callback_error = e
-            self._kick()
-            return -1
-        return -1 if vector is None else vector
-
-    def _retry_kick(self, after: float) -> None:
-        with self._alarm:
-            self._alarm_retry = time.monotonic() + after
-            self._alarm.notify()
-
-    def _alarm_loop(self) -> None:
-        lapic = self._apic
-        assert lapic is not None
-        while True:
-            with self._alarm:
-                if self._closed:
-                    return
-                if not self._alarm_kick:
-                    timeout = HALT_POLL_SECONDS
-                    deadline = lapic.deadline()
-                    self._alarm_at = deadline  # what _timer_moved compares with
-                    if deadline is not None:
-                        timeout = min(timeout, max(deadline - time.monotonic_ns(), 0) / 1e9)
-                    if self._alarm_retry is not None:
-                        timeout = min(timeout, max(self._alarm_retry - time.monotonic(), 0))
-                    if self._kick_burst:
-                        timeout = min(timeout, KICK_RETRY_SECONDS)
-                    self._alarm.wait(timeout)
-                kick = self._alarm_kick
-                self._alarm_kick = False
-                if self._alarm_retry is not None and time.monotonic() >= self._alarm_retry:
-                    self._alarm_retry = None
-                    kick = True
-                kicked_burst = self._kick_burst
-            self._watch_reset()
-            if kicked_burst and not self._kick_again(kicked_burst):
-                with self._alarm:
-                    if self._kick_burst == kicked_burst:
-                        self._kick_burst = 0
-            lapic.tick(time.monotonic_ns())  # may set _alarm_kick again through on_change
-            if kick and lapic.pending() is not None:
-                self._wake.set()
-                self._kick()
 
     def _run_burst(self, engine: Engine) -> VcpuExit | None:
         """Emulate until something stops unicorn; the exit it means, or None to go on."""
@@ -599,10 +211,6 @@ class EmulateVcpu:
             return Shutdown("triple fault")
         return InternalError(problem or f"{faults.vector_name(vector)} could not be delivered "
                              f"through the guest IDT in {cpu_mode_name(sregs)} mode")
-
-    def _write_sregs(self, engine: Engine, sregs: Sregs) -> None:
-        engine.write_sregs(sregs)
-        self._native_cpu(engine.uc).load_segments(sregs)
 
     def _code64(self, engine: Engine) -> bool:
         """The vCPU runs 64-bit code now (the instance may be in 32-bit or real mode)."""
@@ -713,58 +321,6 @@ class EmulateVcpu:
             self._alarm_thread.start()
         return engine
 
-    # --- posted port I/O (vcpu.PostedPortIo) -----------------------------------------------
-
-    def can_post(self) -> bool:
-        return PostedPorts.available()
-
-    def post_port(self, port: int, read: int | None, queue: bool) -> bool:
-        if not PostedPorts.available():
-            return False
-        with self._lock:
-            self._posts[port] = (read, queue)
-            if self._posted is not None:
-                self._posted.post(port, read, queue)
-        return True
-
-    def collect_posted(self) -> list[tuple[int, bytes]]:
-        with self._lock:
-            return self._posted.collect() if self._posted is not None else []
-
-    def posted_reads(self) -> int:
-        with self._lock:
-            return self._posted.reads() if self._posted is not None else self._posted_reads
-
-    # --- hooks (called by unicorn on the vCPU thread, inside emu_start) ------------------
-
-    def attach_io(self, read: Callable[[int, int], int],
-                  write: Callable[[int, int, int], None]) -> None:
-        """Complete port I/O inside the instruction hooks with these device handlers instead of
-        returning IoIn/IoOut exits (an optional capability the machine uses where a backend
-        offers it). Without exits nothing needs a stop in mid-block: the guest runs without
-        unicorn's per-instruction hook, and interrupts stop a running burst (``_kick``)."""
-        self._io_read, self._io_write = read, write
-
-    def _on_out(self, uc: Any, port: int, size: int, value: int, _: object) -> None:
-        if self._io_write is not None:
-            self._io_write(port, size, value & ((1 << 8 * size) - 1))
-            return
-        self._exit = IoOut(port, size, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
-        uc.emu_stop()  # after this instruction, as the engine runs with per-instruction checks
-
-    def _on_in(self, uc: Any, port: int, size: int, _: object) -> int:
-        if self._io_read is not None:
-            return self._io_read(port, size) & ((1 << 8 * size) - 1)
-        reply = self._in_reply
-        if reply is not None and reply[0] == port:
-            self._in_reply = None
-            return reply[1]  # the replay: the value complete_io_in gave
-        assert self._engine is not None
-        self._in_undo = self._engine.io_registers()
-        self._exit = IoIn(port, size)
-        uc.emu_stop()
-        return (1 << 8 * size) - 1  # discarded: the instruction is undone and replayed
-
     def _on_cpuid(self, uc: Any, _: object) -> int:
         """Answer from the VMM's table (cpuid.answer, once per leaf and subleaf) with the
         OS-state bits of CR4, through the CPU state in place: ~3 us, where the binding's register
@@ -814,82 +370,19 @@ class EmulateVcpu:
         self._unmapped = (UNMAPPED_ACCESS.get(access, "access"), address)
         return False  # not handled: emu_start fails with the matching UC_ERR_*_UNMAPPED
 
-    # --- completing exits, stopping ------------------------------------------------------
-
-    def complete_io_in(self, data: bytes) -> None:
-        if not isinstance(self._exit, IoIn):
-            return
-        size = self._exit.size
-        self._in_reply = (self._exit.port,
-                          int.from_bytes(data[:size].ljust(size, b"\xff"), "little"))
-
-    def complete_mmio_read(self, data: bytes) -> None:
-        pass  # no MMIO exits: an access outside RAM is an InternalError
-
-    def sample(self) -> None:
-        """Record where the guest is (from any thread), without stopping it: unicorn's RIP as
-        of the last block boundary or helper call, which is as precise as a profile needs."""
-        with self._lock:  # close() drops the engine (and the memory cpu points into)
-            cpu = self._native
-            if cpu is not None and self._engine is not None:
-                self.rip_samples[cpu.rip] += 1
-
-    def request_stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._kick()
-
-    def _kick(self) -> None:
-        """Make a running burst return soon (from any thread; attached port I/O only): the
-        guest stops at the next block start, between two whole instructions (native.Kick).
-
-        uc_emu_start clears what a kick sets when it begins, so a kick that lands between our
-        "about to emulate" and that reset is lost; the alarm thread repeats the kick every
-        KICK_RETRY_SECONDS until the burst is over (a thread per kick cost ~10% of a boot).
-        """
-        with self._lock:
-            burst, kicker = self._emulating, self._kicker
-            if self._engine is None or kicker is None:
-                return  # a counted burst ends by itself soon
-            if not burst:
-                return  # between bursts: _run_burst looks at the APIC once it starts one
-            self._kicked = True
-            kicker()
-            with self._alarm:  # (the alarm thread never takes _lock while it holds _alarm)
-                self._kick_burst = max(self._kick_burst, burst)
-                self._alarm.notify()
-
-    def _watch_reset(self) -> None:
-        """After a triple fault unicorn may spin inside emu_start with its CPU stopped
-        (native.reset_request), deaf to kicks: clear the flag so the CPU loop runs on to the
-        next block start, and kick; the burst then ends as a shutdown (_run_burst)."""
-        with self._lock:
-            flag = self._reset_flag
-            if not self._emulating or flag is None or not flag.value:
-                return
-            self._reset_seen = True
-            flag.value = False
-        self._kick()
-
-    def _kick_again(self, burst: int) -> bool:
-        """Kick ``burst`` again if it still runs; False once it is over."""
-        with self._lock:
-            if self._emulating != burst or self._engine is None or self._kicker is None:
-                return False
-            self._kicker()
-            return True
-
-    def close(self) -> None:
-        with self._alarm:
-            self._closed = True
-            self._alarm.notify()
-        if self._alarm_thread is not None and self._alarm_thread.is_alive():
-            self._alarm_thread.join()
-        with self._lock, self._line:  # nothing may reach the closed instance's CPU after this
-            if self._posted is not None:
-                self._posted_reads = self._posted.reads()
-            if self._system is not None:  # its counters live in the instance: keep them
-                for name, count in self._engine_events().items():
-                    self._hook_events[name] = self._hook_events.get(name, 0) + count
-            self._engine, self._kicker, self._native, self._system = None, None, None, None
-            self._posted = None
+    def _await_sipi(self) -> VcpuExit | None:
+        """Block until a STARTUP IPI (then start in real mode at vector * 4 KiB, CS = vector
+        << 8, IP = 0: SDM 8.4.4.1) or a stop request."""
+        while self._sipi_vector is None:
+            if self._stop.is_set():
+                return Interrupted()
+            self._wake.wait(HALT_POLL_SECONDS)
+            self._wake.clear()
+        vector = self._sipi_vector
+        start = reset_sregs(self.index)
+        self.set_sregs(replace(start, cs=replace(start.cs, selector=vector << 8,
+                                                  base=vector << 12),
+                               apic_base=self._sregs.apic_base))
+        self.set_regs(replace(reset_regs(), rip=0))
+        self._awaiting_sipi = False
+        return None
