@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import functools
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,25 +129,43 @@ def _cpu_state(uc: Any) -> int:
     return int(cpu)
 
 
-def _planted(uc: Any, cpu: int, registers: list[int], marks: list[int], span: int,
-             what: str) -> int:
-    """Where ``marks``, written through the API into ``registers``, sit in unicorn's CPU state
-    (searched from CPUState over ``span`` bytes); the registers are restored afterwards."""
+@contextlib.contextmanager
+def _planting(uc: Any, registers: list[int], marks: list[int]) -> Iterator[bytes]:
+    """``marks`` written through the API into ``registers`` for the body, as the bytes they
+    make in memory; the registers are restored afterwards."""
     saved = [uc.reg_read(r) for r in registers]
     for r, v in zip(registers, marks, strict=True):
         uc.reg_write(r, v)
-    offset = ctypes.string_at(cpu, span).find(struct.pack(f"<{len(marks)}Q", *marks))
-    for r, v in zip(registers, saved, strict=True):
-        uc.reg_write(r, v)
+    try:
+        yield struct.pack(f"<{len(marks)}Q", *marks)
+    finally:
+        for r, v in zip(registers, saved, strict=True):
+            uc.reg_write(r, v)
+
+
+def _planted(uc: Any, cpu: int, registers: list[int], marks: list[int], span: int,
+             what: str) -> int:
+    """Where ``marks``, written through the API into ``registers``, sit in unicorn's CPU state
+    (searched from CPUState over ``span`` bytes)."""
+    with _planting(uc, registers, marks) as planted:
+        offset = ctypes.string_at(cpu, span).find(planted)
     if offset < 0:
         raise BackendError(f"unicorn's {what} were not found in its CPU state: this unicorn "
                            "version is not supported for exception delivery")
     return offset
 
 
+def _holds(uc: Any, cpu: int, registers: list[int], marks: list[int], offset: int) -> bool:
+    """Whether ``marks``, written into ``registers``, are at ``offset`` of the CPU state."""
+    with _planting(uc, registers, marks) as planted:
+        return ctypes.string_at(cpu + offset, len(planted)) == planted
+
+
+_DR_MARKS = [0x5AFE_0000_D0D0_0000 + i for i in range(8)]
+
+
 def _find_dr(uc: Any, cpu: int) -> int:
-    return _planted(uc, cpu, _DRS, [0x5AFE_0000_D0D0_0000 + i for i in range(8)], _SCAN,
-                    "debug registers")
+    return _planted(uc, cpu, _DRS, _DR_MARKS, _SCAN, "debug registers")
 
 
 #: SegmentCaches from env->segs[0]: segs[6], ldt, tr, gdt, idt (cpu.h); then target_ulong cr[5].
@@ -424,7 +443,9 @@ class NativeCpu:
         self._lib = _library()
         self._layout = layout()
         self.cpu = _cpu_state(uc)
-        if _find_dr(uc, self.cpu) != self._layout.dr:
+        # Checked where the layout says, not searched for: the engine's CPU state may be larger
+        # than the search covers.
+        if not _holds(uc, self.cpu, _DRS, _DR_MARKS, self._layout.dr):
             raise BackendError("unicorn's CPU state differs between instances: not supported")
         base = self.cpu + self._layout.dr
         self._error_code = ctypes.c_int32.from_address(base + _ERROR_CODE)
