@@ -51,6 +51,33 @@ LD_FLAGS = (
 )
 
 
+def board_include() -> str:
+    """``board.inc``: the ports of the VMM's board (vmmarch_cli/arch/x86_64/board.py, the one
+    home of those facts) as assembler symbols for the guests."""
+    from vmmarch_cli.arch.x86_64 import board
+    from vmmarch_cli.devices import serial
+
+    return "\n".join((
+        "/* board.inc - written by examples/build.py from vmmarch_cli/arch/x86_64/board.py. */",
+        f"        .set EXIT_PORT, {board.EXIT_PORT:#x}",
+        f"        .set COM1, {board.CONSOLE.base:#x}",
+        f"        .set COM1_THR, COM1 + {serial.UART_TX}",
+        f"        .set COM1_LSR, COM1 + {serial.UART_LSR}",
+        "",
+    ))
+
+
+def write_board_include(out_dir: Path) -> Path:
+    """``out_dir``/board.inc, rewritten only when its text changes (so its age says when the
+    board last changed, for the up-to-date check)."""
+    path = out_dir / "board.inc"
+    text = board_include()
+    if not path.is_file() or path.read_text() != text:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path
+
+
 def available_guests() -> list[str]:
     """Return the names of all guests (the stems of ``examples/guests/*.S``), sorted."""
     return sorted(p.stem for p in GUESTS_DIR.glob("*.S"))
@@ -120,8 +147,9 @@ def build_guest(name: str, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     elf = out_dir / f"{name}.elf"
     script = linker_script_for(name)
+    board = write_board_include(Path(out_dir))
     includes = tuple(sorted(GUESTS_DIR.glob("*.inc")))  # what `.include` may pull in
-    if _is_up_to_date(elf, (source, script, *includes)):
+    if _is_up_to_date(elf, (source, script, board, *includes)):
         return elf
 
     assembler = _require_tool("as")
@@ -130,7 +158,8 @@ def build_guest(name: str, out_dir: Path) -> Path:
     obj = out_dir / f"{name}.o"
     tmp_elf = out_dir / f"{name}.elf.tmp"
 
-    _run([assembler, *AS_FLAGS, "-I", str(GUESTS_DIR), "-o", str(obj), str(source)])
+    _run([assembler, *AS_FLAGS, "-I", str(out_dir), "-I", str(GUESTS_DIR), "-o", str(obj),
+          str(source)])
     _run([linker, *LD_FLAGS, "-T", str(script), "-o", str(tmp_elf), str(obj)])
     # Rename into place so a failed link never leaves a fresh-looking ELF behind.
     os.replace(tmp_elf, elf)

@@ -15,9 +15,9 @@
  */
 
         .intel_syntax noprefix
+        .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "report64.inc"
 
-        .set EXIT_PORT, 0xf4
         .set APIC, 0xfee00000
         .set APIC_EOI, 0xb0
         .set APIC_SVR, 0xf0

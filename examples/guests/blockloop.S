@@ -20,10 +20,10 @@
  */
 
         .intel_syntax noprefix
+        .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "report64.inc"
         .include "timing64.inc"
 
-        .set EXIT_PORT, 0xf4
         .set BLOCKS_PER_ROUND, 64               /* the jumps; + 1 for the `dec; jnz` block */
         .set ROUNDS, 50000
         .set PASSES, 32

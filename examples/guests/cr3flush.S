@@ -24,10 +24,10 @@
  */
 
         .intel_syntax noprefix
+        .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "report64.inc"
         .include "timing64.inc"
 
-        .set EXIT_PORT, 0xf4
         /* Paging-structure entries (SDM vol. 3A 4.5, tables 4-15 to 4-18). */
         .set PTE_P_RW, 0x3
         .set PTE_PS, 1 << 7                     /* a PDE that maps a 2 MiB page */

@@ -27,9 +27,9 @@
  */
 
         .intel_syntax noprefix
+        .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "report64.inc"
 
-        .set EXIT_PORT, 0xf4
         .set KERNEL_CS, 0x08
         .set KERNEL_DS, 0x10
         .set USER_DS, 0x23

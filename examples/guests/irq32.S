@@ -21,11 +21,11 @@
  */
 
         .intel_syntax noprefix
+        .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "report64.inc"
         .include "report32.inc"
         .include "leave64.inc"
 
-        .set EXIT_PORT, 0xf4
         .set CODE64, 0x08
         .set DATA, 0x10
         .set CODE32, 0x18

@@ -50,13 +50,11 @@
  */
 
         .intel_syntax noprefix
+        .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
 
 /* ---- constants ---------------------------------------------------------- */
 
-        .set COM1_THR,  0x3f8           /* transmit holding register */
-        .set COM1_LSR,  0x3fd           /* line status register */
         .set LSR_THRE,  0x20            /* bit 5: THR empty (16550 datasheet) */
-        .set EXIT_PORT, 0xf4            /* VMM exit port: 1-byte OUT = status */
         .set PUTC_SPIN, 0x10000         /* give up polling LSR after this */
 
         .set MSR_EFER,  0xc0000080      /* IA32_EFER (SDM vol 3A 2.2.1) */

@@ -19,10 +19,10 @@
  */
 
         .intel_syntax noprefix
+        .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "report64.inc"
         .include "timing64.inc"
 
-        .set EXIT_PORT, 0xf4
         .set BUFFER_BYTES, 8 << 20
         .set PASSES, 3
         .set FILL, 0xa5                         /* the last pass stores FILL + PASSES - 1 */

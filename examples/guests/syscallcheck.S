@@ -24,9 +24,9 @@
  */
 
         .intel_syntax noprefix
+        .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "report64.inc"
 
-        .set EXIT_PORT, 0xf4
         .set MSR_EFER, 0xc0000080
         .set MSR_STAR, 0xc0000081
         .set MSR_LSTAR, 0xc0000082

@@ -17,9 +17,8 @@
  */
 
         .intel_syntax noprefix
+        .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
 
-        .set COM1_THR, 0x3f8
-        .set COM1_LSR, 0x3fd
         .set LSR_THRE, 0x20
         .set PUTC_SPIN, 0x10000
 

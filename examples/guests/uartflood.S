@@ -19,10 +19,10 @@
  */
 
         .intel_syntax noprefix
+        .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "report64.inc"
         .include "timing64.inc"
 
-        .set EXIT_PORT, 0xf4
         .set THR, COM1 + 0                      /* transmit holding / receive buffer / DLL */
         .set DLM, COM1 + 1                      /* with DLAB: divisor latch, high byte */
         .set LCR, COM1 + 3
