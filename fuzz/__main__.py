@@ -1,7 +1,7 @@
 """``python -m fuzz TARGET [--runs N] [--seconds S]``: a coverage-guided atheris campaign.
 
 Inputs that crash are written to fuzz/crashes/TARGET-<sha1>; keep each as a regression test in
-tests/test_fuzz_parsers.py once fixed. ``python -m fuzz --list`` names the targets.
+tests/loader/test_fuzz_parsers.py once fixed. ``python -m fuzz --list`` names the targets.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """One fuzz target per input parser: bytes in; only the named errors (``BadInputError`` and its
 subclasses, docs/errors.md) may come out. Anything else is a bug.
 
-The same targets run in the test suite under hypothesis (tests/test_fuzz_parsers.py, a bounded
-number of examples) and under atheris for long coverage-guided campaigns (``python -m fuzz``).
+The same targets run in the test suite under hypothesis (tests/loader/test_fuzz_parsers.py, a
+bounded number of examples) and under atheris for long coverage-guided campaigns
+(``python -m fuzz``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import contextlib
 import importlib.util
 import os
 import struct
-import sys
 import tempfile
 from collections.abc import Callable
 from functools import cache
@@ -195,7 +195,7 @@ def guest_bytes(name: str) -> bytes:
 
 
 def bzimage_header() -> bytes:
-    """The smallest bzImage the loader accepts (tests/test_bad_input.py builds the same)."""
-    sys.path.insert(0, str(ROOT / "tests"))  # test_bad_input imports conftest
-    data: bytes = _module(ROOT / "tests" / "test_bad_input.py").bzimage()
+    """The smallest bzImage the loader accepts (tests/kernel_payloads.py's, as the bad-input
+    tests use)."""
+    data: bytes = _module(ROOT / "tests" / "kernel_payloads.py").bzimage()
     return data

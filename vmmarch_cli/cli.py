@@ -17,7 +17,7 @@ from vmmarch_cli import __version__
 from vmmarch_cli.errors import EX_INTERRUPTED, EX_USAGE, VmmArchError
 
 #: command name -> (module, function, summary). The summary is the first sentence of the
-#: command's docstring (tests/test_cli_manners.py checks they agree): `vmm-arch --help` lists
+#: command's docstring (tests/cli/test_cli_manners.py checks they agree): `vmm-arch --help` lists
 #: the commands from it without importing them (importing them all took ~180 ms).
 COMMANDS = {
     "boot": ("vmmarch_cli.commands.boot", "boot_command",

@@ -15,7 +15,7 @@
  *     TIME blockloop_blocks <16 hex digits>  blocks executed per pass
  *     CHECK <name> <16 hex digits> <ok|FAIL>
  *
- * The check (every round ran) passes everywhere; tests/test_engine_patches.py compares the time
+ * The check (every round ran) passes everywhere; tests/backends/test_engine_patches.py compares the time
  * between libraries. Then "BLOCKLOOP DONE" and the number of failed lines to port 0xf4.
  */
 

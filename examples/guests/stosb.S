@@ -14,7 +14,7 @@
  *     CHECK <name> <16 hex digits> <ok|FAIL>
  *
  * The checks are that the fill happened (RCX, RDI, the first and last byte, the byte after the
- * buffer untouched); they pass everywhere: the timing is for tests/test_engine_patches.py to
+ * buffer untouched); they pass everywhere: the timing is for tests/backends/test_engine_patches.py to
  * compare between libraries. Then "STOSB DONE" and the number of failed lines to port 0xf4.
  */
 

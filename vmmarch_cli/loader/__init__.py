@@ -217,7 +217,7 @@ def load_initrd(path: Path, memory: GuestMemory, kernel: KernelImage) -> tuple[i
 def check_cmdline(cmdline: str, kernel: KernelImage) -> bytes:
     """The command line as the bytes to write, refused if the kernel could not take it."""
     # surrogateescape: bytes from the command line that are not UTF-8 reach the kernel as given
-    # (found by tests/test_fuzz_parsers.py: a lone surrogate made encode() raise).
+    # (found by tests/loader/test_fuzz_parsers.py: a lone surrogate made encode() raise).
     raw = cmdline.encode("utf-8", "surrogateescape")
     if b"\0" in raw:
         raise errors.InvalidCommandLine("the kernel command line contains a NUL byte")

@@ -6,7 +6,7 @@ library and exported: ``x86_cpu_do_interrupt_x86_64`` delivers the exception in 
 as QEMU's TCG does (gate, IST or TSS.RSP0 stack switch, error code, CS/SS, IF, CPL; SDM vol. 3A
 6.14). Called from inside unicorn's interrupt hook, it turns unicorn back into a CPU that
 delivers exceptions. Measured on unicorn 2.1.4 by a research script before use:
-``/tmp``-free facts, repeated by tests/test_emulate_delivery.py:
+``/tmp``-free facts, repeated by tests/backends/test_emulate_delivery.py:
 
 * the hook sees RIP at the faulting instruction for faults, after it for INT n / INT3;
 * the error code is in CPUX86State (``error_code``), never in the API; CR2 is set for #PF;
@@ -284,9 +284,10 @@ def exit_checks_at_block_start_only(uc: Any) -> None:
     unicorn 2.1.4 also checks after every guest load and store (tcg-op.c, check_exit_request),
     and a stop seen there restarts the instruction from its beginning: after a store, the
     instruction runs twice (a ``lock inc`` counts twice, a spinlock is taken twice and never
-    freed). An emu_stop from another thread lands there at random; tests/test_emulate_stop.py
-    counts the repeats. unicorn's own switch for this (``no_exit_request``, meant for ARM IT
-    blocks) has no API: it is found beside ``context_content``, which UC_CTL_CONTEXT_MODE sets
+    freed). An emu_stop from another thread lands there at random;
+    tests/backends/test_emulate_stop.py counts the repeats. unicorn's own switch for this
+    (``no_exit_request``, meant for ARM IT blocks) has no API: it is found beside
+    ``context_content``, which UC_CTL_CONTEXT_MODE sets
     to any value, and checked against its neighbours before it is written. What is given up:
     a stop from a code or memory hook waits for the next block (this backend's hooks that
     stop then end the run, or are not installed in this mode).

@@ -130,7 +130,7 @@ class kvm_cpuid_entry2(ctypes.Structure):
 
 
 #: The same layouts as struct formats, for converting many fields in one C call (convert.py,
-#: KvmVcpu.set_cpuid); tests/test_kvm_abi.py checks each against the ctypes class and the
+#: KvmVcpu.set_cpuid); tests/backends/test_kvm_abi.py checks each against the ctypes class and the
 #: kernel's sizeof.
 KVM_SEGMENT_FORMAT = "QIH10s"  # base, limit, selector, the flag bytes type .. unusable, padding
 KVM_DTABLE_FORMAT = "QH6x"

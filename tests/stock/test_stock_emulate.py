@@ -220,7 +220,7 @@ def test_run_true_and_false(stock: dict[str, Path], command: str, status: int) -
 
 def test_panic_never_reads_as_success(stock: dict[str, Path]) -> None:
     """No initramfs: the kernel panics looking for a root file system; status 255, as on KVM
-    (tests/test_stock_run.py)."""
+    (tests/stock/test_stock_run.py)."""
     r = _vmm(["boot", "--backend", "emulate", "--timeout", str(TIMEOUT), "--quiet",
               str(stock["vmlinux"])])
     assert r.returncode == 255, r.stderr[-2000:]

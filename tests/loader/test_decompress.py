@@ -107,7 +107,7 @@ def test_detect_none_and_unknown() -> None:
 
 
 # LZO1X instructions by hand (Documentation/staging/lzo.rst); real lzop output is decoded in
-# tests/test_host_decompress.py.
+# tests/loader/test_host_decompress.py.
 LZO_END = b"\x11\x00\x00"  # M4 with distance 16384: end of stream
 
 

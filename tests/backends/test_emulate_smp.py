@@ -1,6 +1,6 @@
 """backends/emulate/smp.py: which vCPUs an ICR write reaches (SDM vol. 3A 10.6.1-10.6.2), and
 the CPU that the vCPUs take turns on. The stock kernel with 2 and 4 vCPUs is in
-tests/test_stock_emulate.py."""
+tests/stock/test_stock_emulate.py."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ the fallback to the guest's decompressor; the cache; bad input; what ``inspect``
 The bzImages are shells around the project's boot-check guest (tests/kernel_payloads.py): their
 protected-mode code is a stand-in decompressor that exits with STUB_STATUS, so the exit status
 tells which side decompressed. Debian's own bzImage is booted both ways in
-tests/test_stock_emulate.py.
+tests/stock/test_stock_emulate.py.
 """
 
 from __future__ import annotations

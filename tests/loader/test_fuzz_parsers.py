@@ -21,7 +21,7 @@ from vmmarch_cli import loader
 from vmmarch_cli.errors import BadInputError
 from vmmarch_cli.loader import elf
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 EXAMPLES = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -14,7 +14,7 @@ from vmmarch_cli.config import parse_mem_size
 from vmmarch_cli.loader import errors
 from vmmarch_cli.memory import MmapGuestMemory
 
-from test_bad_input import bzimage
+from kernel_payloads import bzimage
 
 MiB = 1 << 20
 Edit = Callable[[bytearray], None]

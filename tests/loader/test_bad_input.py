@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli
+from kernel_payloads import bzimage
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -200,26 +201,6 @@ def test_unusable_kvm_device_is_69(guests: dict[str, Path], tmp_path: Path) -> N
 
 
 # --- bzImage headers ---------------------------------------------------------------------
-
-
-def bzimage(version: int = 0x020F, xloadflags: int = 1, loadflags: int = 1,
-            boot_flag: int = 0xAA55, size: int = 8192) -> bytes:
-    """A bzImage-shaped file: 4 setup sectors, the header fields the loader reads, code."""
-    d = bytearray(size)
-    d[0x1F1] = 3  # setup_sects: 4 sectors with the boot sector
-    struct.pack_into("<H", d, 0x1FE, boot_flag)
-    struct.pack_into("<H", d, 0x200, 0x6AEB)  # jump: header ends at 0x202 + 0x6a
-    d[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", d, 0x206, version)
-    d[0x211] = loadflags
-    struct.pack_into("<I", d, 0x214, 0x100000)  # code32_start
-    struct.pack_into("<I", d, 0x230, 0x200000)  # kernel_alignment
-    d[0x234] = 1
-    struct.pack_into("<H", d, 0x236, xloadflags)
-    struct.pack_into("<I", d, 0x238, 2047)  # cmdline_size
-    struct.pack_into("<II", d, 0x248, 0, 16)  # payload_offset, payload_length
-    struct.pack_into("<I", d, 0x260, 0x400000)  # init_size
-    return bytes(d)
 
 
 @pytest.mark.parametrize(("fields", "match"), [

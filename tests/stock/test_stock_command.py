@@ -1,5 +1,5 @@
 """``vmm-arch stock`` (the README's first command): fetches, builds, boots; here only until a
-short timeout, since the full boot is what tests/test_stock_boot.py checks."""
+short timeout, since the full boot is what tests/stock/test_stock_boot.py checks."""
 
 from __future__ import annotations
 

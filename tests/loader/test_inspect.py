@@ -7,7 +7,7 @@ import struct
 from pathlib import Path
 
 from conftest import run_cli
-from test_bad_input import bzimage
+from kernel_payloads import bzimage
 
 
 def test_inspect_elf_with_pvh_note(guests: dict[str, Path]) -> None:
