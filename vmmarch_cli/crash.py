@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmmarch_cli.arch.x86_64 import paging, regs
-from vmmarch_cli.errors import GuestMemoryError
+from vmmarch_cli.arch.x86_64 import paging
 from vmmarch_cli.vcpu import GuestMemory, Sregs
 
 #: Bytes read before RIP (for the instructions that led there) and from RIP on.
@@ -24,20 +23,10 @@ class CodeWindow:
 def read_code(memory: GuestMemory, sregs: Sregs, rip: int) -> CodeWindow | None:
     """Bytes around ``rip``; byte by byte so a window that crosses into unmapped memory is cut,
     never read past a region."""
-    paged = bool(sregs.cr0 & regs.X86_CR0_PG)
-
-    def physical(virtual: int) -> int | None:
-        if not paged:
-            return virtual & 0xFFFF_FFFF
-        try:
-            return paging.translate(sregs.cr3, virtual, memory_u64(memory))
-        except GuestMemoryError:
-            return None
-
     out = bytearray()
     start = rip - BEFORE
     for va in range(rip - BEFORE, rip + AFTER):
-        pa = physical(va & 0xFFFF_FFFF_FFFF_FFFF)
+        pa = paging.guest_physical(sregs, va & 0xFFFF_FFFF_FFFF_FFFF, memory)
         if pa is None or not memory.contains(pa, 1):
             if va < rip:
                 out.clear()
@@ -48,10 +37,6 @@ def read_code(memory: GuestMemory, sregs: Sregs, rip: int) -> CodeWindow | None:
     if not out or start > rip:
         return None
     return CodeWindow(start, bytes(out), rip)
-
-
-def memory_u64(memory: GuestMemory) -> paging.ReadU64:
-    return lambda address: int.from_bytes(memory.read(address, 8), "little")
 
 
 def disassemble(window: CodeWindow, mode64: bool = True, before: int = 4) -> list[str]:

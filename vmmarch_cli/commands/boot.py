@@ -16,6 +16,7 @@ from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.commands import options
 from vmmarch_cli.config import BootConfig
 from vmmarch_cli.crash import disassemble
+from vmmarch_cli.gdb.stub import Stub, listen
 from vmmarch_cli.machine import BootResult, Fault
 from vmmarch_cli.profile import Symbols, fold
 from vmmarch_cli.render import regs_dict, regs_table, sregs_dict, sregs_tables, stderr_console
@@ -43,10 +44,14 @@ from vmmarch_cli.vcpu import ATTR_L
               help="Sample the guest RIP HZ times a second and print the hottest places.")
 @click.option("--symbols", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Kernel symbols (/proc/kallsyms or System.map format) for --profile.")
+@click.option("--gdb", "gdb_address", metavar="[HOST:]PORT|unix:PATH",
+              help="Wait for gdb there (host 127.0.0.1 by default) before the guest's first "
+                   "instruction; gdb reads and writes every vCPU's registers and memory, then "
+                   "continues, detaches (the guest runs on) or kills (exit 137). docs/gdb.md.")
 @click.pass_context
 def boot_command(ctx: click.Context, /, as_json: bool, quiet: bool, verbose: bool,
                  console_log: Path | None, profile_hz: float, symbols: Path | None,
-                 **kwargs: Any) -> None:
+                 gdb_address: str | None, **kwargs: Any) -> None:
     """Boot KERNEL and stream the guest console to stdout.
 
     KERNEL is an ELF vmlinux (x86_64) or a bzImage (--decompress says who decompresses its
@@ -60,12 +65,19 @@ def boot_command(ctx: click.Context, /, as_json: bool, quiet: bool, verbose: boo
     """
     config = replace(options.boot_config(kwargs), profile_hz=profile_hz)
     syms = Symbols.load(symbols) if symbols is not None else None
-    execute(ctx, config, as_json, quiet, verbose, console_log, syms)
+    execute(ctx, config, as_json, quiet, verbose, console_log, syms, gdb_address)
 
 
 def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, verbose: bool,
-            console_log: Path | None, symbols: Symbols | None = None) -> None:
+            console_log: Path | None, symbols: Symbols | None = None,
+            gdb_address: str | None = None) -> None:
     """Run one boot and end the command with its status (shared by ``boot`` and ``stock``)."""
+    debugger: Stub | None = None
+    if gdb_address is not None:
+        listener, where = listen(gdb_address)  # before anything boots: a taken port is 69
+        debugger = Stub(listener)
+        click.echo(f"vmm-arch: waiting for gdb on {where} (gdb: target remote {where})",
+                   err=True)
     sink: BinaryIO | None = None
     if not quiet:
         sink = sys.stderr.buffer if as_json else sys.stdout.buffer
@@ -78,9 +90,13 @@ def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, 
             click.echo(f"vmm-arch: {p.kernel.format} {p.kernel.path} via the "
                        f"{PROTOCOL_NAMES[p.protocol]} (entry {p.plan_entry:#x}) on "
                        f"{p.backend.name}{why}{how}, cmdline: {p.cmdline}", err=True)
+        if debugger is not None:
+            debugger.serve(p.vcpus, p.vm.memory)
 
     try:
         result = machine.run(config, sink, log, on_ready=announce, quiet=quiet)
+        if debugger is not None:
+            debugger.finish(result.status)
     finally:
         if log is not None:
             # A write error was already reported (Console.warnings); closing retries it.

@@ -9,6 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmmarch_cli.arch.x86_64 import layout
+from vmmarch_cli.arch.x86_64.regs import X86_CR0_PG
+from vmmarch_cli.errors import GuestMemoryError
+from vmmarch_cli.vcpu import GuestMemory, Sregs
 
 #: A bounds-checked guest-physical u64 reader.
 ReadU64 = Callable[[int], int]
@@ -91,3 +94,19 @@ def walk(cr3: int, virtual: int, read_u64: ReadU64) -> tuple[int, bool] | None:
         return None
     writable &= bool(entry & PTE_WRITABLE)
     return (entry & ADDRESS_MASK) | (virtual & 0xFFF), writable
+
+
+def memory_u64(memory: GuestMemory) -> ReadU64:
+    return lambda address: int.from_bytes(memory.read(address, 8), "little")
+
+
+def guest_physical(sregs: Sregs, virtual: int, memory: GuestMemory) -> int | None:
+    """The guest-physical address the CPU in ``sregs``'s state reaches for ``virtual``: the low
+    32 bits with paging off (CR0.PG clear), else the 4-level walk from CR3; None where nothing
+    is mapped or a table lies outside guest RAM."""
+    if not sregs.cr0 & X86_CR0_PG:
+        return virtual & 0xFFFF_FFFF
+    try:
+        return translate(sregs.cr3, virtual, memory_u64(memory))
+    except GuestMemoryError:
+        return None

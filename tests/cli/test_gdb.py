@@ -1,0 +1,192 @@
+"""The gdb stub (``boot --gdb``) with Debian's gdb as the client, on both backends: gdb attaches
+before the guest's first instruction, reads registers (system ones too) and memory through the
+guest's page tables, writes a register and memory, lists the vCPUs as threads, then continues,
+detaches or kills. Raw-socket cases for what gdb itself never sends (bad checksums, oversized
+packets, a second client)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vmmarch_cli.gdb import rsp
+
+from conftest import ROOT, kvm_unusable_reason
+
+GDB = shutil.which("gdb")
+pytestmark = pytest.mark.skipif(GDB is None, reason="gdb is not installed (apt install gdb)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Booted:
+    """``vmm-arch boot GUEST --gdb 127.0.0.1:PORT`` running, waiting for a client."""
+
+    def __init__(self, guest: Path, backend: str, *extra: str) -> None:
+        self.port = _free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vmmarch_cli", "boot", str(guest), "--backend", backend,
+             "--timeout", "60", "--gdb", f"127.0.0.1:{self.port}", *extra],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.process.stderr is not None
+        line = self.process.stderr.readline()  # the stub listens before it says so
+        assert f"waiting for gdb on 127.0.0.1:{self.port}" in line, line
+
+    def gdb(self, *commands: str) -> str:
+        argv = [str(GDB), "-nx", "-batch", "-ex", "set pagination off",
+                "-ex", f"target remote 127.0.0.1:{self.port}"]
+        for c in commands:
+            argv += ["-ex", c]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        return p.stdout + p.stderr
+
+    def finish(self) -> tuple[int, str, str]:
+        out, err = self.process.communicate(timeout=120)
+        return self.process.returncode, out, err
+
+
+@pytest.fixture(params=["emulate", "kvm"])
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    if name == "kvm":
+        reason = kvm_unusable_reason()
+        if reason is not None:
+            pytest.skip(reason)
+    return name
+
+
+@pytest.fixture
+def booted(guests: dict[str, Path], backend: str) -> Iterator[Booted]:
+    b = Booted(guests["bootcheck"], backend)
+    yield b
+    if b.process.poll() is None:
+        b.process.kill()
+        b.process.wait()
+
+
+def _entry_bytes(elf: Path, count: int) -> bytes:
+    with elf.open("rb") as f:
+        e = ELFFile(f)
+        entry = e.header["e_entry"]
+        for seg in e.iter_segments():
+            if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= entry < seg["p_vaddr"] + \
+                    seg["p_filesz"]:
+                at = entry - seg["p_vaddr"]
+                return bytes(seg.data()[at:at + count])
+    raise AssertionError("no segment holds the entry")
+
+
+def test_gdb_reads_the_entry_state_writes_and_detaches(booted: Booted,
+                                                       guests: dict[str, Path]) -> None:
+    out = booted.gdb("info registers rip rsp cs cr0 cr3 efer fs_base k_gs_base mxcsr",
+                     "x/4xb $pc", "set $rbx = 0x5afe", "p/x $rbx",
+                     "set {unsigned char}($rsp - 8) = 0x7e", "x/1xb $rsp - 8",
+                     "x/4xb 0xdead000000", "info threads", "detach")
+    assert "rip            0x1000000" in out
+    assert "cr0            0x80000011" in out  # PG, ET, PE: the 64-bit boot protocol's state
+    assert "efer           0x500" in out  # LME | LMA
+    want = " ".join(f"0x{b:02x}" for b in _entry_bytes(guests["bootcheck"], 4))
+    assert f"0x1000000:\t{want.replace(' ', chr(9))}" in out
+    assert "$1 = 0x5afe" in out
+    assert ":\t0x7e" in out  # the byte written through the guest's page tables reads back
+    assert "Cannot access memory at address 0xdead000000" in out
+    assert "* 1    Thread 1" in out and "detached" in out
+    status, stdout, _ = booted.finish()
+    assert status == 0 and "BOOTCHECK" in stdout  # the guest ran on after detach
+
+
+def test_continue_reports_the_guest_status(booted: Booted) -> None:
+    out = booted.gdb("continue")
+    assert "exited normally" in out  # W00: the guest wrote 0 to the exit port
+    status, _, _ = booted.finish()
+    assert status == 0
+
+
+def test_kill_ends_vmm_arch_with_137(booted: Booted) -> None:
+    booted.gdb("kill")
+    status, _, err = booted.finish()
+    assert status == 137 and "killed by gdb" in err and "Traceback" not in err
+
+
+def test_vcpus_are_threads(guests: dict[str, Path]) -> None:
+    b = Booted(guests["bootcheck"], "emulate", "--cpus", "2")
+    try:
+        out = b.gdb("info threads", "thread 2", "set $rbx = 0x2222", "thread 1", "p/x $rbx",
+                    "thread 2", "p/x $rbx", "detach")
+    finally:
+        status, _, _ = b.finish()
+    assert "* 1    Thread 1" in out and "  2    Thread 2" in out
+    assert "$1 = 0x0" in out and "$2 = 0x2222" in out  # each thread is its own vCPU
+    assert status == 0
+
+
+def test_a_taken_port_is_one_line_and_69(guests: dict[str, Path]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "vmmarch_cli", "boot",
+                            str(guests["bootcheck"]), "--backend", "emulate",
+                            "--gdb", f"127.0.0.1:{port}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 69
+    assert p.stderr.strip().splitlines() == [
+        f"vmm-arch: error: --gdb 127.0.0.1:{port}: cannot listen there: Address already in use"]
+
+
+def _packet(payload: bytes) -> bytes:
+    return b"$" + payload + b"#" + b"%02x" % (sum(payload) & 0xFF)
+
+
+def test_bad_checksums_are_refused_and_an_oversized_packet_drops_the_client(
+        guests: dict[str, Path]) -> None:
+    b = Booted(guests["bootcheck"], "emulate")
+    with socket.create_connection(("127.0.0.1", b.port), timeout=30) as c:
+        c.sendall(b"$g#00")
+        assert c.recv(1) == b"-"  # a bad checksum: the client must send it again
+        c.sendall(_packet(b"?"))
+        assert c.recv(1) == b"+"
+        reply = c.recv(4096)
+        assert reply.startswith(b"$T05thread:1;#")
+        c.sendall(b"+")
+        c.sendall(b"$" + b"m" * 0x10000)  # no end in sight: the stub lets the client go
+        with contextlib.suppress(OSError):  # it closes with our bytes unread: a reset
+            assert c.recv(4096) == b""
+    status, stdout, _ = b.finish()
+    assert status == 0 and "BOOTCHECK" in stdout  # and the guest runs on, as after detach
+
+
+def test_one_client_at_a_time(guests: dict[str, Path]) -> None:
+    b = Booted(guests["bootcheck"], "emulate")
+    with socket.create_connection(("127.0.0.1", b.port), timeout=30) as first:
+        first.sendall(_packet(b"?"))
+        assert first.recv(1) == b"+"
+        with pytest.raises(ConnectionRefusedError):  # the stub listens for one client only
+            socket.create_connection(("127.0.0.1", b.port), timeout=30).close()
+        first.sendall(b"+" + _packet(b"D"))
+    status, _, _ = b.finish()
+    assert status == 0
+
+
+@given(st.binary(max_size=300))
+def test_framing_round_trips(payload: bytes) -> None:
+    framed = rsp.frame(payload)
+    body, sent = framed[1:-3], framed[-2:]
+    assert framed[:1] == b"$" and framed[-3:-2] == b"#"
+    assert rsp.checksum(body) == sent and rsp.unescape(body) == payload
+    assert not set(body) & {ord("#"), ord("$")}

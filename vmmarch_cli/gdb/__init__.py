@@ -1,0 +1,1 @@
+"""A gdb remote stub for the boot commands (docs/gdb.md)."""

@@ -1,0 +1,260 @@
+"""A gdb stub for one boot: gdb attaches before the guest's first instruction, reads and writes
+registers and guest-virtual memory of every vCPU (vCPUs are gdb threads), then continues,
+detaches or kills (gdb manual, appendix E "Remote Serial Protocol"). The guest runs only when
+gdb says so; this first version has no breakpoints or stepping yet (docs/gdb.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Sequence
+from dataclasses import replace
+from enum import StrEnum
+
+from vmmarch_cli.arch.x86_64 import msr, paging, regs
+from vmmarch_cli.errors import EX_UNAVAILABLE, VmmArchError
+from vmmarch_cli.gdb import registers, rsp
+from vmmarch_cli.vcpu import GuestMemory, Vcpu
+
+#: What ``k`` makes vmm-arch exit with: 128 + SIGKILL, as a shell reports a killed process.
+EX_KILLED = 137
+#: gdb's signal numbers in stop replies (gdb/signals.def): SIGTRAP after attaching.
+SIGTRAP = 5
+PAGE = 4096
+CR0_PG = 1 << 31
+
+
+class GdbError(VmmArchError):
+    """The stub cannot listen where it was asked to (a port in use, a bad address)."""
+
+    exit_status = EX_UNAVAILABLE
+
+
+class KilledByDebugger(VmmArchError):
+    """gdb sent ``k``: the boot ends without running the guest further."""
+
+    exit_status = EX_KILLED
+
+
+class Resume(StrEnum):
+    CONTINUE = "continue"  # gdb waits for the guest to end (a W stop reply)
+    DETACH = "detach"  # the guest runs on, gdb is gone
+
+
+def listen(spec: str) -> tuple[socket.socket, str]:
+    """A listening socket for ``[HOST:]PORT`` (host 127.0.0.1 by default) or ``unix:PATH``, and
+    what gdb's ``target remote`` takes to reach it."""
+    try:
+        if spec.startswith("unix:"):
+            path = spec[len("unix:"):]
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(path)
+            where = path
+        else:
+            host, _, port = spec.rpartition(":")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host or "127.0.0.1", int(port)))
+            where = f"{host or '127.0.0.1'}:{sock.getsockname()[1]}"
+        sock.listen(1)
+    except ValueError:
+        raise GdbError(f"--gdb {spec}: expected [HOST:]PORT or unix:PATH") from None
+    except OSError as e:
+        raise GdbError(f"--gdb {spec}: cannot listen there: {e.strerror or e}") from None
+    return sock, where
+
+
+class Stub:
+    def __init__(self, listener: socket.socket) -> None:
+        self._listener = listener
+        self._conn: rsp.Connection | None = None
+        self._vcpus: Sequence[Vcpu] = ()
+        self._memory: GuestMemory | None = None
+        self._thread = 0  # index of the vCPU g/p/m act on
+
+    def serve(self, vcpus: Sequence[Vcpu], memory: GuestMemory) -> Resume:
+        """Wait for gdb, then answer it until it continues, detaches or kills."""
+        self._vcpus, self._memory = vcpus, memory
+        sock, _ = self._listener.accept()
+        self._listener.close()
+        conn = self._conn = rsp.Connection(sock)
+        while True:
+            try:
+                packet = conn.receive()
+            except (rsp.Disconnected, rsp.ProtocolError, OSError):
+                conn.close()
+                self._conn = None
+                return Resume.DETACH  # the client went away: the guest runs on
+            reply, resume = self._handle(packet)
+            if reply is not None:
+                conn.send(reply)
+                if packet == b"QStartNoAckMode":
+                    conn.acks = False
+            if resume is Resume.DETACH:
+                conn.close()
+                self._conn = None
+            if resume is not None:
+                return resume
+
+    def finish(self, status: int) -> None:
+        """The guest ended: tell a gdb that continued (``W``: exited with ``status``)."""
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send(b"W%02x" % (status & 0xFF))
+            self._conn.close()
+            self._conn = None
+
+    # --- packets -------------------------------------------------------------------------
+
+    def _handle(self, p: bytes) -> tuple[bytes | None, Resume | None]:
+        if p == b"\x03":
+            return None, None  # already stopped
+        if p.startswith(b"qSupported"):
+            return (b"PacketSize=%x;qXfer:features:read+;QStartNoAckMode+" % rsp.MAX_PACKET,
+                    None)
+        if p == b"QStartNoAckMode":
+            return b"OK", None
+        if p.startswith(b"qXfer:features:read:target.xml:"):
+            return self._xfer(p.split(b":", 4)[4]), None
+        if p == b"?":
+            return self._stop_reply(), None
+        if p == b"qfThreadInfo":
+            return b"m" + b",".join(b"%x" % (v.index + 1) for v in self._vcpus), None
+        if p == b"qsThreadInfo":
+            return b"l", None
+        if p == b"qC":
+            return b"QC%x" % (self._thread + 1), None
+        if p == b"qAttached":
+            return b"1", None
+        if p[:1] == b"H" and len(p) > 2:
+            return self._select(p[2:]), None
+        if p[:1] == b"T":
+            return (b"OK" if self._vcpu_of(p[1:]) is not None else b"E01"), None
+        if p == b"g":
+            return registers.encode_all(self._state()), None
+        if p[:1] == b"p":
+            return self._read_register(p[1:]), None
+        if p[:1] == b"P":
+            return self._write_register(p[1:]), None
+        if p[:1] == b"m":
+            return self._read_memory(p[1:]), None
+        if p[:1] == b"M":
+            return self._write_memory(p[1:]), None
+        if p == b"vCont?":
+            return b"vCont;c;C", None
+        if p in (b"c", b"vCont;c") or p.startswith((b"vCont;c:", b"vCont;C")):
+            return None, Resume.CONTINUE
+        if p[:1] == b"D":
+            return b"OK", Resume.DETACH
+        if p == b"k" or p.startswith(b"vKill"):
+            raise KilledByDebugger("killed by gdb (k)")
+        return b"", None  # not supported: gdb falls back or says so
+
+    def _stop_reply(self) -> bytes:
+        return b"T%02xthread:%x;" % (SIGTRAP, self._thread + 1)
+
+    def _xfer(self, span: bytes) -> bytes:
+        try:
+            offset, length = (int(x, 16) for x in span.split(b","))
+        except ValueError:
+            return b"E01"
+        xml = registers.target_xml()
+        chunk = xml[offset:offset + length]
+        return (b"l" if offset + length >= len(xml) else b"m") + chunk
+
+    def _vcpu_of(self, text: bytes) -> int | None:
+        try:
+            tid = int(text, 16)
+        except ValueError:
+            return None
+        if tid in (0, -1):
+            return self._thread
+        return tid - 1 if 1 <= tid <= len(self._vcpus) else None
+
+    def _select(self, text: bytes) -> bytes:
+        if text == b"-1":
+            return b"OK"
+        index = self._vcpu_of(text)
+        if index is None:
+            return b"E01"
+        self._thread = index
+        return b"OK"
+
+    def _state(self) -> registers.CpuState:
+        v = self._vcpus[self._thread]
+        kgs = v.get_msrs([msr.MSR_KERNEL_GS_BASE])
+        return registers.CpuState(v.get_regs(), v.get_sregs(), v.get_fpu(),
+                                  kgs[0].value if kgs else 0)
+
+    def _register_number(self, text: bytes) -> registers.Register | None:
+        try:
+            n = int(text, 16)
+        except ValueError:
+            return None
+        return registers.REGISTERS[n] if 0 <= n < len(registers.REGISTERS) else None
+
+    def _read_register(self, text: bytes) -> bytes:
+        reg = self._register_number(text)
+        return b"E01" if reg is None else registers.encode(reg, self._state())
+
+    def _write_register(self, text: bytes) -> bytes:
+        number, _, value = text.partition(b"=")
+        reg = self._register_number(number)
+        if reg is None or not reg.writable or len(value) != reg.bits // 4:
+            return b"E01"
+        v = self._vcpus[self._thread]
+        field = "rflags" if reg.name == "eflags" else reg.name
+        v.set_regs(replace(v.get_regs(), **{field: registers.decode(reg, value)}))
+        return b"OK"
+
+    def _span(self, text: bytes) -> tuple[int, int] | None:
+        try:
+            address, length = (int(x, 16) for x in text.split(b","))
+        except ValueError:
+            return None
+        return (address, length) if length <= rsp.MAX_PACKET // 2 else None
+
+    def _physical(self, address: int) -> int | None:
+        """The guest-physical address of guest-virtual ``address`` for the selected vCPU: its
+        own page tables (4-level in long mode), or itself with paging off."""
+        s = self._vcpus[self._thread].get_sregs()
+        if s.cr0 & CR0_PG and not s.efer & regs.EFER_LMA:
+            return None  # 32-bit paging: not walked yet
+        return paging.guest_physical(s, address, self._memory) if self._memory else None
+
+    def _pieces(self, address: int, length: int) -> list[tuple[int, int]] | None:
+        """(physical address, length) of each page-sized piece of a virtual range."""
+        out: list[tuple[int, int]] = []
+        while length:
+            step = min(length, PAGE - address % PAGE)
+            physical = self._physical(address)
+            if physical is None or self._memory is None or \
+                    not self._memory.contains(physical, step):
+                return None
+            out.append((physical, step))
+            address, length = address + step, length - step
+        return out
+
+    def _read_memory(self, text: bytes) -> bytes:
+        span = self._span(text)
+        pieces = self._pieces(*span) if span is not None else None
+        if pieces is None or self._memory is None:
+            return b"E14"  # EFAULT: unmapped, outside RAM, or too long
+        return b"".join(self._memory.read(a, n) for a, n in pieces).hex().encode()
+
+    def _write_memory(self, text: bytes) -> bytes:
+        head, _, data = text.partition(b":")
+        span = self._span(head)
+        try:
+            payload = bytes.fromhex(data.decode())
+        except ValueError:
+            return b"E01"
+        pieces = self._pieces(*span) if span is not None else None
+        if pieces is None or self._memory is None or len(payload) != span[1]:  # type: ignore[index]
+            return b"E14"
+        at = 0
+        for address, n in pieces:
+            self._memory.write(address, payload[at:at + n])
+            at += n
+        return b"OK"
