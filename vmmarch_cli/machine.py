@@ -302,26 +302,33 @@ def run(
         collecting = gc.isenabled()
         gc.freeze()
         gc.disable()
-        for t in threads:
-            t.start()
         sampler = None
-        if config.profile_hz:
-            sampler = threading.Thread(target=_sampler,
-                                       args=(prepared.vcpus, state, config.profile_hz),
-                                       name="profiler", daemon=True)
-            sampler.start()
         try:
+            # A signal that arrives while the threads start waits until they all run (they
+            # inherit the mask, as _vcpu_loop wants it), so it lands in the _wait below.
+            with _signals_held():
+                for t in threads:
+                    t.start()
+                if config.profile_hz:
+                    sampler = threading.Thread(target=_sampler,
+                                               args=(prepared.vcpus, state, config.profile_hz),
+                                               name="profiler", daemon=True)
+                    sampler.start()
             if not _wait(state, config.timeout, posted):
                 state.stop(StopReason.TIMEOUT, f"no stop condition within {config.timeout:g} s")
         except KeyboardInterrupt:
             state.stop(StopReason.INTERRUPTED,
                        "interrupted by a signal (SIGINT, SIGTERM or SIGHUP)")
         finally:
-            state.stop(StopReason.INTERRUPTED)  # no-op if something already stopped it
-            for t in threads:
-                t.join()
-            if sampler is not None:
-                sampler.join()  # done is set: it ends after its current round of samples
+            # Nothing may cut this short (a second Ctrl-C): the VM is closed next, and closing
+            # it under a vCPU thread that still runs the guest could hang or crash.
+            with _signals_held():
+                state.stop(StopReason.INTERRUPTED)  # no-op if something already stopped it
+                for t in threads:
+                    if t.ident is not None:  # started
+                        t.join()
+                if sampler is not None:
+                    sampler.join()  # done is set: it ends after its current round of samples
             gc.unfreeze()
             if collecting:
                 gc.enable()
@@ -473,6 +480,17 @@ def _devices(vm: Vm, console: Console, state: _Run,
 #: Signals only the main thread takes: the kernel then never picks a vCPU thread for them,
 #: so Ctrl-C always wakes the thread that waits for the stop condition.
 MAIN_THREAD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """MAIN_THREAD_SIGNALS wait (pending, not lost) until the block ends; then the first of
+    them raises KeyboardInterrupt as usual."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _vcpu_loop(vcpu: Vcpu, bus: IoBus, state: _Run) -> None:

@@ -89,6 +89,28 @@ def test_sigint_stops_the_guest_with_130(guests: dict[str, Path]) -> None:
     assert b"Traceback" not in err and b"interrupted" in err
 
 
+def test_a_second_signal_during_the_stop_does_not_cut_it_short(guests: dict[str, Path]) -> None:
+    """The second Ctrl-C of an impatient user: the vCPU threads are still stopped and joined
+    before the VM closes (closing it under a running vCPU could hang or crash)."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-m", "vmmarch_cli", "boot",
+                                 str(guests["spin"])],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"SPIN\n"
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert b"Traceback" not in err and b"interrupted" in err
+
+
 def test_outloop_reaches_its_exit_status(guests: dict[str, Path]) -> None:
     p = run_cli("boot", str(guests["outloop"]), "--backend", "kvm", "--timeout", "120", "-v")
     assert p.returncode == 0, p.stderr
