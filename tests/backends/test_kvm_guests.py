@@ -72,6 +72,16 @@ def test_timeout_ends_with_124(guests: dict[str, Path]) -> None:
     assert "last console line: SPIN" in p.stderr
 
 
+def _as_a_foreground_job() -> None:
+    """SIGINT as a terminal's foreground job has it. A test run started in the background by a
+    non-interactive shell inherits SIGINT ignored (POSIX: asynchronous lists without job
+    control ignore SIGINT and SIGQUIT), and Python keeps an ignored SIGINT ignored: the
+    Ctrl-C these tests send would then never arrive (this hung .ci/run run from a script)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_stops_the_guest_with_130(guests: dict[str, Path]) -> None:
     import signal
     import subprocess
@@ -80,7 +90,8 @@ def test_sigint_stops_the_guest_with_130(guests: dict[str, Path]) -> None:
     from conftest import ROOT
 
     proc = subprocess.Popen([sys.executable, "-m", "vmmarch_cli", "boot", str(guests["spin"])],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            preexec_fn=_as_a_foreground_job)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"SPIN\n"
     proc.send_signal(signal.SIGINT)
@@ -101,7 +112,8 @@ def test_a_second_signal_during_the_stop_does_not_cut_it_short(guests: dict[str,
     for _ in range(5):
         proc = subprocess.Popen([sys.executable, "-m", "vmmarch_cli", "boot",
                                  str(guests["spin"])],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                                preexec_fn=_as_a_foreground_job)
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"SPIN\n"
         proc.send_signal(signal.SIGINT)
