@@ -19,6 +19,7 @@ from elftools.elf.elffile import ELFFile
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vmmarch_cli import loader
 from vmmarch_cli.gdb import rsp
 
 from conftest import ROOT, kvm_unusable_reason
@@ -190,3 +191,77 @@ def test_framing_round_trips(payload: bytes) -> None:
     assert framed[:1] == b"$" and framed[-3:-2] == b"#"
     assert rsp.checksum(body) == sent and rsp.unescape(body) == payload
     assert not set(body) & {ord("#"), ord("$")}
+
+
+def test_run_holds_debian_s_kernel_at_its_entry_for_gdb(stock: dict[str, Path]) -> None:
+    """``run --gdb``: gdb finds the stock kernel at its PVH entry (paging off), continues, and
+    hears the command's exit status."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmmarch_cli", "run", str(stock["vmlinux"]), "--gdb",
+         f"127.0.0.1:{port}", "--timeout", "600", "--", "sh", "-c", "echo hi; exit 7"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None and "waiting for gdb" in proc.stderr.readline()
+    entry = loader.parse_kernel(stock["vmlinux"]).image.pvh_entry
+    assert entry is not None
+    p = subprocess.run([str(GDB), "-nx", "-batch", "-ex", f"target remote 127.0.0.1:{port}",
+                        "-ex", "info registers rip cr0", "-ex", "continue"],
+                       capture_output=True, text=True, timeout=600)
+    out, _ = proc.communicate(timeout=600)
+    assert f"rip            {entry:#x}" in p.stdout
+    assert "cr0            0x11" in p.stdout  # PVH: protected mode, paging off
+    assert "exited with code 07" in p.stdout
+    assert proc.returncode == 7 and "hi" in out
+
+
+@pytest.mark.parametrize("address", ["foo", "99999", "unix:"])
+def test_a_malformed_address_is_a_usage_error(guests: dict[str, Path], address: str) -> None:
+    p = subprocess.run([sys.executable, "-m", "vmmarch_cli", "boot", str(guests["bootcheck"]),
+                        "--gdb", address], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 64 and "Invalid value for '--gdb'" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_a_unix_socket_works_too(guests: dict[str, Path], tmp_path: Path) -> None:
+    path = tmp_path / "gdb.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "vmmarch_cli", "boot",
+                             str(guests["bootcheck"]), "--backend", "emulate",
+                             "--gdb", f"unix:{path}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None and str(path) in proc.stderr.readline()
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(str(path))
+        c.sendall(_packet(b"qC"))
+        assert c.recv(1) == b"+" and c.recv(64).startswith(b"$QC1#")
+        c.sendall(b"+" + _packet(b"D"))
+        assert c.recv(1) == b"+"  # and it leaves without acking the reply: as a detach
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "BOOTCHECK" in out
+
+
+def test_g_and_capital_g_round_trip_the_register_file(guests: dict[str, Path]) -> None:
+    """``g`` reads every register (x87 and XMM as unavailable 'x's); ``G`` with the same
+    file and a new rbx changes rbx alone."""
+    b = Booted(guests["bootcheck"], "emulate")
+    with socket.create_connection(("127.0.0.1", b.port), timeout=30) as c:
+        def ask(payload: bytes) -> bytes:
+            """Send a packet, ack the reply, return its payload."""
+            c.sendall(_packet(payload))
+            data = b""
+            while b"#" not in data or len(data) < data.index(b"#") + 3:
+                data += c.recv(65536)
+            assert data[:2] == b"+$"
+            c.sendall(b"+")
+            return data[2:data.index(b"#")]
+
+        regs = ask(b"g")
+        assert b"x" * 20 in regs  # st0: unavailable
+        rbx = 16  # after rax (64 bits = 16 hex digits)
+        changed = regs[:rbx] + (0x1234).to_bytes(8, "little").hex().encode() + regs[rbx + 16:]
+        assert ask(b"G" + changed) == b"OK"
+        assert ask(b"p1") == (0x1234).to_bytes(8, "little").hex().encode()
+        assert ask(b"g")[:rbx] == regs[:rbx]  # rax untouched
+        assert ask(b"G00") == b"E01"  # the wrong length
+        c.sendall(_packet(b"D"))
+    status, _, _ = b.finish()
+    assert status == 0

@@ -16,7 +16,6 @@ from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.commands import options
 from vmmarch_cli.config import BootConfig
 from vmmarch_cli.crash import disassemble
-from vmmarch_cli.gdb.stub import Stub, listen
 from vmmarch_cli.machine import BootResult, Fault
 from vmmarch_cli.profile import Symbols, fold
 from vmmarch_cli.render import regs_dict, regs_table, sregs_dict, sregs_tables, stderr_console
@@ -44,10 +43,7 @@ from vmmarch_cli.vcpu import ATTR_L
               help="Sample the guest RIP HZ times a second and print the hottest places.")
 @click.option("--symbols", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Kernel symbols (/proc/kallsyms or System.map format) for --profile.")
-@click.option("--gdb", "gdb_address", metavar="[HOST:]PORT|unix:PATH",
-              help="Wait for gdb there (host 127.0.0.1 by default) before the guest's first "
-                   "instruction; gdb reads and writes every vCPU's registers and memory, then "
-                   "continues, detaches (the guest runs on) or kills (exit 137). docs/gdb.md.")
+@options.gdb_option
 @click.pass_context
 def boot_command(ctx: click.Context, /, as_json: bool, quiet: bool, verbose: bool,
                  console_log: Path | None, profile_hz: float, symbols: Path | None,
@@ -72,12 +68,8 @@ def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, 
             console_log: Path | None, symbols: Symbols | None = None,
             gdb_address: str | None = None) -> None:
     """Run one boot and end the command with its status (shared by ``boot`` and ``stock``)."""
-    debugger: Stub | None = None
-    if gdb_address is not None:
-        listener, where = listen(gdb_address)  # before anything boots: a taken port is 69
-        debugger = Stub(listener)
-        click.echo(f"vmm-arch: waiting for gdb on {where} (gdb: target remote {where})",
-                   err=True)
+    debugger = options.open_debugger(gdb_address)
+    serve = options.serve_debugger(debugger)
     sink: BinaryIO | None = None
     if not quiet:
         sink = sys.stderr.buffer if as_json else sys.stdout.buffer
@@ -90,8 +82,8 @@ def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, 
             click.echo(f"vmm-arch: {p.kernel.format} {p.kernel.path} via the "
                        f"{PROTOCOL_NAMES[p.protocol]} (entry {p.plan_entry:#x}) on "
                        f"{p.backend.name}{why}{how}, cmdline: {p.cmdline}", err=True)
-        if debugger is not None:
-            debugger.serve(p.vcpus, p.vm.memory)
+        if serve is not None:
+            serve(p)
 
     try:
         result = machine.run(config, sink, log, on_ready=announce, quiet=quiet)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from vmmarch_cli.arch.x86_64 import acpi, cpuid
 from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.config import BASE_CMDLINE, BootConfig, parse_mem_size
+from vmmarch_cli.gdb.stub import Stub, listen, parse_address
 from vmmarch_cli.loader.host_decompress import Decompress
+
+if TYPE_CHECKING:
+    from vmmarch_cli.machine import Prepared
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -104,3 +108,44 @@ def regexes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
         except re.error as e:
             raise click.BadParameter(f"{value!r} is not a regular expression: {e}") from None
     return values
+
+
+def gdb_option(f: F) -> F:
+    """``--gdb``: hold the guest for gdb before its first instruction (docs/gdb.md)."""
+    decorated: F = click.option(
+        "--gdb", "gdb_address", metavar="[HOST:]PORT|unix:PATH", callback=_gdb_address,
+        help="Wait for gdb there (host 127.0.0.1 by default) before the guest's first "
+             "instruction; gdb reads and writes every vCPU's registers and memory, then "
+             "continues, detaches (the guest runs on) or kills (exit 137). docs/gdb.md.")(f)
+    return decorated
+
+
+def _gdb_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_address(value)
+        except ValueError as e:
+            raise click.BadParameter(f"{value!r}: {e} (expected [HOST:]PORT or unix:PATH)"
+                                     ) from None
+    return value
+
+
+def open_debugger(address: str | None) -> Stub | None:
+    """The gdb stub listening at ``address`` (None: no gdb), said on one line on stderr. It
+    listens before anything boots, so a taken address ends the command at once (69)."""
+    if address is None:
+        return None
+    listener, where = listen(address)
+    click.echo(f"vmm-arch: waiting for gdb on {where} (gdb: target remote {where})", err=True)
+    return Stub(listener)
+
+
+def serve_debugger(debugger: Stub | None) -> Callable[[Prepared], None] | None:
+    """machine.run's on_ready for ``debugger``: gdb has the guest until it continues."""
+    if debugger is None:
+        return None
+
+    def ready(prepared: Prepared) -> None:
+        debugger.serve(prepared.vcpus, prepared.vm.memory)
+
+    return ready

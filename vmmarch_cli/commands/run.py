@@ -68,10 +68,11 @@ def _stream(out: BinaryIO) -> Callable[[bytes], None]:
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON document; the command's output is in it, not streamed.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the kernel log on stderr.")
+@options.gdb_option
 @click.pass_context
 def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path | None,
                 adds: tuple[str, ...], as_json: bool, verbose: bool, console_log: Path | None,
-                **kwargs: Any) -> None:
+                gdb_address: str | None, **kwargs: Any) -> None:
     """Boot KERNEL with a generated initramfs that runs COMMAND, and exit with its status.
 
     \b
@@ -105,13 +106,17 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
                              f"{exc.strerror}; {files.advice(exc)} (set TMPDIR)") from None
         kwargs["initrd"] = Path(rd.name)
         config = options.boot_config(kwargs)
+        debugger = options.open_debugger(gdb_address)
         out, err = _Capture(), _Capture()
         sinks = ((out.write, err.write) if as_json
                  else (_stream(sys.stdout.buffer), _stream(sys.stderr.buffer)))
         console = sys.stderr.buffer if verbose and not as_json else None
         log = console_log.open("wb") if console_log is not None else None
         try:
-            result = machine.run(config, console, log, serial_sinks=sinks)
+            result = machine.run(config, console, log, serial_sinks=sinks,
+                                 on_ready=options.serve_debugger(debugger))
+            if debugger is not None:
+                debugger.finish(result.status)
         finally:
             if log is not None:
                 # A write error was already reported (Console.warnings); closing retries it.

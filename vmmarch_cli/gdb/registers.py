@@ -111,5 +111,6 @@ def encode_all(state: CpuState) -> bytes:
     return b"".join(encode(r, state) for r in REGISTERS)
 
 
-def decode(register: Register, text: bytes) -> int:
+def decode(text: bytes) -> int:
+    """A register value as gdb writes it: little-endian hex."""
     return int.from_bytes(bytes.fromhex(text.decode()), "little")

@@ -21,8 +21,6 @@ from vmmarch_cli.vcpu import GuestMemory, Vcpu
 EX_KILLED = 137
 #: gdb's signal numbers in stop replies (gdb/signals.def): SIGTRAP after attaching.
 SIGTRAP = 5
-PAGE = 4096
-CR0_PG = 1 << 31
 
 
 class GdbError(VmmArchError):
@@ -42,27 +40,35 @@ class Resume(StrEnum):
     DETACH = "detach"  # the guest runs on, gdb is gone
 
 
+def parse_address(spec: str) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
+    """``[HOST:]PORT`` (host 127.0.0.1 by default) or ``unix:PATH``; ValueError otherwise."""
+    if spec.startswith("unix:"):
+        path = spec[len("unix:"):]
+        if not path:
+            raise ValueError("unix: needs a path")
+        return socket.AF_UNIX, path
+    host, _, port = spec.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) <= 0xFFFF:
+        raise ValueError(f"{port!r} is not a TCP port")
+    return socket.AF_INET, (host or "127.0.0.1", int(port))
+
+
 def listen(spec: str) -> tuple[socket.socket, str]:
-    """A listening socket for ``[HOST:]PORT`` (host 127.0.0.1 by default) or ``unix:PATH``, and
-    what gdb's ``target remote`` takes to reach it."""
+    """A listening socket for ``spec`` (parse_address) and what gdb's ``target remote`` takes
+    to reach it."""
+    family, address = parse_address(spec)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        if spec.startswith("unix:"):
-            path = spec[len("unix:"):]
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(path)
-            where = path
-        else:
-            host, _, port = spec.rpartition(":")
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if family == socket.AF_INET:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host or "127.0.0.1", int(port)))
-            where = f"{host or '127.0.0.1'}:{sock.getsockname()[1]}"
+        sock.bind(address)
         sock.listen(1)
-    except ValueError:
-        raise GdbError(f"--gdb {spec}: expected [HOST:]PORT or unix:PATH") from None
     except OSError as e:
+        sock.close()
         raise GdbError(f"--gdb {spec}: cannot listen there: {e.strerror or e}") from None
-    return sock, where
+    if isinstance(address, str):
+        return sock, address
+    return sock, f"{address[0]}:{sock.getsockname()[1]}"
 
 
 class Stub:
@@ -82,15 +88,15 @@ class Stub:
         while True:
             try:
                 packet = conn.receive()
+                reply, resume = self._handle(packet)
+                if reply is not None:
+                    conn.send(reply)
+                    if packet == b"QStartNoAckMode":
+                        conn.acks = False
             except (rsp.Disconnected, rsp.ProtocolError, OSError):
-                conn.close()
-                self._conn = None
-                return Resume.DETACH  # the client went away: the guest runs on
-            reply, resume = self._handle(packet)
-            if reply is not None:
-                conn.send(reply)
-                if packet == b"QStartNoAckMode":
-                    conn.acks = False
+                # The client went away (or broke the framing), even mid-reply: the guest
+                # runs on, as after a detach.
+                resume = Resume.DETACH
             if resume is Resume.DETACH:
                 conn.close()
                 self._conn = None
@@ -137,6 +143,8 @@ class Stub:
             return self._read_register(p[1:]), None
         if p[:1] == b"P":
             return self._write_register(p[1:]), None
+        if p[:1] == b"G":
+            return self._write_registers(p[1:]), None
         if p[:1] == b"m":
             return self._read_memory(p[1:]), None
         if p[:1] == b"M":
@@ -205,7 +213,24 @@ class Stub:
             return b"E01"
         v = self._vcpus[self._thread]
         field = "rflags" if reg.name == "eflags" else reg.name
-        v.set_regs(replace(v.get_regs(), **{field: registers.decode(reg, value)}))
+        v.set_regs(replace(v.get_regs(), **{field: registers.decode(value)}))
+        return b"OK"
+
+    def _write_registers(self, text: bytes) -> bytes:
+        """``G``: the whole file; the writable registers take their new values (where gdb sent
+        'x's, or for the others, nothing changes)."""
+        if len(text) != sum(r.bits // 4 for r in registers.REGISTERS):
+            return b"E01"
+        v = self._vcpus[self._thread]
+        changes: dict[str, int] = {}
+        at = 0
+        for reg in registers.REGISTERS:
+            field = text[at:at + reg.bits // 4]
+            at += reg.bits // 4
+            if reg.writable and b"x" not in field:
+                changes["rflags" if reg.name == "eflags" else reg.name] = \
+                    registers.decode(field)
+        v.set_regs(replace(v.get_regs(), **changes))
         return b"OK"
 
     def _span(self, text: bytes) -> tuple[int, int] | None:
@@ -219,7 +244,7 @@ class Stub:
         """The guest-physical address of guest-virtual ``address`` for the selected vCPU: its
         own page tables (4-level in long mode), or itself with paging off."""
         s = self._vcpus[self._thread].get_sregs()
-        if s.cr0 & CR0_PG and not s.efer & regs.EFER_LMA:
+        if s.cr0 & regs.X86_CR0_PG and not s.efer & regs.EFER_LMA:
             return None  # 32-bit paging: not walked yet
         return paging.guest_physical(s, address, self._memory) if self._memory else None
 
@@ -227,7 +252,7 @@ class Stub:
         """(physical address, length) of each page-sized piece of a virtual range."""
         out: list[tuple[int, int]] = []
         while length:
-            step = min(length, PAGE - address % PAGE)
+            step = min(length, paging.PAGE_SIZE - address % paging.PAGE_SIZE)
             physical = self._physical(address)
             if physical is None or self._memory is None or \
                     not self._memory.contains(physical, step):
