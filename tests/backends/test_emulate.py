@@ -437,3 +437,24 @@ def test_a_kick_lost_to_emu_start_is_repeated(guests: dict[str, Path],
     assert result.reason == "timeout", (result.detail, result.fault)
     assert len(starts) >= 2, "the lost kick was never repeated"
     assert starts[1] - starts[0] < 0.5, starts[:2]
+
+
+def test_a_cpu_not_yet_run_is_not_taken_for_a_triple_fault(guests: dict[str, Path]) -> None:
+    """On the wheel, unicorn's CPU is "stopped" from its creation until the first emu_start;
+    the alarm thread, looking for a CPU a triple fault stopped, once found it so in the moment
+    before the first burst and ended a healthy run as a triple fault (a busy CI machine).
+    Here the alarm thread looks in exactly that moment."""
+    from vmmarch_cli.backends.emulate import library
+    from vmmarch_cli.backends.emulate.vm import EmulateVm
+
+    vm = EmulateVm([(0, 64 << 20)])
+    try:
+        vcpu = vm.create_vcpu(0)
+        vcpu._start()
+        if library.SystemCpu.available():
+            pytest.skip("the engine reports a triple fault itself: no stopped flag to watch")
+        vcpu._emulating = 1  # a burst about to enter emu_start
+        vcpu._watch_reset()
+        assert not vcpu._reset_seen
+    finally:
+        vm.close()

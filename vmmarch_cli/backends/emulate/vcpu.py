@@ -310,6 +310,11 @@ class EmulateVcpu(StateAccess, Interrupts, PortIo, Stopping):
         self._halted_flag = native.halted_flag(engine.uc)
         if self._system is None:  # the engine reports a triple fault itself (take_shutdown)
             self._reset_flag = native.reset_request(engine.uc)
+            # unicorn's CPU is "stopped" from its creation until the first emu_start resumes it
+            # (cpus.c: qemu_init_vcpu, cpu_resume). Cleared now, as that resume would, so that
+            # the alarm thread (_watch_reset) cannot take it for a triple fault in the moment
+            # before the first burst starts: it did, on a busy machine (a kick repeated there).
+            self._reset_flag.value = False
         if self._io_read is not None:
             # Port I/O completes inside the hooks, so nothing needs a stop in mid-block: turn
             # unicorn's mid-block stop checks off, and let the alarm thread end a running
