@@ -7,6 +7,7 @@ every vCPU. The first stop condition wins; the result records it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import signal
@@ -254,10 +255,12 @@ class _Run:
 
     def stop(self, reason: StopReason, detail: str = "", guest_status: int | None = None
              ) -> None:
+        """Record why the run ends (the first reason wins) and stop every vCPU. The stopping is
+        repeated on every call (it is idempotent): a call cut short by a signal after it
+        recorded its reason must not leave a vCPU running for the next call to skip."""
         with self.lock:
-            if self.reason:
-                return
-            self.reason, self.detail, self.guest_status = reason, detail, guest_status
+            if not self.reason:
+                self.reason, self.detail, self.guest_status = reason, detail, guest_status
         for vcpu in self.prepared.vcpus:
             vcpu.request_stop()
         self.done.set()
@@ -321,9 +324,11 @@ def run(
                        "interrupted by a signal (SIGINT, SIGTERM or SIGHUP)")
         finally:
             # Nothing may cut this short (a second Ctrl-C): the VM is closed next, and closing
-            # it under a vCPU thread that still runs the guest could hang or crash.
-            with _signals_held():
-                state.stop(StopReason.INTERRUPTED)  # no-op if something already stopped it
+            # it under a vCPU thread that still runs the guest could hang or crash. A signal
+            # held meanwhile arrives as the hold ends; the run is stopping already, and its
+            # result (the console's last output too) is still wanted.
+            with contextlib.suppress(KeyboardInterrupt), _signals_held():
+                state.stop(StopReason.INTERRUPTED)  # the reason stays the first one
                 for t in threads:
                     if t.ident is not None:  # started
                         t.join()

@@ -41,3 +41,14 @@ def test_checksums_and_entries(cpus: int) -> None:
 def test_too_many_cpus() -> None:
     with pytest.raises(ValueError):
         mptable.build(mptable.MAX_CPUS + 1)
+
+
+def test_a_table_claiming_more_entries_than_it_holds_is_refused() -> None:
+    """A guest may write over the table before dump-regs reads it back: a count past the end
+    is a ValueError (reported), never an IndexError."""
+    table = bytearray(mptable.build(2, 0).data)
+    header = mptable.MpFloatingPointer.sizeof()
+    count = header + mptable.MpConfigHeader.entry_count.offset
+    table[count:count + 2] = (500).to_bytes(2, "little")
+    with pytest.raises(ValueError, match="ends before its entry"):
+        mptable.read(lambda a, n: bytes(table[a:a + n]), 0)

@@ -154,6 +154,17 @@ def _packet(payload: bytes) -> bytes:
     return b"$" + payload + b"#" + b"%02x" % (sum(payload) & 0xFF)
 
 
+def _ask(c: socket.socket, payload: bytes) -> bytes:
+    """Send a packet on a raw connection (acks on), ack the reply, return its payload."""
+    c.sendall(_packet(payload))
+    data = b""
+    while b"#" not in data or len(data) < data.index(b"#") + 3:
+        data += c.recv(65536)
+    assert data[:2] == b"+$", data
+    c.sendall(b"+")
+    return data[2:data.index(b"#")]
+
+
 def test_bad_checksums_are_refused_and_an_oversized_packet_drops_the_client(
         guests: dict[str, Path]) -> None:
     b = Booted(guests["bootcheck"], "emulate")
@@ -244,24 +255,30 @@ def test_g_and_capital_g_round_trip_the_register_file(guests: dict[str, Path]) -
     file and a new rbx changes rbx alone."""
     b = Booted(guests["bootcheck"], "emulate")
     with socket.create_connection(("127.0.0.1", b.port), timeout=30) as c:
-        def ask(payload: bytes) -> bytes:
-            """Send a packet, ack the reply, return its payload."""
-            c.sendall(_packet(payload))
-            data = b""
-            while b"#" not in data or len(data) < data.index(b"#") + 3:
-                data += c.recv(65536)
-            assert data[:2] == b"+$"
-            c.sendall(b"+")
-            return data[2:data.index(b"#")]
-
-        regs = ask(b"g")
+        regs = _ask(c, b"g")
         assert b"x" * 20 in regs  # st0: unavailable
         rbx = 16  # after rax (64 bits = 16 hex digits)
         changed = regs[:rbx] + (0x1234).to_bytes(8, "little").hex().encode() + regs[rbx + 16:]
-        assert ask(b"G" + changed) == b"OK"
-        assert ask(b"p1") == (0x1234).to_bytes(8, "little").hex().encode()
-        assert ask(b"g")[:rbx] == regs[:rbx]  # rax untouched
-        assert ask(b"G00") == b"E01"  # the wrong length
+        assert _ask(c, b"G" + changed) == b"OK"
+        assert _ask(c, b"p1") == (0x1234).to_bytes(8, "little").hex().encode()
+        assert _ask(c, b"g")[:rbx] == regs[:rbx]  # rax untouched
+        assert _ask(c, b"G00") == b"E01"  # the wrong length
+        c.sendall(_packet(b"D"))
+    status, _, _ = b.finish()
+    assert status == 0
+
+
+def test_what_the_stub_cannot_do_yet_is_an_error_not_silence(guests: dict[str, Path]) -> None:
+    """Breakpoints and steps are refused with an error (an empty reply would make gdb plant
+    int3s through M that nothing removes); garbage in a packet is E01, not a crash; a
+    non-canonical address has no translation."""
+    b = Booted(guests["bootcheck"], "emulate")
+    with socket.create_connection(("127.0.0.1", b.port), timeout=30) as c:
+        assert _ask(c, b"Z0,1000000,1") == b"E01" and _ask(c, b"z1,1000000,1") == b"E01"
+        assert _ask(c, b"s") == b"E01" and _ask(c, b"vCont;s:1") == b"E01"
+        assert _ask(c, b"P0=zzzzzzzzzzzzzzzz") == b"E01"
+        assert _ask(c, b"m8000000000000000,4") == b"E14"
+        assert _ask(c, b"qC") == b"QC1"  # still answering
         c.sendall(_packet(b"D"))
     status, _, _ = b.finish()
     assert status == 0

@@ -88,7 +88,10 @@ class Stub:
         while True:
             try:
                 packet = conn.receive()
-                reply, resume = self._handle(packet)
+                try:
+                    reply, resume = self._handle(packet)
+                except ValueError:  # malformed numbers or hex in a packet gdb would not send
+                    reply, resume = b"E01", None
                 if reply is not None:
                     conn.send(reply)
                     if packet == b"QStartNoAckMode":
@@ -106,7 +109,7 @@ class Stub:
     def finish(self, status: int) -> None:
         """The guest ended: tell a gdb that continued (``W``: exited with ``status``)."""
         if self._conn is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, rsp.Disconnected, rsp.ProtocolError):
                 self._conn.send(b"W%02x" % (status & 0xFF))
             self._conn.close()
             self._conn = None
@@ -133,8 +136,10 @@ class Stub:
             return b"QC%x" % (self._thread + 1), None
         if p == b"qAttached":
             return b"1", None
-        if p[:1] == b"H" and len(p) > 2:
+        if p[:2] == b"Hg":
             return self._select(p[2:]), None
+        if p[:1] == b"H":
+            return b"OK", None
         if p[:1] == b"T":
             return (b"OK" if self._vcpu_of(p[1:]) is not None else b"E01"), None
         if p == b"g":
@@ -150,8 +155,12 @@ class Stub:
         if p[:1] == b"M":
             return self._write_memory(p[1:]), None
         if p == b"vCont?":
-            return b"vCont;c;C", None
-        if p in (b"c", b"vCont;c") or p.startswith((b"vCont;c:", b"vCont;C")):
+            return b"", None  # no vCont: stepping is not there yet, and gdb wants it listed
+        if p[:1] in (b"Z", b"z", b"s", b"S") or p.startswith(b"vCont;s"):
+            # Not yet (docs/gdb.md). An error, not an empty reply: on an empty one gdb would
+            # plant int3s with M instead, which nothing here would ever see or remove.
+            return b"E01", None
+        if p in (b"c", b"vCont;c") or p.startswith((b"vCont;c:", b"vCont;C", b"C")):
             return None, Resume.CONTINUE
         if p[:1] == b"D":
             return b"OK", Resume.DETACH
@@ -181,6 +190,8 @@ class Stub:
         return tid - 1 if 1 <= tid <= len(self._vcpus) else None
 
     def _select(self, text: bytes) -> bytes:
+        """``Hg``: the vCPU g/p/m/M act on. (``Hc``, for continue and step, is acknowledged
+        and changes nothing: continue runs every vCPU.)"""
         if text == b"-1":
             return b"OK"
         index = self._vcpu_of(text)
@@ -244,8 +255,11 @@ class Stub:
         """The guest-physical address of guest-virtual ``address`` for the selected vCPU: its
         own page tables (4-level in long mode), or itself with paging off."""
         s = self._vcpus[self._thread].get_sregs()
-        if s.cr0 & regs.X86_CR0_PG and not s.efer & regs.EFER_LMA:
-            return None  # 32-bit paging: not walked yet
+        if s.cr0 & regs.X86_CR0_PG:
+            if not s.efer & regs.EFER_LMA or s.cr4 & regs.X86_CR4_LA57:
+                return None  # 32-bit and 5-level paging: not walked yet
+            if not -(1 << 47) <= _signed64(address) < (1 << 47):
+                return None  # not canonical (SDM vol. 1 3.3.7.1): no translation
         return paging.guest_physical(s, address, self._memory) if self._memory else None
 
     def _pieces(self, address: int, length: int) -> list[tuple[int, int]] | None:
@@ -283,3 +297,8 @@ class Stub:
             self._memory.write(address, payload[at:at + n])
             at += n
         return b"OK"
+
+
+def _signed64(value: int) -> int:
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value

@@ -164,7 +164,9 @@ def read(read_fn: Callable[[int, int], bytes], address: int) -> dict[str, Any]:
     ioapics: list[dict[str, Any]] = []
     kinds: dict[str, int] = {}
     pos = MpConfigHeader.sizeof()
-    for _ in range(header.entry_count):
+    for n in range(header.entry_count):
+        if pos >= len(table):
+            raise ValueError(f"the MP table ends before its entry {n}")
         kind = table[pos]
         record = ENTRY_TYPES.get(kind)
         if record is None or pos + record.sizeof() > header.length:

@@ -19,6 +19,7 @@ X86_CR0_ET = 1 << 4
 X86_CR0_WP = 1 << 16  # supervisor writes honour read-only pages
 X86_CR0_PG = 1 << 31
 X86_CR4_PAE = 1 << 5
+X86_CR4_LA57 = 1 << 12  # 5-level paging
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 #: RFLAGS with only the reserved bit 1 set: IF clear (SDM vol. 1 3.4.3).
