@@ -11,10 +11,10 @@ import click
 from vmmarch_cli.arch.x86_64 import acpi, cpuid
 from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.config import BASE_CMDLINE, BootConfig, parse_mem_size
-from vmmarch_cli.gdb.stub import Stub, listen, parse_address
 from vmmarch_cli.loader.host_decompress import Decompress
 
 if TYPE_CHECKING:
+    from vmmarch_cli.gdb.stub import Stub
     from vmmarch_cli.machine import Prepared
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -122,6 +122,8 @@ def gdb_option(f: F) -> F:
 
 def _gdb_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None:
+        from vmmarch_cli.gdb.stub import parse_address  # only with --gdb: not on every boot
+
         try:
             parse_address(value)
         except ValueError as e:
@@ -135,6 +137,8 @@ def open_debugger(address: str | None) -> Stub | None:
     listens before anything boots, so a taken address ends the command at once (69)."""
     if address is None:
         return None
+    from vmmarch_cli.gdb.stub import Stub, listen
+
     listener, where = listen(address)
     click.echo(f"vmm-arch: waiting for gdb on {where} (gdb: target remote {where})", err=True)
     return Stub(listener)
