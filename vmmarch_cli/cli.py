@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> Any:
     try:
         # Without standalone mode Click returns ctx.exit()'s status instead of exiting.
         status = cli.main(args=argv, prog_name="vmm-arch", standalone_mode=False)
+        _ending()
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
@@ -127,6 +128,15 @@ def main(argv: list[str] | None = None) -> Any:
         click.echo(f"vmm-arch: error: {e}", err=True)
         sys.exit(e.exit_status)
     except KeyboardInterrupt:
+        _ending()
         click.echo("vmm-arch: interrupted", err=True)
         sys.exit(EX_INTERRUPTED)
     sys.exit(status if isinstance(status, int) else 0)
+
+
+def _ending() -> None:
+    """The command is over and vmm-arch exits with its status: a further Ctrl-C (the second of
+    an impatient user), SIGTERM or SIGHUP changes nothing now. Without this, one that came
+    after the orderly stop and its report killed the process by SIGINT instead of exit 130."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
