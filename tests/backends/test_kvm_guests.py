@@ -106,10 +106,9 @@ def test_a_second_signal_during_the_stop_does_not_cut_it_short(guests: dict[str,
     import signal
     import subprocess
     import sys
+    import time
 
     from conftest import ROOT
-
-    import time
 
     # At once, during the stop, and after it (when the report is out: it once killed the
     # process by SIGINT there, -2 instead of 130).
