@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 from vmmarch_cli import backends, errors, loader, posted_io
@@ -39,6 +40,7 @@ from vmmarch_cli.devices.rtc import CmosRtc
 from vmmarch_cli.devices.serial import Serial8250
 from vmmarch_cli.loader import KernelImage
 from vmmarch_cli.loader.host_decompress import Decompress, Decompression
+from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.stop import STATUS_FOR_REASON, StopReason
 from vmmarch_cli.vcpu import (
     Halt,
@@ -178,63 +180,105 @@ class Prepared:
     backend: backends.Pick  # which backend, and why (--backend auto: backends.pick)
 
 
+class _Loading:
+    """``loader.load_kernel`` on a thread of its own: reading the kernel into guest memory (tens
+    of milliseconds of page faults, outside the GIL) overlaps opening the backend."""
+
+    def __init__(self, config: BootConfig, memory: MmapGuestMemory,
+                 decompression: Decompression) -> None:
+        self._kernel: KernelImage | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._load, args=(config.kernel, memory, decompression),
+            name="kernel-load", daemon=True)
+        self._thread.start()
+
+    def _load(self, path: Path, memory: MmapGuestMemory, decompression: Decompression) -> None:
+        try:
+            self._kernel = loader.load_kernel(path, memory, decompression)
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+
+    def join(self) -> None:
+        """Wait for the thread: guest memory must outlive every write into it."""
+        self._thread.join()
+
+    def result(self) -> KernelImage:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        assert self._kernel is not None
+        return self._kernel
+
+
 @contextmanager
 def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
     """Open the backend (which reports on stderr unless ``quiet``), build the VM, load the
     kernel and run the arch pipeline. A bzImage the host was to decompress but could not is
-    reported on stderr in one line (unless ``quiet``) once everything else has succeeded."""
+    reported on stderr in one line (unless ``quiet``) once everything else has succeeded.
+
+    The kernel is read into guest memory while the backend opens; a backend that cannot open
+    is still the error reported, whatever the kernel."""
     t0 = time.monotonic()
     chosen = backends.resolve(config.backend)
-    hv = backends.open_backend(chosen.name, quiet)
+    decompression = choose_decompression(
+        config.decompress, chosen.name, lambda: backends.runs_ring0_in_hardware(chosen.name))
+    memory = MmapGuestMemory(e820.ram_layout(config.mem_size))
+    loading = _Loading(config, memory, decompression)
     try:
-        # The host's own mask says whether its ring 0 is emulated (it reads /sys and /proc).
-        host_mask = hv.default_cpu_mask()
-        limit = hv.max_vcpus()
-        if config.cpus > limit:
-            raise errors.BackendUnavailableError(
-                f"--cpus {config.cpus}: the {hv.name} backend runs at most {limit} vCPU"
-                f"{'s' if limit > 1 else ''} per VM here")
-        mask = config.cpu_mask if config.cpu_mask is not None else host_mask
-        vm = hv.create_vm(e820.ram_layout(config.mem_size))
+        hv = backends.open_backend(chosen.name, quiet)
         try:
-            t1 = time.monotonic()
-            decompression = choose_decompression(
-                config.decompress, hv.name, lambda: backends.runs_ring0_in_hardware(hv.name))
-            kernel = loader.load_kernel(config.kernel, vm.memory, decompression)
-            initrd = (0, 0)
-            if config.initrd is not None:
-                initrd = loader.load_initrd(config.initrd, vm.memory, kernel)
-            vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
-            supported = vm.supported_cpuid()
-            leaked = probe_cpuid_mask(vcpus[0], supported, mask, config.cpus) if mask else []
-            cmdline = build_cmdline(config, bool(mask and host_mask), leaked)
-            raw_cmdline = loader.check_cmdline(cmdline, kernel)
-            protocol, entry = choose_protocol(kernel, config.boot_protocol)
-            t2 = time.monotonic()
-            plan = BootPlan(
-                entry=entry,
-                protocol=protocol,
-                cmdline=raw_cmdline,
-                ram_regions=tuple(vm.memory.regions()),
-                cpu_count=config.cpus,
-                cpu_mask=mask,
-                initrd_address=initrd[0],
-                initrd_size=initrd[1],
-                setup_header=kernel.setup_header,
-                kernel_alignment=kernel.kernel_alignment,
-            )
-            records = configure(plan, vm.memory, vcpus, supported)
-            t3 = time.monotonic()
-            timings = {"open": t1 - t0, "load": t2 - t1, "setup": t3 - t2}
-            notice = fallback_notice(kernel)
-            if notice is not None and not quiet:
-                print(notice, file=sys.stderr, flush=True)
-            yield Prepared(hv, vm, vcpus, kernel, protocol, entry, cmdline, mask, records,
-                           timings, chosen)
+            # The host's own mask says whether its ring 0 is emulated (it reads /sys and /proc).
+            host_mask = hv.default_cpu_mask()
+            limit = hv.max_vcpus()
+            if config.cpus > limit:
+                raise errors.BackendUnavailableError(
+                    f"--cpus {config.cpus}: the {hv.name} backend runs at most {limit} vCPU"
+                    f"{'s' if limit > 1 else ''} per VM here")
+            mask = config.cpu_mask if config.cpu_mask is not None else host_mask
+            vm = hv.create_vm(memory)
+            try:
+                t1 = time.monotonic()
+                kernel = loading.result()
+                initrd = (0, 0)
+                if config.initrd is not None:
+                    initrd = loader.load_initrd(config.initrd, memory, kernel)
+                vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
+                supported = vm.supported_cpuid()
+                leaked = (probe_cpuid_mask(vcpus[0], supported, mask, config.cpus)
+                          if mask else [])
+                cmdline = build_cmdline(config, bool(mask and host_mask), leaked)
+                raw_cmdline = loader.check_cmdline(cmdline, kernel)
+                protocol, entry = choose_protocol(kernel, config.boot_protocol)
+                t2 = time.monotonic()
+                plan = BootPlan(
+                    entry=entry,
+                    protocol=protocol,
+                    cmdline=raw_cmdline,
+                    ram_regions=tuple(memory.regions()),
+                    cpu_count=config.cpus,
+                    cpu_mask=mask,
+                    initrd_address=initrd[0],
+                    initrd_size=initrd[1],
+                    setup_header=kernel.setup_header,
+                    kernel_alignment=kernel.kernel_alignment,
+                )
+                records = configure(plan, memory, vcpus, supported)
+                t3 = time.monotonic()
+                # "load" is what the kernel load still took once the backend was open.
+                timings = {"open": t1 - t0, "load": t2 - t1, "setup": t3 - t2}
+                notice = fallback_notice(kernel)
+                if notice is not None and not quiet:
+                    print(notice, file=sys.stderr, flush=True)
+                yield Prepared(hv, vm, vcpus, kernel, protocol, entry, cmdline, mask, records,
+                               timings, chosen)
+            finally:
+                vm.close()
         finally:
-            vm.close()
+            hv.close()
     finally:
-        hv.close()
+        loading.join()
+        memory.close()
 
 
 class _Run:

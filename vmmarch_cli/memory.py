@@ -104,6 +104,12 @@ class MmapGuestMemory:
             region.mapping.close()
         self._regions.clear()
 
+    def __enter__(self) -> MmapGuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # --- internals -----------------------------------------------------------------------
 
     def _find(self, address: int, length: int) -> tuple[_Region, int] | None:

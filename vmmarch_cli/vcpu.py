@@ -262,6 +262,18 @@ class GuestMemory(Protocol):
     def contains(self, address: int, length: int) -> bool: ...
 
 
+class HostMemory(GuestMemory, Protocol):
+    """Guest memory as host mappings a backend maps into its VM (KVM through
+    ``userspace_addr``, an emulator through its pointer-mapping call). Whoever made it closes
+    it, after the VMs that map it."""
+
+    def host_regions(self) -> Sequence[tuple[int, int, int]]:
+        """(guest start, length, host address) of each region."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Vcpu(Protocol):
     """One virtual CPU. Setters take the whole state at once; backends translate it once."""
 
@@ -388,8 +400,9 @@ class Hypervisor(Protocol):
         """The most vCPUs one VM of this backend can have."""
         ...
 
-    def create_vm(self, regions: Sequence[tuple[int, int]]) -> Vm:
-        """A VM whose RAM is the given (guest-physical start, length) regions."""
+    def create_vm(self, memory: HostMemory) -> Vm:
+        """A VM whose RAM is ``memory`` (the caller's: it stays open until the VM is closed,
+        and the caller closes it)."""
         ...
 
     def close(self) -> None:

@@ -10,13 +10,15 @@ from vmmarch_cli.arch.x86_64 import e820
 from vmmarch_cli.arch.x86_64.pipeline import VCPU_STEPS, BootPlan, configure
 from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.errors import EX_SOFTWARE, BackendError, PipelineStepError
+from vmmarch_cli.memory import MmapGuestMemory
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
 
 def test_a_failing_vcpu_step_names_the_step_and_the_vcpu() -> None:
     hv = backends.open_backend("kvm", quiet=True)
-    vm = hv.create_vm(e820.ram_layout(64 << 20))
+    memory = MmapGuestMemory(e820.ram_layout(64 << 20))
+    vm = hv.create_vm(memory)
     try:
         good, gone = vm.create_vcpu(0), vm.create_vcpu(1)
         gone.close()  # the backend refuses every call on it: a real failure of a real step
@@ -28,6 +30,7 @@ def test_a_failing_vcpu_step_names_the_step_and_the_vcpu() -> None:
     finally:
         vm.close()
         hv.close()
+        memory.close()
     error = raised.value
     assert (error.step, error.target) == (VCPU_STEPS[0][0], "cpu1")
     assert isinstance(error.__cause__, BackendError)

@@ -20,6 +20,7 @@ from vmmarch_cli.arch.x86_64 import msr
 from vmmarch_cli.commands.dump_regs import diff_states
 from vmmarch_cli.config import BootConfig
 from vmmarch_cli.errors import BackendError
+from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import (
     DescriptorTable,
     Halt,
@@ -403,11 +404,12 @@ def test_cpuid_timing_leaf_holds_the_tsc_rate_the_emulated_cpu_reads(
     reference = TscClock()
     time.sleep(0.3)
     host_hz = reference.hz()
-    vm = EmulateVm([(0, 16 << 20)])
-    try:
-        leaf = next(e for e in vm.supported_cpuid() if e.function == 0x15)
-    finally:
-        vm.close()
+    with MmapGuestMemory([(0, 16 << 20)]) as memory:
+        vm = EmulateVm(memory)
+        try:
+            leaf = next(e for e in vm.supported_cpuid() if e.function == 0x15)
+        finally:
+            vm.close()
     assert leaf.eax and leaf.ecx
     leaf_hz = leaf.ecx * leaf.ebx // leaf.eax  # crystal Hz x numerator / denominator (SDM 2A)
     assert abs(leaf_hz - host_hz) < host_hz * 20e-6, (leaf_hz, host_hz)
@@ -447,14 +449,15 @@ def test_a_cpu_not_yet_run_is_not_taken_for_a_triple_fault(guests: dict[str, Pat
     from vmmarch_cli.backends.emulate import library
     from vmmarch_cli.backends.emulate.vm import EmulateVm
 
-    vm = EmulateVm([(0, 64 << 20)])
-    try:
-        vcpu = vm.create_vcpu(0)
-        vcpu._start()
-        if library.SystemCpu.available():
-            pytest.skip("the engine reports a triple fault itself: no stopped flag to watch")
-        vcpu._emulating = 1  # a burst about to enter emu_start
-        vcpu._watch_reset()
-        assert not vcpu._reset_seen
-    finally:
-        vm.close()
+    with MmapGuestMemory([(0, 64 << 20)]) as memory:
+        vm = EmulateVm(memory)
+        try:
+            vcpu = vm.create_vcpu(0)
+            vcpu._start()
+            if library.SystemCpu.available():
+                pytest.skip("the engine reports a triple fault itself: no stopped flag to watch")
+            vcpu._emulating = 1  # a burst about to enter emu_start
+            vcpu._watch_reset()
+            assert not vcpu._reset_seen
+        finally:
+            vm.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vmmarch_cli.backends.emulate import apic
+from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import LAPIC_PAGE_SIZE, Lapic
 
 from conftest import needs_unicorn, run_cli
@@ -168,14 +169,15 @@ def test_the_io_apic_id_register_says_what_the_madt_and_mp_table_say(cpus: int) 
     from vmmarch_cli.arch.x86_64 import acpi, mptable
     from vmmarch_cli.backends.emulate.vm import EmulateVm
 
-    vm = EmulateVm([(0, 16 << 20)])
-    try:
-        for i in range(cpus):
-            vm.create_vcpu(i)
-        vm.ioapic.write(apic.IOREGSEL, 4, apic.IOAPIC_ID)
-        register = vm.ioapic.read(apic.IOWIN, 4) >> 24
-    finally:
-        vm.close()
+    with MmapGuestMemory([(0, 16 << 20)]) as memory:
+        vm = EmulateVm(memory)
+        try:
+            for i in range(cpus):
+                vm.create_vcpu(i)
+            vm.ioapic.write(apic.IOREGSEL, 4, apic.IOAPIC_ID)
+            register = vm.ioapic.read(apic.IOWIN, 4) >> 24
+        finally:
+            vm.close()
     madt = acpi.decode_madt(acpi.Table("APIC", 0, 1, acpi.madt(cpus)))
     in_madt = next(r["ioapic_id"] for r in madt if r["type"] == "io_apic")
     table = mptable.build(cpus, 0)

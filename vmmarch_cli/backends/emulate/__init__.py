@@ -9,12 +9,11 @@ makes up for it, is in docs/backends.md.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from vmmarch_cli.backends.emulate import libbuild, library, smp
 from vmmarch_cli.errors import BackendUnavailableError
-from vmmarch_cli.vcpu import HypervisorInfo
+from vmmarch_cli.vcpu import HostMemory, HypervisorInfo
 
 if TYPE_CHECKING:
     from vmmarch_cli.backends.emulate.vm import EmulateVm
@@ -75,10 +74,10 @@ class EmulateHypervisor:
         # APIC mode, the one IPIs use here, can address.
         return smp.MAX_VCPUS
 
-    def create_vm(self, regions: Sequence[tuple[int, int]]) -> EmulateVm:
+    def create_vm(self, memory: HostMemory) -> EmulateVm:
         from vmmarch_cli.backends.emulate.vm import EmulateVm
 
-        return EmulateVm(regions)
+        return EmulateVm(memory)
 
     def close(self) -> None:
         pass

@@ -25,8 +25,7 @@ from vmmarch_cli.arch.x86_64 import msr, regs
 from vmmarch_cli.backends.emulate.binding import Uc, UcError, uc_const, x86
 from vmmarch_cli.backends.emulate.native import DESC_FLAGS_MASK, DESC_FLAGS_SHIFT
 from vmmarch_cli.errors import BackendError
-from vmmarch_cli.memory import MmapGuestMemory
-from vmmarch_cli.vcpu import ATTR_L, GPR_NAMES, Fpu, Regs, Sregs
+from vmmarch_cli.vcpu import ATTR_L, GPR_NAMES, Fpu, HostMemory, Regs, Sregs
 
 #: The highest guest-physical address (unicorn's x86 uses 64-bit physical addresses).
 PHYS_ADDR_LAST = (1 << 64) - 1
@@ -54,7 +53,7 @@ def refuse_compatibility_mode(s: Sregs) -> None:
 class Engine:
     """A unicorn instance over the VM's memory. Hooks are added by the vCPU before it runs."""
 
-    def __init__(self, memory: MmapGuestMemory) -> None:
+    def __init__(self, memory: HostMemory) -> None:
         self.uc: Any = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
         self._regions = list(memory.host_regions())
         for start, length, host in self._regions:

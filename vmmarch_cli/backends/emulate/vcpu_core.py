@@ -17,12 +17,12 @@ from vmmarch_cli.backends.emulate.engine import Engine
 from vmmarch_cli.backends.emulate.library import PostedPorts, SystemCpu
 from vmmarch_cli.backends.emulate.native import NativeCpu
 from vmmarch_cli.backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
-from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.vcpu import (
     ATTR_DB,
     ATTR_L,
     CpuidEntry,
     Fpu,
+    HostMemory,
     Sregs,
     VcpuExit,
 )
@@ -74,7 +74,7 @@ RFLAGS_RF = 0x10000
 
 
 class VcpuCore:
-    def __init__(self, index: int, memory: MmapGuestMemory,
+    def __init__(self, index: int, memory: HostMemory,
                  ioapic: apic.IoApic | None = None) -> None:
         self.index = index
         self._memory = memory

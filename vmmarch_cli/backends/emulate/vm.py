@@ -5,7 +5,6 @@ to the local APICs its redirection entries name."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 
 from vmmarch_cli.arch.x86_64 import board, lapic
 from vmmarch_cli.backends.emulate import smp
@@ -13,13 +12,12 @@ from vmmarch_cli.backends.emulate.apic import IoApic
 from vmmarch_cli.backends.emulate.cpuid import model_cpuid, with_timing_leaf
 from vmmarch_cli.backends.emulate.hosttsc import TscClock
 from vmmarch_cli.backends.emulate.vcpu import EmulateVcpu
-from vmmarch_cli.memory import MmapGuestMemory
-from vmmarch_cli.vcpu import CpuidEntry
+from vmmarch_cli.vcpu import CpuidEntry, HostMemory
 
 
 class EmulateVm:
-    def __init__(self, regions: Sequence[tuple[int, int]]) -> None:
-        self.memory = MmapGuestMemory(regions)
+    def __init__(self, memory: HostMemory) -> None:
+        self.memory = memory
         self._vcpus: list[EmulateVcpu] = []
         self._cpu = smp.CpuLock()
         # Its ID follows the CPUs', as the MADT and the MP table say (create_vcpu renumbers it).
@@ -73,7 +71,6 @@ class EmulateVm:
         for vcpu in self._vcpus:
             vcpu.close()
         self._vcpus.clear()
-        self.memory.close()
 
 
 #: The host TSC rate, measured once per process by the first VM's clock (under the lock: two

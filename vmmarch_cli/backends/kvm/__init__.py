@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 from vmmarch_cli.backends.kvm import abi
 from vmmarch_cli.backends.kvm.system import (
@@ -15,7 +14,7 @@ from vmmarch_cli.backends.kvm.system import (
 from vmmarch_cli.backends.kvm.vcpu import install_kick_handler
 from vmmarch_cli.backends.kvm.vm import KvmVm
 from vmmarch_cli.errors import BackendUnavailableError
-from vmmarch_cli.vcpu import HypervisorInfo
+from vmmarch_cli.vcpu import HostMemory, HypervisorInfo
 
 #: Features whose instructions the ring-0 emulator of a PVM host rejects with
 #: KVM_EXIT_INTERNAL_ERROR or turns into #UD; measured one by one on such a host
@@ -80,9 +79,9 @@ class KvmHypervisor:
         return (check_extension(self._fd, abi.KVM_CAP_MAX_VCPUS)
                 or check_extension(self._fd, abi.KVM_CAP_NR_VCPUS))
 
-    def create_vm(self, regions: Sequence[tuple[int, int]]) -> KvmVm:
+    def create_vm(self, memory: HostMemory) -> KvmVm:
         install_kick_handler()
-        return KvmVm(self._fd, regions)
+        return KvmVm(self._fd, memory)
 
     def close(self) -> None:
         if self._fd >= 0:

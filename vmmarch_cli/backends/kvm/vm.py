@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 from vmmarch_cli.arch.x86_64 import layout
 from vmmarch_cli.backends.kvm import abi
 from vmmarch_cli.backends.kvm.system import check_extension, checked, ioctl
 from vmmarch_cli.backends.kvm.vcpu import KvmVcpu, cpuid_from_kvm
-from vmmarch_cli.memory import MmapGuestMemory
-from vmmarch_cli.vcpu import CpuidEntry
+from vmmarch_cli.vcpu import CpuidEntry, HostMemory
 
 #: Room for KVM_GET_SUPPORTED_CPUID; KVM answers E2BIG if it has more leaves (none does today).
 MAX_CPUID_ENTRIES = 256
 
 
 class KvmVm:
-    def __init__(self, kvm_fd: int, regions: Sequence[tuple[int, int]]) -> None:
+    def __init__(self, kvm_fd: int, memory: HostMemory) -> None:
         self._kvm_fd = kvm_fd
-        self.memory = MmapGuestMemory(regions)
+        self.memory = memory
         self._vcpus: list[KvmVcpu] = []
         self._fd = -1
         try:
@@ -71,4 +69,3 @@ class KvmVm:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self.memory.close()
