@@ -53,16 +53,26 @@ LD_FLAGS = (
 
 def board_include() -> str:
     """``board.inc``: the ports of the VMM's board (vmmarch_cli/arch/x86_64/board.py, the one
-    home of those facts) as assembler symbols for the guests."""
+    home of those facts) and the registers and bits of its UART (vmmarch_cli/devices/serial.py)
+    as assembler symbols for the guests."""
     from vmmarch_cli.arch.x86_64 import board
     from vmmarch_cli.devices import serial
 
     return "\n".join((
-        "/* board.inc - written by examples/build.py from vmmarch_cli/arch/x86_64/board.py. */",
+        "/* board.inc - written by examples/build.py from vmmarch_cli/arch/x86_64/board.py and",
+        " * vmmarch_cli/devices/serial.py (TI PC16550D datasheet, SNLS378, tables 2-4). */",
         f"        .set EXIT_PORT, {board.EXIT_PORT:#x}",
         f"        .set COM1, {board.CONSOLE.base:#x}",
         f"        .set COM1_THR, COM1 + {serial.UART_TX}",
+        f"        .set COM1_DLM, COM1 + {serial.UART_DLM}",
+        f"        .set COM1_LCR, COM1 + {serial.UART_LCR}",
+        f"        .set COM1_MCR, COM1 + {serial.UART_MCR}",
         f"        .set COM1_LSR, COM1 + {serial.UART_LSR}",
+        f"        .set LCR_DLAB, {serial.UART_LCR_DLAB:#x}",
+        f"        .set MCR_OUT2, {serial.UART_MCR_OUT2:#x}",
+        f"        .set MCR_LOOP, {serial.UART_MCR_LOOP:#x}",
+        f"        .set LSR_DR, {serial.UART_LSR_DR:#x}",
+        f"        .set LSR_THRE, {serial.UART_LSR_THRE:#x}",
         "",
     ))
 

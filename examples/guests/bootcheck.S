@@ -39,7 +39,6 @@
 
 /* ---- constants ---------------------------------------------------------- */
 
-        .set LSR_THRE,  0x20            /* bit 5: THR empty (16550 datasheet) */
         .set PUTC_SPIN, 0x10000         /* give up polling LSR after this */
 
         .set MSR_MISC_ENABLE, 0x1a0     /* IA32_MISC_ENABLE  (SDM vol 4, table 2-2) */

@@ -54,7 +54,6 @@
 
 /* ---- constants ---------------------------------------------------------- */
 
-        .set LSR_THRE,  0x20            /* bit 5: THR empty (16550 datasheet) */
         .set PUTC_SPIN, 0x10000         /* give up polling LSR after this */
 
         .set MSR_EFER,  0xc0000080      /* IA32_EFER (SDM vol 3A 2.2.1) */

@@ -11,7 +11,6 @@
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
 
-        .set LSR_THRE, 0x20
         .set POST_PORT, 0x80
 
         .section .text.entry, "ax", @progbits

@@ -19,7 +19,6 @@
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
 
-        .set LSR_THRE, 0x20
         .set PUTC_SPIN, 0x10000
 
         .section .text.entry, "ax", @progbits

@@ -23,17 +23,9 @@
         .include "report64.inc"
         .include "timing64.inc"
 
-        .set THR, COM1 + 0                      /* transmit holding / receive buffer / DLL */
-        .set DLM, COM1 + 1                      /* with DLAB: divisor latch, high byte */
-        .set LCR, COM1 + 3
-        .set MCR, COM1 + 4
-        .set LSR, COM1 + 5
-        .set LCR_8N1, 0x03
-        .set LCR_DLAB, 0x80
-        .set MCR_OUT2, 0x08
-        .set MCR_LOOP, 0x10
-        .set LSR_DR, 0x01
-        .set LSR_THRE, 0x20
+        /* The UART's registers and bits come from board.inc. COM1_THR is also the receive
+         * buffer (RBR) and, with LCR.DLAB, the divisor latch's low byte (DLL). */
+        .set LCR_8N1, 0x03                      /* 8 data bits, no parity, 1 stop bit */
         .set DIVISOR, 0x0c                      /* 9600 baud; must never reach the line */
         .set LOOPED, 0x5a                       /* sent in loopback; must never reach it */
         .set FLOOD, 20000                       /* bytes of the timed flood */
@@ -70,40 +62,40 @@ _start:
         mov     [rip + flood_cycles], r13
 
         /* The divisor latch: its low byte is the THR port's other meaning. */
-        mov     dx, LCR
+        mov     dx, COM1_LCR
         mov     al, LCR_8N1 | LCR_DLAB
         out     dx, al
-        mov     dx, THR
+        mov     dx, COM1_THR
         mov     al, DIVISOR
         out     dx, al
-        mov     dx, DLM
+        mov     dx, COM1_DLM
         xor     eax, eax
         out     dx, al
-        mov     dx, THR
+        mov     dx, COM1_THR
         in      al, dx
         movzx   eax, al
         mov     [rip + divisor_read], rax
-        mov     dx, LCR
+        mov     dx, COM1_LCR
         mov     al, LCR_8N1
         out     dx, al
         lea     rsi, [rip + msg_after_latch]
         call    polled_puts
 
         /* Loopback: the byte comes back in RBR, with LSR.DR, and never reaches the line. */
-        mov     dx, MCR
+        mov     dx, COM1_MCR
         mov     al, MCR_OUT2 | MCR_LOOP
         out     dx, al
         mov     al, LOOPED
         call    polled_putc
-        mov     dx, LSR
+        mov     dx, COM1_LSR
         in      al, dx
         and     eax, LSR_DR
         mov     [rip + looped_ready], rax
-        mov     dx, THR
+        mov     dx, COM1_THR
         in      al, dx
         movzx   eax, al
         mov     [rip + looped_back], rax
-        mov     dx, MCR
+        mov     dx, COM1_MCR
         mov     al, MCR_OUT2
         out     dx, al
         lea     rsi, [rip + msg_after_loop]
@@ -124,12 +116,12 @@ _start:
 /* AL to COM1 once LSR says the transmitter holding register is empty. */
 polled_putc:
         push    rax
-        mov     dx, LSR
+        mov     dx, COM1_LSR
 4:      in      al, dx
         test    al, LSR_THRE
         jz      4b
         pop     rax
-        mov     dx, THR
+        mov     dx, COM1_THR
         out     dx, al
         ret
 
