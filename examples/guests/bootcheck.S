@@ -36,10 +36,9 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "serial.inc"
 
 /* ---- constants ---------------------------------------------------------- */
-
-        .set PUTC_SPIN, 0x10000         /* give up polling LSR after this */
 
         .set MSR_MISC_ENABLE, 0x1a0     /* IA32_MISC_ENABLE  (SDM vol 4, table 2-2) */
         .set MSR_MTRR_DEF,    0x2ff     /* IA32_MTRR_DEF_TYPE (SDM vol 3A 12.11.2.1) */
@@ -590,21 +589,12 @@ main:
 
 /*
  * putc: write the byte in AL to COM1. Polls LSR until THRE (bit 5) so we never
- * overrun a real 16550; gives up after PUTC_SPIN polls and sends anyway.
- * Clobbers rax, rcx, rdx, r8.
+ * overrun a real 16550; gives up after PUTC_SPIN polls and sends anyway
+ * (serial.inc). Clobbers rax, rcx, rdx, r8.
  */
 putc:
         mov     r8d, eax                /* the byte to send */
-        mov     ecx, PUTC_SPIN
-        mov     edx, COM1_LSR
-1:      in      al, dx
-        test    al, LSR_THRE
-        jnz     2f
-        dec     ecx
-        jnz     1b
-2:      mov     eax, r8d
-        mov     edx, COM1_THR
-        out     dx, al
+        SEND_POLLED r8d, PUTC_SPIN
         ret
 
 /* puts: write the NUL-terminated string at RDI. */

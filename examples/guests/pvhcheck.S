@@ -51,10 +51,9 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "serial.inc"
 
 /* ---- constants ---------------------------------------------------------- */
-
-        .set PUTC_SPIN, 0x10000         /* give up polling LSR after this */
 
         .set MSR_EFER,  0xc0000080      /* IA32_EFER (SDM vol 3A 2.2.1) */
 
@@ -456,22 +455,13 @@ main:
 
 /*
  * putc: write the byte in AL to COM1. Polls LSR until THRE (bit 5) so we never
- * overrun a real 16550; gives up after PUTC_SPIN polls and sends anyway.
- * Clobbers eax, ecx, edx.
+ * overrun a real 16550; gives up after PUTC_SPIN polls and sends anyway
+ * (serial.inc). Clobbers eax, ecx, edx.
  */
 putc:
         push    ebx
         mov     ebx, eax                /* the byte to send */
-        mov     ecx, PUTC_SPIN
-        mov     edx, COM1_LSR
-1:      in      al, dx
-        test    al, LSR_THRE
-        jnz     2f
-        dec     ecx
-        jnz     1b
-2:      mov     eax, ebx
-        mov     edx, COM1_THR
-        out     dx, al
+        SEND_POLLED ebx, PUTC_SPIN
         pop     ebx
         ret
 

@@ -10,6 +10,7 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "serial.inc"
 
         .set POST_PORT, 0x80
 
@@ -18,20 +19,8 @@
         .type   _start, @function
 _start:
         cli
-        lea     rsi, [rip + msg]
-1:      movzx   ebx, byte ptr [rsi]
-        test    ebx, ebx
-        jz      3f
-        mov     edx, COM1_LSR
-2:      in      al, dx                  /* wait for THRE: the transmitter can take a byte */
-        test    al, LSR_THRE
-        jz      2b
-        mov     eax, ebx
-        mov     edx, COM1_THR
-        out     dx, al
-        inc     rsi
-        jmp     1b
-3:      xor     ecx, ecx
+        PUTS_POLLED msg                 /* each byte once THRE says the UART can take it */
+        xor     ecx, ecx
 4:      inc     ecx
         test    ecx, 0xfffff            /* every 2^20 iterations ... */
         jnz     4b

@@ -18,32 +18,16 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
-
-        .set PUTC_SPIN, 0x10000
+        .include "serial.inc"
 
         .section .text.entry, "ax", @progbits
         .globl  _start
         .type   _start, @function
 _start:
         cli
-        lea     rsi, [rip + msg]
-1:      movzx   ebx, byte ptr [rsi]
-        test    ebx, ebx
-        jz      3f
-        mov     ecx, PUTC_SPIN          /* poll LSR.THRE (bounded), then send */
-        mov     edx, COM1_LSR
-2:      in      al, dx
-        test    al, LSR_THRE
-        jnz     4f
-        dec     ecx
-        jnz     2b
-4:      mov     eax, ebx
-        mov     edx, COM1_THR
-        out     dx, al
-        inc     rsi
-        jmp     1b
+        PUTS_POLLED msg, PUTC_SPIN      /* poll LSR.THRE (bounded), then send */
 
-3:      lidt    [rip + null_idtr]       /* IDT limit 0: no gate is reachable */
+        lidt    [rip + null_idtr]       /* IDT limit 0: no gate is reachable */
         ud2                             /* #UD -> #GP -> #DF -> shutdown */
 
         /* Not reached on a real CPU or KVM. */
