@@ -15,7 +15,6 @@
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
 
-        .set POST_PORT, 0x80
         .set DEFAULT_COUNT, 100000
 
         .section .text.entry, "ax", @progbits

@@ -12,8 +12,6 @@
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "serial.inc"
 
-        .set POST_PORT, 0x80
-
         .section .text.entry, "ax", @progbits
         .globl  _start
         .type   _start, @function
