@@ -92,12 +92,7 @@ _start:
         cli
         EXPECT  "ipi_after_sti", "qword ptr [rip + ipis]", 1
 
-        lea     rsi, [rip + msg_done]
-        call    puts
-        mov     rax, [rip + failures]
-        out     EXIT_PORT, al
-3:      hlt
-        jmp     3b
+        DONE    msg_done
 
 /* Interrupts open for a while (2,000,000 PAUSE iterations), then closed again. */
 spin_with_interrupts:

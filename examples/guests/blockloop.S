@@ -31,10 +31,7 @@
         .section .text.entry, "ax", @progbits
         .globl  _start
 _start:
-        cli
-        lea     rsp, [rip + stack_top]
-        lea     rsi, [rip + msg_start]
-        call    puts
+        BEGIN   stack_top, msg_start
 
         mov     r12, -1                         /* the best pass so far */
         mov     r13d, PASSES
@@ -61,13 +58,7 @@ _start:
         TIME    blockloop_blocks, (BLOCKS_PER_ROUND+1)*ROUNDS
         EXPECT  "blockloop_rounds", r8, ROUNDS
 
-        lea     rsi, [rip + msg_done]
-        call    puts
-        mov     rax, [rip + failures]
-        out     EXIT_PORT, al
-        cli
-4:      hlt
-        jmp     4b
+        DONE    msg_done
 
         .section .rodata
 msg_start: .asciz "BLOCKLOOP START\n"

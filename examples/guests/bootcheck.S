@@ -37,6 +37,7 @@
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "serial.inc"
+        .include "exit.inc"
 
 /* ---- constants ---------------------------------------------------------- */
 
@@ -573,17 +574,7 @@ main:
         mov     eax, 10
         call    putc
 
-        mov     eax, dword ptr [rip + n_failed]
-        cmp     eax, 255
-        jbe     1f
-        mov     eax, 255
-1:      out     EXIT_PORT, al
-
-        /* If the VMM ignores the exit port, park the vCPU. */
-        cli
-.Lpark:
-        hlt
-        jmp     .Lpark
+        EXIT_CLAMPED "dword ptr [rip + n_failed]"   /* then, if the VMM ignores it, park */
 
 /* ---- output routines ---------------------------------------------------- */
 

@@ -43,10 +43,7 @@
         .section .text.entry, "ax", @progbits
         .globl  _start
 _start:
-        cli
-        lea     rsp, [rip + stack_top]
-        lea     rsi, [rip + msg_start]
-        call    puts
+        BEGIN   stack_top, msg_start
 
         /* .bss is ours to zero (examples/README.md): the tables must start empty. */
         lea     rdi, [rip + pml4_a]
@@ -153,13 +150,7 @@ _start:
         TIME    cr3flush_cycles, "qword ptr [rip + flush_cycles]"
         EXPECT  "flushes_done", rcx, 0
 
-        lea     rsi, [rip + msg_done]
-        call    puts
-        mov     rax, [rip + failures]
-        out     EXIT_PORT, al
-        cli
-7:      hlt
-        jmp     7b
+        DONE    msg_done
 
         .section .rodata
 msg_start: .asciz "CR3FLUSH START\n"

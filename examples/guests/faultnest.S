@@ -204,13 +204,7 @@ pm_int41:
         EXPECT32 "pm_int41_frame_if", "dword ptr [seen32_eflags]", 0x200
         EXPECT32 "pm_int41_handler_if", "dword ptr [seen32_handler_if]", 0
 
-        mov     esi, offset msg_done
-        call    puts32
-        mov     eax, [failures]
-        out     EXIT_PORT, al
-        cli
-5:      hlt
-        jmp     5b
+        DONE32  msg_done
 
 /* IDT32[EDI] = 32-bit interrupt gate to ESI, CS = CODE32 (SDM 6.11, figure 6-2). */
 set_gate32:

@@ -47,10 +47,7 @@
         .section .text.entry, "ax", @progbits
         .globl  _start
 _start:
-        cli
-        lea     rsp, [rip + stack_top]
-        lea     rsi, [rip + msg_start]
-        call    puts
+        BEGIN   stack_top, msg_start
         lgdt    [rip + gdtr]
         push    CODE64
         lea     rax, [rip + 1f]
@@ -105,12 +102,7 @@ after_hlt:
         EXPECT32 "isr_clear_after_eoi", eax, 0
         EXPECT32 "stray_interrupts", "dword ptr [strays]", 0
 
-        mov     esi, offset msg_done
-        call    puts32
-        mov     eax, [failures]
-        out     EXIT_PORT, al
-4:      hlt
-        jmp     4b
+        DONE32  msg_done
 
 /* Interrupts open for a while (2,000,000 PAUSE iterations), then closed again. */
 spin_with_interrupts:

@@ -14,6 +14,7 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "exit.inc"
 
         .set DEFAULT_COUNT, 100000
 
@@ -30,10 +31,7 @@ _start:
         dec     rcx
         jnz     1b
 2:      xor     eax, eax
-        out     EXIT_PORT, al           /* status 0 */
-.Lpark:
-        hlt
-        jmp     .Lpark
+        EXIT_PARK                       /* status 0 */
 
         .data
         .balign 8

@@ -52,6 +52,7 @@
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "serial.inc"
+        .include "exit.inc"
 
 /* ---- constants ---------------------------------------------------------- */
 
@@ -140,10 +141,7 @@
         .type   _start, @function
 _start:
         mov     al, 0xff
-        out     EXIT_PORT, al
-        cli
-1:      hlt
-        jmp     1b
+        EXIT_PARK
 
 /* ---- 32-bit PVH entry ----------------------------------------------------- */
 
@@ -439,17 +437,7 @@ main:
         mov     eax, 10
         call    putc
 
-        mov     eax, dword ptr [n_failed]
-        cmp     eax, 255
-        jbe     1f
-        mov     eax, 255
-1:      out     EXIT_PORT, al
-
-        /* If the VMM ignores the exit port, park the vCPU. */
-        cli
-.Lpark:
-        hlt
-        jmp     .Lpark
+        EXIT_CLAMPED "dword ptr [n_failed]"   /* then, if the VMM ignores it, park */
 
 /* ---- output routines (32-bit) ------------------------------------------- */
 

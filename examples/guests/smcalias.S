@@ -43,10 +43,7 @@
         .section .text.entry, "ax", @progbits
         .globl  _start
 _start:
-        cli
-        lea     rsp, [rip + stack_top]
-        lea     rsi, [rip + msg_start]
-        call    puts
+        BEGIN   stack_top, msg_start
 
         /* .bss is ours to zero (examples/README.md): the tables must start empty. */
         lea     rdi, [rip + pml4]
@@ -113,13 +110,7 @@ _start:
         EXPECT  "same_page_a_after", "qword ptr [rip + same_a_after]", 0x22
         EXPECT  "same_page_b_after", "qword ptr [rip + same_b_after]", 0x44
 
-        lea     rsi, [rip + msg_done]
-        call    puts
-        mov     rax, [rip + failures]
-        out     EXIT_PORT, al
-        cli
-2:      hlt
-        jmp     2b
+        DONE    msg_done
 
 /* One 4 KiB page holds the caller and both functions: the stores below hit the page the
  * running block was translated from, and nothing is translated between the two stores. */

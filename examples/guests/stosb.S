@@ -31,10 +31,7 @@
         .section .text.entry, "ax", @progbits
         .globl  _start
 _start:
-        cli
-        lea     rsp, [rip + stack_top]
-        lea     rsi, [rip + msg_start]
-        call    puts
+        BEGIN   stack_top, msg_start
 
         mov     r12, -1                         /* the best pass so far */
         mov     r13d, FILL
@@ -74,13 +71,7 @@ _start:
         movzx   eax, byte ptr [rip + guard]
         EXPECT  "stosb_guard_byte", rax, 0
 
-        lea     rsi, [rip + msg_done]
-        call    puts
-        mov     rax, [rip + failures]
-        out     EXIT_PORT, al
-        cli
-3:      hlt
-        jmp     3b
+        DONE    msg_done
 
         .section .rodata
 msg_start: .asciz "STOSB START\n"

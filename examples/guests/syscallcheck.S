@@ -154,13 +154,7 @@ _start:
         EXPECT  "compat_cs", "qword ptr [rip + seen_cs]", USER_CS32
         EXPECT  "compat_entry_runs", "qword ptr [rip + entries]", 0
 
-        lea     rsi, [rip + msg_done]
-        call    puts
-        mov     rax, [rip + failures]
-        out     EXIT_PORT, al
-        cli
-3:      hlt
-        jmp     3b
+        DONE    msg_done
 
 sce_on: mov     ecx, MSR_EFER
         rdmsr

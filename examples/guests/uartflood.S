@@ -34,10 +34,7 @@
         .section .text.entry, "ax", @progbits
         .globl  _start
 _start:
-        cli
-        lea     rsp, [rip + stack_top]
-        lea     rsi, [rip + msg_start]
-        call    puts
+        BEGIN   stack_top, msg_start
 
         /* The timed flood: LINE-1 letters and a newline, FLOOD bytes, each after polling LSR
          * as a kernel's serial console does. */
@@ -105,13 +102,7 @@ _start:
         EXPECT  "divisor_read", "qword ptr [rip + divisor_read]", DIVISOR
         EXPECT  "looped_ready", "qword ptr [rip + looped_ready]", LSR_DR
         EXPECT  "looped_back", "qword ptr [rip + looped_back]", LOOPED
-        lea     rsi, [rip + msg_done]
-        call    puts
-        mov     rax, [rip + failures]
-        out     EXIT_PORT, al
-        cli
-3:      hlt
-        jmp     3b
+        DONE    msg_done
 
 /* AL to COM1 once LSR says the transmitter holding register is empty. */
 polled_putc:

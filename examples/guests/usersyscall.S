@@ -109,10 +109,7 @@ ud_handler:
         lea     rsi, [rip + msg_fail]
 3:      call    puts
         mov     eax, ebx
-        out     EXIT_PORT, al
-        cli
-4:      hlt
-        jmp     4b
+        EXIT_PARK
 
         .section .rodata
 msg:      .asciz "SYSCALL_CS "
