@@ -16,6 +16,7 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "x86.inc"
         .include "report64.inc"
 
         .set APIC, 0xfee00000
@@ -68,7 +69,7 @@ _start:
         jb      1b
         EXPECT  "timer_ticks", "qword ptr [rip + ticks]", TICKS
         EXPECT  "timer_in_service", "qword ptr [rip + in_service]", TICKS
-        EXPECT  "timer_frame_if", "qword ptr [rip + frame_if]", 0x200
+        EXPECT  "timer_frame_if", "qword ptr [rip + frame_if]", RFLAGS_IF
 
         /* Mask the timer: no more ticks while interrupts are on for a while. A tick already
          * requested when the LVT was masked may still be taken (masking does not clear IRR), so
@@ -115,7 +116,7 @@ timer_handler:
         jnc     4f
         inc     qword ptr [rip + in_service]
 4:      mov     rax, [rsp + 16 + 16]                /* RFLAGS in the frame */
-        and     rax, 0x200
+        and     rax, RFLAGS_IF
         mov     [rip + frame_if], rax
         mov     dword ptr [rbx + APIC_EOI], 0
         pop     rbx

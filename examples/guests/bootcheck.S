@@ -36,6 +36,7 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "x86.inc"
         .include "serial.inc"
         .include "exit.inc"
 
@@ -43,8 +44,6 @@
 
         .set MSR_MISC_ENABLE, 0x1a0     /* IA32_MISC_ENABLE  (SDM vol 4, table 2-2) */
         .set MSR_MTRR_DEF,    0x2ff     /* IA32_MTRR_DEF_TYPE (SDM vol 3A 12.11.2.1) */
-        .set MSR_EFER,        0xc0000080 /* IA32_EFER (SDM vol 3A 2.2.1) */
-        .set MSR_LSTAR,       0xc0000082 /* IA32_LSTAR (SDM vol 3A 5.8.8) */
 
         .set EFER_LMA_BIT, 10           /* EFER.LMA, bit 10 (SDM vol 3A 2.2.1) */
         .set CR4_OSFXSR,   0x200        /* CR4 bit 9 (SDM vol 3A 2.5) */

@@ -30,6 +30,7 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "x86.inc"
         .include "report64.inc"
         .include "report32.inc"
         .include "leave64.inc"
@@ -39,12 +40,6 @@
         .set CODE32, 0x18
         .set TSS_SEL, 0x20
         .set IST1, 1
-        .set VECTOR_DE, 0
-        .set VECTOR_UD, 6
-        .set VECTOR_DF, 8
-        .set VECTOR_NP, 11
-        .set VECTOR_GP, 13
-        .set VECTOR_PF, 14
         .set ERROR_EXT, 1                       /* SDM 6.13, figure 6-6 */
         .set ERROR_IDT, 2
         /* Linear addresses outside the VMM's identity map of the low 4 GiB (not present at the
@@ -201,7 +196,7 @@ pm_int41:
 4:      cli
         EXPECT32 "pm_int41_vector", "dword ptr [seen32_vector]", 0x41
         EXPECT32 "pm_int41_eip", "dword ptr [seen32_eip]", pm_int41+2
-        EXPECT32 "pm_int41_frame_if", "dword ptr [seen32_eflags]", 0x200
+        EXPECT32 "pm_int41_frame_if", "dword ptr [seen32_eflags]", RFLAGS_IF
         EXPECT32 "pm_int41_handler_if", "dword ptr [seen32_handler_if]", 0
 
         DONE32  msg_done
@@ -243,15 +238,15 @@ common32:
         mov     eax, [esp + 16]
         mov     [seen32_cs], eax
         mov     eax, [esp + 20]
-        and     eax, 0x200
+        and     eax, RFLAGS_IF
         mov     [seen32_eflags], eax
         pushfd
         pop     eax
-        and     eax, 0x200
+        and     eax, RFLAGS_IF
         mov     [seen32_handler_if], eax
         mov     eax, [resume32]
         mov     [esp + 12], eax
-        and     dword ptr [esp + 20], ~0x200
+        and     dword ptr [esp + 20], ~RFLAGS_IF
         pop     eax
         add     esp, 8
         iretd

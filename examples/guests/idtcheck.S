@@ -28,6 +28,7 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "x86.inc"
         .include "report64.inc"
 
         .set KERNEL_CS, 0x08
@@ -35,7 +36,6 @@
         .set USER_DS, 0x23
         .set USER_CS, 0x2b
         .set TSS_SEL, 0x30
-        .set RFLAGS_IF, 0x200
         /* Gate type/attribute words (SDM 6.14.1, figure 6-8): P, DPL, type; low byte = IST. */
         .set TRAP_GATE, 0x8f00
         .set USER_INTR_GATE, 0xee00
@@ -57,7 +57,7 @@
         push    USER_DS
         lea     rax, [rip + ustack_top]
         push    rax
-        push    0x202
+        push    RFLAGS_IF | RFLAGS_1
         push    USER_CS
         lea     rax, [rip + \code]
         push    rax
@@ -128,7 +128,7 @@ _start:
 fault_de:
         div     ecx
 2:      cli
-        EXPECT  "de_vector", "qword ptr [rip + seen_vector]", 0
+        EXPECT  "de_vector", "qword ptr [rip + seen_vector]", VECTOR_DE
         EXPECT  "de_rip", "qword ptr [rip + seen_rip]", fault_de
         EXPECT  "de_cs", "qword ptr [rip + seen_cs]", KERNEL_CS
         EXPECT  "de_ss", "qword ptr [rip + seen_ss]", KERNEL_DS
@@ -142,7 +142,7 @@ fault_de:
 fault_ud:
         ud2
 2:      cli
-        EXPECT  "ud_vector", "qword ptr [rip + seen_vector]", 6
+        EXPECT  "ud_vector", "qword ptr [rip + seen_vector]", VECTOR_UD
         EXPECT  "ud_rip", "qword ptr [rip + seen_rip]", fault_ud
         EXPECT  "ud_handler_if", "qword ptr [rip + seen_handler_if]", RFLAGS_IF
 
@@ -151,7 +151,7 @@ fault_ud:
         mov     ax, 0x1238
 fault_gp:
         mov     fs, ax
-2:      EXPECT  "gp_vector", "qword ptr [rip + seen_vector]", 13
+2:      EXPECT  "gp_vector", "qword ptr [rip + seen_vector]", VECTOR_GP
         EXPECT  "gp_error", "qword ptr [rip + seen_error]", 0x1238
         EXPECT  "gp_rip", "qword ptr [rip + seen_rip]", fault_gp
 
@@ -160,7 +160,7 @@ fault_gp:
         mov     rbx, UNMAPPED
 fault_pf_write:
         mov     qword ptr [rbx], 1
-2:      EXPECT  "pf_write_vector", "qword ptr [rip + seen_vector]", 14
+2:      EXPECT  "pf_write_vector", "qword ptr [rip + seen_vector]", VECTOR_PF
         EXPECT  "pf_write_error", "qword ptr [rip + seen_error]", 2
         EXPECT  "pf_write_cr2", "qword ptr [rip + seen_cr2]", UNMAPPED
         EXPECT  "pf_write_rip", "qword ptr [rip + seen_rip]", fault_pf_write
@@ -177,7 +177,7 @@ fault_pf_read:
         ARM     2f
 trap_bp:
         int3
-2:      EXPECT  "bp_vector", "qword ptr [rip + seen_vector]", 3
+2:      EXPECT  "bp_vector", "qword ptr [rip + seen_vector]", VECTOR_BP
         EXPECT  "bp_rip", "qword ptr [rip + seen_rip]", trap_bp+1
 
         /* INT n at CPL 0 through a DPL 0 gate: RIP after the two-byte instruction. */
@@ -207,21 +207,21 @@ trap_int41:
         /* INT 0x41 from CPL 3 through a DPL 0 gate: #GP(0x41 * 8 + 2). */
         ARM     2f
         TO_USER user_int41
-2:      EXPECT  "user_int41_vector", "qword ptr [rip + seen_vector]", 13
+2:      EXPECT  "user_int41_vector", "qword ptr [rip + seen_vector]", VECTOR_GP
         EXPECT  "user_int41_error", "qword ptr [rip + seen_error]", 0x41*8+2
         EXPECT  "user_int41_rip", "qword ptr [rip + seen_rip]", user_int41
 
         /* HLT at CPL 3: #GP(0). */
         ARM     2f
         TO_USER user_hlt
-2:      EXPECT  "user_hlt_vector", "qword ptr [rip + seen_vector]", 13
+2:      EXPECT  "user_hlt_vector", "qword ptr [rip + seen_vector]", VECTOR_GP
         EXPECT  "user_hlt_error", "qword ptr [rip + seen_error]", 0
         EXPECT  "user_hlt_rip", "qword ptr [rip + seen_rip]", user_hlt
 
         /* A read of a supervisor page from CPL 3: #PF with P=1 W=0 U=1. */
         ARM     2f
         TO_USER user_pf
-2:      EXPECT  "user_pf_vector", "qword ptr [rip + seen_vector]", 14
+2:      EXPECT  "user_pf_vector", "qword ptr [rip + seen_vector]", VECTOR_PF
         EXPECT  "user_pf_error", "qword ptr [rip + seen_error]", 5
         EXPECT  "user_pf_cr2", "qword ptr [rip + seen_cr2]", SUPERVISOR_PAGE
         EXPECT  "user_pf_cs", "qword ptr [rip + seen_cs]", USER_CS

@@ -22,6 +22,7 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "x86.inc"
         .include "report64.inc"
         .include "report32.inc"
         .include "leave64.inc"
@@ -83,7 +84,7 @@ after_hlt:
         EXPECT32 "timer_in_service", "dword ptr [in_service]", TICKS
         EXPECT32 "timer_frame_eip", "dword ptr [frame_eip]", after_hlt
         EXPECT32 "timer_frame_cs", "dword ptr [frame_cs]", CODE32
-        EXPECT32 "timer_frame_if", "dword ptr [frame_if]", 0x200
+        EXPECT32 "timer_frame_if", "dword ptr [frame_if]", RFLAGS_IF
         EXPECT32 "timer_handler_if", "dword ptr [handler_if]", 0
         EXPECT32 "cr0_paging_off", "dword ptr [seen_cr0_pg]", 0
 
@@ -141,14 +142,14 @@ timer_handler:
         mov     eax, [esp + 12]
         mov     [frame_cs], eax
         mov     eax, [esp + 16]
-        and     eax, 0x200
+        and     eax, RFLAGS_IF
         mov     [frame_if], eax
         pushfd
         pop     eax
-        and     eax, 0x200
+        and     eax, RFLAGS_IF
         mov     [handler_if], eax
         mov     eax, cr0
-        and     eax, 0x80000000
+        and     eax, CR0_PG
         mov     [seen_cr0_pg], eax
         mov     dword ptr [ebx + APIC_EOI], 0
         pop     ebx

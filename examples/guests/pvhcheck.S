@@ -51,12 +51,11 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "x86.inc"
         .include "serial.inc"
         .include "exit.inc"
 
 /* ---- constants ---------------------------------------------------------- */
-
-        .set MSR_EFER,  0xc0000080      /* IA32_EFER (SDM vol 3A 2.2.1) */
 
         /* Entry state vmm-arch sets (see the header comment). */
         .set PVH_CR0,   0x11            /* PE (bit 0) | ET (bit 4, hard-wired 1) */

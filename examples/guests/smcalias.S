@@ -23,10 +23,9 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "x86.inc"
         .include "report64.inc"
 
-        .set MSR_EFER, 0xc0000080
-        .set EFER_NXE, 1 << 11                  /* IA32_EFER.NXE (SDM vol. 3A 2.2.1) */
         /* Paging-structure entries (SDM vol. 3A 4.5, tables 4-15 to 4-18). */
         .set PTE_P_RW, 0x3
         .set PTE_PS, 1 << 7                     /* a PDE that maps a 2 MiB page */

@@ -25,27 +25,15 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "x86.inc"
         .include "report64.inc"
 
-        .set MSR_EFER, 0xc0000080
-        .set MSR_STAR, 0xc0000081
-        .set MSR_LSTAR, 0xc0000082
-        .set MSR_FMASK, 0xc0000084
-        .set EFER_SCE, 1                        /* IA32_EFER bit 0 (SDM vol. 3A 2.2.1) */
         .set KERNEL_CS, 0x08
         .set KERNEL_DS, 0x10
         .set USER_CS32, 0x1b
         .set USER_DS, 0x23
         .set USER_CS, 0x2b
         .set TSS_SEL, 0x30
-        .set VECTOR_UD, 6
-        /* RFLAGS bits (SDM vol. 1 3.4.3): CF, the always-one bit 1, IF, DF, RF, AC. */
-        .set RFLAGS_CF, 1 << 0
-        .set RFLAGS_1, 1 << 1
-        .set RFLAGS_IF, 1 << 9
-        .set RFLAGS_DF, 1 << 10
-        .set RFLAGS_RF, 1 << 16
-        .set RFLAGS_AC, 1 << 18
         .set FMASK, RFLAGS_AC | RFLAGS_DF | RFLAGS_IF
         .set USER_RFLAGS, RFLAGS_RF | RFLAGS_AC | RFLAGS_DF | RFLAGS_IF | RFLAGS_CF | RFLAGS_1
 
@@ -89,11 +77,11 @@ _start:
         lea     rsi, [rip + stub_6]
         mov     edx, INTR_GATE
         call    set_gate
-        mov     edi, 13
+        mov     edi, VECTOR_GP
         lea     rsi, [rip + stub_d]
         mov     edx, INTR_GATE
         call    set_gate
-        mov     edi, 14
+        mov     edi, VECTOR_PF
         lea     rsi, [rip + stub_e]
         mov     edx, INTR_GATE
         call    set_gate

@@ -21,19 +21,14 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "x86.inc"
         .include "report64.inc"
 
-        .set MSR_EFER, 0xc0000080
-        .set MSR_STAR, 0xc0000081
-        .set MSR_LSTAR, 0xc0000082
-        .set MSR_FMASK, 0xc0000084
-        .set EFER_SCE, 1
         .set KERNEL_CS, 0x08
         .set KERNEL_DS, 0x10
         .set USER_DS, 0x23
         .set USER_CS, 0x2b
         .set TSS_SEL, 0x30
-        .set VECTOR_UD, 6
 
         .include "ring3.inc"
         .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
@@ -78,7 +73,7 @@ _start:
         push    USER_DS
         lea     rax, [rip + ustack_top]
         push    rax
-        push    0x2
+        push    RFLAGS_1
         push    USER_CS
         lea     rax, [rip + user_code]
         push    rax
