@@ -18,6 +18,7 @@
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "x86.inc"
         .include "report64.inc"
+        .include "gdt64.inc"
 
         .set APIC, 0xfee00000
         .set APIC_EOI, 0xb0
@@ -34,7 +35,7 @@
         .set SVR_ENABLE, 1 << 8
         .set ICR_SELF, 1 << 18
         .set TICKS, 5
-        .set KERNEL_CS, 0x10                /* the boot GDT's __BOOT_CS */
+        .set KERNEL_CS, BOOT_CS             /* the VMM's boot GDT */
 
         .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
 

@@ -39,6 +39,7 @@
         .include "x86.inc"
         .include "serial.inc"
         .include "exit.inc"
+        .include "gdt64.inc"
 
 /* ---- constants ---------------------------------------------------------- */
 
@@ -203,15 +204,15 @@ main:
          */
         xor     eax, eax
         mov     ax, cs
-        CHECK_EQ cs, 0x10
+        CHECK_EQ cs, BOOT_CS
 
         xor     eax, eax
         mov     ax, ds
-        CHECK_EQ ds, 0x18
+        CHECK_EQ ds, BOOT_DS
 
         xor     eax, eax
         mov     ax, ss
-        CHECK_EQ ss, 0x18
+        CHECK_EQ ss, BOOT_DS
 
         /*
          * GDT contents, via SGDT (SDM vol 3A 3.5.1, 3.4.5):
@@ -223,11 +224,11 @@ main:
          */
         sgdt    [rip + gdtr_buf]
         mov     rbx, qword ptr [rip + gdtr_buf + 2]     /* GDTR.base */
-        mov     rax, qword ptr [rbx + 0x10]
-        CHECK_EQ gdt_code, 0x00af9b000000ffff
+        mov     rax, qword ptr [rbx + BOOT_CS]
+        CHECK_EQ gdt_code, DESC_CODE64
 
-        mov     rax, qword ptr [rbx + 0x18]
-        CHECK_EQ gdt_data, 0x00cf93000000ffff
+        mov     rax, qword ptr [rbx + BOOT_DS]
+        CHECK_EQ gdt_data, DESC_DATA
 
         mov     rax, rbx
         CHECK_EQ gdtr_base, 0x500
@@ -238,18 +239,14 @@ main:
          * data selector into DS/ES/SS. If a descriptor were bad this would
          * fault (triple fault: no IDT yet). Value = CS read afterwards.
          */
-        push    0x10
-        lea     rax, [rip + .Lreloaded]
-        push    rax
-        lretq
-.Lreloaded:
-        mov     eax, 0x18
+        RELOAD_CS BOOT_CS
+        mov     eax, BOOT_DS
         mov     ds, eax
         mov     es, eax
         mov     ss, eax
         xor     eax, eax
         mov     ax, cs
-        CHECK_EQ reload_segments, 0x10
+        CHECK_EQ reload_segments, BOOT_CS
 
         /*
          * pml4_0: PML4[0] (the qword at CR3) must point to the PDPT at 0xa000

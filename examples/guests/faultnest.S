@@ -33,12 +33,11 @@
         .include "x86.inc"
         .include "report64.inc"
         .include "report32.inc"
+        .include "gdt64.inc"
         .include "leave64.inc"
 
-        .set KERNEL_CS, 0x08
-        .set KERNEL_DS, 0x10
-        .set CODE32, 0x18
-        .set TSS_SEL, 0x20
+        GDT_CODE32 tss=1                    /* KERNEL_CS, KERNEL_DS, CODE32, TSS_SEL; gdt */
+
         .set IST1, 1
         .set ERROR_EXT, 1                       /* SDM 6.13, figure 6-6 */
         .set ERROR_IDT, 2
@@ -325,17 +324,7 @@ msg_triple:  .asciz "FAULTNEST TRIPLE\n"
 msg_done:    .asciz "FAULTNEST DONE\n"
 word_triple: .asciz "faultnest.triple"
 
-        .section .data
-        .p2align 4
-gdt:    .quad 0
-        .quad 0x00af9b000000ffff            /* 0x08 kernel code64 */
-        .quad 0x00cf93000000ffff            /* 0x10 flat data */
-        .quad 0x00cf9b000000ffff            /* 0x18 code32: L=0, D=1 */
-gdt_tss: .quad 0x0000890000000067           /* 0x20 available 64-bit TSS, base patched */
-        .quad 0
-gdt_end:
-gdtr:   .word gdt_end - gdt - 1
-        .quad gdt
+        .section .data                      /* on from GDT_CODE32's gdtr */
 idtr:   .word 256 * 16 - 1
         .quad idt
 idtr32: .word 256 * 8 - 1
@@ -357,7 +346,7 @@ seen32_cs:         .long 0
 seen32_eflags:     .long 0
 seen32_handler_if: .long 0
         .p2align 4
-tss:    .fill 104, 1, 0
+tss:    .fill TSS64_SIZE, 1, 0
 
         .section .bss
         .p2align 12

@@ -30,12 +30,10 @@
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "x86.inc"
         .include "report64.inc"
+        .include "gdt64.inc"
 
-        .set KERNEL_CS, 0x08
-        .set KERNEL_DS, 0x10
-        .set USER_DS, 0x23
-        .set USER_CS, 0x2b
-        .set TSS_SEL, 0x30
+        GDT_RING3                           /* KERNEL_CS .. TSS_SEL; gdt, gdtr in .data */
+
         /* Gate type/attribute words (SDM 6.14.1, figure 6-8): P, DPL, type; low byte = IST. */
         .set TRAP_GATE, 0x8f00
         .set USER_INTR_GATE, 0xee00
@@ -323,19 +321,7 @@ common:
 msg_start: .asciz "IDTCHECK START\n"
 msg_done:  .asciz "IDTCHECK DONE\n"
 
-        .section .data
-        .p2align 4
-gdt:    .quad 0
-        .quad 0x00af9b000000ffff            /* 0x08 kernel code64 */
-        .quad 0x00cf93000000ffff            /* 0x10 kernel data */
-        .quad 0x00cffb000000ffff            /* 0x18 user code32 */
-        .quad 0x00cff3000000ffff            /* 0x20 user data */
-        .quad 0x00affb000000ffff            /* 0x28 user code64 */
-gdt_tss: .quad 0x0000890000000067           /* 0x30 available 64-bit TSS, base patched */
-        .quad 0
-gdt_end:
-gdtr:   .word gdt_end - gdt - 1
-        .quad gdt
+        .section .data                      /* on from GDT_RING3's gdtr */
 idtr:   .word 256 * 16 - 1
         .quad idt
 resume_rip:       .quad 0
@@ -351,7 +337,7 @@ seen_handler_if:  .quad 0
 seen_cr2:         .quad 0
 seen_stack:       .quad 0
         .p2align 4
-tss:    .fill 104, 1, 0
+tss:    .fill TSS64_SIZE, 1, 0
 
         .section .bss
         .p2align 12

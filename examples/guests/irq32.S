@@ -25,11 +25,11 @@
         .include "x86.inc"
         .include "report64.inc"
         .include "report32.inc"
+        .include "gdt64.inc"
         .include "leave64.inc"
 
-        .set CODE64, 0x08
-        .set DATA, 0x10
-        .set CODE32, 0x18
+        GDT_CODE32                          /* KERNEL_CS, KERNEL_DS, CODE32; gdt, gdtr */
+
         .set APIC, 0xfee00000
         .set APIC_EOI, 0xb0
         .set APIC_SVR, 0xf0
@@ -50,11 +50,8 @@
 _start:
         BEGIN   stack_top, msg_start
         lgdt    [rip + gdtr]
-        push    CODE64
-        lea     rax, [rip + 1f]
-        push    rax
-        retfq
-1:      LEAVE_LONG_MODE CODE32, DATA
+        RELOAD_CS KERNEL_CS
+        LEAVE_LONG_MODE CODE32, KERNEL_DS
 
         /* A stray gate for every external vector, then the timer's own. */
         mov     edi, FIRST_EXTERNAL
@@ -169,15 +166,7 @@ stray_handler:
 msg_start: .asciz "IRQ32 START\n"
 msg_done:  .asciz "IRQ32 DONE\n"
 
-        .section .data
-        .p2align 4
-gdt:    .quad 0
-        .quad 0x00af9b000000ffff            /* 0x08 code64 */
-        .quad 0x00cf93000000ffff            /* 0x10 flat data */
-        .quad 0x00cf9b000000ffff            /* 0x18 code32: L=0, D=1 */
-gdt_end:
-gdtr:   .word gdt_end - gdt - 1
-        .quad gdt
+        .section .data                      /* on from GDT_CODE32's gdtr */
 idtr32: .word 256 * 8 - 1
         .long idt32
 ticks:         .long 0

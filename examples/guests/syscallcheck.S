@@ -27,13 +27,10 @@
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "x86.inc"
         .include "report64.inc"
+        .include "gdt64.inc"
 
-        .set KERNEL_CS, 0x08
-        .set KERNEL_DS, 0x10
-        .set USER_CS32, 0x1b
-        .set USER_DS, 0x23
-        .set USER_CS, 0x2b
-        .set TSS_SEL, 0x30
+        GDT_RING3                           /* KERNEL_CS .. TSS_SEL; gdt, gdtr in .data */
+
         .set FMASK, RFLAGS_AC | RFLAGS_DF | RFLAGS_IF
         .set USER_RFLAGS, RFLAGS_RF | RFLAGS_AC | RFLAGS_DF | RFLAGS_IF | RFLAGS_CF | RFLAGS_1
 
@@ -93,7 +90,7 @@ _start:
          * 0x2b and SS 0x23 (unused here). LSTAR = the entry; FMASK = AC, DF, IF. */
         mov     ecx, MSR_STAR
         xor     eax, eax
-        mov     edx, (0x18 << 16) | KERNEL_CS
+        mov     edx, STAR_SELECTORS
         wrmsr
         mov     ecx, MSR_LSTAR
         lea     rax, [rip + syscall_entry]
@@ -237,19 +234,7 @@ common:
 msg_start: .asciz "SYSCALLCHECK START\n"
 msg_done:  .asciz "SYSCALLCHECK DONE\n"
 
-        .section .data
-        .p2align 4
-gdt:    .quad 0
-        .quad 0x00af9b000000ffff            /* 0x08 kernel code64 */
-        .quad 0x00cf93000000ffff            /* 0x10 kernel data */
-        .quad 0x00cffb000000ffff            /* 0x18 user code32 */
-        .quad 0x00cff3000000ffff            /* 0x20 user data */
-        .quad 0x00affb000000ffff            /* 0x28 user code64 */
-gdt_tss: .quad 0x0000890000000067           /* 0x30 available 64-bit TSS, base patched */
-        .quad 0
-gdt_end:
-gdtr:   .word gdt_end - gdt - 1
-        .quad gdt
+        .section .data                      /* on from GDT_RING3's gdtr */
 idtr:   .word 256 * 16 - 1
         .quad idt
 resume_rip:   .quad 0
@@ -265,7 +250,7 @@ seen_vector:  .quad -1
 seen_rip:     .quad 0
 seen_cs:      .quad 0
         .p2align 4
-tss:    .fill 104, 1, 0
+tss:    .fill TSS64_SIZE, 1, 0
 
         .section .bss
         .p2align 12

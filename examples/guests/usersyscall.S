@@ -23,12 +23,10 @@
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "x86.inc"
         .include "report64.inc"
+        .include "gdt64.inc"
 
-        .set KERNEL_CS, 0x08
-        .set KERNEL_DS, 0x10
-        .set USER_DS, 0x23
-        .set USER_CS, 0x2b
-        .set TSS_SEL, 0x30
+        GDT_RING3                           /* KERNEL_CS .. TSS_SEL; gdt, gdtr in .data */
+
 
         .include "ring3.inc"
         .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
@@ -54,7 +52,7 @@ _start:
         LOAD_GDT
         mov     ecx, MSR_STAR
         xor     eax, eax
-        mov     edx, 0x00180008
+        mov     edx, STAR_SELECTORS
         wrmsr
         mov     ecx, MSR_LSTAR
         lea     rax, [rip + syscall_entry]
@@ -111,24 +109,12 @@ msg:      .asciz "SYSCALL_CS "
 msg_ok:   .asciz " ok\n"
 msg_fail: .asciz " FAIL\n"
 
-        .section .data
-        .p2align 4
-gdt:    .quad 0
-        .quad 0x00af9b000000ffff            /* 0x08 kernel code64 */
-        .quad 0x00cf93000000ffff            /* 0x10 kernel data */
-        .quad 0x00cffb000000ffff            /* 0x18 user code32 */
-        .quad 0x00cff3000000ffff            /* 0x20 user data */
-        .quad 0x00affb000000ffff            /* 0x28 user code64 */
-gdt_tss: .quad 0x0000890000000067           /* 0x30 available 64-bit TSS, base patched */
-        .quad 0
-gdt_end:
-gdtr:   .word gdt_end - gdt - 1
-        .quad gdt
+        .section .data                      /* on from GDT_RING3's gdtr */
 idtr:   .word 256 * 16 - 1
         .quad idt
 entry_cs: .quad 0
         .p2align 4
-tss:    .fill 104, 1, 0
+tss:    .fill TSS64_SIZE, 1, 0
 
         .section .bss
         .p2align 12
