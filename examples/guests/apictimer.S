@@ -44,14 +44,8 @@
 _start:
         cli
         lea     rsp, [rip + stack_top]
-        mov     edi, TIMER_VECTOR
-        lea     rsi, [rip + timer_handler]
-        mov     edx, INTR_GATE
-        call    set_gate
-        mov     edi, IPI_VECTOR
-        lea     rsi, [rip + ipi_handler]
-        mov     edx, INTR_GATE
-        call    set_gate
+        SET_GATE TIMER_VECTOR, timer_handler
+        SET_GATE IPI_VECTOR, ipi_handler
         lidt    [rip + idtr]
         lea     rsi, [rip + msg_start]
         call    puts
@@ -138,7 +132,7 @@ msg_done:  .asciz "APICTIMER DONE\n"
 
         .section .data
         .p2align 4
-idtr:   .word 256 * 16 - 1
+idtr:   .word IDT64_SIZE - 1
         .quad idt
 ticks:            .quad 0
 in_service:       .quad 0
@@ -149,6 +143,6 @@ ipis:             .quad 0
 
         .section .bss
         .p2align 12
-idt:    .fill 4096, 1, 0
+idt:    .fill IDT64_SIZE, 1, 0
         .fill 4096, 1, 0
 stack_top:

@@ -37,8 +37,8 @@
         .include "leave64.inc"
 
         GDT_CODE32 tss=1                    /* KERNEL_CS, KERNEL_DS, CODE32, TSS_SEL; gdt */
+        .include "idt32.inc"  /* after CODE32: it stores the selector */
 
-        .set IST1, 1
         .set ERROR_EXT, 1                       /* SDM 6.13, figure 6-6 */
         .set ERROR_IDT, 2
         /* Linear addresses outside the VMM's identity map of the low 4 GiB (not present at the
@@ -46,8 +46,6 @@
         .set BAD_STACK, 0x140000800
         .set BAD_IST, 0x150000800
         .set UNMAPPED, 0x180000000
-        .set GATE_P, 0x8000                     /* present, in the type/attribute word */
-        .set GATE32_INTR, 0x8e00                /* P, DPL 0, 32-bit interrupt gate (fig. 6-2) */
         /* boot_params (Linux boot protocol, RSI at the 64-bit entry): cmd_line_ptr */
         .set BP_CMD_LINE_PTR, 0x228
 
@@ -80,32 +78,17 @@ _start:
         LOAD_GDT
 
         /* Gates: #NP, #GP, #PF interrupt gates; #DF on IST 1. #UD's is set per check. */
-        mov     edi, VECTOR_NP
-        lea     rsi, [rip + stub_b]
-        mov     edx, INTR_GATE
-        call    set_gate
-        mov     edi, VECTOR_GP
-        lea     rsi, [rip + stub_d]
-        mov     edx, INTR_GATE
-        call    set_gate
-        mov     edi, VECTOR_PF
-        lea     rsi, [rip + stub_e]
-        mov     edx, INTR_GATE
-        call    set_gate
-        mov     edi, VECTOR_DF
-        lea     rsi, [rip + stub_8]
-        mov     edx, INTR_GATE | IST1
-        call    set_gate
+        SET_GATE VECTOR_NP, stub_b
+        SET_GATE VECTOR_GP, stub_d
+        SET_GATE VECTOR_PF, stub_e
+        SET_GATE VECTOR_DF, stub_8, "INTR_GATE | IST1"
         lidt    [rip + idtr]
 
 /* --- 64-bit mode ------------------------------------------------------------------------- */
 
         /* #UD through a 64-bit interrupt gate with P clear: #NP(6 * 8 + IDT + EXT), RIP of the
          * ud2 (a fault). #UD is benign, so #NP is delivered, not #DF (table 6-5). */
-        mov     edi, VECTOR_UD
-        lea     rsi, [rip + stub_b]
-        mov     edx, INTR_GATE & ~GATE_P
-        call    set_gate
+        SET_GATE VECTOR_UD, stub_b, "INTR_GATE & ~GATE_P"
         ARM     2f
 fault_ud_np:
         ud2
@@ -115,10 +98,7 @@ fault_ud_np:
 
         /* #UD through an entry of type 0 (not a gate): the type is checked before P (SDM vol.
          * 2A, INT n, "IA-32e-MODE"), so #GP(6 * 8 + IDT + EXT). */
-        mov     edi, VECTOR_UD
-        lea     rsi, [rip + stub_b]
-        xor     edx, edx
-        call    set_gate
+        SET_GATE VECTOR_UD, stub_b, 0
         ARM     2f
 fault_ud_gp:
         ud2
@@ -200,17 +180,6 @@ pm_int41:
 
         DONE32  msg_done
 
-/* IDT32[EDI] = 32-bit interrupt gate to ESI, CS = CODE32 (SDM 6.11, figure 6-2). */
-set_gate32:
-        lea     edi, [idt32 + edi * 8]
-        mov     eax, esi
-        mov     word ptr [edi], ax
-        mov     word ptr [edi + 2], CODE32
-        mov     word ptr [edi + 4], GATE32_INTR
-        shr     eax, 16
-        mov     word ptr [edi + 6], ax
-        ret
-
 /* 32-bit stubs: vector, then an error-code slot (0 where the CPU pushes none). */
         .macro STUB32 vector, pushes_error
 stub32_\vector:
@@ -274,15 +243,7 @@ wants_triple:
 9:      mov     eax, 1
 8:      ret
 
-/* 64-bit stubs: vector, then an error-code slot (0 where the CPU pushes none). */
-        .macro STUB vector, pushes_error
-stub_\vector:
-        .if \pushes_error == 0
-        push    0
-        .endif
-        push    0x\vector
-        jmp     common64
-        .endm
+/* 64-bit stubs (idt64.inc): the vector and an error-code slot, then `common`. */
         STUB    8, 1
         STUB    b, 1
         STUB    d, 1
@@ -291,7 +252,7 @@ stub_\vector:
 /* Stack: vector, error, RIP, CS, RFLAGS, RSP, SS. Count the vector; record the error code,
  * RIP, where the CPU's frame starts (its error code) and CR2; return to the armed continuation
  * in ring 0 on the kernel stack it was armed with. */
-common64:
+common:
         push    rax
         push    rbx
         mov     rax, [rsp + 16]
@@ -325,9 +286,9 @@ msg_done:    .asciz "FAULTNEST DONE\n"
 word_triple: .asciz "faultnest.triple"
 
         .section .data                      /* on from GDT_CODE32's gdtr */
-idtr:   .word 256 * 16 - 1
+idtr:   .word IDT64_SIZE - 1
         .quad idt
-idtr32: .word 256 * 8 - 1
+idtr32: .word IDT32_SIZE - 1
         .long idt32
 triple:      .quad 0
 resume_rip:  .quad 0
@@ -350,8 +311,8 @@ tss:    .fill TSS64_SIZE, 1, 0
 
         .section .bss
         .p2align 12
-idt:    .fill 4096, 1, 0
-idt32:  .fill 2048, 1, 0
+idt:    .fill IDT64_SIZE, 1, 0
+idt32:  .fill IDT32_SIZE, 1, 0
         .p2align 12
         .fill 4096, 1, 0
 kstack_top:

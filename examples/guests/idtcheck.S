@@ -34,10 +34,6 @@
 
         GDT_RING3                           /* KERNEL_CS .. TSS_SEL; gdt, gdtr in .data */
 
-        /* Gate type/attribute words (SDM 6.14.1, figure 6-8): P, DPL, type; low byte = IST. */
-        .set TRAP_GATE, 0x8f00
-        .set USER_INTR_GATE, 0xee00
-        .set IST1, 1
         /* A linear address outside the VMM's 4 GiB identity map: not present at the PDPT. */
         .set UNMAPPED, 0x140000000
         /* The second 2 MiB page: present, but without the U bit (a supervisor page). */
@@ -80,38 +76,14 @@ _start:
         mov     [rip + tss + 0x24], rax
         LOAD_GDT
 
-        mov     edi, 0
-        lea     rsi, [rip + stub_0]
-        mov     edx, INTR_GATE
-        call    set_gate
-        mov     edi, 3
-        lea     rsi, [rip + stub_3]
-        mov     edx, INTR_GATE
-        call    set_gate
-        mov     edi, 6
-        lea     rsi, [rip + stub_6]
-        mov     edx, TRAP_GATE
-        call    set_gate
-        mov     edi, 13
-        lea     rsi, [rip + stub_13]
-        mov     edx, INTR_GATE
-        call    set_gate
-        mov     edi, 14
-        lea     rsi, [rip + stub_14]
-        mov     edx, INTR_GATE
-        call    set_gate
-        mov     edi, 0x41
-        lea     rsi, [rip + stub_41]
-        mov     edx, INTR_GATE
-        call    set_gate
-        mov     edi, 0x42
-        lea     rsi, [rip + stub_42]
-        mov     edx, INTR_GATE | IST1
-        call    set_gate
-        mov     edi, 0x80
-        lea     rsi, [rip + stub_80]
-        mov     edx, USER_INTR_GATE
-        call    set_gate
+        SET_GATE VECTOR_DE, stub_0
+        SET_GATE VECTOR_BP, stub_3
+        SET_GATE VECTOR_UD, stub_6, TRAP_GATE
+        SET_GATE VECTOR_GP, stub_13
+        SET_GATE VECTOR_PF, stub_14
+        SET_GATE 0x41, stub_41
+        SET_GATE 0x42, stub_42, "INTR_GATE | IST1"
+        SET_GATE 0x80, stub_80, USER_INTR_GATE
         lidt    [rip + idtr]
         lea     rsi, [rip + msg_start]
         call    puts
@@ -241,15 +213,7 @@ user_pf:
         mov     rax, qword ptr [SUPERVISOR_PAGE]
         jmp     .
 
-/* Handler stubs: vector, then an error code slot (0 where the CPU pushes none). */
-        .macro STUB vector, pushes_error
-stub_\vector:
-        .if \pushes_error == 0
-        push    0
-        .endif
-        push    0x\vector
-        jmp     common
-        .endm
+/* Handler stubs (idt64.inc): the vector and an error code slot, then `common`. */
         STUB    0, 0
         STUB    3, 0
         STUB    6, 0
@@ -322,7 +286,7 @@ msg_start: .asciz "IDTCHECK START\n"
 msg_done:  .asciz "IDTCHECK DONE\n"
 
         .section .data                      /* on from GDT_RING3's gdtr */
-idtr:   .word 256 * 16 - 1
+idtr:   .word IDT64_SIZE - 1
         .quad idt
 resume_rip:       .quad 0
 resume_rsp:       .quad 0
@@ -341,7 +305,7 @@ tss:    .fill TSS64_SIZE, 1, 0
 
         .section .bss
         .p2align 12
-idt:    .fill 4096, 1, 0
+idt:    .fill IDT64_SIZE, 1, 0
         .fill 4096, 1, 0
 kstack_top:
         .fill 4096, 1, 0

@@ -29,6 +29,7 @@
         .include "leave64.inc"
 
         GDT_CODE32                          /* KERNEL_CS, KERNEL_DS, CODE32; gdt, gdtr */
+        .include "idt32.inc"  /* after CODE32: it stores the selector */
 
         .set APIC, 0xfee00000
         .set APIC_EOI, 0xb0
@@ -42,7 +43,6 @@
         .set LVT_MASKED, 1 << 16
         .set SVR_ENABLE, 1 << 8
         .set TICKS, 5
-        .set GATE32_INTR, 0x8e00                /* P, DPL 0, 32-bit interrupt gate (fig. 6-2) */
         .set FIRST_EXTERNAL, 0x20               /* 0-31 are exceptions (SDM 6.2) */
 
         .section .text.entry, "ax", @progbits
@@ -112,17 +112,6 @@ spin_with_interrupts:
         cli
         ret
 
-/* IDT32[EDI] = 32-bit interrupt gate to ESI, CS = CODE32 (SDM 6.11, figure 6-2). */
-set_gate32:
-        lea     edx, [idt32 + edi * 8]
-        mov     eax, esi
-        mov     word ptr [edx], ax
-        mov     word ptr [edx + 2], CODE32
-        mov     word ptr [edx + 4], GATE32_INTR
-        shr     eax, 16
-        mov     word ptr [edx + 6], ax
-        ret
-
 /* The timer: count, note whether its vector is in service (ISR bit) and the frame, EOI.
  * Stack after the two pushes: EBX, EAX, then the CPU's EIP, CS, EFLAGS. */
 timer_handler:
@@ -167,7 +156,7 @@ msg_start: .asciz "IRQ32 START\n"
 msg_done:  .asciz "IRQ32 DONE\n"
 
         .section .data                      /* on from GDT_CODE32's gdtr */
-idtr32: .word 256 * 8 - 1
+idtr32: .word IDT32_SIZE - 1
         .long idt32
 ticks:         .long 0
 in_service:    .long 0
@@ -181,7 +170,7 @@ strays:        .long 0
 
         .section .bss
         .p2align 12
-idt32:  .fill 2048, 1, 0
+idt32:  .fill IDT32_SIZE, 1, 0
         .p2align 12
         .fill 4096, 1, 0
 stack_top:

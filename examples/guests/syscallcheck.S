@@ -70,18 +70,9 @@ _start:
         mov     [rip + tss + 4], rax
         LOAD_GDT
         /* #UD, #GP and #PF go to the recording handler (#GP/#PF only if something is wrong). */
-        mov     edi, VECTOR_UD
-        lea     rsi, [rip + stub_6]
-        mov     edx, INTR_GATE
-        call    set_gate
-        mov     edi, VECTOR_GP
-        lea     rsi, [rip + stub_d]
-        mov     edx, INTR_GATE
-        call    set_gate
-        mov     edi, VECTOR_PF
-        lea     rsi, [rip + stub_e]
-        mov     edx, INTR_GATE
-        call    set_gate
+        SET_GATE VECTOR_UD, stub_6
+        SET_GATE VECTOR_GP, stub_d
+        SET_GATE VECTOR_PF, stub_e
         lidt    [rip + idtr]
         lea     rsi, [rip + msg_start]
         call    puts
@@ -194,15 +185,7 @@ syscall_entry:
         mov     rsp, [rip + resume_rsp]
         jmp     qword ptr [rip + resume_rip]
 
-/* Handler stubs: vector, then an error code slot (0 where the CPU pushes none). */
-        .macro STUB vector, pushes_error
-stub_\vector:
-        .if \pushes_error == 0
-        push    0
-        .endif
-        push    0x\vector
-        jmp     common
-        .endm
+/* Handler stubs (idt64.inc): the vector and an error code slot, then `common`. */
         STUB    6, 0
         STUB    d, 1
         STUB    e, 1
@@ -235,7 +218,7 @@ msg_start: .asciz "SYSCALLCHECK START\n"
 msg_done:  .asciz "SYSCALLCHECK DONE\n"
 
         .section .data                      /* on from GDT_RING3's gdtr */
-idtr:   .word 256 * 16 - 1
+idtr:   .word IDT64_SIZE - 1
         .quad idt
 resume_rip:   .quad 0
 resume_rsp:   .quad 0
@@ -254,7 +237,7 @@ tss:    .fill TSS64_SIZE, 1, 0
 
         .section .bss
         .p2align 12
-idt:    .fill 4096, 1, 0
+idt:    .fill IDT64_SIZE, 1, 0
         .fill 4096, 1, 0
 kstack_top:
         .fill 4096, 1, 0

@@ -44,10 +44,7 @@ _start:
         lea     rax, [rip + kstack_top]
         mov     [rip + tss + 4], rax
         /* One interrupt gate, #UD. */
-        mov     edi, VECTOR_UD
-        lea     rsi, [rip + ud_handler]
-        mov     edx, INTR_GATE
-        call    set_gate
+        SET_GATE VECTOR_UD, ud_handler
         lidt    [rip + idtr]
         LOAD_GDT
         mov     ecx, MSR_STAR
@@ -110,7 +107,7 @@ msg_ok:   .asciz " ok\n"
 msg_fail: .asciz " FAIL\n"
 
         .section .data                      /* on from GDT_RING3's gdtr */
-idtr:   .word 256 * 16 - 1
+idtr:   .word IDT64_SIZE - 1
         .quad idt
 entry_cs: .quad 0
         .p2align 4
@@ -118,7 +115,7 @@ tss:    .fill TSS64_SIZE, 1, 0
 
         .section .bss
         .p2align 12
-idt:    .fill 4096, 1, 0
+idt:    .fill IDT64_SIZE, 1, 0
         .fill 4096, 1, 0
 kstack_top:
         .fill 4096, 1, 0
