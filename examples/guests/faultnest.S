@@ -52,12 +52,6 @@
         .include "ring3.inc"
         .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
 
-/* ARM continuation: where a 64-bit handler resumes (ring 0, this stack). */
-        .macro ARM continuation
-        lea     rax, [rip + \continuation]
-        mov     [rip + resume_rip], rax
-        mov     [rip + resume_rsp], rsp
-        .endm
 
         .section .text.entry, "ax", @progbits
         .globl  _start
@@ -74,7 +68,7 @@ _start:
         /* TSS descriptor base and IST1 (SDM 7.7, figure 7-11), GDT, segments, TR. */
         TSS_BASE
         lea     rax, [rip + ist1_top]
-        mov     [rip + tss + 0x24], rax
+        mov     [rip + tss + TSS_IST1], rax
         LOAD_GDT
 
         /* Gates: #NP, #GP, #PF interrupt gates; #DF on IST 1. #UD's is set per check. */
@@ -128,7 +122,7 @@ fault_ud_gp:
         lea     rsi, [rip + msg_triple]
         call    puts
         mov     rax, BAD_IST
-        mov     [rip + tss + 0x24], rax
+        mov     [rip + tss + TSS_IST1], rax
         mov     rbx, UNMAPPED
         mov     rsp, BAD_STACK
         mov     rax, qword ptr [rbx]

@@ -39,24 +39,7 @@
         /* The second 2 MiB page: present, but without the U bit (a supervisor page). */
         .set SUPERVISOR_PAGE, 0x200000
 
-/* ARM continuation: where the handler resumes (ring 0, kernel stack). */
-        .macro ARM continuation
-        lea     rax, [rip + \continuation]
-        mov     [rip + resume_rip], rax
-        mov     [rip + resume_rsp], rsp
-        .endm
-
-/* TO_USER code: iretq to ring 3 at ``code`` on the user stack, IF set. */
-        .macro TO_USER code
-        push    USER_DS
-        lea     rax, [rip + ustack_top]
-        push    rax
-        push    RFLAGS_IF | RFLAGS_1
-        push    USER_CS
-        lea     rax, [rip + \code]
-        push    rax
-        iretq
-        .endm
+        .set USER_RFLAGS, RFLAGS_IF | RFLAGS_1  /* ring 3 runs with interrupts on */
 
         .include "ring3.inc"
         .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
@@ -71,9 +54,9 @@ _start:
         /* TSS descriptor base, RSP0 and IST1 (SDM 7.7, figure 7-11). */
         TSS_BASE
         lea     rax, [rip + rsp0_top]
-        mov     [rip + tss + 4], rax
+        mov     [rip + tss + TSS_RSP0], rax
         lea     rax, [rip + ist1_top]
-        mov     [rip + tss + 0x24], rax
+        mov     [rip + tss + TSS_IST1], rax
         LOAD_GDT
 
         SET_GATE VECTOR_DE, stub_0
@@ -167,7 +150,7 @@ trap_int41:
 
         /* INT 0x80 through a DPL 3 gate: the CPU switches to TSS.RSP0 and pushes the user SS:RSP. */
         ARM     2f
-        TO_USER user_int80
+        TO_USER USER_CS, user_int80, USER_RFLAGS
 2:      EXPECT  "user_int80_vector", "qword ptr [rip + seen_vector]", 0x80
         EXPECT  "user_int80_cs", "qword ptr [rip + seen_cs]", USER_CS
         EXPECT  "user_int80_ss", "qword ptr [rip + seen_ss]", USER_DS
@@ -176,21 +159,21 @@ trap_int41:
 
         /* INT 0x41 from CPL 3 through a DPL 0 gate: #GP(0x41 * 8 + 2). */
         ARM     2f
-        TO_USER user_int41
+        TO_USER USER_CS, user_int41, USER_RFLAGS
 2:      EXPECT  "user_int41_vector", "qword ptr [rip + seen_vector]", VECTOR_GP
         EXPECT  "user_int41_error", "qword ptr [rip + seen_error]", 0x41*8+2
         EXPECT  "user_int41_rip", "qword ptr [rip + seen_rip]", user_int41
 
         /* HLT at CPL 3: #GP(0). */
         ARM     2f
-        TO_USER user_hlt
+        TO_USER USER_CS, user_hlt, USER_RFLAGS
 2:      EXPECT  "user_hlt_vector", "qword ptr [rip + seen_vector]", VECTOR_GP
         EXPECT  "user_hlt_error", "qword ptr [rip + seen_error]", 0
         EXPECT  "user_hlt_rip", "qword ptr [rip + seen_rip]", user_hlt
 
         /* A read of a supervisor page from CPL 3: #PF with P=1 W=0 U=1. */
         ARM     2f
-        TO_USER user_pf
+        TO_USER USER_CS, user_pf, USER_RFLAGS
 2:      EXPECT  "user_pf_vector", "qword ptr [rip + seen_vector]", VECTOR_PF
         EXPECT  "user_pf_error", "qword ptr [rip + seen_error]", 5
         EXPECT  "user_pf_cr2", "qword ptr [rip + seen_cr2]", SUPERVISOR_PAGE
@@ -267,19 +250,7 @@ common:
         jb      5f
         mov     eax, 2
 5:      mov     [rip + seen_stack], rax
-        pop     rax
-        add     rsp, 16
-        /* Rewrite the frame: ring 0 at the continuation, on the armed kernel stack. */
-        push    rax
-        mov     rax, [rip + resume_rip]
-        mov     [rsp + 8], rax
-        mov     qword ptr [rsp + 16], KERNEL_CS
-        and     qword ptr [rsp + 24], ~RFLAGS_IF
-        mov     rax, [rip + resume_rsp]
-        mov     [rsp + 32], rax
-        mov     qword ptr [rsp + 40], KERNEL_DS
-        pop     rax
-        iretq
+        RESUME_ARMED                        /* ring 0 at the continuation, armed stack */
 
         .section .rodata
 msg_start: .asciz "IDTCHECK START\n"

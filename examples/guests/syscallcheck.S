@@ -34,24 +34,6 @@
         .set FMASK, RFLAGS_AC | RFLAGS_DF | RFLAGS_IF
         .set USER_RFLAGS, RFLAGS_RF | RFLAGS_AC | RFLAGS_DF | RFLAGS_IF | RFLAGS_CF | RFLAGS_1
 
-/* ARM continuation: where the syscall entry and the exception handler resume (ring 0). */
-        .macro ARM continuation
-        lea     rax, [rip + \continuation]
-        mov     [rip + resume_rip], rax
-        mov     [rip + resume_rsp], rsp
-        .endm
-
-/* TO_USER cs, code, rflags: IRETQ to ring 3 (SDM vol. 2A, IRET: RIP, CS, RFLAGS, RSP, SS). */
-        .macro TO_USER cs, code, rflags
-        push    USER_DS
-        lea     rax, [rip + ustack_top]
-        push    rax
-        push    \rflags
-        push    \cs
-        lea     rax, [rip + \code]
-        push    rax
-        iretq
-        .endm
 
         .include "ring3.inc"
         .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
@@ -67,7 +49,7 @@ _start:
         /* The TSS descriptor's base, and RSP0 for exceptions from ring 3 (SDM 7.7). */
         TSS_BASE
         lea     rax, [rip + kstack_top]
-        mov     [rip + tss + 4], rax
+        mov     [rip + tss + TSS_RSP0], rax
         LOAD_GDT
         /* #UD, #GP and #PF go to the recording handler (#GP/#PF only if something is wrong). */
         SET_GATE VECTOR_UD, stub_6
@@ -200,18 +182,7 @@ common:
         mov     [rip + seen_rip], rax
         mov     rax, [rsp + 32]
         mov     [rip + seen_cs], rax
-        pop     rax
-        add     rsp, 16
-        push    rax
-        mov     rax, [rip + resume_rip]
-        mov     [rsp + 8], rax
-        mov     qword ptr [rsp + 16], KERNEL_CS
-        and     qword ptr [rsp + 24], ~RFLAGS_IF
-        mov     rax, [rip + resume_rsp]
-        mov     [rsp + 32], rax
-        mov     qword ptr [rsp + 40], KERNEL_DS
-        pop     rax
-        iretq
+        RESUME_ARMED
 
         .section .rodata
 msg_start: .asciz "SYSCALLCHECK START\n"

@@ -42,7 +42,7 @@ _start:
         /* The TSS descriptor's base, and RSP0 for ring-3 -> ring-0 interrupts (SDM 7.7). */
         TSS_BASE
         lea     rax, [rip + kstack_top]
-        mov     [rip + tss + 4], rax
+        mov     [rip + tss + TSS_RSP0], rax
         /* One interrupt gate, #UD. */
         SET_GATE VECTOR_UD, ud_handler
         lidt    [rip + idtr]
@@ -64,15 +64,7 @@ _start:
         rdmsr
         or      eax, EFER_SCE
         wrmsr
-        /* iretq to ring 3 (SDM vol. 2A, IRET: SS, RSP, RFLAGS, CS, RIP). */
-        push    USER_DS
-        lea     rax, [rip + ustack_top]
-        push    rax
-        push    RFLAGS_1
-        push    USER_CS
-        lea     rax, [rip + user_code]
-        push    rax
-        iretq
+        TO_USER USER_CS, user_code, RFLAGS_1    /* IRETQ to ring 3, interrupts off */
 
 user_code:
         mov     eax, 39                     /* any number: the entry does not look at it */
