@@ -40,6 +40,7 @@
         .include "serial.inc"
         .include "exit.inc"
         .include "gdt64.inc"
+        .include "paging64.inc"
 
 /* ---- constants ---------------------------------------------------------- */
 
@@ -74,8 +75,6 @@
         .set HIGH_PML4_IDX,   511
         .set HIGH_PDPT_IDX,   510
         .set HIGH_PD_IDX,     8
-        .set PTE_P_RW,        0x3       /* P (bit 0) | R/W (bit 1) */
-        .set PDE_2M_P_RW_PS,  0x83      /* P | R/W | PS (bit 7): 2 MiB page */
         .set CMDLINE_MAX,     0x10000   /* bound for the strlen scan */
 
 /* ---- macros ------------------------------------------------------------- */
@@ -149,12 +148,7 @@ _start:
          * checked values, but CLD anyway - the flags are already saved.
          */
         cld
-        lea     rdi, [rip + __bss_start]
-        lea     rcx, [rip + __bss_end]
-        sub     rcx, rdi
-        shr     rcx, 3
-        xor     eax, eax
-        rep stosq
+        ZERO_QWORDS __bss_start, __bss_end
 
         lea     rsp, [rip + stack_top]
         xor     ebp, ebp
@@ -321,7 +315,7 @@ main:
         and     r8, -0x1000                     /* PML4 physical address */
         lea     r9, [rip + high_pdpt]
         lea     r10, [rip + high_pd]
-        mov     qword ptr [r10 + HIGH_PD_IDX * 8], LOAD_ADDR | PDE_2M_P_RW_PS
+        mov     qword ptr [r10 + HIGH_PD_IDX * 8], LOAD_ADDR | PTE_P_RW | PTE_PS
         lea     rax, [r10 + PTE_P_RW]
         mov     qword ptr [r9 + HIGH_PDPT_IDX * 8], rax
         lea     rax, [r9 + PTE_P_RW]

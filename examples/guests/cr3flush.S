@@ -27,12 +27,8 @@
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "report64.inc"
         .include "timing64.inc"
+        .include "paging64.inc"
 
-        /* Paging-structure entries (SDM vol. 3A 4.5, tables 4-15 to 4-18). */
-        .set PTE_P_RW, 0x3
-        .set PTE_PS, 1 << 7                     /* a PDE that maps a 2 MiB page */
-        .set PAGE_2M, 0x200000
-        .set PAGE_4K, 0x1000
         .set REMAP, 0x40000000                  /* PDPT[1]: outside the shared identity map */
         .set MOV_EAX_IMM32, 0xb8
         .set RET, 0xc3
@@ -46,21 +42,9 @@ _start:
         BEGIN   stack_top, msg_start
 
         /* .bss is ours to zero (examples/README.md): the tables must start empty. */
-        lea     rdi, [rip + pml4_a]
-        lea     rcx, [rip + stack_top]
-        sub     rcx, rdi
-        shr     rcx, 3
-        xor     eax, eax
-        rep     stosq
+        ZERO_QWORDS pml4_a, stack_top
         /* PD_LOW: identity 0..1 GiB in 2 MiB pages, shared by both spaces. */
-        lea     rdi, [rip + pd_low]
-        mov     eax, PTE_P_RW | PTE_PS
-        mov     ecx, 512
-1:      mov     qword ptr [rdi], rax
-        add     rdi, 8
-        add     rax, PAGE_2M
-        dec     ecx
-        jnz     1b
+        IDENTITY_1G pd_low
         /* The two functions, each alone in its 2 MiB page. */
         lea     rdi, [rip + page_a]
         mov     byte ptr [rdi], MOV_EAX_IMM32
@@ -71,29 +55,15 @@ _start:
         mov     dword ptr [rdi + 1], 2
         mov     byte ptr [rdi + 5], RET
         /* Space A: PML4_A[0] -> PDPT_A; PDPT_A[0] -> PD_LOW, PDPT_A[1] -> PD_A: REMAP -> A. */
-        lea     rax, [rip + page_a]
-        or      rax, PTE_P_RW | PTE_PS
-        mov     qword ptr [rip + pd_a], rax
-        lea     rax, [rip + pd_low]
-        or      rax, PTE_P_RW
-        mov     qword ptr [rip + pdpt_a], rax
-        mov     qword ptr [rip + pdpt_b], rax
-        lea     rax, [rip + pd_a]
-        or      rax, PTE_P_RW
-        mov     qword ptr [rip + pdpt_a + 8], rax
-        lea     rax, [rip + pdpt_a]
-        or      rax, PTE_P_RW
-        mov     qword ptr [rip + pml4_a], rax
+        PT_ENTRY pd_a, 0, page_a, "PTE_P_RW | PTE_PS"
+        PT_ENTRY pdpt_a, 0, pd_low, PTE_P_RW
+        mov     qword ptr [rip + pdpt_b], rax   /* PDPT_B[0]: the same PD_LOW */
+        PT_ENTRY pdpt_a, 1, pd_a, PTE_P_RW
+        PT_ENTRY pml4_a, 0, pdpt_a, PTE_P_RW
         /* Space B: the same, with REMAP -> B. */
-        lea     rax, [rip + page_b]
-        or      rax, PTE_P_RW | PTE_PS
-        mov     qword ptr [rip + pd_b], rax
-        lea     rax, [rip + pd_b]
-        or      rax, PTE_P_RW
-        mov     qword ptr [rip + pdpt_b + 8], rax
-        lea     rax, [rip + pdpt_b]
-        or      rax, PTE_P_RW
-        mov     qword ptr [rip + pml4_b], rax
+        PT_ENTRY pd_b, 0, page_b, "PTE_P_RW | PTE_PS"
+        PT_ENTRY pdpt_b, 1, pd_b, PTE_P_RW
+        PT_ENTRY pml4_b, 0, pdpt_b, PTE_P_RW
 
 /* --- the code at REMAP after each switch ------------------------------------------------ */
 

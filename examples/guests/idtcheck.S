@@ -31,13 +31,14 @@
         .include "x86.inc"
         .include "report64.inc"
         .include "gdt64.inc"
+        .include "paging64.inc"
 
         GDT_RING3                           /* KERNEL_CS .. TSS_SEL; gdt, gdtr in .data */
 
         /* A linear address outside the VMM's 4 GiB identity map: not present at the PDPT. */
         .set UNMAPPED, 0x140000000
         /* The second 2 MiB page: present, but without the U bit (a supervisor page). */
-        .set SUPERVISOR_PAGE, 0x200000
+        .set SUPERVISOR_PAGE, PAGE_2M
 
         .set USER_RFLAGS, RFLAGS_IF | RFLAGS_1  /* ring 3 runs with interrupts on */
 

@@ -25,12 +25,8 @@
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
         .include "x86.inc"
         .include "report64.inc"
+        .include "paging64.inc"
 
-        /* Paging-structure entries (SDM vol. 3A 4.5, tables 4-15 to 4-18). */
-        .set PTE_P_RW, 0x3
-        .set PTE_PS, 1 << 7                     /* a PDE that maps a 2 MiB page */
-        .set PTE_XD_HIGH, 1 << 31               /* bit 63: execute-disable, as the high dword */
-        .set PAGE_2M, 0x200000
         /* PDPT[1] (linear 1 GiB..2 GiB): the two views of ALIASED, both outside the identity
          * map of the low 1 GiB that PDPT[0] gives. */
         .set EXEC_VIEW, 0x40000000
@@ -45,36 +41,16 @@ _start:
         BEGIN   stack_top, msg_start
 
         /* .bss is ours to zero (examples/README.md): the tables must start empty. */
-        lea     rdi, [rip + pml4]
-        lea     rcx, [rip + stack_top]
-        sub     rcx, rdi
-        shr     rcx, 3
-        xor     eax, eax
-        rep     stosq
+        ZERO_QWORDS pml4, stack_top
         /* Own tables: PML4[0] -> PDPT; PDPT[0] -> PD_LOW, identity 0..1 GiB in 2 MiB pages
          * (this code, its data, the stack); PDPT[1] -> PD_ALIAS with the two views. */
-        lea     rdi, [rip + pd_low]
-        mov     eax, PTE_P_RW | PTE_PS
-        mov     ecx, 512
-1:      mov     qword ptr [rdi], rax
-        add     rdi, 8
-        add     rax, PAGE_2M
-        dec     ecx
-        jnz     1b
-        lea     rax, [rip + aliased]
-        or      rax, PTE_P_RW | PTE_PS
-        mov     qword ptr [rip + pd_alias + (EXEC_VIEW >> 21) % 512 * 8], rax
+        IDENTITY_1G pd_low
+        PT_ENTRY pd_alias, "(EXEC_VIEW >> 21) % 512", aliased, "PTE_P_RW | PTE_PS"
         mov     qword ptr [rip + pd_alias + (NX_VIEW >> 21) % 512 * 8], rax
         mov     dword ptr [rip + pd_alias + (NX_VIEW >> 21) % 512 * 8 + 4], PTE_XD_HIGH
-        lea     rax, [rip + pd_low]
-        or      rax, PTE_P_RW
-        mov     qword ptr [rip + pdpt], rax
-        lea     rax, [rip + pd_alias]
-        or      rax, PTE_P_RW
-        mov     qword ptr [rip + pdpt + 8], rax
-        lea     rax, [rip + pdpt]
-        or      rax, PTE_P_RW
-        mov     qword ptr [rip + pml4], rax
+        PT_ENTRY pdpt, 0, pd_low, PTE_P_RW
+        PT_ENTRY pdpt, 1, pd_alias, PTE_P_RW
+        PT_ENTRY pml4, 0, pdpt, PTE_P_RW
         /* XD is a reserved bit (a #PF) unless EFER.NXE is set (SDM 4.6.2). */
         mov     ecx, MSR_EFER
         rdmsr

@@ -28,6 +28,7 @@
         .include "x86.inc"
         .include "report64.inc"
         .include "gdt64.inc"
+        .include "paging64.inc"
 
         GDT_RING3                           /* KERNEL_CS .. TSS_SEL; gdt, gdtr in .data */
 
