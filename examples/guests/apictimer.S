@@ -19,21 +19,9 @@
         .include "x86.inc"
         .include "report64.inc"
         .include "gdt64.inc"
+        .include "apic.inc"
 
-        .set APIC, 0xfee00000
-        .set APIC_EOI, 0xb0
-        .set APIC_SVR, 0xf0
-        .set APIC_ISR, 0x100
-        .set APIC_ICR_LOW, 0x300
-        .set APIC_LVT_TIMER, 0x320
-        .set APIC_TIMER_INITIAL, 0x380
-        .set APIC_TIMER_DIVIDE, 0x3e0
-        .set TIMER_VECTOR, 0xec
         .set IPI_VECTOR, 0xf7
-        .set LVT_PERIODIC, 1 << 17
-        .set LVT_MASKED, 1 << 16
-        .set SVR_ENABLE, 1 << 8
-        .set ICR_SELF, 1 << 18
         .set TICKS, 5
         .set KERNEL_CS, BOOT_CS             /* the VMM's boot GDT */
 
@@ -50,13 +38,7 @@ _start:
         lea     rsi, [rip + msg_start]
         call    puts
 
-        mov     rbx, APIC
-        mov     dword ptr [rbx + APIC_SVR], SVR_ENABLE | 0xff
-        mov     dword ptr [rbx + APIC_TIMER_DIVIDE], 0xb           /* divide by 1 */
-        mov     dword ptr [rbx + APIC_LVT_TIMER], LVT_PERIODIC | TIMER_VECTOR
-        /* A period long enough that the handler always finishes first, short enough to wait:
-         * 2,000,000 ticks of the bus clock (2 ms at 1 GHz, 20 ms at 100 MHz). */
-        mov     dword ptr [rbx + APIC_TIMER_INITIAL], 2000000
+        START_TIMER rbx
 1:      sti
         hlt
         cli
@@ -90,14 +72,9 @@ _start:
 
         DONE    msg_done
 
-/* Interrupts open for a while (2,000,000 PAUSE iterations), then closed again. */
+/* Interrupts open for a while, then closed again. */
 spin_with_interrupts:
-        sti
-        mov     ecx, 2000000
-2:      pause
-        dec     ecx
-        jnz     2b
-        cli
+        IRQ_WINDOW
         ret
 
 /* The timer: count, note whether 0xec is in service (ISR bit), EOI. */
@@ -106,8 +83,8 @@ timer_handler:
         push    rbx
         inc     qword ptr [rip + ticks]
         mov     rbx, APIC
-        mov     eax, dword ptr [rbx + APIC_ISR + (TIMER_VECTOR / 32) * 0x10]
-        bt      eax, TIMER_VECTOR % 32
+        mov     eax, dword ptr [rbx + TIMER_ISR]
+        bt      eax, TIMER_ISR_BIT
         jnc     4f
         inc     qword ptr [rip + in_service]
 4:      mov     rax, [rsp + 16 + 16]                /* RFLAGS in the frame */

@@ -27,21 +27,11 @@
         .include "report32.inc"
         .include "gdt64.inc"
         .include "leave64.inc"
+        .include "apic.inc"
 
         GDT_CODE32                          /* KERNEL_CS, KERNEL_DS, CODE32; gdt, gdtr */
         .include "idt32.inc"  /* after CODE32: it stores the selector */
 
-        .set APIC, 0xfee00000
-        .set APIC_EOI, 0xb0
-        .set APIC_SVR, 0xf0
-        .set APIC_ISR, 0x100
-        .set APIC_LVT_TIMER, 0x320
-        .set APIC_TIMER_INITIAL, 0x380
-        .set APIC_TIMER_DIVIDE, 0x3e0
-        .set TIMER_VECTOR, 0xec
-        .set LVT_PERIODIC, 1 << 17
-        .set LVT_MASKED, 1 << 16
-        .set SVR_ENABLE, 1 << 8
         .set TICKS, 5
         .set FIRST_EXTERNAL, 0x20               /* 0-31 are exceptions (SDM 6.2) */
 
@@ -65,12 +55,7 @@ _start:
         call    set_gate32
         lidt    [idtr32]
 
-        mov     ebx, APIC
-        mov     dword ptr [ebx + APIC_SVR], SVR_ENABLE | 0xff
-        mov     dword ptr [ebx + APIC_TIMER_DIVIDE], 0xb           /* divide by 1 */
-        mov     dword ptr [ebx + APIC_LVT_TIMER], LVT_PERIODIC | TIMER_VECTOR
-        /* 2,000,000 bus-clock ticks: 2 ms at 1 GHz, 20 ms at 100 MHz (as apictimer.S). */
-        mov     dword ptr [ebx + APIC_TIMER_INITIAL], 2000000
+        START_TIMER ebx                     /* as apictimer.S */
 3:      sti
         hlt
 after_hlt:
@@ -95,21 +80,16 @@ after_hlt:
         mov     eax, [ticks]
         sub     eax, [ticks_at_mask]
         EXPECT32 "masked_ticks", eax, 0
-        mov     eax, dword ptr [ebx + APIC_ISR + (TIMER_VECTOR / 32) * 0x10]
-        and     eax, 1 << (TIMER_VECTOR % 32)
+        mov     eax, dword ptr [ebx + TIMER_ISR]
+        and     eax, 1 << TIMER_ISR_BIT
         EXPECT32 "isr_clear_after_eoi", eax, 0
         EXPECT32 "stray_interrupts", "dword ptr [strays]", 0
 
         DONE32  msg_done
 
-/* Interrupts open for a while (2,000,000 PAUSE iterations), then closed again. */
+/* Interrupts open for a while, then closed again. */
 spin_with_interrupts:
-        sti
-        mov     ecx, 2000000
-5:      pause
-        dec     ecx
-        jnz     5b
-        cli
+        IRQ_WINDOW
         ret
 
 /* The timer: count, note whether its vector is in service (ISR bit) and the frame, EOI.
@@ -119,8 +99,8 @@ timer_handler:
         push    ebx
         inc     dword ptr [ticks]
         mov     ebx, APIC
-        mov     eax, dword ptr [ebx + APIC_ISR + (TIMER_VECTOR / 32) * 0x10]
-        bt      eax, TIMER_VECTOR % 32
+        mov     eax, dword ptr [ebx + TIMER_ISR]
+        bt      eax, TIMER_ISR_BIT
         jnc     6f
         inc     dword ptr [in_service]
 6:      mov     eax, [esp + 8]
