@@ -41,6 +41,7 @@
         .include "exit.inc"
         .include "gdt64.inc"
         .include "paging64.inc"
+        .include "cmdline.inc"
 
 /* ---- constants ---------------------------------------------------------- */
 
@@ -75,7 +76,6 @@
         .set HIGH_PML4_IDX,   511
         .set HIGH_PDPT_IDX,   510
         .set HIGH_PD_IDX,     8
-        .set CMDLINE_MAX,     0x10000   /* bound for the strlen scan */
 
 /* ---- macros ------------------------------------------------------------- */
 
@@ -437,25 +437,7 @@ main:
         xor     r12d, r12d                              /* strlen */
         test    rbx, rbx
         jz      .Lcmd_printed
-.Lcmd_loop:
-        cmp     r12d, CMDLINE_MAX
-        jae     .Lcmd_printed
-        movzx   eax, byte ptr [rbx + r12]
-        test    eax, eax
-        jz      .Lcmd_printed
-        cmp     eax, 0x20
-        jb      .Lcmd_ctrl
-        cmp     eax, 0x7f
-        jb      .Lcmd_put
-.Lcmd_ctrl:
-        mov     eax, '?'
-.Lcmd_put:
-        call    putc
-        inc     r12d
-        jmp     .Lcmd_loop
-.Lcmd_printed:
-        mov     eax, 10
-        call    putc
+        PUT_CMDLINE rbx, r12, r12d, .Lcmd_printed
         mov     eax, dword ptr [r15 + BP_CMDLINE_SIZE]
         xor     edx, edx
         test    rbx, rbx

@@ -52,7 +52,6 @@
         .include "ring3.inc"
         .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
 
-
         .section .text.entry, "ax", @progbits
         .globl  _start
 _start:

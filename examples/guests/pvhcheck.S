@@ -54,6 +54,7 @@
         .include "x86.inc"
         .include "serial.inc"
         .include "exit.inc"
+        .include "cmdline.inc"
 
 /* ---- constants ---------------------------------------------------------- */
 
@@ -91,8 +92,6 @@
         .set MM_ENTRY_SIZE,     24
         .set MM_TYPE_RAM,       1       /* XEN_HVM_MEMMAP_TYPE_RAM (= E820 RAM) */
         .set MM_MAX,            1024    /* sanity bound for the sorted scan */
-
-        .set CMDLINE_MAX,       0x10000 /* bound for the strlen scan */
 
 /* ---- macros ------------------------------------------------------------- */
 
@@ -283,25 +282,7 @@ main:
         test    esi, esi
         jz      .Lcmd_printed
         xor     edi, edi                        /* strlen */
-.Lcmd_loop:
-        cmp     edi, CMDLINE_MAX
-        jae     .Lcmd_printed
-        movzx   eax, byte ptr [esi + edi]
-        test    eax, eax
-        jz      .Lcmd_printed
-        cmp     eax, 0x20
-        jb      .Lcmd_ctrl
-        cmp     eax, 0x7f
-        jb      .Lcmd_put
-.Lcmd_ctrl:
-        mov     eax, '?'
-.Lcmd_put:
-        call    putc
-        inc     edi
-        jmp     .Lcmd_loop
-.Lcmd_printed:
-        mov     eax, 10
-        call    putc
+        PUT_CMDLINE esi, edi, edi, .Lcmd_printed
         mov     eax, dword ptr [ebp + SI_CMDLINE_PADDR]
         mov     edx, dword ptr [ebp + SI_CMDLINE_PADDR + 4]
         mov     ebx, eax

@@ -35,7 +35,6 @@
         .set FMASK, RFLAGS_AC | RFLAGS_DF | RFLAGS_IF
         .set USER_RFLAGS, RFLAGS_RF | RFLAGS_AC | RFLAGS_DF | RFLAGS_IF | RFLAGS_CF | RFLAGS_1
 
-
         .include "ring3.inc"
         .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
 

@@ -28,7 +28,6 @@
 
         GDT_RING3                           /* KERNEL_CS .. TSS_SEL; gdt, gdtr in .data */
 
-
         .include "ring3.inc"
         .include "idt64.inc"  /* after KERNEL_CS: it stores the selector */
 
