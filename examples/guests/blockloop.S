@@ -47,10 +47,7 @@ _start:
         inc     r8d
         dec     ecx
         jnz     2b
-        READ_TSC rax
-        sub     rax, r14
-        cmp     rax, r12
-        cmovb   r12, rax
+        BEST_TIME r14, r12
         dec     r13d
         jnz     1b
 

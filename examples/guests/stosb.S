@@ -42,10 +42,7 @@ _start:
         rep     stosb
         mov     r15, rcx                        /* kept for the checks */
         mov     r9, rdi
-        READ_TSC rax
-        sub     rax, r14
-        cmp     rax, r12
-        cmovb   r12, rax
+        BEST_TIME r14, r12
         inc     r13d
         cmp     r13d, FILL + PASSES
         jb      1b
