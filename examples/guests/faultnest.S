@@ -66,8 +66,7 @@ _start:
 
         /* TSS descriptor base and IST1 (SDM 7.7, figure 7-11), GDT, segments, TR. */
         TSS_BASE
-        lea     rax, [rip + ist1_top]
-        mov     [rip + tss + TSS_IST1], rax
+        TSS_STACK TSS_IST1, ist1_top
         LOAD_GDT
 
         /* Gates: #NP, #GP, #PF interrupt gates; #DF on IST 1. #UD's is set per check. */

@@ -54,10 +54,8 @@ _start:
         USER_PAGE
         /* TSS descriptor base, RSP0 and IST1 (SDM 7.7, figure 7-11). */
         TSS_BASE
-        lea     rax, [rip + rsp0_top]
-        mov     [rip + tss + TSS_RSP0], rax
-        lea     rax, [rip + ist1_top]
-        mov     [rip + tss + TSS_IST1], rax
+        TSS_STACK TSS_RSP0, rsp0_top
+        TSS_STACK TSS_IST1, ist1_top
         LOAD_GDT
 
         SET_GATE VECTOR_DE, stub_0

@@ -48,8 +48,7 @@ _start:
         USER_PAGE
         /* The TSS descriptor's base, and RSP0 for exceptions from ring 3 (SDM 7.7). */
         TSS_BASE
-        lea     rax, [rip + kstack_top]
-        mov     [rip + tss + TSS_RSP0], rax
+        TSS_STACK TSS_RSP0, kstack_top
         LOAD_GDT
         /* #UD, #GP and #PF go to the recording handler (#GP/#PF only if something is wrong). */
         SET_GATE VECTOR_UD, stub_6

@@ -41,8 +41,7 @@ _start:
         USER_PAGE
         /* The TSS descriptor's base, and RSP0 for ring-3 -> ring-0 interrupts (SDM 7.7). */
         TSS_BASE
-        lea     rax, [rip + kstack_top]
-        mov     [rip + tss + TSS_RSP0], rax
+        TSS_STACK TSS_RSP0, kstack_top
         /* One interrupt gate, #UD. */
         SET_GATE VECTOR_UD, ud_handler
         lidt    [rip + idtr]
