@@ -248,16 +248,16 @@ main:
          * The raw entry is printed; the CPU may have set A (bit 5).
          */
         mov     rax, cr3
-        and     rax, -0x1000
+        and     rax, -PAGE_4K
         mov     rax, qword ptr [rax]
         mov     rcx, rax
-        and     rcx, -0x1000
+        and     rcx, -PAGE_4K
         mov     r8d, eax
-        and     r8d, 3
+        and     r8d, PTE_P_RW
         xor     edx, edx
         cmp     rcx, 0xa000
         jne     1f
-        cmp     r8d, 3
+        cmp     r8d, PTE_P_RW
         sete    dl
 1:      REPORT  pml4_0
 
@@ -312,7 +312,7 @@ main:
          * VMM's tables are left as found (high_pdpt/high_pd stay unused).
          */
         mov     r8, cr3
-        and     r8, -0x1000                     /* PML4 physical address */
+        and     r8, -PAGE_4K                    /* PML4 physical address */
         lea     r9, [rip + high_pdpt]
         lea     r10, [rip + high_pd]
         mov     qword ptr [r10 + HIGH_PD_IDX * 8], LOAD_ADDR | PTE_P_RW | PTE_PS
