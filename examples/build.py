@@ -51,25 +51,18 @@ LD_FLAGS = (
 )
 
 
-#: The PC's POST diagnostic port. No device of the board decodes it (board.py claims no range
-#: there), so a write to it is a port exit that changes nothing: what the spin and outloop guests
-#: want when they only need an exit.
-POST_PORT = 0x80
-
-
 def board_include() -> str:
     """``board.inc``: the ports of the VMM's board (vmmarch_cli/arch/x86_64/board.py, the one
-    home of those facts), the registers and bits of its UART (vmmarch_cli/devices/serial.py) and
-    :data:`POST_PORT` as assembler symbols for the guests."""
+    home of those facts, the POST port too) and the registers and bits of its UART
+    (vmmarch_cli/devices/serial.py) as assembler symbols for the guests."""
     from vmmarch_cli.arch.x86_64 import board
     from vmmarch_cli.devices import serial
 
     return "\n".join((
         "/* board.inc - written by examples/build.py from vmmarch_cli/arch/x86_64/board.py,",
-        " * vmmarch_cli/devices/serial.py (TI PC16550D datasheet, SNLS378, tables 2-4) and its",
-        " * own POST_PORT. */",
+        " * and vmmarch_cli/devices/serial.py (TI PC16550D datasheet, SNLS378, tables 2-4). */",
         f"        .set EXIT_PORT, {board.EXIT_PORT:#x}",
-        f"        .set POST_PORT, {POST_PORT:#x}  /* decoded by no device: an exit, no effect */",
+        f"        .set POST_PORT, {board.POST_PORT:#x}  /* no device: an exit, no effect */",
         f"        .set COM1, {board.CONSOLE.base:#x}",
         f"        .set COM1_THR, COM1 + {serial.UART_TX}",
         f"        .set COM1_DLM, COM1 + {serial.UART_DLM}",

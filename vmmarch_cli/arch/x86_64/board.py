@@ -32,6 +32,11 @@ SERIAL_PORT_COUNT = 8
 #: The exit port: a write ends the run with the value as its status (devices/exit_port.py).
 #: 0xF4 is where QEMU users conventionally put isa-debug-exit, so the same guest ends a QEMU run.
 EXIT_PORT = 0xF4
+
+#: The PC's POST diagnostic port (the BIOS writes its progress codes there). No device of this
+#: board decodes it, so a guest's write to it is a port exit that changes nothing: what the
+#: test guests use when they only want an exit.
+POST_PORT = 0x80
 #: The i8042 keyboard controller: data at 0x60, status and command at 0x64 (IBM PC/AT technical
 #: reference); one range covers both. Linux's ``reboot=k`` resets through it.
 I8042_BASE = 0x60
