@@ -226,9 +226,28 @@ class Unknown:
     reason: str
 
 
+@dataclass(frozen=True)
+class Debug:
+    """The vCPU stopped for the debugger (``set_guest_debug``): before the instruction at a
+    breakpoint (``breakpoint`` True), or after a single step; ``rip`` is where it is now."""
+
+    rip: int
+    breakpoint: bool
+
+
 VcpuExit = (
-    IoOut | IoIn | MmioWrite | MmioRead | Halt | Shutdown | InternalError | Interrupted | Unknown
+    IoOut | IoIn | MmioWrite | MmioRead | Halt | Shutdown | InternalError | Interrupted
+    | Unknown | Debug
 )
+
+
+@dataclass(frozen=True)
+class GuestDebug:
+    """What stops a vCPU for the debugger (KVM_SET_GUEST_DEBUG's model): execution reaching a
+    guest-virtual address in ``breakpoints``, and, with ``single_step``, each instruction."""
+
+    breakpoints: frozenset[int] = frozenset()
+    single_step: bool = False
 
 
 # --- protocols -----------------------------------------------------------------------------
@@ -302,6 +321,18 @@ class Vcpu(Protocol):
     def complete_mmio_read(self, data: bytes) -> None: ...
     def request_stop(self) -> None:
         """Make a running or the next ``run`` return ``Interrupted``; callable from any thread."""
+        ...
+
+    def clear_stop(self) -> None:
+        """Forget an earlier ``request_stop``: the next ``run`` runs the guest again (a
+        debugger resuming a paused VM). Call it only while ``run`` is not running."""
+        ...
+
+    def set_guest_debug(self, debug: GuestDebug) -> None:
+        """Stop ``run`` with ``Debug`` where ``debug`` says, from the next ``run`` on (while
+        ``run`` is not running). Resuming at a breakpoint's own address runs its instruction:
+        a breakpoint stops the vCPU when execution reaches it, not again where it stopped.
+        ``BackendError`` for what the backend cannot do (more breakpoints than it has)."""
         ...
 
     def sample(self) -> None:

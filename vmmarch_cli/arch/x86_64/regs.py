@@ -25,6 +25,27 @@ EFER_LMA = 1 << 10
 #: RFLAGS with only the reserved bit 1 set: IF clear (SDM vol. 1 3.4.3).
 RFLAGS_RESERVED = 0x2
 
+# Debug registers (Intel SDM vol. 3B 18.2): DR0-DR3 hold breakpoint addresses; DR7 enables
+# them (L0-L3, bits 0, 2, 4, 6) with R/W and LEN fields (bits 16-31) of 0: break on
+# instruction execution. Bit 10 reads as 1; GE (bit 9) is set as debuggers set it.
+DEBUG_ADDRESS_REGISTERS = 4
+DR7_RESERVED_ONE = 1 << 10
+DR7_GE = 1 << 9
+#: DR6: which of DR0-DR3 matched (B0-B3), and BS: the stop was a single step.
+DR6_BREAKPOINT_HITS = 0xF
+DR6_BS = 1 << 14
+
+
+def dr7_execute_breakpoints(count: int) -> int:
+    """DR7 with execution breakpoints in DR0..DR(count-1), enabled locally."""
+    if not 0 <= count <= DEBUG_ADDRESS_REGISTERS:
+        raise ValueError(f"{count} breakpoints: a CPU has {DEBUG_ADDRESS_REGISTERS}")
+    value = DR7_RESERVED_ONE | DR7_GE
+    for slot in range(count):
+        value |= 1 << (2 * slot)  # L<slot>
+    return value
+
+
 #: CR0 written whole, not OR-ed into a backend's reset value, so every backend starts equal:
 #: protected mode, paging, and ET (hard-wired to 1 on every CPU since the 486).
 BOOT_CR0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_PG

@@ -22,7 +22,7 @@ import importlib.util
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -245,6 +245,36 @@ class SystemCpu:
             if count:
                 out[(index >= self.EVENT_VECTORS, index % self.EVENT_VECTORS)] = int(count)
         return out
+
+
+class DebugCpu:
+    """The engine's debugger stops for one unicorn instance (patch 0011): breakpoints and single
+    steps by QEMU's own gdbstub machinery, each ending emu_start."""
+
+    def __init__(self, uc: Any) -> None:
+        lib = loaded_library()
+        self._lib = lib
+        self._uc = uc_handle(uc)
+        for name, restype, argtypes in (
+            ("vmmarch_debug_set", None, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
+                                         ctypes.c_size_t, ctypes.c_bool]),
+            ("vmmarch_take_debug_stop", ctypes.c_bool, [ctypes.c_void_p]),
+        ):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(loaded_library(), "vmmarch_debug_set")
+
+    def set(self, breakpoints: Sequence[int], single_step: bool) -> None:
+        """Stop before any instruction at ``breakpoints`` (guest-virtual), or after each one."""
+        addresses = (ctypes.c_uint64 * max(len(breakpoints), 1))(*breakpoints)
+        self._lib.vmmarch_debug_set(self._uc, addresses, len(breakpoints), single_step)
+
+    def take_stop(self) -> bool:
+        """A breakpoint or a step ended the last run (the flag is cleared)."""
+        return bool(self._lib.vmmarch_take_debug_stop(self._uc))
 
 
 class PostedPorts:

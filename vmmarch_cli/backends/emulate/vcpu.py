@@ -26,7 +26,7 @@ from vmmarch_cli.arch.x86_64 import msr
 from vmmarch_cli.backends.emulate import apic, cpuid, delivery, descriptors, faults, native
 from vmmarch_cli.backends.emulate.binding import UcError, uc_const, x86
 from vmmarch_cli.backends.emulate.engine import Engine
-from vmmarch_cli.backends.emulate.library import PostedPorts, SystemCpu
+from vmmarch_cli.backends.emulate.library import DebugCpu, PostedPorts, SystemCpu
 from vmmarch_cli.backends.emulate.native import R_EAX, R_EBX, R_ECX, R_EDX
 from vmmarch_cli.backends.emulate.reset import reset_regs, reset_sregs
 from vmmarch_cli.backends.emulate.vcpu_core import (
@@ -46,6 +46,8 @@ from vmmarch_cli.backends.emulate.vcpu_state import StateAccess
 from vmmarch_cli.backends.emulate.vcpu_stopping import Stopping
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.vcpu import (
+    Debug,
+    GuestDebug,
     Halt,
     InternalError,
     Interrupted,
@@ -174,6 +176,8 @@ class EmulateVcpu(StateAccess, Interrupts, PortIo, Stopping):
             raise BackendError(f"emulate backend callback failed: {failed!r}") from failed
         if self._system is not None and self._system.take_shutdown():
             return Shutdown("triple fault")  # KVM reports KVM_EXIT_SHUTDOWN
+        if self._debug_cpu is not None and self._debug_cpu.take_stop():
+            return Debug(engine.pc(), breakpoint=not self._debug.single_step)
         if self._reset_flag is not None and (self._reset_seen or self._reset_flag.value):
             # QEMU saw a triple fault (native.reset_request); KVM reports KVM_EXIT_SHUTDOWN.
             self._reset_seen = False
@@ -307,6 +311,10 @@ class EmulateVcpu(StateAccess, Interrupts, PortIo, Stopping):
                 posted.post(port, read, queue)
             with self._lock:
                 self._posted = posted
+        if DebugCpu.available():
+            self._debug_cpu = DebugCpu(engine.uc)
+            if self._debug != GuestDebug():
+                self._debug_cpu.set(sorted(self._debug.breakpoints), self._debug.single_step)
         self._halted_flag = native.halted_flag(engine.uc)
         if self._system is None:  # the engine reports a triple fault itself (take_shutdown)
             self._reset_flag = native.reset_request(engine.uc)

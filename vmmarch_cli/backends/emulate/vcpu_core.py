@@ -14,7 +14,7 @@ from vmmarch_cli.arch.x86_64 import msr, regs
 from vmmarch_cli.backends.emulate import apic, cpuid, descriptors, faults, native, smp
 from vmmarch_cli.backends.emulate.binding import uc_const
 from vmmarch_cli.backends.emulate.engine import Engine
-from vmmarch_cli.backends.emulate.library import PostedPorts, SystemCpu
+from vmmarch_cli.backends.emulate.library import DebugCpu, PostedPorts, SystemCpu
 from vmmarch_cli.backends.emulate.native import NativeCpu
 from vmmarch_cli.backends.emulate.reset import reset_lapic, reset_regs, reset_sregs
 from vmmarch_cli.vcpu import (
@@ -22,6 +22,7 @@ from vmmarch_cli.vcpu import (
     ATTR_L,
     CpuidEntry,
     Fpu,
+    GuestDebug,
     HostMemory,
     Sregs,
     VcpuExit,
@@ -136,6 +137,10 @@ class VcpuCore:
         self._system_cpu = False  # the engine delivers (stays True after close drops _system)
         self._line = threading.Lock()
         self._callback_error: Exception | None = None
+        # What stops the vCPU for a debugger (set_guest_debug), applied by the engine (patch
+        # 0011) once the instance exists.
+        self._debug = GuestDebug()
+        self._debug_cpu: DebugCpu | None = None
         self._hook_events: dict[str, int] = {}  # delivered by the Python path, by name
         # Posted port I/O (vcpu.PostedPortIo, the engine's patch 0010): what the VMM posted,
         # applied when the instance is made; under ``_lock`` with the instance.

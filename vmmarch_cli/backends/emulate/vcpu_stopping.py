@@ -1,10 +1,17 @@
-"""Stopping the emulated vCPU from any thread (kicks, a triple fault's stuck CPU), sampling it,
-and closing it.
+"""Stopping the emulated vCPU from any thread (kicks, a triple fault's stuck CPU) and for a
+debugger, sampling it, and closing it.
 """
 
 from __future__ import annotations
 
+from vmmarch_cli.backends.emulate.library import DebugCpu
 from vmmarch_cli.backends.emulate.vcpu_core import VcpuCore
+from vmmarch_cli.errors import BackendError
+from vmmarch_cli.vcpu import GuestDebug
+
+#: Why the wheel cannot stop for a debugger: it has no way in to QEMU's breakpoints and steps.
+NEEDS_ENGINE = ("breakpoints and single steps need the vmm-arch CPU engine; this run uses "
+                "the unicorn wheel (`vmm-arch engine` says why)")
 
 
 class Stopping(VcpuCore):
@@ -21,6 +28,22 @@ class Stopping(VcpuCore):
         self._wake.set()
         self._kick()
 
+    def clear_stop(self) -> None:
+        self._stop.clear()
+
+    def set_guest_debug(self, debug: GuestDebug) -> None:
+        if debug == self._debug:
+            return
+        if self._engine is None:  # applied when the instance is made (_start)
+            if debug != GuestDebug() and not DebugCpu.available():
+                raise BackendError(NEEDS_ENGINE)
+        elif self._debug_cpu is None:
+            if debug != GuestDebug():
+                raise BackendError(NEEDS_ENGINE)
+        else:
+            self._debug_cpu.set(sorted(debug.breakpoints), debug.single_step)
+        self._debug = debug
+
     def close(self) -> None:
         with self._alarm:
             self._closed = True
@@ -34,4 +57,5 @@ class Stopping(VcpuCore):
                 for name, count in self._engine_events().items():
                     self._hook_events[name] = self._hook_events.get(name, 0) + count
             self._engine, self._kicker, self._native, self._system = None, None, None, None
+            self._debug_cpu = None
             self._posted = None

@@ -242,9 +242,17 @@ class _run_system_event(ctypes.Structure):
     _fields_ = [("type", c_u32), ("ndata", c_u32), ("data", c_u64 * 16)]
 
 
+class _run_debug(ctypes.Structure):
+    """struct kvm_debug_exit_arch (x86)."""
+
+    _fields_ = [("exception", c_u32), ("pad", c_u32), ("pc", c_u64), ("dr6", c_u64),
+                ("dr7", c_u64)]
+
+
 class _run_exit(ctypes.Union):
     _fields_ = [
         ("io", _run_io),
+        ("debug", _run_debug),
         ("mmio", _run_mmio),
         ("internal", _run_internal),
         ("emulation_failure", _run_emulation_failure),
@@ -324,6 +332,17 @@ KVM_SET_TSS_ADDR = IO(KVMIO, 0x47)
 KVM_CREATE_IRQCHIP = IO(KVMIO, 0x60)
 KVM_IRQ_LINE = IOW(KVMIO, 0x61, kvm_irq_level)
 KVM_CREATE_PIT2 = IOW(KVMIO, 0x77, kvm_pit_config)
+class kvm_guest_debug(ctypes.Structure):
+    """struct kvm_guest_debug with x86's kvm_guest_debug_arch (debugreg[8]: DR0-DR7)."""
+
+    _fields_ = [("control", c_u32), ("pad", c_u32), ("debugreg", c_u64 * 8)]
+
+
+# kvm_guest_debug.control (linux/kvm.h, arch/x86/include/uapi/asm/kvm.h).
+KVM_GUESTDBG_ENABLE = 0x1
+KVM_GUESTDBG_SINGLESTEP = 0x2
+KVM_GUESTDBG_USE_HW_BP = 0x20000
+
 # ioctls on a vCPU fd
 KVM_RUN = IO(KVMIO, 0x80)
 KVM_GET_REGS = IOR(KVMIO, 0x81, kvm_regs)
@@ -340,6 +359,7 @@ KVM_SET_CPUID2 = IOW(KVMIO, 0x90, kvm_cpuid2)
 KVM_GET_CPUID2 = IOWR(KVMIO, 0x91, kvm_cpuid2)
 KVM_GET_VCPU_EVENTS = IOR(KVMIO, 0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = IOW(KVMIO, 0xA0, kvm_vcpu_events)
+KVM_SET_GUEST_DEBUG = IOW(KVMIO, 0x9B, kvm_guest_debug)
 KVM_ENABLE_CAP = IOW(KVMIO, 0xA3, kvm_enable_cap)
 KVM_GET_XSAVE = IOR(KVMIO, 0xA4, kvm_xsave)
 KVM_SET_XSAVE = IOW(KVMIO, 0xA5, kvm_xsave)

@@ -13,6 +13,11 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 
+from vmmarch_cli.arch.x86_64.regs import (
+    DEBUG_ADDRESS_REGISTERS,
+    DR6_BREAKPOINT_HITS,
+    dr7_execute_breakpoints,
+)
 from vmmarch_cli.backends.kvm import abi, convert
 from vmmarch_cli.backends.kvm.emulation import (
     OPCODE_FWAIT,
@@ -25,7 +30,9 @@ from vmmarch_cli.errors import BackendError
 from vmmarch_cli.vcpu import (
     LAPIC_PAGE_SIZE,
     CpuidEntry,
+    Debug,
     Fpu,
+    GuestDebug,
     Halt,
     InternalError,
     Interrupted,
@@ -76,6 +83,10 @@ class KvmVcpu:
         self._pending_mmio = False
         self._stop = threading.Event()
         self._thread_id: int | None = None
+        self._debug = GuestDebug()
+        # A single step did port or MMIO I/O: KVM reported the I/O exit instead of the debug
+        # exit, and completing the I/O is the rest of the step (the next run).
+        self._step_io = False
         #: Software interrupts the hypervisor could not emulate and we injected, by mnemonic.
         self.injected_events: Counter[str] = Counter()
         #: Guest RIPs seen by ``sample()`` kicks, for ``--profile``.
@@ -193,6 +204,8 @@ class KvmVcpu:
         which makes KVM_RUN return EINTR at once (KVM_CAP_IMMEDIATE_EXIT is required)."""
         run = self.run_struct
         fd = self._fd
+        if self._step_io:
+            return self._finish_step_io(run)
         self._thread_id = threading.get_ident()
         try:
             while True:
@@ -203,12 +216,26 @@ class KvmVcpu:
                     return exit_
                 reason = run.exit_reason
                 if reason == abi.KVM_EXIT_IO:
+                    self._step_io = self._debug.single_step
                     return self._io_exit(run)
                 exit_ = self._other_exit(run, reason)
                 if exit_ is not None:
+                    self._step_io = self._debug.single_step and \
+                        isinstance(exit_, MmioRead | MmioWrite)
                     return exit_
         finally:
             self._thread_id = None
+
+    def _finish_step_io(self, run: abi.kvm_run) -> VcpuExit:
+        """The rest of a step that did I/O: KVM_RUN with immediate_exit completes the I/O
+        and returns at once (EINTR), with RIP after the instruction, where the step ends
+        (a plain KVM_RUN would run one more instruction first)."""
+        self._step_io = False
+        run.immediate_exit = 1
+        raw_ioctl(self._fd, abi.KVM_RUN, None)  # EINTR by design
+        if not self._stop.is_set():  # a stop request keeps it set
+            run.immediate_exit = 0
+        return Debug(self.get_regs().rip, breakpoint=False)
 
     def _run_failed(self, err: int) -> VcpuExit | None:
         if err not in (errno.EINTR, errno.EAGAIN):
@@ -228,6 +255,9 @@ class KvmVcpu:
                 return MmioWrite(m.phys_addr, bytes(m.data)[: m.len])
             self._pending_mmio = True
             return MmioRead(m.phys_addr, m.len)
+        if reason == abi.KVM_EXIT_DEBUG:
+            hit = bool(run.exit.debug.dr6 & DR6_BREAKPOINT_HITS)
+            return Debug(self.get_regs().rip, breakpoint=hit)
         if reason == abi.KVM_EXIT_INTERNAL_ERROR:
             return self._internal_error(run)
         if reason == abi.KVM_EXIT_HLT:
@@ -314,6 +344,31 @@ class KvmVcpu:
         for i in range(m.len):
             m.data[i] = data[i] if i < len(data) else 0xFF
         self._pending_mmio = False
+
+    def clear_stop(self) -> None:
+        self._stop.clear()
+        run = self._run
+        if run is not None:
+            run.immediate_exit = 0
+
+    def set_guest_debug(self, debug: GuestDebug) -> None:
+        """KVM_SET_GUEST_DEBUG: breakpoints in the debug registers (a software breakpoint,
+        int3, ends in an internal error on a ring-0-emulating KVM), single steps by KVM."""
+        if len(debug.breakpoints) > DEBUG_ADDRESS_REGISTERS:
+            raise BackendError(f"KVM breaks at {DEBUG_ADDRESS_REGISTERS} addresses at "
+                               f"once (DR0-DR3), not {len(debug.breakpoints)}")
+        k = abi.kvm_guest_debug()
+        if debug.breakpoints or debug.single_step:
+            k.control = abi.KVM_GUESTDBG_ENABLE
+            if debug.single_step:
+                k.control |= abi.KVM_GUESTDBG_SINGLESTEP
+            if debug.breakpoints:
+                k.control |= abi.KVM_GUESTDBG_USE_HW_BP
+                for slot, address in enumerate(sorted(debug.breakpoints)):
+                    k.debugreg[slot] = address
+                k.debugreg[7] = dr7_execute_breakpoints(len(debug.breakpoints))
+        checked(self._fd, abi.KVM_SET_GUEST_DEBUG, k, "KVM_SET_GUEST_DEBUG")
+        self._debug = debug
 
     def request_stop(self) -> None:
         self._stop.set()
