@@ -22,7 +22,7 @@ from bench.inputs import Inputs
 from bench.stats import CaseResult
 
 #: Cases too slow for --quick unless named with --cases (they boot the stock kernel).
-SLOW = ("milestones", "smp", "userspace")
+SLOW = ("milestones", "smp", "userspace", "gdb")
 
 
 def _names(text: str, known: Sequence[str], what: str) -> list[str]:
@@ -41,8 +41,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Benchmark vmm-arch side by side with QEMU (A B A B ... pairs; median of "
                     "per-pair ratios vmm-arch / QEMU).")
     p.add_argument("--quick", action="store_true",
-                   help="one tiny iteration of each cheap case (skips milestones, smp and "
-                        "userspace unless named with --cases)")
+                   help="one tiny iteration of each cheap case (skips milestones, smp, "
+                        "userspace and gdb unless named with --cases)")
     p.add_argument("--cases", default="", help=f"comma-separated subset of: {', '.join(cases)}")
     p.add_argument("--skip", default="", help="comma-separated cases to leave out")
     p.add_argument("--runs", type=int, help="recorded pairs per case (default: per case)")

@@ -33,6 +33,7 @@ from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.config import BASE_CMDLINE, EMULATED_RING0_CMDLINE, BootConfig
 from vmmarch_cli.console import Console
 from vmmarch_cli.crash import CodeWindow, read_code
+from vmmarch_cli.debugging import AllStop, Debugger, DebugWait
 from vmmarch_cli.devices.bus import IoBus
 from vmmarch_cli.devices.exit_port import ExitPort
 from vmmarch_cli.devices.i8042 import I8042
@@ -43,6 +44,7 @@ from vmmarch_cli.loader.host_decompress import Decompress, Decompression
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.stop import STATUS_FOR_REASON, StopReason
 from vmmarch_cli.vcpu import (
+    Debug,
     Halt,
     Hypervisor,
     InlinePortIo,
@@ -296,6 +298,7 @@ class _Run:
         self.guest_status: int | None = None
         self.fault: Fault | None = None
         self.exits: Counter[str] = Counter()
+        self.allstop: AllStop | None = None  # a debugger holds the VM (debugging.py)
 
     def stop(self, reason: StopReason, detail: str = "", guest_status: int | None = None
              ) -> None:
@@ -308,6 +311,8 @@ class _Run:
         for vcpu in self.prepared.vcpus:
             vcpu.request_stop()
         self.done.set()
+        if self.allstop is not None:
+            self.allstop.wake()
 
 
 def run(
@@ -317,8 +322,11 @@ def run(
     on_ready: Callable[[Prepared], None] | None = None,
     serial_sinks: Sequence[Callable[[bytes], None]] = (),
     quiet: bool = False,
+    debugger: Debugger | None = None,
 ) -> BootResult:
-    """Boot ``config`` and return how it ended. Raises only for problems before the guest runs.
+    """Boot ``config`` and return how it ended. Raises only for problems before the guest runs,
+    and for what ``debugger`` raises to end the run (debugging.py: it holds the guest from
+    before its first instruction, all-stop).
 
     ``serial_sinks`` receive what the guest writes to COM2, COM3, ... (``vmm-arch run`` puts
     the command's stdout and stderr there, apart from the kernel log on COM1).
@@ -342,6 +350,16 @@ def run(
                              daemon=True)
             for v in prepared.vcpus
         ]
+        debug_wait = None
+        if debugger is not None:
+            state.allstop = AllStop(prepared.vcpus, state.done)
+
+            def deliver() -> None:
+                if posted.active:
+                    with state.device_lock:
+                        posted.deliver()
+
+            debug_wait = DebugWait(debugger, state.allstop, deliver, posted_io.INTERVAL)
         running_at = time.monotonic()
         # The objects made so far live for the whole run: keep the cyclic collector off them,
         # and off the run itself, whose hot paths (port I/O, APIC) make garbage without cycles
@@ -353,6 +371,8 @@ def run(
         try:
             # A signal that arrives while the threads start waits until they all run (they
             # inherit the mask, as _vcpu_loop wants it), so it lands in the _wait below.
+            if debug_wait is not None:
+                debug_wait.attach()  # the client has the guest before its first instruction
             with _signals_held():
                 for t in threads:
                     t.start()
@@ -361,7 +381,9 @@ def run(
                                                args=(prepared.vcpus, state, config.profile_hz),
                                                name="profiler", daemon=True)
                     sampler.start()
-            if not _wait(state, config.timeout, posted):
+            ended = (debug_wait.wait(state.done, config.timeout) if debug_wait is not None
+                     else _wait(state, config.timeout, posted))
+            if not ended:
                 state.stop(StopReason.TIMEOUT, f"no stop condition within {config.timeout:g} s")
         except KeyboardInterrupt:
             state.stop(StopReason.INTERRUPTED,
@@ -378,6 +400,9 @@ def run(
                         t.join()
                 if sampler is not None:
                     sampler.join()  # done is set: it ends after its current round of samples
+            if state.allstop is not None:
+                state.allstop.close()
+                state.allstop = None
             gc.unfreeze()
             if collecting:
                 gc.enable()
@@ -545,8 +570,12 @@ def _signals_held() -> Iterator[None]:
 def _vcpu_loop(vcpu: Vcpu, bus: IoBus, state: _Run) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
     exits = state.exits
+    allstop = state.allstop
     try:
         while not state.done.is_set():
+            if allstop is not None and not allstop.runnable(vcpu):
+                allstop.park(vcpu)  # stopped for the debugger, with every other vCPU
+                continue
             ex = vcpu.run()
             if isinstance(ex, IoOut):
                 exits["io"] += 1
@@ -566,7 +595,11 @@ def _vcpu_loop(vcpu: Vcpu, bus: IoBus, state: _Run) -> None:
             elif isinstance(ex, MmioWrite):
                 exits["mmio"] += 1
             elif isinstance(ex, Interrupted):
-                return
+                if allstop is None:
+                    return  # the run is over (a paused vCPU parks at the top instead)
+            elif isinstance(ex, Debug):
+                if allstop is not None:
+                    allstop.debug_exit(vcpu, ex)
             elif isinstance(ex, Halt):
                 state.stop(StopReason.HALT, f"cpu{vcpu.index} halted with interrupts off")
             elif isinstance(ex, Shutdown):

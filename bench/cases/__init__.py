@@ -36,6 +36,7 @@ def registry() -> dict[str, ModuleType]:
         abstraction,
         exit_cost,
         first_run,
+        gdb,
         milestones,
         rss,
         smp,
@@ -43,5 +44,5 @@ def registry() -> dict[str, ModuleType]:
         userspace,
     )
 
-    mods = (startup, first_run, exit_cost, abstraction, rss, milestones, smp, userspace)
+    mods = (startup, first_run, exit_cost, abstraction, rss, milestones, smp, userspace, gdb)
     return {m.NAME: m for m in mods}

@@ -1,16 +1,20 @@
 """The gdb stub (``boot --gdb``) with Debian's gdb as the client, on both backends: gdb attaches
 before the guest's first instruction, reads registers (system ones too) and memory through the
-guest's page tables, writes a register and memory, lists the vCPUs as threads, then continues,
+guest's page tables, writes a register and memory, lists the vCPUs as threads, stops at
+breakpoints (``hbreak``, ``break``), steps (``stepi``, over port I/O too), then continues,
 detaches or kills. Raw-socket cases for what gdb itself never sends (bad checksums, oversized
-packets, a second client)."""
+packets, a second client) and for Ctrl-C."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,19 +42,25 @@ def _free_port() -> int:
 class Booted:
     """``vmm-arch boot GUEST --gdb 127.0.0.1:PORT`` running, waiting for a client."""
 
-    def __init__(self, guest: Path, backend: str, *extra: str) -> None:
+    def __init__(self, guest: Path, backend: str, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.guest = guest
         self.port = _free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vmmarch_cli", "boot", str(guest), "--backend", backend,
              "--timeout", "60", "--gdb", f"127.0.0.1:{self.port}", *extra],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=None if env is None else {**os.environ, **env})
         assert self.process.stderr is not None
         line = self.process.stderr.readline()  # the stub listens before it says so
         assert f"waiting for gdb on 127.0.0.1:{self.port}" in line, line
 
-    def gdb(self, *commands: str) -> str:
-        argv = [str(GDB), "-nx", "-batch", "-ex", "set pagination off",
-                "-ex", f"target remote 127.0.0.1:{self.port}"]
+    def gdb(self, *commands: str, symbols: bool = False) -> str:
+        """gdb's output for ``commands``, with the guest's own symbols if ``symbols``."""
+        argv = [str(GDB), "-nx", "-batch", "-ex", "set pagination off"]
+        if symbols:
+            argv += ["-ex", f"file {self.guest}"]
+        argv += ["-ex", f"target remote 127.0.0.1:{self.port}"]
         for c in commands:
             argv += ["-ex", c]
         p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
@@ -268,17 +278,112 @@ def test_g_and_capital_g_round_trip_the_register_file(guests: dict[str, Path]) -
     assert status == 0
 
 
-def test_what_the_stub_cannot_do_yet_is_an_error_not_silence(guests: dict[str, Path]) -> None:
-    """Breakpoints and steps are refused with an error (an empty reply would make gdb plant
-    int3s through M that nothing removes); garbage in a packet is E01, not a crash; a
-    non-canonical address has no translation."""
+def test_what_the_stub_cannot_do_is_an_error_not_silence(guests: dict[str, Path]) -> None:
+    """Watchpoints are refused with an error (an empty reply would make gdb single-step the
+    guest to watch memory); garbage in a packet is E01, not a crash; a non-canonical address
+    has no translation."""
     b = Booted(guests["bootcheck"], "emulate")
     with socket.create_connection(("127.0.0.1", b.port), timeout=30) as c:
-        assert _ask(c, b"Z0,1000000,1") == b"E01" and _ask(c, b"z1,1000000,1") == b"E01"
-        assert _ask(c, b"s") == b"E01" and _ask(c, b"vCont;s:1") == b"E01"
+        assert _ask(c, b"Z2,1001000,8") == b"E01" and _ask(c, b"Z9,1000000,1") == b"E01"
         assert _ask(c, b"P0=zzzzzzzzzzzzzzzz") == b"E01"
         assert _ask(c, b"m8000000000000000,4") == b"E14"
         assert _ask(c, b"qC") == b"QC1"  # still answering
         c.sendall(_packet(b"D"))
     status, _, _ = b.finish()
     assert status == 0
+
+
+def _symbol(elf: Path, name: str) -> int:
+    with elf.open("rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        found = symtab.get_symbol_by_name(name)  # type: ignore[union-attr]
+        assert found, name
+        return int(found[0]["st_value"])
+
+
+def test_breakpoints_stop_where_gdb_says_and_stepi_takes_one_instruction(
+        booted: Booted, guests: dict[str, Path]) -> None:
+    """``hbreak`` and ``break`` (both the backend's breakpoints, never int3s in memory), then
+    ``stepi``: RIP moves by the length of the instruction gdb disassembled there."""
+    out = booted.gdb("hbreak main", "break report", "continue", "p/x $pc", "x/2i $pc",
+                     "stepi", "p/x $pc", "continue", "bt", "delete", "continue", symbols=True)
+    main, report = _symbol(booted.guest, "main"), _symbol(booted.guest, "report")
+    assert f"Breakpoint 1, {main:#018x} in main ()" in out
+    assert f"$1 = {main:#x}" in out
+    after = re.findall(r"^   (0x[0-9a-f]+) <main\+\d+>:", out, re.M)  # x/2i: the next insn
+    assert after and f"$2 = {after[0]}" in out
+    assert f"Breakpoint 2, {report:#018x} in report ()" in out
+    assert re.search(r"#1  0x[0-9a-f]+ in main \(\)", out)  # bt through the guest's stack
+    assert "exited normally" in out
+    status, stdout, _ = booted.finish()
+    assert status == 0 and "BOOTCHECK DONE 0" in stdout
+
+
+def test_stepi_over_port_io_stops_after_each_instruction(booted: Booted) -> None:
+    """putc polls the UART's LSR with ``in``, branches out of its wait loop at once (THRE: the
+    UART is ready) and writes with ``out``: on KVM a step over port I/O ends in an I/O exit,
+    and the stub must still stop right after the instruction, every time."""
+    putc = _symbol(booted.guest, "putc")
+    steps = 9
+    out = booted.gdb("break putc", "continue", "x/12i $pc",
+                     *(c for _ in range(steps) for c in ("stepi", "p/x $pc")), "kill",
+                     symbols=True)
+    listing = re.findall(r"^(?:=> )?\s*(0x[0-9a-f]+) <putc\+?\d*>:\s*(.*)$", out, re.M)
+    addresses = [int(a, 16) for a, _ in listing]
+    assert addresses and addresses[0] == putc, out
+    assert any(text.startswith("in ") for _, text in listing)
+    assert any(text.startswith("out ") for _, text in listing)
+    branch = next(i for i, (_, text) in enumerate(listing) if text.startswith("jne"))
+    target = int(re.findall(r"0x[0-9a-f]+", listing[branch][1])[0], 16)
+    path = addresses[1:branch + 1] + addresses[addresses.index(target):]
+    seen = [int(v, 16) for v in re.findall(r"^\$\d+ = (0x[0-9a-f]+)$", out, re.M)]
+    assert seen == path[:steps], (seen, path)
+    booted.finish()
+
+
+def test_ctrl_c_stops_every_vcpu_with_sigint(guests: dict[str, Path], backend: str) -> None:
+    """The spin guest never ends: after ``c``, 0x03 stops it (``T02``, gdb's SIGINT) with every
+    vCPU stopped: its registers read, and a second continue and Ctrl-C work the same."""
+    b = Booted(guests["spin"], backend, "--cpus", "2")
+    with socket.create_connection(("127.0.0.1", b.port), timeout=60) as c:
+        for _ in range(2):
+            c.sendall(_packet(b"vCont;c"))
+            assert c.recv(1) == b"+"
+            time.sleep(0.5)
+            c.sendall(b"\x03")
+            reply = b""
+            while b"#" not in reply:
+                reply += c.recv(4096)
+            assert reply.startswith(b"$T02thread:1;"), reply
+            c.sendall(b"+")
+            assert _ask(c, b"Hg2") == b"OK" and len(_ask(c, b"p10")) == 16  # vCPU 2's RIP
+            assert _ask(c, b"Hg1") == b"OK"
+        c.sendall(_packet(b"k"))
+    status, _, err = b.finish()
+    assert status == 137 and "Traceback" not in err
+
+
+def test_breakpoint_limits_per_backend(guests: dict[str, Path], backend: str) -> None:
+    """The emulate backend takes any number of breakpoints; KVM four (DR0-DR3): the fifth is
+    E01, which gdb reports as a breakpoint it could not insert."""
+    b = Booted(guests["bootcheck"], backend)
+    with socket.create_connection(("127.0.0.1", b.port), timeout=30) as c:
+        replies = [_ask(c, b"Z1,%x,1" % (0x1000100 + i)) for i in range(6)]
+        assert replies == ([b"OK"] * 6 if backend == "emulate" else [b"OK"] * 4 + [b"E01"] * 2)
+        assert all(_ask(c, b"z1,%x,1" % (0x1000100 + i)) == b"OK" for i in range(6))
+        c.sendall(_packet(b"D"))
+    status, _, _ = b.finish()
+    assert status == 0
+
+
+def test_the_unicorn_wheel_refuses_breakpoints_and_steps(guests: dict[str, Path]) -> None:
+    """On the wheel (no engine patch 0011) a breakpoint or a step is an error, never a
+    breakpoint that silently never fires; reading and continuing still work."""
+    b = Booted(guests["bootcheck"], "emulate", env={"VMMARCH_ENGINE": "wheel",
+                                                    "LIBUNICORN_PATH": ""})
+    with socket.create_connection(("127.0.0.1", b.port), timeout=30) as c:
+        assert _ask(c, b"Z0,1000045,1") == b"E01" and _ask(c, b"vCont;s:1") == b"E01"
+        assert _ask(c, b"p10") == (0x1000000).to_bytes(8, "little").hex().encode()
+        c.sendall(_packet(b"D"))
+    status, stdout, _ = b.finish()
+    assert status == 0 and "BOOTCHECK DONE 0" in stdout

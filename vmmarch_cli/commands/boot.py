@@ -69,7 +69,7 @@ def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, 
             gdb_address: str | None = None) -> None:
     """Run one boot and end the command with its status (shared by ``boot`` and ``stock``)."""
     debugger = options.open_debugger(gdb_address)
-    serve = options.serve_debugger(debugger)
+    attach = options.attach_debugger(debugger)
     sink: BinaryIO | None = None
     if not quiet:
         sink = sys.stderr.buffer if as_json else sys.stdout.buffer
@@ -82,11 +82,12 @@ def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, 
             click.echo(f"vmm-arch: {p.kernel.format} {p.kernel.path} via the "
                        f"{PROTOCOL_NAMES[p.protocol]} (entry {p.plan_entry:#x}) on "
                        f"{p.backend.name}{why}{how}, cmdline: {p.cmdline}", err=True)
-        if serve is not None:
-            serve(p)
+        if attach is not None:
+            attach(p)
 
     try:
-        result = machine.run(config, sink, log, on_ready=announce, quiet=quiet)
+        result = machine.run(config, sink, log, on_ready=announce, quiet=quiet,
+                             debugger=debugger)
         if debugger is not None:
             debugger.finish(result.status)
     finally:

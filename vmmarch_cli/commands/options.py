@@ -144,12 +144,13 @@ def open_debugger(address: str | None) -> Stub | None:
     return Stub(listener)
 
 
-def serve_debugger(debugger: Stub | None) -> Callable[[Prepared], None] | None:
-    """machine.run's on_ready for ``debugger``: gdb has the guest until it continues."""
+def attach_debugger(debugger: Stub | None) -> Callable[[Prepared], None] | None:
+    """machine.run's on_ready for ``debugger`` (passed to it as ``debugger`` too): the VM it
+    debugs, once it is made."""
     if debugger is None:
         return None
 
     def ready(prepared: Prepared) -> None:
-        debugger.serve(prepared.vcpus, prepared.vm.memory)
+        debugger.attach(prepared.vcpus, prepared.vm.memory)
 
     return ready

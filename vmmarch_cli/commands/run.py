@@ -114,7 +114,8 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
         log = console_log.open("wb") if console_log is not None else None
         try:
             result = machine.run(config, console, log, serial_sinks=sinks,
-                                 on_ready=options.serve_debugger(debugger))
+                                 on_ready=options.attach_debugger(debugger),
+                                 debugger=debugger)
             if debugger is not None:
                 debugger.finish(result.status)
         finally:

@@ -91,6 +91,31 @@ class Connection:
                 self._sock.sendall(b"+")
             return unescape(bytes(body))
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def poll_interrupt(self) -> bool:
+        """Read what the client sent while the guest runs, without blocking: True when it
+        holds an interrupt (0x03; anything else but acks is kept for ``receive``).
+        Disconnected when the client has left."""
+        self._sock.setblocking(False)
+        try:
+            chunk = self._sock.recv(4096)
+        except BlockingIOError:
+            chunk = None
+        finally:
+            self._sock.setblocking(True)
+        if chunk == b"":
+            raise Disconnected
+        if chunk:
+            self._buffer += chunk
+        while bytes(self._buffer[:1]) in (b"+", b"-"):
+            del self._buffer[0]
+        if bytes(self._buffer[:1]) == bytes((INTERRUPT,)):
+            del self._buffer[0]
+            return True
+        return bool(self._buffer)  # a packet while running: stop, and answer it stopped
+
     def send(self, payload: bytes) -> None:
         self._sock.sendall(frame(payload))
         if self.acks:

@@ -1,7 +1,8 @@
 """A gdb stub for one boot: gdb attaches before the guest's first instruction, reads and writes
-registers and guest-virtual memory of every vCPU (vCPUs are gdb threads), then continues,
-detaches or kills (gdb manual, appendix E "Remote Serial Protocol"). The guest runs only when
-gdb says so; this first version has no breakpoints or stepping yet (docs/gdb.md).
+registers and guest-virtual memory of every vCPU (vCPUs are gdb threads), sets breakpoints,
+steps, continues, interrupts (Ctrl-C), detaches or kills (gdb manual, appendix E "Remote Serial
+Protocol"). The guest runs only when gdb says so, all-stop (vmmarch_cli/debugging.py holds the
+vCPUs; this module speaks to gdb). docs/gdb.md.
 """
 
 from __future__ import annotations
@@ -10,17 +11,23 @@ import contextlib
 import socket
 from collections.abc import Sequence
 from dataclasses import replace
-from enum import StrEnum
 
 from vmmarch_cli.arch.x86_64 import msr, paging, regs
-from vmmarch_cli.errors import EX_UNAVAILABLE, VmmArchError
+from vmmarch_cli.debugging import DebugStop, Resumption, StopKind
+from vmmarch_cli.errors import EX_UNAVAILABLE, BackendError, VmmArchError
 from vmmarch_cli.gdb import registers, rsp
-from vmmarch_cli.vcpu import GuestMemory, Vcpu
+from vmmarch_cli.vcpu import GuestDebug, GuestMemory, Vcpu
 
 #: What ``k`` makes vmm-arch exit with: 128 + SIGKILL, as a shell reports a killed process.
 EX_KILLED = 137
-#: gdb's signal numbers in stop replies (gdb/signals.def): SIGTRAP after attaching.
+#: gdb's signal numbers in stop replies (gdb/signals.def): SIGTRAP for attaching, breakpoints
+#: and steps, SIGINT for the client's Ctrl-C.
 SIGTRAP = 5
+SIGINT = 2
+#: Z/z packet types (gdb manual E.4 "Packets"): 0 software, 1 hardware breakpoint; 2-4 are
+#: watchpoints (write, read, access).
+BREAKPOINT_TYPES = (b"0", b"1")
+WATCHPOINT_TYPES = (b"2", b"3", b"4")
 
 
 class GdbError(VmmArchError):
@@ -33,11 +40,6 @@ class KilledByDebugger(VmmArchError):
     """gdb sent ``k``: the boot ends without running the guest further."""
 
     exit_status = EX_KILLED
-
-
-class Resume(StrEnum):
-    CONTINUE = "continue"  # gdb waits for the guest to end (a W stop reply)
-    DETACH = "detach"  # the guest runs on, gdb is gone
 
 
 def parse_address(spec: str) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
@@ -72,21 +74,39 @@ def listen(spec: str) -> tuple[socket.socket, str]:
 
 
 class Stub:
+    """The ``Debugger`` of ``machine.run`` (debugging.py) for one gdb client."""
+
     def __init__(self, listener: socket.socket) -> None:
         self._listener = listener
         self._conn: rsp.Connection | None = None
         self._vcpus: Sequence[Vcpu] = ()
         self._memory: GuestMemory | None = None
         self._thread = 0  # index of the vCPU g/p/m act on
+        self._stop = DebugStop(0, StopKind.ATTACH)
+        self._breakpoints: frozenset[int] = frozenset()
 
-    def serve(self, vcpus: Sequence[Vcpu], memory: GuestMemory) -> Resume:
-        """Wait for gdb, then answer it until it continues, detaches or kills."""
+    def attach(self, vcpus: Sequence[Vcpu], memory: GuestMemory) -> None:
+        """The VM it debugs (before ``machine.run`` first calls ``serve``)."""
         self._vcpus, self._memory = vcpus, memory
-        sock, _ = self._listener.accept()
-        self._listener.close()
-        conn = self._conn = rsp.Connection(sock)
-        while True:
-            try:
+
+    # --- debugging.Debugger -----------------------------------------------------------
+
+    def serve(self, stop: DebugStop) -> Resumption:
+        """Tell gdb why the guest stopped (the reply to its continue or step; at ATTACH, wait
+        for it to connect and ask), then answer it until it resumes, detaches or kills."""
+        self._stop = stop
+        self._thread = stop.vcpu
+        if stop.kind is StopKind.ATTACH:
+            sock, _ = self._listener.accept()
+            self._listener.close()
+            self._conn = rsp.Connection(sock)
+        conn = self._conn
+        if conn is None:
+            return Resumption(detach=True)
+        try:
+            if stop.kind is not StopKind.ATTACH:
+                conn.send(self._stop_reply())
+            while True:
                 packet = conn.receive()
                 try:
                     reply, resume = self._handle(packet)
@@ -96,27 +116,43 @@ class Stub:
                     conn.send(reply)
                     if packet == b"QStartNoAckMode":
                         conn.acks = False
-            except (rsp.Disconnected, rsp.ProtocolError, OSError):
-                # The client went away (or broke the framing), even mid-reply: the guest
-                # runs on, as after a detach.
-                resume = Resume.DETACH
-            if resume is Resume.DETACH:
-                conn.close()
-                self._conn = None
-            if resume is not None:
-                return resume
+                if resume is not None:
+                    if resume.detach:
+                        self._drop()
+                    return resume
+        except (rsp.Disconnected, rsp.ProtocolError, OSError):
+            # The client went away (or broke the framing), even mid-reply: the guest runs
+            # on, as after a detach.
+            self._drop()
+            return Resumption(detach=True)
+
+    def fileno(self) -> int:
+        return self._conn.fileno() if self._conn is not None else -1
+
+    def take_interrupt(self) -> bool | None:
+        if self._conn is None:
+            return False
+        try:
+            return True if self._conn.poll_interrupt() else None
+        except (rsp.Disconnected, OSError):
+            self._drop()
+            return False
 
     def finish(self, status: int) -> None:
         """The guest ended: tell a gdb that continued (``W``: exited with ``status``)."""
         if self._conn is not None:
             with contextlib.suppress(OSError, rsp.Disconnected, rsp.ProtocolError):
                 self._conn.send(b"W%02x" % (status & 0xFF))
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
             self._conn.close()
             self._conn = None
 
     # --- packets -------------------------------------------------------------------------
 
-    def _handle(self, p: bytes) -> tuple[bytes | None, Resume | None]:
+    def _handle(self, p: bytes) -> tuple[bytes | None, Resumption | None]:
         if p == b"\x03":
             return None, None  # already stopped
         if p.startswith(b"qSupported"):
@@ -154,22 +190,64 @@ class Stub:
             return self._read_memory(p[1:]), None
         if p[:1] == b"M":
             return self._write_memory(p[1:]), None
+        if p[:1] in (b"Z", b"z"):
+            return self._breakpoint(p[:1] == b"Z", p[1:]), None
         if p == b"vCont?":
-            return b"", None  # no vCont: stepping is not there yet, and gdb wants it listed
-        if p[:1] in (b"Z", b"z", b"s", b"S") or p.startswith(b"vCont;s"):
-            # Not yet (docs/gdb.md). An error, not an empty reply: on an empty one gdb would
-            # plant int3s with M instead, which nothing here would ever see or remove.
-            return b"E01", None
-        if p in (b"c", b"vCont;c") or p.startswith((b"vCont;c:", b"vCont;C", b"C")):
-            return None, Resume.CONTINUE
+            return b"vCont;c;C;s;S", None
+        if p.startswith(b"vCont;"):
+            return self._vcont(p[len(b"vCont;"):])
+        if p[:1] in (b"s", b"S"):
+            return self._step(self._thread)
+        if p[:1] in (b"c", b"C"):
+            return None, Resumption(self._breakpoints)
         if p[:1] == b"D":
-            return b"OK", Resume.DETACH
+            return b"OK", Resumption(detach=True)
         if p == b"k" or p.startswith(b"vKill"):
             raise KilledByDebugger("killed by gdb (k)")
         return b"", None  # not supported: gdb falls back or says so
 
+    def _breakpoint(self, insert: bool, text: bytes) -> bytes:
+        """``Z``/``z`` types 0 and 1: both are the backend's breakpoints (execution reaching
+        the address), never int3s written into guest memory. Watchpoints: not yet."""
+        kind, _, rest = text.partition(b",")
+        if kind in WATCHPOINT_TYPES or kind not in BREAKPOINT_TYPES:
+            return b"E01"
+        address = int(rest.partition(b",")[0], 16)
+        wanted = self._breakpoints | {address} if insert else self._breakpoints - {address}
+        try:
+            for v in self._vcpus:  # every vCPU is stopped: the backend says now what it cannot do
+                v.set_guest_debug(GuestDebug(wanted))
+        except BackendError:
+            for v in self._vcpus:
+                v.set_guest_debug(GuestDebug(self._breakpoints))
+            return b"E01"
+        self._breakpoints = wanted
+        return b"OK"
+
+    def _step(self, index: int) -> tuple[bytes | None, Resumption | None]:
+        """One instruction on vCPU ``index``; the others wait (a step never runs them)."""
+        vcpu = self._vcpus[index]
+        try:
+            vcpu.set_guest_debug(GuestDebug(self._breakpoints, single_step=True))
+        except BackendError:
+            return b"E01", None
+        return None, Resumption(self._breakpoints, step=index)
+
+    def _vcont(self, actions: bytes) -> tuple[bytes | None, Resumption | None]:
+        """``vCont;ACTION[:THREAD];...``: a step for some thread wins (gdb steps one and lets
+        the others continue; here they wait for it); otherwise everything continues."""
+        for action in actions.split(b";"):
+            verb, _, thread = action.partition(b":")
+            if verb[:1] in (b"s", b"S"):
+                index = self._vcpu_of(thread) if thread else self._thread
+                return (b"E01", None) if index is None else self._step(index)
+            if verb[:1] not in (b"c", b"C"):
+                return b"E01", None
+        return None, Resumption(self._breakpoints)
+
     def _stop_reply(self) -> bytes:
-        return b"T%02xthread:%x;" % (SIGTRAP, self._thread + 1)
+        signal = SIGINT if self._stop.kind is StopKind.INTERRUPT else SIGTRAP
+        return b"T%02xthread:%x;" % (signal, self._stop.vcpu + 1)
 
     def _xfer(self, span: bytes) -> bytes:
         try:

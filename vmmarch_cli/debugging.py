@@ -1,0 +1,217 @@
+"""A debugger's hold on a running VM, all-stop (gdb manual, "All-Stop Mode"): when one vCPU stops
+for it (a breakpoint, a finished step) or the client interrupts (Ctrl-C), every vCPU stops; they
+go on together, or one of them takes a single step while the others wait.
+
+The debugger itself (the gdb stub, vmmarch_cli/gdb/) speaks to its client; this module only
+pauses and resumes the vCPU threads of ``machine.run`` and hands the debugger each stop. The
+main thread waits in ``DebugWait.wait`` instead of ``machine._wait``: on the guest's end, on a
+vCPU's debug stop, and on the client's socket, all at once (a ``select``), so a step's round trip
+costs no polling interval.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from vmmarch_cli.vcpu import Debug, GuestDebug, Vcpu
+
+#: How long a parked vCPU thread sleeps before it looks at the run's end again.
+PARK_POLL_SECONDS = 0.05
+
+
+class StopKind(StrEnum):
+    BREAKPOINT = "breakpoint"
+    STEP = "step"
+    INTERRUPT = "interrupt"  # the client's Ctrl-C
+    ATTACH = "attach"  # before the guest's first instruction
+
+
+@dataclass(frozen=True)
+class DebugStop:
+    vcpu: int  # the vCPU the stop is about (index)
+    kind: StopKind
+
+
+@dataclass(frozen=True)
+class Resumption:
+    """How the debugger lets the guest go on: every vCPU runs, or ``step`` (a vCPU index) takes
+    one instruction while the others wait; ``detach``: the debugger is gone for good."""
+
+    breakpoints: frozenset[int] = frozenset()
+    step: int | None = None
+    detach: bool = False
+
+
+class Debugger(Protocol):
+    def serve(self, stop: DebugStop) -> Resumption:
+        """Tell the client about ``stop`` (for ATTACH: wait for it first) and answer it until
+        it resumes the guest. Raises to end the run (gdb's kill)."""
+        ...
+
+    def fileno(self) -> int:
+        """Readable while the guest runs when the client sends something (Ctrl-C) or leaves."""
+        ...
+
+    def take_interrupt(self) -> bool | None:
+        """Read what made ``fileno`` readable: True for an interrupt (stop the guest), None
+        for nothing yet, False when the client left (the guest then runs on, as after a
+        detach)."""
+        ...
+
+
+class AllStop:
+    """The vCPU threads' side. A vCPU runs only while it is runnable: with a debugger none is
+    until the client first resumes; a stop (``debug_exit``, ``pause``) makes none runnable, and
+    ``release`` makes all of them, or the one that steps, runnable again. A thread whose vCPU
+    is not runnable parks (``park``)."""
+
+    def __init__(self, vcpus: Sequence[Vcpu], done: threading.Event) -> None:
+        self._vcpus = vcpus
+        self._done = done
+        self._cond = threading.Condition()
+        self._parked: set[int] = set()
+        self._runnable: set[int] = set()
+        self.event: DebugStop | None = None
+        self._wake_r, self._wake_w = os.pipe()
+
+    @property
+    def indices(self) -> set[int]:
+        return {v.index for v in self._vcpus}
+
+    @property
+    def wake_fd(self) -> int:
+        """Readable when a vCPU stopped for the debugger or the run ended."""
+        return self._wake_r
+
+    def wake(self) -> None:
+        os.write(self._wake_w, b"\0")
+
+    def drain(self) -> None:
+        os.read(self._wake_r, 4096)
+
+    def close(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def runnable(self, vcpu: Vcpu) -> bool:
+        return vcpu.index in self._runnable
+
+    def debug_exit(self, vcpu: Vcpu, ex: Debug) -> None:
+        """From a vCPU thread: its vCPU stopped for the debugger; every other one stops too."""
+        kind = StopKind.BREAKPOINT if ex.breakpoint else StopKind.STEP
+        with self._cond:
+            first = self.event is None
+            if first:
+                self.event = DebugStop(vcpu.index, kind)
+        self.pause()
+        if first:
+            self.wake()
+
+    def pause(self) -> None:
+        with self._cond:
+            self._runnable.clear()
+        for v in self._vcpus:
+            v.request_stop()
+
+    def park(self, vcpu: Vcpu) -> None:
+        """From a vCPU thread: wait until this vCPU is runnable again or the run ends."""
+        with self._cond:
+            self._parked.add(vcpu.index)
+            self._cond.notify_all()
+            while vcpu.index not in self._runnable and not self._done.is_set():
+                self._cond.wait(PARK_POLL_SECONDS)
+            self._parked.discard(vcpu.index)
+
+    def wait_parked(self) -> bool:
+        """Until every vCPU is parked (False: the run ended first)."""
+        with self._cond:
+            while not self.indices <= self._parked:
+                if self._done.is_set():
+                    return False
+                self._cond.wait(PARK_POLL_SECONDS)
+        return True
+
+    def release(self, resumption: Resumption) -> None:
+        """Let the vCPUs go on as ``resumption`` says: all of them, or the one that steps."""
+        everyone = self.indices
+        runners = everyone if resumption.step is None else {resumption.step} & everyone
+        for v in self._vcpus:
+            if v.index in runners:
+                v.set_guest_debug(GuestDebug(resumption.breakpoints,
+                                             v.index == resumption.step))
+                v.clear_stop()
+        with self._cond:
+            self.event = None
+            self._runnable |= runners
+            self._cond.notify_all()
+
+
+class DebugWait:
+    """The main thread's wait while a debugger holds the VM."""
+
+    def __init__(self, debugger: Debugger, allstop: AllStop, deliver: Callable[[], None],
+                 interval: float) -> None:
+        self._debugger = debugger
+        self._allstop = allstop
+        self._deliver = deliver  # posted writes, so that the console streams meanwhile
+        self._interval = interval
+        self.attached = True
+
+    def attach(self) -> None:
+        """Before the vCPU threads start: the client connects and says how to begin."""
+        self._resume(self._debugger.serve(DebugStop(0, StopKind.ATTACH)))
+
+    def wait(self, done: threading.Event, timeout: float | None) -> bool:
+        """Like machine._wait: True when the run ended, False when ``timeout`` passed (time
+        spent stopped for the debugger does not count)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.attached:
+            if done.is_set():
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            wait = self._interval if remaining is None else min(self._interval, remaining)
+            ready, _, _ = select.select([self._allstop.wake_fd, self._debugger.fileno()], [],
+                                        [], wait)
+            self._deliver()
+            if self._allstop.wake_fd in ready:
+                self._allstop.drain()
+            if done.is_set():
+                return True
+            interrupted = False
+            if self._allstop.event is None and self._debugger.fileno() in ready:
+                took = self._debugger.take_interrupt()
+                if took is False:
+                    self._resume(Resumption(detach=True))  # the client left: as a detach
+                    break
+                if took:
+                    self._allstop.pause()
+                    interrupted = True
+            if self._allstop.event is None and not interrupted:
+                continue
+            began = time.monotonic()
+            if not self._allstop.wait_parked():
+                return True
+            self._deliver()  # what the guest wrote before it stopped, before gdb looks
+            stop = self._allstop.event or DebugStop(0, StopKind.INTERRUPT)
+            self._resume(self._debugger.serve(stop))
+            if deadline is not None:
+                deadline += time.monotonic() - began
+        if deadline is None:
+            done.wait()
+            return True
+        return done.wait(max(deadline - time.monotonic(), 0))
+
+    def _resume(self, resumption: Resumption) -> None:
+        if resumption.detach:
+            self.attached = False
+            resumption = Resumption()  # no breakpoints, no step: the guest runs free
+        self._allstop.release(resumption)
