@@ -387,3 +387,37 @@ def test_the_unicorn_wheel_refuses_breakpoints_and_steps(guests: dict[str, Path]
         c.sendall(_packet(b"D"))
     status, stdout, _ = b.finish()
     assert status == 0 and "BOOTCHECK DONE 0" in stdout
+
+
+def test_hbreak_start_kernel_on_debian_s_kernel(stock: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    """Debian's kernel on the emulate backend: gdb, with symbols made from the kernel's own
+    kallsyms (vmlinux-to-elf, from PyPI: the image ships stripped), stops at ``start_kernel``
+    with ``hbreak`` and shows it in ``bt`` and ``info registers``."""
+    tool = shutil.which("vmlinux-to-elf")
+    if tool is None:
+        pytest.fail("vmlinux-to-elf is missing: pip install -e '.[test]' installs it")
+    symbols = tmp_path / "vmlinux-syms.elf"
+    made = subprocess.run([tool, str(stock["vmlinux"]), str(symbols)], capture_output=True,
+                          text=True, timeout=300)
+    assert made.returncode == 0, made.stdout + made.stderr
+    start_kernel = _symbol(symbols, "start_kernel")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmmarch_cli", "boot", str(stock["vmlinux"]), "--backend",
+         "emulate", "--initrd", str(stock["initramfs"]), "--timeout", "300", "--gdb",
+         f"127.0.0.1:{port}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None and "waiting for gdb" in proc.stderr.readline()
+    p = subprocess.run([str(GDB), "-nx", "-batch", "-ex", "set pagination off",
+                        "-ex", f"file {symbols}", "-ex", f"target remote 127.0.0.1:{port}",
+                        "-ex", "hbreak start_kernel", "-ex", "continue", "-ex", "bt 1",
+                        "-ex", "info registers rip", "-ex", "kill"],
+                       capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    _, err = proc.communicate(timeout=120)
+    assert f"Breakpoint 1, {start_kernel:#018x} in start_kernel ()" in out, out
+    at = f"{start_kernel:x}"
+    assert re.search(rf"#0  0x0*{at} in start_kernel \(\)", out), out
+    assert re.search(rf"rip\s+0x{at}\s+0x{at} <start_kernel>", out), out
+    assert proc.returncode == 137 and "Traceback" not in err
