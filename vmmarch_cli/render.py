@@ -88,3 +88,17 @@ def stderr_console() -> Console:
     from rich.console import Console
 
     return Console(stderr=True, highlight=False, width=120, soft_wrap=True)
+
+
+def as_text(tables: Sequence[Table], width: int = 100) -> str:
+    """``tables`` drawn as plain text (no colour, no terminal): for a debugger's console."""
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, width=width, color_system=None, highlight=False,
+                      force_terminal=False)
+    for t in tables:
+        console.print(t)
+    return out.getvalue()

@@ -421,3 +421,24 @@ def test_hbreak_start_kernel_on_debian_s_kernel(stock: dict[str, Path],
     assert re.search(rf"#0  0x0*{at} in start_kernel \(\)", out), out
     assert re.search(rf"rip\s+0x{at}\s+0x{at} <start_kernel>", out), out
     assert proc.returncode == 137 and "Traceback" not in err
+
+
+def test_monitor_regs_and_tables(booted: Booted) -> None:
+    """``monitor regs`` prints vmm-arch's own register tables (dump-regs's view) of the selected
+    vCPU, ``monitor tables`` the e820 map, MP and ACPI tables decoded from guest memory."""
+    out = booted.gdb("monitor regs", "monitor tables", "monitor frobnicate", "detach")
+    assert "cpu0 registers (read back)" in out and "rip  0x0000000001000000" in out
+    assert "IA32_EFER" in out and "0x0000000000000500" in out and "cpu0 lapic" in out
+    assert "e820 map" in out and "MP table" in out and "ACPI tables" in out
+    assert "unknown monitor command 'frobnicate'; there are: regs, tables" in out
+    status, _, _ = booted.finish()
+    assert status == 0
+
+
+def test_a_client_that_leaves_mid_step_lets_the_guest_run_on(guests: dict[str, Path]) -> None:
+    b = Booted(guests["bootcheck"], "emulate")
+    with socket.create_connection(("127.0.0.1", b.port), timeout=30) as c:
+        assert _ask(c, b"Z0,1000045,1") == b"OK"
+        c.sendall(_packet(b"vCont;s:1"))  # and gone before the stop reply
+    status, stdout, _ = b.finish()
+    assert status == 0 and "BOOTCHECK DONE 0" in stdout  # breakpoints gone with the client

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -22,7 +23,7 @@ from vmmarch_cli.render import (
     sregs_dict,
     sregs_tables,
 )
-from vmmarch_cli.vcpu import Vcpu
+from vmmarch_cli.vcpu import Regs, Sregs, Vcpu
 
 #: MSRs read back: the boot list plus the two the CPU state depends on.
 READBACK_MSRS = (
@@ -160,12 +161,8 @@ def dump_regs_command(as_json: bool, show_cpuid: bool, compare: str | None, cpu:
              for r in prepared.setup]
     out.print(kv_table("pipeline steps", steps))
     for (index, regs, sregs), state in zip(shown, doc["cpus"], strict=True):
-        out.print(regs_table(regs, f"cpu{index} registers (read back)"))
-        for t in sregs_tables(sregs):
+        for t in cpu_tables(index, regs, sregs, state):
             out.print(t)
-        out.print(kv_table(f"cpu{index} fpu", state["fpu"]))
-        out.print(kv_table(f"cpu{index} msrs", state["msrs"]))
-        out.print(kv_table(f"cpu{index} lapic", state["lapic"]))
         if show_cpuid:
             rows = [(f"{e['function']}.{e['index']}",
                      f"eax={e['eax']} ebx={e['ebx']} ecx={e['ecx']} edx={e['edx']}")
@@ -174,6 +171,30 @@ def dump_regs_command(as_json: bool, show_cpuid: bool, compare: str | None, cpu:
     if show_tables:
         for t in tables_view(doc["tables"]):
             out.print(t)
+
+
+def cpu_tables(index: int, regs: Regs, sregs: Sregs, state: dict[str, Any]) -> list[Table]:
+    """One vCPU's registers, segments, descriptor tables, FPU, MSRs and LAPIC (``state``:
+    its ``readback``)."""
+    return [regs_table(regs, f"cpu{index} registers (read back)"), *sregs_tables(sregs),
+            kv_table(f"cpu{index} fpu", state["fpu"]),
+            kv_table(f"cpu{index} msrs", state["msrs"]),
+            kv_table(f"cpu{index} lapic", state["lapic"])]
+
+
+def monitor(prepared: machine.Prepared) -> Callable[[str, int], list[Table] | None]:
+    """gdb's ``monitor`` commands for a VM: ``regs`` (the selected vCPU, as dump-regs shows
+    it) and ``tables`` (the e820 map, MP and ACPI tables, decoded from guest memory)."""
+
+    def run(command: str, cpu: int) -> list[Table] | None:
+        if command == "regs":
+            v = prepared.vcpus[cpu]
+            return cpu_tables(v.index, v.get_regs(), v.get_sregs(), readback(v))
+        if command == "tables":
+            return tables_view(tables.read_boot_tables(prepared.vm.memory, prepared.protocol))
+        return None
+
+    return run
 
 
 def tables_view(doc: dict[str, Any]) -> list[Table]:

@@ -151,6 +151,15 @@ def attach_debugger(debugger: Stub | None) -> Callable[[Prepared], None] | None:
         return None
 
     def ready(prepared: Prepared) -> None:
-        debugger.attach(prepared.vcpus, prepared.vm.memory)
+        from vmmarch_cli.commands.dump_regs import monitor  # dump_regs imports this module
+        from vmmarch_cli.render import as_text
+
+        tables = monitor(prepared)
+
+        def answer(command: str, cpu: int) -> str | None:
+            shown = tables(command, cpu)
+            return None if shown is None else as_text(shown)
+
+        debugger.attach(prepared.vcpus, prepared.vm.memory, answer)
 
     return ready

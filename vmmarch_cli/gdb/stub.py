@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from vmmarch_cli.arch.x86_64 import msr, paging, regs
@@ -28,6 +28,9 @@ SIGINT = 2
 #: watchpoints (write, read, access).
 BREAKPOINT_TYPES = (b"0", b"1")
 WATCHPOINT_TYPES = (b"2", b"3", b"4")
+#: gdb's ``monitor`` commands (qRcmd): the selected vCPU's registers as dump-regs shows them,
+#: and the boot tables (e820, MP, ACPI) decoded from guest memory.
+MONITOR = ("regs", "tables")
 
 
 class GdbError(VmmArchError):
@@ -84,10 +87,13 @@ class Stub:
         self._thread = 0  # index of the vCPU g/p/m act on
         self._stop = DebugStop(0, StopKind.ATTACH)
         self._breakpoints: frozenset[int] = frozenset()
+        self._monitor: Callable[[str, int], str | None] | None = None
 
-    def attach(self, vcpus: Sequence[Vcpu], memory: GuestMemory) -> None:
-        """The VM it debugs (before ``machine.run`` first calls ``serve``)."""
-        self._vcpus, self._memory = vcpus, memory
+    def attach(self, vcpus: Sequence[Vcpu], memory: GuestMemory,
+               monitor: Callable[[str, int], str | None] | None = None) -> None:
+        """The VM it debugs (before ``machine.run`` first calls ``serve``), and what answers
+        gdb's ``monitor`` commands (the command and the selected vCPU -> text, or None)."""
+        self._vcpus, self._memory, self._monitor = vcpus, memory, monitor
 
     # --- debugging.Debugger -----------------------------------------------------------
 
@@ -190,6 +196,8 @@ class Stub:
             return self._read_memory(p[1:]), None
         if p[:1] == b"M":
             return self._write_memory(p[1:]), None
+        if p.startswith(b"qRcmd,"):
+            return self._command(p[len(b"qRcmd,"):]), None
         if p[:1] in (b"Z", b"z"):
             return self._breakpoint(p[:1] == b"Z", p[1:]), None
         if p == b"vCont?":
@@ -205,6 +213,19 @@ class Stub:
         if p == b"k" or p.startswith(b"vKill"):
             raise KilledByDebugger("killed by gdb (k)")
         return b"", None  # not supported: gdb falls back or says so
+
+    def _command(self, text: bytes) -> bytes:
+        """``monitor CMD``: the answer as console output packets (``O``), then ``OK``."""
+        command = bytes.fromhex(text.decode()).decode(errors="replace").strip()
+        answer = self._monitor(command, self._thread) if self._monitor is not None else None
+        if answer is None:
+            answer = f"unknown monitor command {command!r}; there are: {', '.join(MONITOR)}\n"
+        assert self._conn is not None
+        data = answer.encode()
+        chunk = rsp.MAX_PACKET // 2 - 1  # two hex digits a byte, after the 'O'
+        for at in range(0, len(data), chunk):
+            self._conn.send(b"O" + data[at:at + chunk].hex().encode())
+        return b"OK"
 
     def _breakpoint(self, insert: bool, text: bytes) -> bytes:
         """``Z``/``z`` types 0 and 1: both are the backend's breakpoints (execution reaching
