@@ -121,11 +121,17 @@ SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 
 @dataclass(frozen=True)
 class Fpu:
-    """The x87 control word and the SSE control/status register; the defaults are their values
-    after FNINIT and reset (SDM vol. 1 8.1.5, 10.2.3.1)."""
+    """The x87 and SSE state (the FXSAVE image's fields, arch/x86_64/fxsave.py); the defaults
+    are the values after FNINIT and reset (SDM vol. 1 8.1.5, 10.2.3.1): control word 0x37F,
+    MXCSR 0x1F80, every x87 register empty (abridged tag 0), registers zero. ``st`` holds the
+    x87 registers in stack order (ST0 first), 80 bits each; ``xmm`` XMM0-XMM15."""
 
     fcw: int = 0x37F
     mxcsr: int = 0x1F80
+    fsw: int = 0
+    ftw: int = 0  # abridged tag word: bit i set when physical register R(i) is not empty
+    st: tuple[int, ...] = (0,) * 8
+    xmm: tuple[int, ...] = (0,) * 16
 
 
 @dataclass(frozen=True)

@@ -261,12 +261,12 @@ def test_a_unix_socket_works_too(guests: dict[str, Path], tmp_path: Path) -> Non
 
 
 def test_g_and_capital_g_round_trip_the_register_file(guests: dict[str, Path]) -> None:
-    """``g`` reads every register (x87 and XMM as unavailable 'x's); ``G`` with the same
-    file and a new rbx changes rbx alone."""
+    """``g`` reads every register (the x87 instruction and operand pointers as unavailable
+    'x's); ``G`` with the same file and a new rbx changes rbx alone."""
     b = Booted(guests["bootcheck"], "emulate")
     with socket.create_connection(("127.0.0.1", b.port), timeout=30) as c:
         regs = _ask(c, b"g")
-        assert b"x" * 20 in regs  # st0: unavailable
+        assert b"x" * 40 in regs and b"x" * 41 not in regs  # fiseg..fop: 5 x 32 bits
         rbx = 16  # after rax (64 bits = 16 hex digits)
         changed = regs[:rbx] + (0x1234).to_bytes(8, "little").hex().encode() + regs[rbx + 16:]
         assert _ask(c, b"G" + changed) == b"OK"
@@ -442,3 +442,14 @@ def test_a_client_that_leaves_mid_step_lets_the_guest_run_on(guests: dict[str, P
         c.sendall(_packet(b"vCont;s:1"))  # and gone before the stop reply
     status, stdout, _ = b.finish()
     assert status == 0 and "BOOTCHECK DONE 0" in stdout  # breakpoints gone with the client
+
+
+def test_gdb_reads_the_x87_stack_and_the_xmm_registers(booted: Booted) -> None:
+    """After the guest's own FPU use (none in bootcheck: the boot state), gdb shows the x87
+    and SSE registers with values, not <unavailable>: ST0 as a number, the tag word with
+    every register empty (FNINIT), XMM0 as a vector."""
+    out = booted.gdb("p $st0", "p/x $ftag", "p/x $fctrl", "p $xmm0.uint128", "p/x $mxcsr",
+                     "detach")
+    assert "$1 = 0" in out and "$2 = 0xffff" in out and "$3 = 0x37f" in out
+    assert "$4 = 0" in out and "$5 = 0x1f80" in out and "unavailable" not in out
+    booted.finish()

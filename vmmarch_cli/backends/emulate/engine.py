@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vmmarch_cli.arch.x86_64 import msr, regs
+from vmmarch_cli.arch.x86_64 import fxsave, msr, regs
 from vmmarch_cli.backends.emulate.binding import Uc, UcError, uc_const, x86
 from vmmarch_cli.backends.emulate.native import DESC_FLAGS_MASK, DESC_FLAGS_SHIFT
 from vmmarch_cli.errors import BackendError
@@ -48,6 +48,24 @@ def refuse_compatibility_mode(s: Sregs) -> None:
     if s.efer & regs.EFER_LMA and not s.cs.attributes & ATTR_L:
         raise BackendError("compatibility mode (EFER.LMA with CS.L=0) is not supported by "
                            "the emulate backend")
+
+
+_FP = tuple(getattr(x86, f"UC_X86_REG_FP{i}") for i in range(fxsave.X87_REGISTERS))
+_XMM = tuple(getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(fxsave.XMM_REGISTERS))
+MANTISSA = (1 << 64) - 1
+
+
+def _fp80(value: tuple[int, int]) -> int:
+    """An x87 register as the binding reads it (mantissa, sign and exponent) as 80 bits."""
+    mantissa, exponent = value
+    return (int(exponent) & 0xFFFF) << 64 | int(mantissa)
+
+
+def _stack_order(fsw: int) -> list[int]:
+    """The physical register of ST0..ST7: ST(i) is R((TOP + i) mod 8), TOP in FSW bits 11-13
+    (SDM vol. 1 8.1.2)."""
+    top = (fsw >> 11) & 7
+    return [(top + i) % fxsave.X87_REGISTERS for i in range(fxsave.X87_REGISTERS)]
 
 
 class Engine:
@@ -134,12 +152,26 @@ class Engine:
                                (seg.attributes << DESC_FLAGS_SHIFT) & DESC_FLAGS_MASK))
 
     def read_fpu(self) -> Fpu:
-        return Fpu(fcw=int(self.uc.reg_read(x86.UC_X86_REG_FPCW)),
-                   mxcsr=int(self.uc.reg_read(x86.UC_X86_REG_MXCSR)))
+        """unicorn holds the x87 registers physically (FP0-FP7, as mantissa and exponent; its
+        ST0-ST7 reads lose 16 bits in the binding) and the full tag word (FPTAG)."""
+        read = self.uc.reg_read
+        fsw = int(read(x86.UC_X86_REG_FPSW))
+        physical = [_fp80(read(r)) for r in _FP]
+        return Fpu(fcw=int(read(x86.UC_X86_REG_FPCW)), mxcsr=int(read(x86.UC_X86_REG_MXCSR)),
+                   fsw=fsw, ftw=fxsave.abridged_tag(int(read(x86.UC_X86_REG_FPTAG))),
+                   st=tuple(physical[r] for r in _stack_order(fsw)),
+                   xmm=tuple(int(read(r)) for r in _XMM))
 
     def write_fpu(self, fpu: Fpu) -> None:
-        self.uc.reg_write(x86.UC_X86_REG_FPCW, fpu.fcw)
-        self.uc.reg_write(x86.UC_X86_REG_MXCSR, fpu.mxcsr)
+        write = self.uc.reg_write
+        write(x86.UC_X86_REG_FPCW, fpu.fcw)
+        write(x86.UC_X86_REG_MXCSR, fpu.mxcsr)
+        write(x86.UC_X86_REG_FPSW, fpu.fsw)  # TOP too
+        write(x86.UC_X86_REG_FPTAG, fxsave.full_tag(fpu.ftw))
+        for r, value in zip(_stack_order(fpu.fsw), fpu.st, strict=True):
+            write(_FP[r], (value & MANTISSA, value >> 64))
+        for register, value in zip(_XMM, fpu.xmm, strict=True):
+            write(register, value)
 
     def read_msr(self, index: int) -> int:
         return int(self.uc.msr_read(index))

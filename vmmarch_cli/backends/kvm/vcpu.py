@@ -8,11 +8,11 @@ import errno
 import mmap
 import os
 import signal
-import struct
 import threading
 from collections import Counter
 from collections.abc import Sequence
 
+from vmmarch_cli.arch.x86_64 import fxsave
 from vmmarch_cli.arch.x86_64.regs import (
     DEBUG_ADDRESS_REGISTERS,
     DR6_BREAKPOINT_HITS,
@@ -52,9 +52,7 @@ from vmmarch_cli.vcpu import (
 #: The signal that kicks a vCPU thread out of KVM_RUN (a no-op handler is installed for it).
 KICK_SIGNAL = signal.SIGUSR1
 
-# Legacy FXSAVE region offsets inside the XSAVE area (SDM vol. 1 table 10-2, 13.4.1).
-XSAVE_FCW = 0
-XSAVE_MXCSR = 24
+# The XSAVE header's XSTATE_BV, after the legacy (FXSAVE) region (SDM vol. 1 13.4.2).
 XSAVE_XSTATE_BV = 512
 XFEATURE_X87_SSE = 0x3
 
@@ -66,6 +64,15 @@ def install_kick_handler() -> None:
     if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)
         signal.siginterrupt(KICK_SIGNAL, True)
+
+
+def _fxsave_of(f: abi.kvm_fpu) -> fxsave.Fxsave:
+    """KVM_GET_FPU's struct kvm_fpu as an FXSAVE image (the same fields, another order)."""
+    image = fxsave.Fxsave()
+    image.fcw, image.fsw, image.ftw, image.mxcsr = f.fcw, f.fsw, f.ftwx, f.mxcsr
+    ctypes.memmove(image.st, f.fpr, ctypes.sizeof(image.st))
+    ctypes.memmove(image.xmm, f.xmm, ctypes.sizeof(image.xmm))
+    return image
 
 
 class KvmVcpu:
@@ -124,30 +131,31 @@ class KvmVcpu:
         checked(self._fd, abi.KVM_SET_SREGS, k, "KVM_SET_SREGS")
 
     def get_fpu(self) -> Fpu:
+        """From the XSAVE area's legacy region where offered, else KVM_GET_FPU."""
         if self._has_xsave:
             x = abi.kvm_xsave()
             checked(self._fd, abi.KVM_GET_XSAVE, x, "KVM_GET_XSAVE")
-            raw = bytes(x)
-            return Fpu(fcw=int.from_bytes(raw[XSAVE_FCW : XSAVE_FCW + 2], "little"),
-                       mxcsr=int.from_bytes(raw[XSAVE_MXCSR : XSAVE_MXCSR + 4], "little"))
+            return fxsave.to_fpu(fxsave.Fxsave.from_buffer(x))
         f = abi.kvm_fpu()
         checked(self._fd, abi.KVM_GET_FPU, f, "KVM_GET_FPU")
-        return Fpu(fcw=f.fcw, mxcsr=f.mxcsr)
+        return fxsave.to_fpu(_fxsave_of(f))
 
     def set_fpu(self, fpu: Fpu) -> None:
         """Through KVM_SET_XSAVE where offered: KVM_SET_FPU ignores kvm_fpu.mxcsr upstream, and
-        the XSAVE area's legacy region holds both FCW and MXCSR (so one write sets both)."""
+        the XSAVE area's legacy region holds the whole x87 and SSE state (one write sets it)."""
         if not self._has_xsave:
             f = abi.kvm_fpu()
             checked(self._fd, abi.KVM_GET_FPU, f, "KVM_GET_FPU")
-            f.fcw = fpu.fcw
-            f.mxcsr = fpu.mxcsr
+            image = _fxsave_of(f)
+            fxsave.fill(image, fpu)
+            f.fcw, f.fsw, f.ftwx, f.mxcsr = image.fcw, image.fsw, image.ftw, image.mxcsr
+            ctypes.memmove(f.fpr, image.st, ctypes.sizeof(f.fpr))
+            ctypes.memmove(f.xmm, image.xmm, ctypes.sizeof(f.xmm))
             checked(self._fd, abi.KVM_SET_FPU, f, "KVM_SET_FPU")
             return
         x = abi.kvm_xsave()
         checked(self._fd, abi.KVM_GET_XSAVE, x, "KVM_GET_XSAVE")
-        struct.pack_into("<H", x, XSAVE_FCW, fpu.fcw)
-        struct.pack_into("<I", x, XSAVE_MXCSR, fpu.mxcsr)
+        fxsave.fill(fxsave.Fxsave.from_buffer(x), fpu)
         xstate_bv = ctypes.c_uint8.from_buffer(x, XSAVE_XSTATE_BV)
         xstate_bv.value |= XFEATURE_X87_SSE  # else the CPU loads x87/SSE init state
         checked(self._fd, abi.KVM_SET_XSAVE, x, "KVM_SET_XSAVE")
