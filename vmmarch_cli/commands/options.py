@@ -151,13 +151,13 @@ def attach_debugger(debugger: Stub | None) -> Callable[[Prepared], None] | None:
         return None
 
     def ready(prepared: Prepared) -> None:
-        from vmmarch_cli.commands.dump_regs import monitor  # dump_regs imports this module
-        from vmmarch_cli.render import as_text
-
-        tables = monitor(prepared)
-
         def answer(command: str, cpu: int) -> str | None:
-            shown = tables(command, cpu)
+            # Imported when gdb first asks (rich is a boot's largest import), and dump_regs
+            # imports this module.
+            from vmmarch_cli.commands.dump_regs import monitor
+            from vmmarch_cli.render import as_text
+
+            shown = monitor(prepared)(command, cpu)
             return None if shown is None else as_text(shown)
 
         debugger.attach(prepared.vcpus, prepared.vm.memory, answer)
