@@ -47,6 +47,7 @@ class Resumption:
     breakpoints: frozenset[int] = frozenset()
     step: int | None = None
     detach: bool = False
+    planted: frozenset[int] = frozenset()  # GuestDebug.planted
 
 
 class Debugger(Protocol):
@@ -60,9 +61,9 @@ class Debugger(Protocol):
         ...
 
     def take_interrupt(self) -> bool | None:
-        """Read what made ``fileno`` readable: True for an interrupt (stop the guest), None
-        for nothing yet, False when the client left (the guest then runs on, as after a
-        detach)."""
+        """Read what made ``fileno`` readable: True for an interrupt, False when the client
+        left, None for nothing yet. For True and False every vCPU stops and ``serve`` is
+        called (after a client left it answers with a detach)."""
         ...
 
 
@@ -145,7 +146,7 @@ class AllStop:
         for v in self._vcpus:
             if v.index in runners:
                 v.set_guest_debug(GuestDebug(resumption.breakpoints,
-                                             v.index == resumption.step))
+                                             v.index == resumption.step, resumption.planted))
                 v.clear_stop()
         with self._cond:
             self.event = None
@@ -186,16 +187,14 @@ class DebugWait:
                 self._allstop.drain()
             if done.is_set():
                 return True
-            interrupted = False
-            if self._allstop.event is None and self._debugger.fileno() in ready:
-                took = self._debugger.take_interrupt()
-                if took is False:
-                    self._resume(Resumption(detach=True))  # the client left: as a detach
-                    break
-                if took:
-                    self._allstop.pause()
-                    interrupted = True
-            if self._allstop.event is None and not interrupted:
+            # An interrupt, or the client left (False): either way every vCPU stops first, and
+            # serve() then says how to go on (for a client that left: as after a detach,
+            # with what it set in the guest undone while it stands).
+            interrupted = (self._allstop.event is None and self._debugger.fileno() in ready
+                           and self._debugger.take_interrupt() is not None)
+            if interrupted:
+                self._allstop.pause()
+            elif self._allstop.event is None:
                 continue
             began = time.monotonic()
             if not self._allstop.wait_parked():

@@ -250,10 +250,14 @@ VcpuExit = (
 @dataclass(frozen=True)
 class GuestDebug:
     """What stops a vCPU for the debugger (KVM_SET_GUEST_DEBUG's model): execution reaching a
-    guest-virtual address in ``breakpoints``, and, with ``single_step``, each instruction."""
+    guest-virtual address in ``breakpoints``, and, with ``single_step``, each instruction.
+    ``planted``: where the debugger itself wrote an ``int3`` into guest memory (when the
+    backend ran out of breakpoints): an ``int3`` executed there stops the vCPU with ``Debug``
+    (RIP on it) instead of raising the guest's own #BP."""
 
     breakpoints: frozenset[int] = frozenset()
     single_step: bool = False
+    planted: frozenset[int] = frozenset()
 
 
 # --- protocols -----------------------------------------------------------------------------

@@ -364,15 +364,41 @@ def test_ctrl_c_stops_every_vcpu_with_sigint(guests: dict[str, Path], backend: s
 
 
 def test_breakpoint_limits_per_backend(guests: dict[str, Path], backend: str) -> None:
-    """The emulate backend takes any number of breakpoints; KVM four (DR0-DR3): the fifth is
-    E01, which gdb reports as a breakpoint it could not insert."""
+    """The emulate backend takes any number of breakpoints; KVM four hardware ones (DR0-DR3):
+    a fifth ``Z1`` is E01 (gdb: it could not insert it), while a fifth ``Z0`` becomes an int3
+    the stub writes into guest memory and takes out again with ``z0``."""
     b = Booted(guests["bootcheck"], backend)
+    addresses = [0x1000100 + i for i in range(6)]
     with socket.create_connection(("127.0.0.1", b.port), timeout=30) as c:
-        replies = [_ask(c, b"Z1,%x,1" % (0x1000100 + i)) for i in range(6)]
+        original = _ask(c, b"m1000104,2")
+        replies = [_ask(c, b"Z1,%x,1" % a) for a in addresses]
         assert replies == ([b"OK"] * 6 if backend == "emulate" else [b"OK"] * 4 + [b"E01"] * 2)
-        assert all(_ask(c, b"z1,%x,1" % (0x1000100 + i)) == b"OK" for i in range(6))
+        assert all(_ask(c, b"z1,%x,1" % a) == b"OK" for a in addresses)
+        assert all(_ask(c, b"Z0,%x,1" % a) == b"OK" for a in addresses)
+        planted = b"cccc" if backend == "kvm" else original  # the fifth and sixth: int3s
+        assert _ask(c, b"m1000104,2") == planted
+        assert all(_ask(c, b"z0,%x,1" % a) == b"OK" for a in addresses)
+        assert _ask(c, b"m1000104,2") == original
         c.sendall(_packet(b"D"))
     status, _, _ = b.finish()
+    assert status == 0
+
+
+def test_six_breakpoints_stop_the_same_on_both_backends(booted: Booted) -> None:
+    """``break`` on six functions: KVM's two past its debug registers are int3s in guest
+    memory; the stops, in order, are the same on both backends, and after ``delete`` the
+    code reads as it was."""
+    out = booted.gdb("break main", "break puts", "break putc", "break put_dec",
+                     "break put_hex64", "break report", *(["continue"] * 3), "delete 3",
+                     *(["continue"] * 3), "delete", "x/1xb putc", "continue", symbols=True)
+    stops = re.findall(r"^Breakpoint \d+, 0x[0-9a-f]+ in (\w+) \(\)", out, re.M)
+    assert stops == ["main", "puts", "putc", "report", "puts", "puts"], out
+    putc = _symbol(booted.guest, "putc")
+    with booted.guest.open("rb") as f:  # the first byte of putc as the linker wrote it
+        text = ELFFile(f).get_section_by_name(".text")
+        first = text.data()[putc - text["sh_addr"]]  # type: ignore[index]
+    assert f"<putc>:\t0x{first:02x}" in out and "exited normally" in out
+    status, _, _ = booted.finish()
     assert status == 0
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from vmmarch_cli.arch.x86_64 import msr, paging, regs
+from vmmarch_cli.arch.x86_64.opcodes import OPCODE_INT3
 from vmmarch_cli.debugging import DebugStop, Resumption, StopKind
 from vmmarch_cli.errors import EX_UNAVAILABLE, BackendError, VmmArchError
 from vmmarch_cli.gdb import registers, rsp
@@ -87,6 +88,9 @@ class Stub:
         self._thread = 0  # index of the vCPU g/p/m act on
         self._stop = DebugStop(0, StopKind.ATTACH)
         self._breakpoints: frozenset[int] = frozenset()
+        # int3s planted where the backend ran out of breakpoints (KVM's four):
+        # virtual address -> (physical address, the byte that was there)
+        self._planted: dict[int, tuple[int, int]] = {}
         self._monitor: Callable[[str, int], str | None] | None = None
 
     def attach(self, vcpus: Sequence[Vcpu], memory: GuestMemory,
@@ -107,7 +111,8 @@ class Stub:
             self._listener.close()
             self._conn = rsp.Connection(sock)
         conn = self._conn
-        if conn is None:
+        if conn is None:  # the client left while the guest ran: every vCPU stands now
+            self._forget_breakpoints()
             return Resumption(detach=True)
         try:
             if stop.kind is not StopKind.ATTACH:
@@ -141,7 +146,8 @@ class Stub:
         try:
             return True if self._conn.poll_interrupt() else None
         except (rsp.Disconnected, OSError):
-            self._drop()
+            self._conn.close()  # its breakpoints go in serve(), with every vCPU stopped
+            self._conn = None
             return False
 
     def finish(self, status: int) -> None:
@@ -152,6 +158,7 @@ class Stub:
             self._drop()
 
     def _drop(self) -> None:
+        self._forget_breakpoints()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -207,7 +214,7 @@ class Stub:
         if p[:1] in (b"s", b"S"):
             return self._step(self._thread)
         if p[:1] in (b"c", b"C"):
-            return None, Resumption(self._breakpoints)
+            return None, Resumption(self._breakpoints, planted=frozenset(self._planted))
         if p[:1] == b"D":
             return b"OK", Resumption(detach=True)
         if p == b"k" or p.startswith(b"vKill"):
@@ -228,31 +235,71 @@ class Stub:
         return b"OK"
 
     def _breakpoint(self, insert: bool, text: bytes) -> bytes:
-        """``Z``/``z`` types 0 and 1: both are the backend's breakpoints (execution reaching
-        the address), never int3s written into guest memory. Watchpoints: not yet."""
+        """``Z``/``z`` types 0 and 1: the backend's own breakpoints (execution reaching the
+        address). Where it has no more (KVM: four), a software breakpoint (``Z0``) becomes an
+        int3 the stub writes into guest memory, and the backend reports reaching it as a debug
+        stop. Watchpoints: not yet."""
         kind, _, rest = text.partition(b",")
         if kind in WATCHPOINT_TYPES or kind not in BREAKPOINT_TYPES:
             return b"E01"
         address = int(rest.partition(b",")[0], 16)
-        wanted = self._breakpoints | {address} if insert else self._breakpoints - {address}
+        if not insert:
+            self._unplant(address)
+            self._set_debug(self._breakpoints - {address})
+            return b"OK"
+        if address in self._breakpoints or address in self._planted:
+            return b"OK"
         try:
-            for v in self._vcpus:  # every vCPU is stopped: the backend says now what it cannot do
-                v.set_guest_debug(GuestDebug(wanted))
+            self._set_debug(self._breakpoints | {address})
+            return b"OK"
         except BackendError:
-            for v in self._vcpus:
-                v.set_guest_debug(GuestDebug(self._breakpoints))
+            self._set_debug(self._breakpoints)
+        if kind != b"0" or not self._plant(address):
+            return b"E01"  # a hardware breakpoint past the backend's, or nowhere to write
+        try:
+            self._set_debug(self._breakpoints)
+        except BackendError:
+            self._unplant(address)
+            self._set_debug(self._breakpoints)
             return b"E01"
-        self._breakpoints = wanted
         return b"OK"
+
+    def _set_debug(self, breakpoints: frozenset[int]) -> None:
+        """Every vCPU is stopped: the backend says now what it cannot do (BackendError)."""
+        planted = frozenset(self._planted)
+        for v in self._vcpus:
+            v.set_guest_debug(GuestDebug(breakpoints, planted=planted))
+        self._breakpoints = breakpoints
+
+    def _plant(self, address: int) -> bool:
+        pieces = self._pieces(address, 1)
+        if pieces is None or self._memory is None:
+            return False
+        physical = pieces[0][0]
+        self._planted[address] = (physical, self._memory.read(physical, 1)[0])
+        self._memory.write(physical, bytes((OPCODE_INT3,)))
+        return True
+
+    def _unplant(self, address: int) -> None:
+        physical, original = self._planted.pop(address, (None, 0))
+        if physical is not None and self._memory is not None:
+            self._memory.write(physical, bytes((original,)))
+
+    def _forget_breakpoints(self) -> None:
+        """The client is gone: the guest runs on as it was, without our int3s."""
+        for address in list(self._planted):
+            self._unplant(address)
+        self._breakpoints = frozenset()
 
     def _step(self, index: int) -> tuple[bytes | None, Resumption | None]:
         """One instruction on vCPU ``index``; the others wait (a step never runs them)."""
         vcpu = self._vcpus[index]
         try:
-            vcpu.set_guest_debug(GuestDebug(self._breakpoints, single_step=True))
+            vcpu.set_guest_debug(GuestDebug(self._breakpoints, True, frozenset(self._planted)))
         except BackendError:
             return b"E01", None
-        return None, Resumption(self._breakpoints, step=index)
+        return None, Resumption(self._breakpoints, step=index,
+                                planted=frozenset(self._planted))
 
     def _vcont(self, actions: bytes) -> tuple[bytes | None, Resumption | None]:
         """``vCont;ACTION[:THREAD];...``: a step for some thread wins (gdb steps one and lets
@@ -264,7 +311,7 @@ class Stub:
                 return (b"E01", None) if index is None else self._step(index)
             if verb[:1] not in (b"c", b"C"):
                 return b"E01", None
-        return None, Resumption(self._breakpoints)
+        return None, Resumption(self._breakpoints, planted=frozenset(self._planted))
 
     def _stop_reply(self) -> bytes:
         signal = SIGINT if self._stop.kind is StopKind.INTERRUPT else SIGTRAP

@@ -34,6 +34,9 @@ class Stopping(VcpuCore):
     def set_guest_debug(self, debug: GuestDebug) -> None:
         if debug == self._debug:
             return
+        if debug.planted:  # the engine has breakpoints enough: a debugger never plants here
+            raise BackendError("the emulate backend does not stop at planted int3s: its "
+                               "breakpoints have no limit")
         if self._engine is None:  # applied when the instance is made (_start)
             if debug != GuestDebug() and not DebugCpu.available():
                 raise BackendError(NEEDS_ENGINE)

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Intel SDM vol. 2B, INT n/INTO/INT3/INT1: opcodes and the vectors they raise.
-OPCODE_INT3 = 0xCC
-OPCODE_INT_N = 0xCD
-OPCODE_INT1 = 0xF1
-OPCODE_FWAIT = 0x9B
+from vmmarch_cli.arch.x86_64.opcodes import OPCODE_INT1, OPCODE_INT3, OPCODE_INT_N
+
+# Intel SDM vol. 2B, INT n/INTO/INT3/INT1: the vectors they raise.
 VECTOR_MATH_FAULT = 16  # #MF
 #: x87 status word bit 7, ES: an unmasked exception is pending (SDM vol. 1 8.1.3).
 FSW_ERROR_SUMMARY = 1 << 7

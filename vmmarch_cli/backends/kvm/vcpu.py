@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from vmmarch_cli.arch.x86_64 import fxsave
+from vmmarch_cli.arch.x86_64.opcodes import OPCODE_FWAIT, OPCODE_INT3
 from vmmarch_cli.arch.x86_64.regs import (
     DEBUG_ADDRESS_REGISTERS,
     DR6_BREAKPOINT_HITS,
@@ -20,7 +21,6 @@ from vmmarch_cli.arch.x86_64.regs import (
 )
 from vmmarch_cli.backends.kvm import abi, convert
 from vmmarch_cli.backends.kvm.emulation import (
-    OPCODE_FWAIT,
     SoftwareEvent,
     decode_software_event,
     fwait_event,
@@ -303,6 +303,10 @@ class KvmVcpu:
         has_bytes = failure.flags & abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
         if failure.ndata >= 3 and has_bytes:
             insn = bytes(failure.insn_bytes)[: min(failure.insn_size, 15)]
+        if insn[:1] == bytes((OPCODE_INT3,)) and self._debug.planted:
+            rip = self.get_regs().rip  # on the int3 (measured: this KVM does not move it)
+            if rip in self._debug.planted:
+                return Debug(rip, breakpoint=True)
         event = decode_software_event(insn)
         if event is None and insn[:1] == bytes((OPCODE_FWAIT,)):
             fpu = abi.kvm_fpu()
