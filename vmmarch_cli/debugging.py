@@ -56,14 +56,13 @@ class Debugger(Protocol):
         it resumes the guest. Raises to end the run (gdb's kill)."""
         ...
 
-    def fileno(self) -> int:
-        """Readable while the guest runs when the client sends something (Ctrl-C) or leaves."""
+    def sockets(self) -> list[int]:
+        """What to watch while the guest runs (readable: call ``poll``)."""
         ...
 
-    def take_interrupt(self) -> bool | None:
-        """Read what made ``fileno`` readable: True for an interrupt, False when the client
-        left, None for nothing yet. For True and False every vCPU stops and ``serve`` is
-        called (after a client left it answers with a detach)."""
+    def poll(self) -> StopKind | None:
+        """Read what made ``sockets`` readable: the stop the guest must make for the
+        debugger (every vCPU stops, then ``serve`` is called), or None."""
         ...
 
 
@@ -163,7 +162,6 @@ class DebugWait:
         self._allstop = allstop
         self._deliver = deliver  # posted writes, so that the console streams meanwhile
         self._interval = interval
-        self.attached = True
 
     def attach(self) -> None:
         """Before the vCPU threads start: the client connects and says how to begin."""
@@ -171,46 +169,40 @@ class DebugWait:
 
     def wait(self, done: threading.Event, timeout: float | None) -> bool:
         """Like machine._wait: True when the run ended, False when ``timeout`` passed (time
-        spent stopped for the debugger does not count)."""
+        spent stopped for the debugger does not count). A client may come, go and come back
+        (after a detach, or when it did not wait) while the guest runs."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.attached:
+        while True:
             if done.is_set():
                 return True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
             wait = self._interval if remaining is None else min(self._interval, remaining)
-            ready, _, _ = select.select([self._allstop.wake_fd, self._debugger.fileno()], [],
-                                        [], wait)
+            watched = [self._allstop.wake_fd, *self._debugger.sockets()]
+            ready, _, _ = select.select(watched, [], [], wait)
             self._deliver()
             if self._allstop.wake_fd in ready:
                 self._allstop.drain()
             if done.is_set():
                 return True
-            # An interrupt, or the client left (False): either way every vCPU stops first, and
-            # serve() then says how to go on (for a client that left: as after a detach,
-            # with what it set in the guest undone while it stands).
-            interrupted = (self._allstop.event is None and self._debugger.fileno() in ready
-                           and self._debugger.take_interrupt() is not None)
-            if interrupted:
-                self._allstop.pause()
-            elif self._allstop.event is None:
+            kind = None
+            if self._allstop.event is None and len(ready) > (self._allstop.wake_fd in ready):
+                kind = self._debugger.poll()
+                if kind is not None:
+                    self._allstop.pause()
+            if self._allstop.event is None and kind is None:
                 continue
             began = time.monotonic()
             if not self._allstop.wait_parked():
                 return True
             self._deliver()  # what the guest wrote before it stopped, before gdb looks
-            stop = self._allstop.event or DebugStop(0, StopKind.INTERRUPT)
+            stop = self._allstop.event or DebugStop(0, kind or StopKind.INTERRUPT)
             self._resume(self._debugger.serve(stop))
             if deadline is not None:
                 deadline += time.monotonic() - began
-        if deadline is None:
-            done.wait()
-            return True
-        return done.wait(max(deadline - time.monotonic(), 0))
 
     def _resume(self, resumption: Resumption) -> None:
         if resumption.detach:
-            self.attached = False
             resumption = Resumption()  # no breakpoints, no step: the guest runs free
         self._allstop.release(resumption)

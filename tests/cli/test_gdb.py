@@ -193,16 +193,56 @@ def test_bad_checksums_are_refused_and_an_oversized_packet_drops_the_client(
     assert status == 0 and "BOOTCHECK" in stdout  # and the guest runs on, as after detach
 
 
-def test_one_client_at_a_time(guests: dict[str, Path]) -> None:
-    b = Booted(guests["bootcheck"], "emulate")
+def test_one_client_at_a_time_and_a_later_one_takes_over(guests: dict[str, Path]) -> None:
+    """While one client holds the stopped guest a second one gets no answer; once the first
+    detaches and the guest runs, the second attaches: every vCPU stops again for it."""
+    b = Booted(guests["spin"], "emulate")
     with socket.create_connection(("127.0.0.1", b.port), timeout=30) as first:
-        first.sendall(_packet(b"?"))
+        assert _ask(first, b"?").startswith(b"T05")
+        second = socket.create_connection(("127.0.0.1", b.port), timeout=30)
+        second.sendall(_packet(b"?"))
+        second.settimeout(1)
+        with pytest.raises(TimeoutError):
+            second.recv(1)  # queued: the stub answers one client at a time
+        first.sendall(_packet(b"D"))
         assert first.recv(1) == b"+"
-        with pytest.raises(ConnectionRefusedError):  # the stub listens for one client only
-            socket.create_connection(("127.0.0.1", b.port), timeout=30).close()
-        first.sendall(b"+" + _packet(b"D"))
-    status, _, _ = b.finish()
-    assert status == 0
+    second.settimeout(30)
+    with second:
+        assert second.recv(1) == b"+"  # taken once the first left and the guest ran
+        reply = b""
+        while b"#" not in reply:
+            reply += second.recv(4096)
+        assert reply.startswith(b"$T05thread:1;"), reply
+        second.sendall(b"+")
+        assert len(_ask(second, b"p10")) == 16  # the spinning guest's RIP
+        second.sendall(_packet(b"c"))  # the guest runs: a third client is turned away now
+        assert second.recv(1) == b"+"
+        with socket.create_connection(("127.0.0.1", b.port), timeout=30) as third:
+            assert third.recv(1) == b""  # closed by the stub
+        second.sendall(b"\x03")
+        stop = b""
+        while b"#" not in stop:
+            stop += second.recv(4096)
+        assert b"T02" in stop
+        second.sendall(b"+" + _packet(b"k"))
+    status, _, err = b.finish()
+    assert status == 137 and "Traceback" not in err
+
+
+def test_gdb_no_wait_lets_the_guest_run_until_gdb_comes(guests: dict[str, Path]) -> None:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vmmarch_cli", "boot", str(guests["spin"]),
+                             "--backend", "emulate", "--timeout", "60", "--gdb",
+                             f"127.0.0.1:{port}", "--gdb-no-wait"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None and proc.stdout is not None
+    assert f"gdb may attach on 127.0.0.1:{port}" in proc.stderr.readline()
+    assert proc.stdout.readline().strip() == "SPIN"  # running before any client came
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+        assert _ask(c, b"?").startswith(b"T05thread:1;")
+        c.sendall(_packet(b"k"))
+    proc.communicate(timeout=60)
+    assert proc.returncode == 137
 
 
 @given(st.binary(max_size=300))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from vmmarch_cli import backends
 from vmmarch_cli.arch.x86_64 import acpi, cpuid
 from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.config import BASE_CMDLINE, BootConfig, parse_mem_size
@@ -110,13 +111,24 @@ def regexes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     return values
 
 
+#: Where --gdb-no-wait leaves its value for open_debugger (click's context metadata).
+GDB_WAIT = "vmm-arch.gdb_wait"
+
+
 def gdb_option(f: F) -> F:
-    """``--gdb``: hold the guest for gdb before its first instruction (docs/gdb.md)."""
+    """``--gdb``: hold the guest for gdb before its first instruction, or with
+    ``--gdb-no-wait`` let it run and take gdb whenever it comes (docs/gdb.md)."""
     decorated: F = click.option(
         "--gdb", "gdb_address", metavar="[HOST:]PORT|unix:PATH", callback=_gdb_address,
-        help="Wait for gdb there (host 127.0.0.1 by default) before the guest's first "
-             "instruction; gdb reads and writes every vCPU's registers and memory, then "
-             "continues, detaches (the guest runs on) or kills (exit 137). docs/gdb.md.")(f)
+        help="A gdb stub there (host 127.0.0.1 by default): the guest waits for gdb before "
+             "its first instruction; gdb stops it at breakpoints, steps it, reads and writes "
+             "every vCPU's registers and memory, and continues, detaches (the guest runs on; "
+             "gdb may come back) or kills (exit 137). docs/gdb.md.")(f)
+    decorated = click.option(
+        "--gdb-no-wait", is_flag=True, expose_value=False,
+        callback=lambda ctx, param, value: ctx.meta.__setitem__(GDB_WAIT, not value),
+        help="With --gdb: do not wait for gdb; the guest runs at once and gdb may attach "
+             "later (it stops every vCPU then).")(decorated)
     return decorated
 
 
@@ -139,9 +151,11 @@ def open_debugger(address: str | None) -> Stub | None:
         return None
     from vmmarch_cli.gdb.stub import Stub, listen
 
+    wait = bool(click.get_current_context().meta.get(GDB_WAIT, True))
     listener, where = listen(address)
-    click.echo(f"vmm-arch: waiting for gdb on {where} (gdb: target remote {where})", err=True)
-    return Stub(listener)
+    verb = "waiting for gdb" if wait else "gdb may attach"
+    click.echo(f"vmm-arch: {verb} on {where} (gdb: target remote {where})", err=True)
+    return Stub(listener, wait)
 
 
 def attach_debugger(debugger: Stub | None) -> Callable[[Prepared], None] | None:
@@ -160,6 +174,9 @@ def attach_debugger(debugger: Stub | None) -> Callable[[Prepared], None] | None:
             shown = monitor(prepared)(command, cpu)
             return None if shown is None else as_text(shown)
 
+        if prepared.backend.name == "kvm" and not backends.runs_ring0_in_hardware("kvm"):
+            click.echo("vmm-arch: gdb on this KVM (it emulates guest ring 0): stops in guest "
+                       "ring 0 only, and no data watchpoints (docs/gdb.md)", err=True)
         debugger.attach(prepared.vcpus, prepared.vm.memory, answer)
 
     return ready

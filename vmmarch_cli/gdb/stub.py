@@ -8,6 +8,7 @@ vCPUs; this module speaks to gdb). docs/gdb.md.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -80,8 +81,9 @@ def listen(spec: str) -> tuple[socket.socket, str]:
 class Stub:
     """The ``Debugger`` of ``machine.run`` (debugging.py) for one gdb client."""
 
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, wait: bool = True) -> None:
         self._listener = listener
+        self._wait = wait  # hold the guest before its first instruction until gdb attaches
         self._conn: rsp.Connection | None = None
         self._vcpus: Sequence[Vcpu] = ()
         self._memory: GuestMemory | None = None
@@ -102,14 +104,15 @@ class Stub:
     # --- debugging.Debugger -----------------------------------------------------------
 
     def serve(self, stop: DebugStop) -> Resumption:
-        """Tell gdb why the guest stopped (the reply to its continue or step; at ATTACH, wait
-        for it to connect and ask), then answer it until it resumes, detaches or kills."""
+        """Tell gdb why the guest stopped (the reply to its continue or step), then answer it
+        until it resumes, detaches or kills. ATTACH: a client that connects now (the first one,
+        waited for unless ``wait`` is off, or a later one while the guest runs) asks itself."""
         self._stop = stop
         self._thread = stop.vcpu
-        if stop.kind is StopKind.ATTACH:
-            sock, _ = self._listener.accept()
-            self._listener.close()
-            self._conn = rsp.Connection(sock)
+        if stop.kind is StopKind.ATTACH and self._conn is None:
+            if not self._wait:
+                return Resumption()  # the guest runs; a client may attach later (poll)
+            self._accept()
         conn = self._conn
         if conn is None:  # the client left while the guest ran: every vCPU stands now
             self._forget_breakpoints()
@@ -137,25 +140,50 @@ class Stub:
             self._drop()
             return Resumption(detach=True)
 
-    def fileno(self) -> int:
-        return self._conn.fileno() if self._conn is not None else -1
+    def sockets(self) -> list[int]:
+        """The client's socket while one is connected, and the listener for the next one."""
+        fds = [self._listener.fileno()]
+        if self._conn is not None:
+            fds.append(self._conn.fileno())
+        return fds
 
-    def take_interrupt(self) -> bool | None:
+    def poll(self) -> StopKind | None:
+        """What arrived while the guest runs: a client's interrupt (INTERRUPT), a new client
+        (ATTACH), the client leaving (INTERRUPT: ``serve`` then answers with a detach), or
+        nothing that stops the guest (None). A second client while one is connected is turned
+        away at once: the stub answers one at a time."""
+        if select.select([self._listener], [], [], 0)[0]:
+            sock, _ = self._listener.accept()
+            if self._conn is not None:
+                sock.close()
+            else:
+                self._conn = rsp.Connection(sock)
+                return StopKind.ATTACH
         if self._conn is None:
-            return False
+            return None
         try:
-            return True if self._conn.poll_interrupt() else None
+            return StopKind.INTERRUPT if self._conn.poll_interrupt() else None
         except (rsp.Disconnected, OSError):
             self._conn.close()  # its breakpoints go in serve(), with every vCPU stopped
             self._conn = None
-            return False
+            return StopKind.INTERRUPT
+
+    def _accept(self) -> None:
+        sock, _ = self._listener.accept()
+        self._conn = rsp.Connection(sock)
+
+    def close(self) -> None:
+        """The run is over: stop listening."""
+        self._drop()
+        self._listener.close()
 
     def finish(self, status: int) -> None:
-        """The guest ended: tell a gdb that continued (``W``: exited with ``status``)."""
+        """The guest ended: tell a gdb that continued (``W``: exited with ``status``), and
+        stop listening."""
         if self._conn is not None:
             with contextlib.suppress(OSError, rsp.Disconnected, rsp.ProtocolError):
                 self._conn.send(b"W%02x" % (status & 0xFF))
-            self._drop()
+        self.close()
 
     def _drop(self) -> None:
         self._forget_breakpoints()
