@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from vmmarch_cli.vcpu import Debug, GuestDebug, Vcpu
+from vmmarch_cli.vcpu import Debug, GuestDebug, Vcpu, Watchpoint
 
 #: How long a parked vCPU thread sleeps before it looks at the run's end again.
 PARK_POLL_SECONDS = 0.05
@@ -28,6 +28,7 @@ PARK_POLL_SECONDS = 0.05
 
 class StopKind(StrEnum):
     BREAKPOINT = "breakpoint"
+    WATCH = "watch"
     STEP = "step"
     INTERRUPT = "interrupt"  # the client's Ctrl-C
     ATTACH = "attach"  # before the guest's first instruction
@@ -37,6 +38,7 @@ class StopKind(StrEnum):
 class DebugStop:
     vcpu: int  # the vCPU the stop is about (index)
     kind: StopKind
+    watch: Watchpoint | None = None  # for WATCH: which watchpoint
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Resumption:
     step: int | None = None
     detach: bool = False
     planted: frozenset[int] = frozenset()  # GuestDebug.planted
+    watchpoints: frozenset[Watchpoint] = frozenset()
 
 
 class Debugger(Protocol):
@@ -105,11 +108,12 @@ class AllStop:
 
     def debug_exit(self, vcpu: Vcpu, ex: Debug) -> None:
         """From a vCPU thread: its vCPU stopped for the debugger; every other one stops too."""
-        kind = StopKind.BREAKPOINT if ex.breakpoint else StopKind.STEP
+        kind = (StopKind.WATCH if ex.watch is not None else
+                StopKind.BREAKPOINT if ex.breakpoint else StopKind.STEP)
         with self._cond:
             first = self.event is None
             if first:
-                self.event = DebugStop(vcpu.index, kind)
+                self.event = DebugStop(vcpu.index, kind, ex.watch)
         self.pause()
         if first:
             self.wake()
@@ -145,7 +149,8 @@ class AllStop:
         for v in self._vcpus:
             if v.index in runners:
                 v.set_guest_debug(GuestDebug(resumption.breakpoints,
-                                             v.index == resumption.step, resumption.planted))
+                                             v.index == resumption.step, resumption.planted,
+                                             resumption.watchpoints))
                 v.clear_stop()
         with self._cond:
             self.event = None

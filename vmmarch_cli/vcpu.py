@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 # --- registers -----------------------------------------------------------------------------
@@ -232,13 +233,30 @@ class Unknown:
     reason: str
 
 
+class WatchKind(StrEnum):
+    """What access a watchpoint stops on (gdb's Z2, Z3, Z4)."""
+
+    WRITE = "write"
+    READ = "read"
+    ACCESS = "access"
+
+
+@dataclass(frozen=True)
+class Watchpoint:
+    address: int  # guest-virtual
+    length: int
+    kind: WatchKind
+
+
 @dataclass(frozen=True)
 class Debug:
     """The vCPU stopped for the debugger (``set_guest_debug``): before the instruction at a
-    breakpoint (``breakpoint`` True), or after a single step; ``rip`` is where it is now."""
+    breakpoint (``breakpoint`` True), right after an instruction that accessed a watched
+    range (``watch``: which one), or after a single step; ``rip`` is where it is now."""
 
     rip: int
     breakpoint: bool
+    watch: Watchpoint | None = None
 
 
 VcpuExit = (
@@ -253,11 +271,13 @@ class GuestDebug:
     guest-virtual address in ``breakpoints``, and, with ``single_step``, each instruction.
     ``planted``: where the debugger itself wrote an ``int3`` into guest memory (when the
     backend ran out of breakpoints): an ``int3`` executed there stops the vCPU with ``Debug``
-    (RIP on it) instead of raising the guest's own #BP."""
+    (RIP on it) instead of raising the guest's own #BP. ``watchpoints``: accesses that stop
+    the vCPU right after the instruction that made them."""
 
     breakpoints: frozenset[int] = frozenset()
     single_step: bool = False
     planted: frozenset[int] = frozenset()
+    watchpoints: frozenset[Watchpoint] = frozenset()
 
 
 # --- protocols -----------------------------------------------------------------------------

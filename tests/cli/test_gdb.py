@@ -319,12 +319,12 @@ def test_g_and_capital_g_round_trip_the_register_file(guests: dict[str, Path]) -
 
 
 def test_what_the_stub_cannot_do_is_an_error_not_silence(guests: dict[str, Path]) -> None:
-    """Watchpoints are refused with an error (an empty reply would make gdb single-step the
-    guest to watch memory); garbage in a packet is E01, not a crash; a non-canonical address
-    has no translation."""
+    """An unknown breakpoint type or an empty watched range is an error (never an empty reply,
+    which would make gdb write int3s or single-step the guest itself); garbage in a packet is
+    E01, not a crash; a non-canonical address has no translation."""
     b = Booted(guests["bootcheck"], "emulate")
     with socket.create_connection(("127.0.0.1", b.port), timeout=30) as c:
-        assert _ask(c, b"Z2,1001000,8") == b"E01" and _ask(c, b"Z9,1000000,1") == b"E01"
+        assert _ask(c, b"Z2,1001000,0") == b"E01" and _ask(c, b"Z9,1000000,1") == b"E01"
         assert _ask(c, b"P0=zzzzzzzzzzzzzzzz") == b"E01"
         assert _ask(c, b"m8000000000000000,4") == b"E14"
         assert _ask(c, b"qC") == b"QC1"  # still answering
@@ -449,6 +449,7 @@ def test_the_unicorn_wheel_refuses_breakpoints_and_steps(guests: dict[str, Path]
                                                     "LIBUNICORN_PATH": ""})
     with socket.create_connection(("127.0.0.1", b.port), timeout=30) as c:
         assert _ask(c, b"Z0,1000045,1") == b"E01" and _ask(c, b"vCont;s:1") == b"E01"
+        assert _ask(c, b"Z2,1001000,8") == b"E01"
         assert _ask(c, b"p10") == (0x1000000).to_bytes(8, "little").hex().encode()
         c.sendall(_packet(b"D"))
     status, stdout, _ = b.finish()
@@ -519,3 +520,23 @@ def test_gdb_reads_the_x87_stack_and_the_xmm_registers(booted: Booted) -> None:
     assert "$1 = 0" in out and "$2 = 0xffff" in out and "$3 = 0x37f" in out
     assert "$4 = 0" in out and "$5 = 0x1f80" in out and "unavailable" not in out
     booted.finish()
+
+
+def test_watch_stops_right_after_the_store(booted: Booted, backend: str) -> None:
+    """``watch`` on a variable the guest's first instructions write: on the emulate backend
+    gdb stops right after the store (RIP on the next instruction) with the old and the new
+    value; KVM has no watchpoints (this one never fires them): gdb says it cannot insert it."""
+    out = booted.gdb("watch *(long *)&entry_rsp", "continue", "p/x $pc", "delete", "continue",
+                     symbols=True)
+    if backend == "kvm":
+        assert "Could not insert hardware watchpoint 1" in out or \
+            "Could not insert hardware breakpoints" in out, out
+        booted.process.kill()
+        booted.finish()
+        return
+    store = _symbol(booted.guest, "_start") + 7  # mov %rsp, entry_rsp(%rip): 7 bytes
+    assert "Old value = 0" in out and "New value = " in out, out
+    assert re.search(rf"\$1 = {store + 7:#x}", out), out  # the instruction after the store
+    assert "exited normally" in out
+    status, _, _ = booted.finish()
+    assert status == 0

@@ -18,7 +18,7 @@ from vmmarch_cli.arch.x86_64.opcodes import OPCODE_INT3
 from vmmarch_cli.debugging import DebugStop, Resumption, StopKind
 from vmmarch_cli.errors import EX_UNAVAILABLE, BackendError, VmmArchError
 from vmmarch_cli.gdb import registers, rsp
-from vmmarch_cli.vcpu import GuestDebug, GuestMemory, Vcpu
+from vmmarch_cli.vcpu import GuestDebug, GuestMemory, Vcpu, WatchKind, Watchpoint
 
 #: What ``k`` makes vmm-arch exit with: 128 + SIGKILL, as a shell reports a killed process.
 EX_KILLED = 137
@@ -29,7 +29,10 @@ SIGINT = 2
 #: Z/z packet types (gdb manual E.4 "Packets"): 0 software, 1 hardware breakpoint; 2-4 are
 #: watchpoints (write, read, access).
 BREAKPOINT_TYPES = (b"0", b"1")
-WATCHPOINT_TYPES = (b"2", b"3", b"4")
+WATCHPOINT_TYPES = {b"2": WatchKind.WRITE, b"3": WatchKind.READ, b"4": WatchKind.ACCESS}
+#: The stop reply's name for each (gdb manual E.3 "Stop Reply Packets").
+WATCH_REPLY = {WatchKind.WRITE: b"watch", WatchKind.READ: b"rwatch",
+               WatchKind.ACCESS: b"awatch"}
 #: gdb's ``monitor`` commands (qRcmd): the selected vCPU's registers as dump-regs shows them,
 #: and the boot tables (e820, MP, ACPI) decoded from guest memory.
 MONITOR = ("regs", "tables")
@@ -93,6 +96,7 @@ class Stub:
         # int3s planted where the backend ran out of breakpoints (KVM's four):
         # virtual address -> (physical address, the byte that was there)
         self._planted: dict[int, tuple[int, int]] = {}
+        self._watchpoints: frozenset[Watchpoint] = frozenset()
         self._monitor: Callable[[str, int], str | None] | None = None
 
     def attach(self, vcpus: Sequence[Vcpu], memory: GuestMemory,
@@ -242,7 +246,7 @@ class Stub:
         if p[:1] in (b"s", b"S"):
             return self._step(self._thread)
         if p[:1] in (b"c", b"C"):
-            return None, Resumption(self._breakpoints, planted=frozenset(self._planted))
+            return None, self._resumption()
         if p[:1] == b"D":
             return b"OK", Resumption(detach=True)
         if p == b"k" or p.startswith(b"vKill"):
@@ -268,7 +272,9 @@ class Stub:
         int3 the stub writes into guest memory, and the backend reports reaching it as a debug
         stop. Watchpoints: not yet."""
         kind, _, rest = text.partition(b",")
-        if kind in WATCHPOINT_TYPES or kind not in BREAKPOINT_TYPES:
+        if kind in WATCHPOINT_TYPES:
+            return self._watchpoint(insert, WATCHPOINT_TYPES[kind], rest)
+        if kind not in BREAKPOINT_TYPES:
             return b"E01"
         address = int(rest.partition(b",")[0], 16)
         if not insert:
@@ -292,12 +298,35 @@ class Stub:
             return b"E01"
         return b"OK"
 
+    def _watchpoint(self, insert: bool, kind: WatchKind, text: bytes) -> bytes:
+        """``Z2``-``Z4``: a write, read or access watchpoint on ``ADDR,LENGTH``; E01 where the
+        backend has none (KVM; the unicorn wheel)."""
+        address, _, length = text.partition(b",")
+        watch = Watchpoint(int(address, 16), int(length, 16), kind)
+        if watch.length <= 0:
+            return b"E01"
+        wanted = (self._watchpoints | {watch}) if insert else (self._watchpoints - {watch})
+        before = self._watchpoints
+        try:
+            self._watchpoints = wanted
+            self._set_debug(self._breakpoints)
+        except BackendError:
+            self._watchpoints = before
+            self._set_debug(self._breakpoints)
+            return b"E01"
+        return b"OK"
+
     def _set_debug(self, breakpoints: frozenset[int]) -> None:
         """Every vCPU is stopped: the backend says now what it cannot do (BackendError)."""
         planted = frozenset(self._planted)
         for v in self._vcpus:
-            v.set_guest_debug(GuestDebug(breakpoints, planted=planted))
+            v.set_guest_debug(GuestDebug(breakpoints, planted=planted,
+                                         watchpoints=self._watchpoints))
         self._breakpoints = breakpoints
+
+    def _resumption(self, step: int | None = None) -> Resumption:
+        return Resumption(self._breakpoints, step, planted=frozenset(self._planted),
+                          watchpoints=self._watchpoints)
 
     def _plant(self, address: int) -> bool:
         pieces = self._pieces(address, 1)
@@ -318,16 +347,17 @@ class Stub:
         for address in list(self._planted):
             self._unplant(address)
         self._breakpoints = frozenset()
+        self._watchpoints = frozenset()
 
     def _step(self, index: int) -> tuple[bytes | None, Resumption | None]:
         """One instruction on vCPU ``index``; the others wait (a step never runs them)."""
         vcpu = self._vcpus[index]
         try:
-            vcpu.set_guest_debug(GuestDebug(self._breakpoints, True, frozenset(self._planted)))
+            vcpu.set_guest_debug(GuestDebug(self._breakpoints, True, frozenset(self._planted),
+                                            self._watchpoints))
         except BackendError:
             return b"E01", None
-        return None, Resumption(self._breakpoints, step=index,
-                                planted=frozenset(self._planted))
+        return None, self._resumption(step=index)
 
     def _vcont(self, actions: bytes) -> tuple[bytes | None, Resumption | None]:
         """``vCont;ACTION[:THREAD];...``: a step for some thread wins (gdb steps one and lets
@@ -339,11 +369,13 @@ class Stub:
                 return (b"E01", None) if index is None else self._step(index)
             if verb[:1] not in (b"c", b"C"):
                 return b"E01", None
-        return None, Resumption(self._breakpoints, planted=frozenset(self._planted))
+        return None, self._resumption()
 
     def _stop_reply(self) -> bytes:
         signal = SIGINT if self._stop.kind is StopKind.INTERRUPT else SIGTRAP
-        return b"T%02xthread:%x;" % (signal, self._stop.vcpu + 1)
+        watch = self._stop.watch
+        why = b"" if watch is None else b"%s:%x;" % (WATCH_REPLY[watch.kind], watch.address)
+        return b"T%02x%sthread:%x;" % (signal, why, self._stop.vcpu + 1)
 
     def _xfer(self, span: bytes) -> bytes:
         try:

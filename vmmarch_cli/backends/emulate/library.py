@@ -30,6 +30,7 @@ from typing import Any
 from vmmarch_cli.backends.emulate import libbuild
 from vmmarch_cli.errors import BackendUnavailableError
 from vmmarch_cli.progress import status as status_line
+from vmmarch_cli.vcpu import GuestDebug, WatchKind, Watchpoint
 
 #: Forces the unicorn wheel's library when set to "wheel" (anything else: the engine).
 ENGINE_VARIABLE = "VMMARCH_ENGINE"
@@ -247,9 +248,14 @@ class SystemCpu:
         return out
 
 
+#: QEMU's access flags for a watchpoint (include/hw/core/cpu.h, BP_MEM_READ/BP_MEM_WRITE), as
+#: the engine takes and reports them.
+ENGINE_WATCH_KINDS = {WatchKind.READ: 0x01, WatchKind.WRITE: 0x02, WatchKind.ACCESS: 0x03}
+
+
 class DebugCpu:
-    """The engine's debugger stops for one unicorn instance (patch 0011): breakpoints and single
-    steps by QEMU's own gdbstub machinery, each ending emu_start."""
+    """The engine's debugger stops for one unicorn instance (patches 0011, 0012): breakpoints,
+    single steps and watchpoints by QEMU's own machinery, each ending emu_start."""
 
     def __init__(self, uc: Any) -> None:
         lib = loaded_library()
@@ -262,10 +268,32 @@ class DebugCpu:
         ):
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = restype, argtypes
+        self._watch = hasattr(lib, "vmmarch_watch_set")  # patch 0012
+        if self._watch:
+            lib.vmmarch_watch_set.restype = None
+            lib.vmmarch_watch_set.argtypes = [
+                ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
+                ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_int), ctypes.c_size_t]
+            lib.vmmarch_take_watch_hit.restype = ctypes.c_int
+            lib.vmmarch_take_watch_hit.argtypes = [ctypes.c_void_p,
+                                                   ctypes.POINTER(ctypes.c_uint64)]
 
     @staticmethod
     def available() -> bool:
         return hasattr(loaded_library(), "vmmarch_debug_set")
+
+    def set_debug(self, debug: GuestDebug) -> bool:
+        """Apply ``debug`` (its planted int3s aside); False when the library cannot watch."""
+        self.set(sorted(debug.breakpoints), debug.single_step)
+        return self.watch([(w.address, w.length, ENGINE_WATCH_KINDS[w.kind])
+                           for w in sorted(debug.watchpoints, key=lambda w: w.address)])
+
+    def watch_hit(self, watchpoints: frozenset[Watchpoint]) -> Watchpoint | None:
+        """Which of ``watchpoints`` the last stop was for."""
+        hit = self.take_watch_hit()
+        if hit is None:
+            return None
+        return next((w for w in watchpoints if w.address == hit[1]), None)
 
     def set(self, breakpoints: Sequence[int], single_step: bool) -> None:
         """Stop before any instruction at ``breakpoints`` (guest-virtual), or after each one."""
@@ -275,6 +303,26 @@ class DebugCpu:
     def take_stop(self) -> bool:
         """A breakpoint or a step ended the last run (the flag is cleared)."""
         return bool(self._lib.vmmarch_take_debug_stop(self._uc))
+
+    def watch(self, watchpoints: Sequence[tuple[int, int, int]]) -> bool:
+        """Stop right after an access to any (address, length, BP_MEM_* kind); False when the
+        library has no watchpoints (patch 0012)."""
+        if not self._watch:
+            return not watchpoints
+        n = max(len(watchpoints), 1)
+        addresses = (ctypes.c_uint64 * n)(*(w[0] for w in watchpoints))
+        lengths = (ctypes.c_uint64 * n)(*(w[1] for w in watchpoints))
+        kinds = (ctypes.c_int * n)(*(w[2] for w in watchpoints))
+        self._lib.vmmarch_watch_set(self._uc, addresses, lengths, kinds, len(watchpoints))
+        return True
+
+    def take_watch_hit(self) -> tuple[int, int] | None:
+        """(BP_MEM_* kind, watched address) of the watchpoint the last stop was for."""
+        if not self._watch:
+            return None
+        address = ctypes.c_uint64()
+        kind = int(self._lib.vmmarch_take_watch_hit(self._uc, ctypes.byref(address)))
+        return (kind, address.value) if kind else None
 
 
 class PostedPorts:

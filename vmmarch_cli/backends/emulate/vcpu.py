@@ -177,7 +177,9 @@ class EmulateVcpu(StateAccess, Interrupts, PortIo, Stopping):
         if self._system is not None and self._system.take_shutdown():
             return Shutdown("triple fault")  # KVM reports KVM_EXIT_SHUTDOWN
         if self._debug_cpu is not None and self._debug_cpu.take_stop():
-            return Debug(engine.pc(), breakpoint=not self._debug.single_step)
+            watch = self._debug_cpu.watch_hit(self._debug.watchpoints)
+            return Debug(engine.pc(), breakpoint=watch is None and not self._debug.single_step,
+                         watch=watch)
         if self._reset_flag is not None and (self._reset_seen or self._reset_flag.value):
             # QEMU saw a triple fault (native.reset_request); KVM reports KVM_EXIT_SHUTDOWN.
             self._reset_seen = False
@@ -314,7 +316,7 @@ class EmulateVcpu(StateAccess, Interrupts, PortIo, Stopping):
         if DebugCpu.available():
             self._debug_cpu = DebugCpu(engine.uc)
             if self._debug != GuestDebug():
-                self._debug_cpu.set(sorted(self._debug.breakpoints), self._debug.single_step)
+                self._debug_cpu.set_debug(self._debug)
         self._halted_flag = native.halted_flag(engine.uc)
         if self._system is None:  # the engine reports a triple fault itself (take_shutdown)
             self._reset_flag = native.reset_request(engine.uc)

@@ -12,6 +12,7 @@ from vmmarch_cli.vcpu import GuestDebug
 #: Why the wheel cannot stop for a debugger: it has no way in to QEMU's breakpoints and steps.
 NEEDS_ENGINE = ("breakpoints and single steps need the vmm-arch CPU engine; this run uses "
                 "the unicorn wheel (`vmm-arch engine` says why)")
+NEEDS_WATCH = "watchpoints need the vmm-arch CPU engine with patch 0012"
 
 
 class Stopping(VcpuCore):
@@ -43,8 +44,9 @@ class Stopping(VcpuCore):
         elif self._debug_cpu is None:
             if debug != GuestDebug():
                 raise BackendError(NEEDS_ENGINE)
-        else:
-            self._debug_cpu.set(sorted(debug.breakpoints), debug.single_step)
+        elif not self._debug_cpu.set_debug(debug):
+            self._debug_cpu.set_debug(self._debug)
+            raise BackendError(NEEDS_WATCH)
         self._debug = debug
 
     def close(self) -> None:

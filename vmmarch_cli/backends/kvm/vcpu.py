@@ -366,6 +366,9 @@ class KvmVcpu:
     def set_guest_debug(self, debug: GuestDebug) -> None:
         """KVM_SET_GUEST_DEBUG: breakpoints in the debug registers (a software breakpoint,
         int3, ends in an internal error on a ring-0-emulating KVM), single steps by KVM."""
+        if debug.watchpoints:
+            raise BackendError("the KVM backend has no watchpoints (on a KVM that emulates "
+                               "guest ring 0, as here, data breakpoints never fire)")
         if len(debug.breakpoints) > DEBUG_ADDRESS_REGISTERS:
             raise BackendError(f"KVM breaks at {DEBUG_ADDRESS_REGISTERS} addresses at "
                                f"once (DR0-DR3), not {len(debug.breakpoints)}")
