@@ -8,6 +8,7 @@ packets, a second client) and for Ctrl-C."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -456,18 +457,34 @@ def test_the_unicorn_wheel_refuses_breakpoints_and_steps(guests: dict[str, Path]
     assert status == 0 and "BOOTCHECK DONE 0" in stdout
 
 
+def _kallsyms_elf(vmlinux: Path, tmp_path: Path) -> Path:
+    """The kernel's symbols as an ELF gdb reads (vmlinux-to-elf, ~15 s), kept in the user
+    cache by the kernel's hash: later runs take it from there."""
+    from vmmarch_cli import files
+
+    digest = hashlib.sha256(vmlinux.read_bytes()).hexdigest()[:16]
+    kept = files.cache_dir() / "test-symbols" / f"{vmlinux.name}-{digest}.elf"
+    if kept.is_file():
+        return kept
+    tool = shutil.which("vmlinux-to-elf")
+    if tool is None:
+        pytest.fail("vmlinux-to-elf is missing: pip install -e '.[test]' installs it")
+    made = subprocess.run([tool, str(vmlinux), str(tmp_path / "syms.elf")],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stdout + made.stderr
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    partial = kept.with_suffix(f".{os.getpid()}.part")
+    shutil.copyfile(tmp_path / "syms.elf", partial)
+    os.replace(partial, kept)  # whole or not at all, for a run beside this one
+    return kept
+
+
 def test_hbreak_start_kernel_on_debian_s_kernel(stock: dict[str, Path],
                                                 tmp_path: Path) -> None:
     """Debian's kernel on the emulate backend: gdb, with symbols made from the kernel's own
     kallsyms (vmlinux-to-elf, from PyPI: the image ships stripped), stops at ``start_kernel``
     with ``hbreak`` and shows it in ``bt`` and ``info registers``."""
-    tool = shutil.which("vmlinux-to-elf")
-    if tool is None:
-        pytest.fail("vmlinux-to-elf is missing: pip install -e '.[test]' installs it")
-    symbols = tmp_path / "vmlinux-syms.elf"
-    made = subprocess.run([tool, str(stock["vmlinux"]), str(symbols)], capture_output=True,
-                          text=True, timeout=300)
-    assert made.returncode == 0, made.stdout + made.stderr
+    symbols = _kallsyms_elf(stock["vmlinux"], tmp_path)
     start_kernel = _symbol(symbols, "start_kernel")
     port = _free_port()
     proc = subprocess.Popen(
