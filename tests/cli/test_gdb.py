@@ -135,8 +135,8 @@ def test_kill_ends_vmm_arch_with_137(booted: Booted) -> None:
     assert status == 137 and "killed by gdb" in err and "Traceback" not in err
 
 
-def test_vcpus_are_threads(guests: dict[str, Path]) -> None:
-    b = Booted(guests["bootcheck"], "emulate", "--cpus", "2")
+def test_vcpus_are_threads(guests: dict[str, Path], backend: str) -> None:
+    b = Booted(guests["bootcheck"], backend, "--cpus", "2")
     try:
         out = b.gdb("info threads", "thread 2", "set $rbx = 0x2222", "thread 1", "p/x $rbx",
                     "thread 2", "p/x $rbx", "detach")
@@ -328,6 +328,9 @@ def test_what_the_stub_cannot_do_is_an_error_not_silence(guests: dict[str, Path]
         assert _ask(c, b"Z2,1001000,0") == b"E01" and _ask(c, b"Z9,1000000,1") == b"E01"
         assert _ask(c, b"P0=zzzzzzzzzzzzzzzz") == b"E01"
         assert _ask(c, b"m8000000000000000,4") == b"E14"
+        assert _ask(c, b"m1000000,100000") == b"E14"  # more than a packet holds
+        assert _ask(c, b"Mdead000000,2:9090") == b"E14"  # unmapped: nothing written
+        assert _ask(c, b"M1000000,2:90") == b"E14"  # fewer bytes than it says
         assert _ask(c, b"qC") == b"QC1"  # still answering
         c.sendall(_packet(b"D"))
     status, _, _ = b.finish()
