@@ -51,6 +51,9 @@ class _Client:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.001)
+        # As gdb does (its TCP transport sets TCP_NODELAY): an ack and the next packet are two
+        # small writes, and Nagle's algorithm would hold the second ~40 ms for a delayed ACK.
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = b""
         self._sock.sendall(self._frame(b"QStartNoAckMode"))
         self._read()
