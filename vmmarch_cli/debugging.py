@@ -16,7 +16,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
 
@@ -46,11 +46,9 @@ class Resumption:
     """How the debugger lets the guest go on: every vCPU runs, or ``step`` (a vCPU index) takes
     one instruction while the others wait; ``detach``: the debugger is gone for good."""
 
-    breakpoints: frozenset[int] = frozenset()
+    debug: GuestDebug = field(default_factory=GuestDebug)  # single_step: set by ``step``
     step: int | None = None
     detach: bool = False
-    planted: frozenset[int] = frozenset()  # GuestDebug.planted
-    watchpoints: frozenset[Watchpoint] = frozenset()
 
 
 class Debugger(Protocol):
@@ -148,9 +146,8 @@ class AllStop:
         runners = everyone if resumption.step is None else {resumption.step} & everyone
         for v in self._vcpus:
             if v.index in runners:
-                v.set_guest_debug(GuestDebug(resumption.breakpoints,
-                                             v.index == resumption.step, resumption.planted,
-                                             resumption.watchpoints))
+                v.set_guest_debug(replace(resumption.debug,
+                                          single_step=v.index == resumption.step))
                 v.clear_stop()
         with self._cond:
             self.event = None
@@ -192,7 +189,8 @@ class DebugWait:
             if done.is_set():
                 return True
             kind = None
-            if self._allstop.event is None and len(ready) > (self._allstop.wake_fd in ready):
+            client = any(fd != self._allstop.wake_fd for fd in ready)
+            if self._allstop.event is None and client:
                 kind = self._debugger.poll()
                 if kind is not None:
                     self._allstop.pause()

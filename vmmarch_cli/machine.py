@@ -186,12 +186,12 @@ class _Loading:
     """``loader.load_kernel`` on a thread of its own: reading the kernel into guest memory (tens
     of milliseconds of page faults, outside the GIL) overlaps opening the backend."""
 
-    def __init__(self, config: BootConfig, memory: MmapGuestMemory,
+    def __init__(self, kernel: Path, memory: MmapGuestMemory,
                  decompression: Decompression) -> None:
         self._kernel: KernelImage | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._load, args=(config.kernel, memory, decompression),
+            target=self._load, args=(kernel, memory, decompression),
             name="kernel-load", daemon=True)
         self._thread.start()
 
@@ -226,7 +226,7 @@ def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
     decompression = choose_decompression(
         config.decompress, chosen.name, lambda: backends.runs_ring0_in_hardware(chosen.name))
     memory = MmapGuestMemory(e820.ram_layout(config.mem_size))
-    loading = _Loading(config, memory, decompression)
+    loading = _Loading(config.kernel, memory, decompression)
     try:
         hv = backends.open_backend(chosen.name, quiet)
         try:

@@ -428,6 +428,23 @@ def test_breakpoint_limits_per_backend(guests: dict[str, Path], backend: str) ->
     assert status == 0
 
 
+def test_the_guest_ends_with_breakpoints_still_set(guests: dict[str, Path],
+                                                   backend: str) -> None:
+    """Six breakpoints gdb never hits (KVM's last two are int3s in guest memory), then the
+    guest ends: gdb hears the guest's status, and vmm-arch exits with it (it once tried to
+    take the int3s out of guest memory already gone: exit 65)."""
+    b = Booted(guests["bootcheck"], backend)
+    with socket.create_connection(("127.0.0.1", b.port), timeout=30) as c:
+        assert all(_ask(c, b"Z0,%x,1" % (0x1001800 + i)) == b"OK" for i in range(6))
+        c.sendall(_packet(b"c"))
+        reply = b""
+        while b"#" not in reply:
+            reply += c.recv(4096)
+        assert reply.endswith(b"$W00#b7"), reply
+    status, stdout, err = b.finish()
+    assert status == 0 and "BOOTCHECK DONE 0" in stdout and "error" not in err
+
+
 def test_six_breakpoints_stop_the_same_on_both_backends(booted: Booted) -> None:
     """``break`` on six functions: KVM's two past its debug registers are int3s in guest
     memory; the stops, in order, are the same on both backends, and after ``delete`` the

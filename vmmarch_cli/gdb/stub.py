@@ -92,11 +92,10 @@ class Stub:
         self._memory: GuestMemory | None = None
         self._thread = 0  # index of the vCPU g/p/m act on
         self._stop = DebugStop(0, StopKind.ATTACH)
-        self._breakpoints: frozenset[int] = frozenset()
+        self._applied = GuestDebug()  # what every vCPU was last given (single_step aside)
         # int3s planted where the backend ran out of breakpoints (KVM's four):
         # virtual address -> (physical address, the byte that was there)
         self._planted: dict[int, tuple[int, int]] = {}
-        self._watchpoints: frozenset[Watchpoint] = frozenset()
         self._monitor: Callable[[str, int], str | None] | None = None
 
     def attach(self, vcpus: Sequence[Vcpu], memory: GuestMemory,
@@ -177,14 +176,19 @@ class Stub:
         self._conn = rsp.Connection(sock)
 
     def close(self) -> None:
-        """The run is over: stop listening."""
-        self._drop()
+        """The run is over: stop listening. The guest is gone with its memory: planted int3s
+        are forgotten, not taken out."""
+        self._planted.clear()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
         self._listener.close()
 
     def finish(self, status: int) -> None:
         """The guest ended: tell a gdb that continued (``W``: exited with ``status``), and
         stop listening."""
         if self._conn is not None:
+            self._conn.acks = False  # the last packet: waiting for its ack could hang the exit
             with contextlib.suppress(OSError, rsp.Disconnected, rsp.ProtocolError):
                 self._conn.send(b"W%02x" % (status & 0xFF))
         self.close()
@@ -270,33 +274,28 @@ class Stub:
         """``Z``/``z`` types 0 and 1: the backend's own breakpoints (execution reaching the
         address). Where it has no more (KVM: four), a software breakpoint (``Z0``) becomes an
         int3 the stub writes into guest memory, and the backend reports reaching it as a debug
-        stop. Watchpoints: not yet."""
+        stop. Types 2-4: watchpoints."""
         kind, _, rest = text.partition(b",")
         if kind in WATCHPOINT_TYPES:
             return self._watchpoint(insert, WATCHPOINT_TYPES[kind], rest)
         if kind not in BREAKPOINT_TYPES:
             return b"E01"
         address = int(rest.partition(b",")[0], 16)
+        breakpoints = self._applied.breakpoints
         if not insert:
             self._unplant(address)
-            self._set_debug(self._breakpoints - {address})
+            self._apply(self._debug(breakpoints=breakpoints - {address}))
             return b"OK"
-        if address in self._breakpoints or address in self._planted:
+        if address in breakpoints or address in self._planted:
             return b"OK"
-        try:
-            self._set_debug(self._breakpoints | {address})
+        if self._apply(self._debug(breakpoints=breakpoints | {address})):
             return b"OK"
-        except BackendError:
-            self._set_debug(self._breakpoints)
         if kind != b"0" or not self._plant(address):
             return b"E01"  # a hardware breakpoint past the backend's, or nowhere to write
-        try:
-            self._set_debug(self._breakpoints)
-        except BackendError:
-            self._unplant(address)
-            self._set_debug(self._breakpoints)
-            return b"E01"
-        return b"OK"
+        if self._apply(self._debug()):
+            return b"OK"
+        self._unplant(address)
+        return b"E01"
 
     def _watchpoint(self, insert: bool, kind: WatchKind, text: bytes) -> bytes:
         """``Z2``-``Z4``: a write, read or access watchpoint on ``ADDR,LENGTH``; E01 where the
@@ -305,28 +304,34 @@ class Stub:
         watch = Watchpoint(int(address, 16), int(length, 16), kind)
         if watch.length <= 0:
             return b"E01"
-        wanted = (self._watchpoints | {watch}) if insert else (self._watchpoints - {watch})
-        before = self._watchpoints
-        try:
-            self._watchpoints = wanted
-            self._set_debug(self._breakpoints)
-        except BackendError:
-            self._watchpoints = before
-            self._set_debug(self._breakpoints)
-            return b"E01"
-        return b"OK"
+        watchpoints = self._applied.watchpoints
+        wanted = watchpoints | {watch} if insert else watchpoints - {watch}
+        return b"OK" if self._apply(self._debug(watchpoints=wanted)) else b"E01"
 
-    def _set_debug(self, breakpoints: frozenset[int]) -> None:
-        """Every vCPU is stopped: the backend says now what it cannot do (BackendError)."""
-        planted = frozenset(self._planted)
-        for v in self._vcpus:
-            v.set_guest_debug(GuestDebug(breakpoints, planted=planted,
-                                         watchpoints=self._watchpoints))
-        self._breakpoints = breakpoints
+    def _debug(self, breakpoints: frozenset[int] | None = None,
+               watchpoints: frozenset[Watchpoint] | None = None) -> GuestDebug:
+        """What the vCPUs have now, with ``breakpoints`` or ``watchpoints`` instead, and the
+        planted int3s as they are."""
+        return GuestDebug(self._applied.breakpoints if breakpoints is None else breakpoints,
+                          planted=frozenset(self._planted),
+                          watchpoints=self._applied.watchpoints if watchpoints is None
+                          else watchpoints)
+
+    def _apply(self, debug: GuestDebug) -> bool:
+        """Every vCPU is stopped: give each ``debug``; where the backend cannot (BackendError),
+        give back what they had and say so."""
+        try:
+            for v in self._vcpus:
+                v.set_guest_debug(debug)
+        except BackendError:
+            for v in self._vcpus:
+                v.set_guest_debug(self._applied)
+            return False
+        self._applied = debug
+        return True
 
     def _resumption(self, step: int | None = None) -> Resumption:
-        return Resumption(self._breakpoints, step, planted=frozenset(self._planted),
-                          watchpoints=self._watchpoints)
+        return Resumption(self._applied, step)
 
     def _plant(self, address: int) -> bool:
         pieces = self._pieces(address, 1)
@@ -346,15 +351,13 @@ class Stub:
         """The client is gone: the guest runs on as it was, without our int3s."""
         for address in list(self._planted):
             self._unplant(address)
-        self._breakpoints = frozenset()
-        self._watchpoints = frozenset()
+        self._applied = GuestDebug()
 
     def _step(self, index: int) -> tuple[bytes | None, Resumption | None]:
         """One instruction on vCPU ``index``; the others wait (a step never runs them)."""
         vcpu = self._vcpus[index]
         try:
-            vcpu.set_guest_debug(GuestDebug(self._breakpoints, True, frozenset(self._planted),
-                                            self._watchpoints))
+            vcpu.set_guest_debug(replace(self._applied, single_step=True))
         except BackendError:
             return b"E01", None
         return None, self._resumption(step=index)

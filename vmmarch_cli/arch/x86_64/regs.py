@@ -31,9 +31,8 @@ RFLAGS_RESERVED = 0x2
 DEBUG_ADDRESS_REGISTERS = 4
 DR7_RESERVED_ONE = 1 << 10
 DR7_GE = 1 << 9
-#: DR6: which of DR0-DR3 matched (B0-B3), and BS: the stop was a single step.
+#: DR6 B0-B3: which of DR0-DR3 matched (none: the stop was a single step).
 DR6_BREAKPOINT_HITS = 0xF
-DR6_BS = 1 << 14
 
 
 def dr7_execute_breakpoints(count: int) -> int:

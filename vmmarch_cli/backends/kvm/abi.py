@@ -280,6 +280,18 @@ class kvm_run(ctypes.Structure):
     ]
 
 
+class kvm_guest_debug(ctypes.Structure):
+    """struct kvm_guest_debug with x86's kvm_guest_debug_arch (debugreg[8]: DR0-DR7)."""
+
+    _fields_ = [("control", c_u32), ("pad", c_u32), ("debugreg", c_u64 * 8)]
+
+
+# kvm_guest_debug.control (linux/kvm.h, arch/x86/include/uapi/asm/kvm.h).
+KVM_GUESTDBG_ENABLE = 0x1
+KVM_GUESTDBG_SINGLESTEP = 0x2
+KVM_GUESTDBG_USE_HW_BP = 0x20000
+
+
 # Exit reasons (linux/kvm.h KVM_EXIT_*).
 KVM_EXIT_UNKNOWN = 0
 KVM_EXIT_EXCEPTION = 1
@@ -332,17 +344,6 @@ KVM_SET_TSS_ADDR = IO(KVMIO, 0x47)
 KVM_CREATE_IRQCHIP = IO(KVMIO, 0x60)
 KVM_IRQ_LINE = IOW(KVMIO, 0x61, kvm_irq_level)
 KVM_CREATE_PIT2 = IOW(KVMIO, 0x77, kvm_pit_config)
-class kvm_guest_debug(ctypes.Structure):
-    """struct kvm_guest_debug with x86's kvm_guest_debug_arch (debugreg[8]: DR0-DR7)."""
-
-    _fields_ = [("control", c_u32), ("pad", c_u32), ("debugreg", c_u64 * 8)]
-
-
-# kvm_guest_debug.control (linux/kvm.h, arch/x86/include/uapi/asm/kvm.h).
-KVM_GUESTDBG_ENABLE = 0x1
-KVM_GUESTDBG_SINGLESTEP = 0x2
-KVM_GUESTDBG_USE_HW_BP = 0x20000
-
 # ioctls on a vCPU fd
 KVM_RUN = IO(KVMIO, 0x80)
 KVM_GET_REGS = IOR(KVMIO, 0x81, kvm_regs)
