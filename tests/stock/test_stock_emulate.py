@@ -199,14 +199,15 @@ def test_run_exit_status_and_streams(stock: dict[str, Path]) -> None:
     assert "to-stderr" in r.stderr and "to-stdout" not in r.stderr
 
 
-def test_run_streams_with_two_vcpus(stock: dict[str, Path]) -> None:
+def test_run_streams_with_two_vcpus(stock: dict[str, Path], tmp_path: Path) -> None:
     """The command's stdout (COM2, IRQ 3) with two vCPUs: Linux may route the IRQ to CPU 1, so
     the I/O APIC must deliver to the CPU its redirection entry names (vm.py); delivered to
     CPU 0 the output was lost and init waited ~30 s for the tty to drain."""
     r = _vmm(["run", "--backend", "emulate", "--cpus", "2", "--timeout", str(TIMEOUT),
               str(stock["vmlinux"]), "--", "sh", "-c",
-              "echo to-stdout; echo to-stderr >&2; exit 3"])
-    assert r.returncode == 3, r.stderr[-2000:]
+              "echo to-stdout; echo to-stderr >&2; exit 3"], tmp_path / "console.log")
+    # The kernel log's tail says what a stuck vCPU was doing (an RCU stall names it).
+    assert r.returncode == 3, r.stderr[-2000:] + "\nkernel log:\n" + r.console[-6000:]
     assert r.stdout == "to-stdout\n"
     assert "to-stderr" in r.stderr
 

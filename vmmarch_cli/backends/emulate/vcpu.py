@@ -79,9 +79,6 @@ class EmulateVcpu(StateAccess, Interrupts, PortIo, Stopping):
         a stop request), without spinning the host CPU."""
         lapic = self._apic
         while True:
-            if self._translations_stale and self._engine is not None:
-                self._translations_stale = False  # before the flush: a new IPI sets it again
-                self._engine.uc.ctl_flush_tb()
             if self._stop.is_set():
                 return Interrupted()
             if lapic is None or self._engine is None:
@@ -141,6 +138,11 @@ class EmulateVcpu(StateAccess, Interrupts, PortIo, Stopping):
         if self._cpu_lock is not None:
             self._cpu_lock.acquire(self._kick)  # after any other vCPU that asked first
         try:
+            if self._translations_stale:
+                # Checked with the CPU held: another vCPU writes code only while it holds the
+                # CPU, so an IPI that came while this one waited for it is seen here.
+                self._translations_stale = False  # before the flush: a new IPI sets it again
+                engine.uc.ctl_flush_tb()
             with self._lock:
                 if self._stop.is_set():
                     return Interrupted()
