@@ -45,8 +45,11 @@ def _cache(tmp_path: Path, sdist: Path | None = None) -> dict[str, str]:
     (cache / "engine").mkdir(parents=True)
     if sdist is not None:
         shutil.copy2(sdist, cache / "engine" / sdist.name)
-    # The engine, whatever this test run was told (CI runs the emulate tests on the wheel too).
-    return {"VMMARCH_CACHE": str(cache), "VMMARCH_ENGINE": "", "LIBUNICORN_PATH": ""}
+    # The engine, whatever this test run was told (CI runs the emulate tests on the wheel too),
+    # untrained: these tests are about the cache, and a trained build takes twice as long
+    # (test_the_engine_is_trained_on_the_example_guests covers the training).
+    return {"VMMARCH_CACHE": str(cache), "VMMARCH_ENGINE": "", "LIBUNICORN_PATH": "",
+            "VMMARCH_ENGINE_PROFILE": "off"}
 
 
 def _notices(stderr: str) -> list[str]:
@@ -140,6 +143,7 @@ def test_two_first_runs_build_once_and_a_broken_library_is_rebuilt(
     assert status["kind"] == "engine" and status["library"].startswith(str(built[0]))
     from vmmarch_cli.backends.emulate import libbuild
     assert status["built"]["cpu"] == libbuild.host_cpu()  # compiled for this CPU (-march=native)
+    assert status["built"]["profile"] == "untrained (VMMARCH_ENGINE_PROFILE=off)"
 
     # A cached library that fails its load check is rebuilt, not trusted.
     library = built[0] / "libunicorn.so.2"
@@ -156,6 +160,32 @@ def test_two_first_runs_build_once_and_a_broken_library_is_rebuilt(
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "cpu": "another"}))
     status = json.loads(run_cli("engine", "--json", env=env).stdout)
     assert not status["library"] and "not built yet" in status["reason"], status
+
+
+def test_the_engine_is_trained_on_the_example_guests(sdist: Path) -> None:
+    """The default build is profile-guided (training.py): every training guest ran on the
+    instrumented engine and it wrote a profile for each of its source files it ran."""
+    from vmmarch_cli.backends.emulate import training
+
+    status = json.loads(run_cli("engine", "--json", env={"VMMARCH_ENGINE": "",
+                                                          "LIBUNICORN_PATH": ""}).stdout)
+    assert status["kind"] == "engine", status
+    profile = status["built"]["profile"]
+    assert profile.startswith(f"trained on {len(training.GUESTS)} example guests in "), profile
+    assert int(profile.rsplit("(", 1)[1].split()[0]) >= 40, profile  # ~60 of 75 files ran
+
+
+def test_training_needs_the_guests_binutils_and_gcc(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmmarch_cli.backends.emulate import training
+
+    assert training.unavailable("cc") == ""
+    clang = tmp_path / "clang"  # what clang's -dM -E says of itself
+    clang.write_text("#!/bin/sh\necho '#define __GNUC__ 4'; echo '#define __clang__ 1'\n")
+    clang.chmod(clang.stat().st_mode | stat.S_IXUSR)
+    assert training.unavailable(str(clang)) == f"{clang} is not GCC (the profile files are GCC's)"
+    monkeypatch.setattr(training, "EXAMPLES", tmp_path)
+    assert "example guests are not installed" in training.unavailable("cc")
 
 
 def test_engine_reports_the_patches_and_clean_empties_the_cache(tmp_path: Path,

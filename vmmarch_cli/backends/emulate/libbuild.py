@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vmmarch_cli import files
+from vmmarch_cli.backends.emulate import training
 
 # Every boot on the emulate backend looks the engine up here (series, cached, load_problem):
 # what only a build needs (subprocess, tarfile, tempfile, sysconfig, fcntl, datetime: ~5 ms of
@@ -99,6 +100,7 @@ class Engine:
     built_at: str  # ISO 8601, UTC
     build_seconds: float
     library_stamp: tuple[int, int]  # (size, mtime) of the library file as it was built
+    profile: str  # how it was optimized: trained on which guests, or why it was not
 
     @property
     def library(self) -> Path:
@@ -115,9 +117,11 @@ def series() -> tuple[Patch, ...]:
 
 
 def series_digest(patches: Sequence[Patch]) -> str:
-    """One hash of the source pin, the build options and every patch, in order."""
+    """One hash of the source pin, the build options (a trained build or not) and every patch,
+    in order."""
     h = hashlib.sha256(f"unicorn {VERSION} {SDIST_SHA256}\n".encode())
     h.update(" ".join((*CMAKE_OPTIONS, *ENGINE_CFLAGS, *ENGINE_LDFLAGS)).encode() + b"\n")
+    h.update(f"profile {training.requested()}\n".encode())
     for p in patches:
         h.update(f"{p.name} {len(p.text)}\n".encode())
         h.update(p.text)
@@ -346,7 +350,7 @@ def _build(patches: Sequence[Patch], digest: str, compiler: Compiler,
         src = _unpack(tarball, work)
         for patch in patches:
             apply_patch(src, patch)
-        _compile(src, work / "build", ident, compiler, progress)
+        profile = _compile_trained(src, work, ident, compiler, progress)
         final = root / f"{_directory_prefix(digest)}{ident[:8]}"
         staged = work / "engine"
         staged.mkdir()
@@ -354,7 +358,7 @@ def _build(patches: Sequence[Patch], digest: str, compiler: Compiler,
         engine = Engine(str(final), ident, tuple(p.name for p in patches), compiler.identity,
                         compiler.path, compiler.stamp(), cpu, _iso(time.time()),
                         round(time.monotonic() - started, 1),
-                        _stamp(str(staged / LIB_NAME)) or (0, 0))
+                        _stamp(str(staged / LIB_NAME)) or (0, 0), profile)
         manifest = asdict(engine)
         del manifest["directory"]
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -432,7 +436,38 @@ def _tool(name: str) -> str | None:
     return shutil.which(name)
 
 
-def _compile(src: Path, out: Path, ident: str, compiler: Compiler, progress: Progress) -> None:
+def _compile_trained(src: Path, work: Path, ident: str, compiler: Compiler,
+                     progress: Progress) -> str:
+    """Compile the library into ``work/build``, trained when it can be (training.py): an
+    instrumented build, its training run, then the same build directory again with the
+    profile (GCC finds each object's profile by the object's path). What was done, for the
+    manifest."""
+    out = work / "build"
+    if training.requested() is training.Mode.OFF:
+        _compile(src, out, ident, compiler, progress, ())
+        return f"untrained ({training.VARIABLE}=off)"
+    why_not = training.unavailable(compiler.path)
+    if why_not:
+        _compile(src, out, ident, compiler, progress, ())
+        return f"untrained: {why_not}"
+    profile_dir = work / "profile"
+    _compile(src, out, ident, compiler, progress, training.generate_flags(profile_dir),
+             "instrumented ")
+    instrumented = work / "instrumented"
+    instrumented.mkdir()
+    shutil.copy2(out / LIB_NAME, instrumented / LIB_NAME)
+    trained = training.train(instrumented, profile_dir, work, progress)
+    if not trained.profiles:
+        raise BuildError(f"the engine's training run wrote no profile ({len(trained.guests)} "
+                         f"of {len(training.GUESTS)} guests ran; {training.VARIABLE}=off builds "
+                         "it untrained)")
+    _compile(src, out, ident, compiler, progress, training.use_flags(profile_dir), "trained ")
+    return (f"trained on {len(trained.guests)} example guests in {trained.seconds:g} s "
+            f"({trained.profiles} profile files)")
+
+
+def _compile(src: Path, out: Path, ident: str, compiler: Compiler, progress: Progress,
+             extra: Sequence[str], kind: str = "") -> None:
     cmake = _tool("cmake")
     if cmake is None:
         raise BuildError("cmake not found (pip install cmake, or the emulate extra: "
@@ -441,19 +476,19 @@ def _compile(src: Path, out: Path, ident: str, compiler: Compiler, progress: Pro
     generator = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
     log = out.parent / "build.log"
     env = {**os.environ, "CC": compiler.path, "LC_ALL": "C"}
-    progress("configuring the CPU engine build")
-    cflags = " ".join((f'-DVMMARCH_ENGINE_ID=\\"{ident}\\"', *ENGINE_CFLAGS))
+    progress(f"configuring the {kind}CPU engine build")
+    cflags = " ".join((f'-DVMMARCH_ENGINE_ID=\\"{ident}\\"', *ENGINE_CFLAGS, *extra))
+    ldflags = " ".join((*ENGINE_LDFLAGS, *extra))
     _run_logged([cmake, "-S", str(src), "-B", str(out), *generator, *CMAKE_OPTIONS,
-                 f"-DCMAKE_C_FLAGS={cflags}",
-                 f"-DCMAKE_SHARED_LINKER_FLAGS={' '.join(ENGINE_LDFLAGS)}"], env, log, progress,
-                "configuring")
+                 f"-DCMAKE_C_FLAGS={cflags}", f"-DCMAKE_SHARED_LINKER_FLAGS={ldflags}"],
+                env, log, progress, "configuring", kind)
     jobs = str(os.cpu_count() or 1)
     _run_logged([cmake, "--build", str(out), "--target", "unicorn", "-j", jobs], env, log,
-                progress, "compiling")
+                progress, "compiling", kind)
 
 
 def _run_logged(argv: list[str], env: dict[str, str], log: Path, progress: Progress,
-                step: str) -> None:
+                step: str, kind: str) -> None:
     """Run a build step, its output appended to ``log``; the compile step's progress shown."""
     import subprocess
 
@@ -469,15 +504,15 @@ def _run_logged(argv: list[str], env: dict[str, str], log: Path, progress: Progr
                 last = now
                 done = (f"{found[1].decode()}/{found[2].decode()}" if found.re is _NINJA_STEP
                         else f"{found[1].decode()}%")
-                progress(f"compiling the CPU engine: {done}")
+                progress(f"compiling the {kind}CPU engine: {done}")
         status = proc.wait()
     if status != 0:
         text = log.read_text(errors="replace")
         if os.strerror(errno.ENOSPC) in text:
-            raise BuildError(f"the disk is full while {step} the engine (the cache is "
+            raise BuildError(f"the disk is full while {step} the {kind}engine (the cache is "
                              f"{files.cache_dir()}, set VMMARCH_CACHE to move it)")
         error = [ln for ln in text.splitlines() if "error" in ln.lower()]
-        raise BuildError(f"{step} the engine failed: {(error or [_last_line(text)])[-1]}")
+        raise BuildError(f"{step} the {kind}engine failed: {(error or [_last_line(text)])[-1]}")
 
 
 # --- applying a patch ----------------------------------------------------------------------

@@ -96,7 +96,7 @@ def plan() -> Choice:
     if failure is not None:
         return Choice(Kind.WHEEL, wheel_library(),
                       f"the engine failed to build ({failure[0]}) at {failure[1]}")
-    return Choice(Kind.ENGINE, "", "not built yet: it builds on first use (about 20 s)")
+    return Choice(Kind.ENGINE, "", "not built yet: it builds on first use (about a minute)")
 
 
 def wheel_library() -> str:
@@ -147,7 +147,7 @@ def _choose(notice: Report, quiet: bool) -> Choice:
             notice(f"{reason}; running on the unicorn wheel")
             return Choice(Kind.WHEEL, wheel, reason)
         notice(f"building the CPU engine (unicorn {libbuild.VERSION} and vmm-arch's patches) "
-               "on first use; about 20 s, once")
+               "on first use; about a minute, once")
     try:
         with status_line("", quiet) as progress:
             engine = libbuild.build(progress, force=engine is not None)
