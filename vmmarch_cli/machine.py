@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from vmmarch_cli import backends, errors, loader, posted_io
 from vmmarch_cli.arch.x86_64 import board, e820
@@ -33,7 +33,6 @@ from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.config import BASE_CMDLINE, EMULATED_RING0_CMDLINE, BootConfig
 from vmmarch_cli.console import Console
 from vmmarch_cli.crash import CodeWindow, read_code
-from vmmarch_cli.debugging import AllStop, Debugger, DebugWait
 from vmmarch_cli.devices.bus import IoBus
 from vmmarch_cli.devices.exit_port import ExitPort
 from vmmarch_cli.devices.i8042 import I8042
@@ -61,6 +60,9 @@ from vmmarch_cli.vcpu import (
     Vcpu,
     Vm,
 )
+
+if TYPE_CHECKING:
+    from vmmarch_cli.debugging import AllStop, Debugger
 
 
 @dataclass(frozen=True)
@@ -352,6 +354,9 @@ def run(
         ]
         debug_wait = None
         if debugger is not None:
+            # Imported here: a run without a debugger (nearly all) does not pay for it.
+            from vmmarch_cli.debugging import AllStop, DebugWait
+
             state.allstop = AllStop(prepared.vcpus, state.done)
 
             def deliver() -> None:

@@ -17,14 +17,13 @@ them the engine is built once, untrained, and ``vmm-arch engine`` says why.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+# Every start reads ``requested`` (libbuild.series_digest); what only a build needs
+# (subprocess, shutil, sys, time) is imported where it is used.
 
 #: Where the example guests and their build script sit in a source checkout.
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -63,6 +62,9 @@ class Training:
 
 def unavailable(compiler: str) -> str:
     """Why the engine cannot be trained here; empty when it can."""
+    import shutil
+    import subprocess
+
     if not (EXAMPLES / "build.py").is_file():
         return f"the example guests are not installed ({EXAMPLES}: a source checkout has them)"
     for tool in ("as", "ld"):
@@ -94,6 +96,10 @@ def use_flags(profile_dir: Path) -> tuple[str, ...]:
 def train(library_dir: Path, profile_dir: Path, work: Path, progress: Progress) -> Training:
     """Boot each training guest on the instrumented library in ``library_dir``, which writes
     its profile into ``profile_dir``. A guest that fails only leaves the profile thinner."""
+    import subprocess
+    import sys
+    import time
+
     started = time.monotonic()
     guests = work / "guests"
     progress(f"assembling {len(GUESTS)} example guests to train the CPU engine on")
