@@ -187,6 +187,20 @@ def test_timer_interrupts_in_32_bit_protected_mode(guests: dict[str, Path]) -> N
     assert not wheel.checks, wheel.says()
 
 
+# --- 0013: non-maskable interrupts ----------------------------------------------------------
+
+
+def test_an_nmi_is_taken_with_interrupts_off_and_held_until_iret(guests: dict[str, Path]
+                                                                 ) -> None:
+    engine, wheel = boot(guests["nmi"], ENGINE), boot(guests["nmi"], WHEEL)
+    assert_passes(engine, 3)
+    assert engine.events.get("NMI") == 2, engine.events
+    # The wheel cannot raise one: the NMI IPI is counted, dropped, and the handler never runs.
+    assert (wheel.status, wheel.failed) == (2, {"nmis_taken", "nmi_held_until_iret"}), \
+        wheel.says()
+    assert wheel.events.get("NMI dropped (no engine)") == 1, wheel.events
+
+
 # --- 0007 and 0008: a TLB flush clears what was filled; the jump cache survives it ---------
 
 

@@ -19,6 +19,7 @@ VECTOR_NAMES = {
     10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
     19: "#XM", 20: "#VE", 21: "#CP",
 }
+NMI = 2
 DOUBLE_FAULT = 8
 NOT_PRESENT = 11
 GENERAL_PROTECTION = 13

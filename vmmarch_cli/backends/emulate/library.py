@@ -194,8 +194,8 @@ def uc_handle(uc: Any) -> int:
 
 
 class SystemCpu:
-    """The engine's system-CPU functions for one unicorn instance (patches 0004-0006): IDT
-    delivery in the CPU loop, SYSCALL, the INTR line and its acknowledge callback."""
+    """The engine's system-CPU functions for one unicorn instance (patches 0004-0006, 0013):
+    IDT delivery in the CPU loop, SYSCALL, the INTR line and its acknowledge callback, NMIs."""
 
     #: int ack(void *opaque): the vector the CPU takes now, or -1.
     ACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
@@ -214,6 +214,9 @@ class SystemCpu:
         ):
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = restype, argtypes
+        self._nmi = getattr(lib, "vmmarch_nmi_request", None)  # patch 0013
+        if self._nmi is not None:
+            self._nmi.restype, self._nmi.argtypes = None, [ctypes.c_void_p]
         self._ack: Any = None  # the ctypes callback must outlive the engine's use of it
         counts = lib.vmmarch_event_counts(self._uc)
         self.counts = ctypes.cast(counts, ctypes.POINTER(
@@ -238,6 +241,13 @@ class SystemCpu:
     def interrupt_line(self, raised: bool) -> None:
         """Raise or lower the CPU's INTR line; from any thread."""
         self._lib.vmmarch_irq_request(self._uc, 1 if raised else 0)
+
+    def nmi(self) -> bool:
+        """Request a non-maskable interrupt, from any thread; False when the library cannot."""
+        if self._nmi is None:
+            return False
+        self._nmi(self._uc)
+        return True
 
     def delivered(self) -> dict[tuple[bool, int], int]:
         """Deliveries so far: (external, vector) -> count."""

@@ -29,8 +29,8 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 #: The guests the engine trains on: every example guest that ends by itself in under a second
 #: (spin runs until it is stopped, apictimer times its timer for ~10 s).
-GUESTS = ("blockloop", "bootcheck", "cr3flush", "faultnest", "idtcheck", "irq32", "outloop",
-          "pvhcheck", "smcalias", "stosb", "syscallcheck", "triplefault", "uartflood",
+GUESTS = ("blockloop", "bootcheck", "cr3flush", "faultnest", "idtcheck", "irq32", "nmi",
+          "outloop", "pvhcheck", "smcalias", "stosb", "syscallcheck", "triplefault", "uartflood",
           "usersyscall")
 #: Seconds one training boot may take on the instrumented engine (each takes ~0.3 s; irq32 ~2).
 GUEST_TIMEOUT = 30

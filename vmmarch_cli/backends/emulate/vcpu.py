@@ -84,6 +84,9 @@ class EmulateVcpu(StateAccess, Interrupts, PortIo, Stopping):
             if lapic is None or self._engine is None:
                 return None
             lapic.tick(time.monotonic_ns())
+            if self._nmi_raised:  # the engine's CPU takes it in the burst (patch 0013)
+                self._nmi_raised = self._halted = False
+                return None
             vector = lapic.pending()
             if vector is not None and self._system_cpu:
                 self._halted = False  # its INTR line is up: the CPU takes it when IF allows

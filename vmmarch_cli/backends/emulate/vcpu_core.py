@@ -119,6 +119,7 @@ class VcpuCore:
         self._awaiting_sipi = False
         self._sipi_vector: int | None = None
         self._translations_stale = False  # see receive_ipi
+        self._nmi_raised = False  # an NMI was requested since the vCPU last ran (_raise_nmi)
         self._halted_flag: Any = None  # unicorn's CPUState.halted (native.halted_flag)
         self._reset_flag: Any = None  # unicorn's CPUState.stopped (native.reset_request)
         self._reset_seen = False  # the alarm thread let a stopped CPU out (_watch_reset)
@@ -162,7 +163,10 @@ class VcpuCore:
         assert self._system is not None
         events: dict[str, int] = {}
         for (external, vector), count in self._system.delivered().items():
-            name = f"interrupt {vector:#x}" if external else faults.vector_name(vector)
+            # An external delivery through vector 2 is an NMI (patch 0013): a fixed interrupt
+            # below 16 is an illegal vector the local APIC never raises (SDM 10.5.2).
+            name = (f"interrupt {vector:#x}" if external and vector != faults.NMI
+                    else faults.vector_name(vector))
             events[name] = events.get(name, 0) + count
         return events
 

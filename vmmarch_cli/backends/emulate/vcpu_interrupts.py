@@ -48,12 +48,27 @@ class Interrupts(VcpuCore):
                 # translations are dropped before this vCPU runs again.
                 self._translations_stale = self._translations_stale or source is not self
                 self._apic.raise_vector(ipi.vector)
+        elif ipi.mode == lapic.APIC_MODE_NMI and not self._awaiting_sipi:
+            self._raise_nmi()
         elif ipi.mode == lapic.APIC_MODE_INIT and self.index != 0 and self._engine is None:
             self._awaiting_sipi, self._sipi_vector = True, None
         elif (ipi.mode == lapic.APIC_MODE_STARTUP and self._awaiting_sipi
               and self._sipi_vector is None):
             self._sipi_vector = ipi.vector
             self._wake.set()
+
+    def _raise_nmi(self) -> None:
+        """An NMI for this vCPU (SDM vol. 3A 10.6.1, delivery mode 100b): the engine's CPU takes
+        it at its next instruction boundary, whatever RFLAGS.IF says (patch 0013); a halted vCPU
+        wakes for it. The wheel has no way to raise one: there it is counted and dropped."""
+        with self._line:  # the instance may be closing
+            raised = self._system is not None and self._system.nmi()
+        if not raised:
+            self._hook_events["NMI dropped (no engine)"] = \
+                self._hook_events.get("NMI dropped (no engine)", 0) + 1
+            return
+        self._nmi_raised = True
+        self._wake.set()
 
     def raise_interrupt(self, vector: int) -> None:
         """A fixed interrupt for this vCPU's local APIC (from the I/O APIC)."""
