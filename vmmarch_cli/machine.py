@@ -334,7 +334,8 @@ def run(
     the command's stdout and stderr there, apart from the kernel log on COM1).
     """
     start = time.monotonic()
-    with prepare(config, quiet) as prepared:
+    held = _HeldUntilClosed()
+    with held, prepare(config, quiet) as prepared:
         if on_ready is not None:
             on_ready(prepared)
         state = _Run(prepared)
@@ -391,20 +392,28 @@ def run(
             if not ended:
                 state.stop(StopReason.TIMEOUT, f"no stop condition within {config.timeout:g} s")
         except KeyboardInterrupt:
-            state.stop(StopReason.INTERRUPTED,
-                       "interrupted by a signal (SIGINT, SIGTERM or SIGHUP)")
+            with contextlib.suppress(KeyboardInterrupt):  # the finally stops it whole
+                held.hold()
+                state.stop(StopReason.INTERRUPTED,
+                           "interrupted by a signal (SIGINT, SIGTERM or SIGHUP)")
         finally:
             # Nothing may cut this short (a second Ctrl-C): the VM is closed next, and closing
-            # it under a vCPU thread that still runs the guest could hang or crash. A signal
-            # held meanwhile arrives as the hold ends; the run is stopping already, and its
-            # result (the console's last output too) is still wanted.
-            with contextlib.suppress(KeyboardInterrupt), _signals_held():
-                state.stop(StopReason.INTERRUPTED)  # the reason stays the first one
-                for t in threads:
-                    if t.ident is not None:  # started
-                        t.join()
-                if sampler is not None:
-                    sampler.join()  # done is set: it ends after its current round of samples
+            # it under a vCPU thread that still runs the guest crashes (measured). Signals are
+            # held from here until the VM is closed. One that arrived just before still raises
+            # KeyboardInterrupt once, at Python's next check: inside this loop (a loop, not a
+            # call, so that the check cannot come before the try), which then starts again.
+            while True:
+                try:
+                    held.hold()
+                    state.stop(StopReason.INTERRUPTED)  # the reason stays the first one
+                    for t in threads:
+                        if t.ident is not None:  # started
+                            t.join()
+                    if sampler is not None:
+                        sampler.join()  # done is set: it ends after its round of samples
+                    break
+                except KeyboardInterrupt:
+                    continue
             if state.allstop is not None:
                 state.allstop.close()
                 state.allstop = None
@@ -570,6 +579,30 @@ def _signals_held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+class _HeldUntilClosed:
+    """MAIN_THREAD_SIGNALS held from ``hold`` (the run is ending) until the block ends (the VM
+    is closed); those that came meanwhile are then spent, not raised: the run was ending
+    already, and its result is still wanted."""
+
+    def __init__(self) -> None:
+        self._before: set[int | signal.Signals] | None = None
+
+    def hold(self) -> None:
+        if self._before is None:
+            self._before = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+
+    def __enter__(self) -> _HeldUntilClosed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._before is None:
+            return
+        while signal.sigtimedwait(MAIN_THREAD_SIGNALS, 0) is not None:
+            pass  # spent
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._before)
+        self._before = None
 
 
 def _vcpu_loop(vcpu: Vcpu, bus: IoBus, state: _Run) -> None:
