@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,6 +102,18 @@ def stock_boots(request: pytest.FixtureRequest, stock: dict[str, Path],
                                   ROOT, wanted)
     yield boots
     boots.stop_all()
+
+
+def finish(proc: subprocess.Popen[Any], timeout: float) -> tuple[Any, Any]:
+    """``proc.communicate(timeout=timeout)``, but a process still running then is killed and the
+    test fails: a hung vmm-arch left behind slows every later test (two hung spin guests once
+    took both cores for the rest of a run)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{proc.args} still ran after {timeout:g} s: killed")
 
 
 def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None

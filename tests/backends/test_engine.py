@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, needs_unicorn, run_cli
+from conftest import ROOT, finish, needs_unicorn, run_cli
 
 pytestmark = needs_unicorn
 
@@ -132,7 +132,7 @@ def test_two_first_runs_build_once_and_a_broken_library_is_rebuilt(
                               "60"], cwd=ROOT, env={**os.environ, **env}, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for _ in range(2)]
-    outputs = [r.communicate(timeout=600) for r in runs]
+    outputs = [finish(r, 600) for r in runs]
     assert [r.returncode for r in runs] == [0, 0], outputs
     errors = "\n".join(err for _, err in outputs)
     assert errors.count("on first use") == 2  # each says it, one line each

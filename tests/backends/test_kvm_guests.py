@@ -12,7 +12,7 @@ import pytest
 from vmmarch_cli import machine
 from vmmarch_cli.config import BootConfig
 
-from conftest import run_cli
+from conftest import finish, run_cli
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -95,7 +95,7 @@ def test_sigint_stops_the_guest_with_130(guests: dict[str, Path]) -> None:
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"SPIN\n"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    _, err = finish(proc, 30)
     assert proc.returncode == 130, err
     assert b"Traceback" not in err and b"interrupted" in err
 
@@ -122,7 +122,7 @@ def test_a_second_signal_during_the_stop_does_not_cut_it_short(guests: dict[str,
         proc.send_signal(signal.SIGINT)
         time.sleep(gap)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        _, err = finish(proc, 30)
         assert proc.returncode == 130, err
         assert b"Traceback" not in err and b"interrupted" in err
 

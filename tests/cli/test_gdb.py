@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from vmmarch_cli import loader
 from vmmarch_cli.gdb import rsp
 
-from conftest import ROOT, kvm_unusable_reason
+from conftest import ROOT, finish, kvm_unusable_reason
 
 GDB = shutil.which("gdb")
 pytestmark = pytest.mark.skipif(GDB is None, reason="gdb is not installed (apt install gdb)")
@@ -68,7 +68,7 @@ class Booted:
         return p.stdout + p.stderr
 
     def finish(self) -> tuple[int, str, str]:
-        out, err = self.process.communicate(timeout=120)
+        out, err = finish(self.process, 120)
         return self.process.returncode, out, err
 
 
@@ -242,7 +242,7 @@ def test_gdb_no_wait_lets_the_guest_run_until_gdb_comes(guests: dict[str, Path])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
         assert _ask(c, b"?").startswith(b"T05thread:1;")
         c.sendall(_packet(b"k"))
-    proc.communicate(timeout=60)
+    finish(proc, 60)
     assert proc.returncode == 137
 
 
@@ -269,7 +269,7 @@ def test_run_holds_debian_s_kernel_at_its_entry_for_gdb(stock: dict[str, Path]) 
     p = subprocess.run([str(GDB), "-nx", "-batch", "-ex", f"target remote 127.0.0.1:{port}",
                         "-ex", "info registers rip cr0", "-ex", "continue"],
                        capture_output=True, text=True, timeout=600)
-    out, _ = proc.communicate(timeout=600)
+    out, _ = finish(proc, 600)
     assert f"rip            {entry:#x}" in p.stdout
     assert "cr0            0x11" in p.stdout  # PVH: protected mode, paging off
     assert "exited with code 07" in p.stdout
@@ -297,7 +297,7 @@ def test_a_unix_socket_works_too(guests: dict[str, Path], tmp_path: Path) -> Non
         assert c.recv(1) == b"+" and c.recv(64).startswith(b"$QC1#")
         c.sendall(b"+" + _packet(b"D"))
         assert c.recv(1) == b"+"  # and it leaves without acking the reply: as a detach
-    out, _ = proc.communicate(timeout=60)
+    out, _ = finish(proc, 60)
     assert proc.returncode == 0 and "BOOTCHECK" in out
 
 
@@ -519,7 +519,7 @@ def test_hbreak_start_kernel_on_debian_s_kernel(stock: dict[str, Path],
                         "-ex", "info registers rip", "-ex", "kill"],
                        capture_output=True, text=True, timeout=300)
     out = p.stdout + p.stderr
-    _, err = proc.communicate(timeout=120)
+    _, err = finish(proc, 120)
     assert f"Breakpoint 1, {start_kernel:#018x} in start_kernel ()" in out, out
     at = f"{start_kernel:x}"
     assert re.search(rf"#0  0x0*{at} in start_kernel \(\)", out), out
