@@ -34,7 +34,7 @@ def stock_command(ctx: click.Context, /, flavour: str, image: str, as_json: bool
     The boot takes about a second on hardware KVM and on the emulate backend, which --backend
     auto (the default) picks where /dev/kvm is missing or emulates guest ring 0 (nested PVM
     hosts, where a stock kernel on KVM needs minutes and never reaches userspace). The first
-    run on the emulate backend also builds its CPU engine (~20 s, once).
+    run on the emulate backend also builds its CPU engine (about a minute, once).
     """
     from vmmarch_cli.assets import fetch_busybox, fetch_debian_kernel, stock_initramfs
     from vmmarch_cli.progress import status
