@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from vmmarch_cli import backends, errors, loader, posted_io
 from vmmarch_cli.arch.x86_64 import board, e820
@@ -334,8 +334,8 @@ def run(
     the command's stdout and stderr there, apart from the kernel log on COM1).
     """
     start = time.monotonic()
-    held = _HeldUntilClosed()
-    with held, prepare(config, quiet) as prepared:
+    signals = _SignalsNoted()
+    with signals, prepare(config, quiet) as prepared:
         if on_ready is not None:
             on_ready(prepared)
         state = _Run(prepared)
@@ -375,10 +375,15 @@ def run(
         gc.disable()
         sampler = None
         try:
-            # A signal that arrives while the threads start waits until they all run (they
-            # inherit the mask, as _vcpu_loop wants it), so it lands in the _wait below.
             if debug_wait is not None:
                 debug_wait.attach()  # the client has the guest before its first instruction
+            # From here until the VM is closed a signal is noted, not raised (_SignalsNoted);
+            # with a debugger it still raises KeyboardInterrupt, which is what ends the stub's
+            # service of a client while the guest is stopped. One that arrives while the
+            # threads start waits until they all run (they inherit the mask, as _vcpu_loop
+            # wants it).
+            if debug_wait is None:
+                signals.note()
             with _signals_held():
                 for t in threads:
                     t.start()
@@ -387,33 +392,26 @@ def run(
                                                args=(prepared.vcpus, state, config.profile_hz),
                                                name="profiler", daemon=True)
                     sampler.start()
-            ended = (debug_wait.wait(state.done, config.timeout) if debug_wait is not None
-                     else _wait(state, config.timeout, posted))
-            if not ended:
+            ended = (debug_wait.wait(state.done, config.timeout, signals.seen)
+                     if debug_wait is not None else
+                     _wait(state, config.timeout, posted, signals.seen))
+            if signals.seen:
+                state.stop(StopReason.INTERRUPTED, SIGNAL_DETAIL)
+            elif not ended:
                 state.stop(StopReason.TIMEOUT, f"no stop condition within {config.timeout:g} s")
-        except KeyboardInterrupt:
-            with contextlib.suppress(KeyboardInterrupt):  # the finally stops it whole
-                held.hold()
-                state.stop(StopReason.INTERRUPTED,
-                           "interrupted by a signal (SIGINT, SIGTERM or SIGHUP)")
+        except KeyboardInterrupt:  # before signals.note, or with a debugger
+            state.stop(StopReason.INTERRUPTED, SIGNAL_DETAIL)
         finally:
             # Nothing may cut this short (a second Ctrl-C): the VM is closed next, and closing
-            # it under a vCPU thread that still runs the guest crashes (measured). Signals are
-            # held from here until the VM is closed. One that arrived just before still raises
-            # KeyboardInterrupt once, at Python's next check: inside this loop (a loop, not a
-            # call, so that the check cannot come before the try), which then starts again.
-            while True:
-                try:
-                    held.hold()
-                    state.stop(StopReason.INTERRUPTED)  # the reason stays the first one
-                    for t in threads:
-                        if t.ident is not None:  # started
-                            t.join()
-                    if sampler is not None:
-                        sampler.join()  # done is set: it ends after its round of samples
-                    break
-                except KeyboardInterrupt:
-                    continue
+            # it under a vCPU thread that still runs the guest crashes (measured). Without a
+            # debugger a signal is only noted by now; with one, it is held meanwhile.
+            with contextlib.suppress(KeyboardInterrupt), _signals_held():
+                state.stop(StopReason.INTERRUPTED)  # the reason stays the first one
+                for t in threads:
+                    if t.ident is not None:  # started
+                        t.join()
+                if sampler is not None:
+                    sampler.join()  # done is set: it ends after its current round of samples
             if state.allstop is not None:
                 state.allstop.close()
                 state.allstop = None
@@ -512,19 +510,23 @@ def _io_handlers(bus: IoBus, state: _Run, posted: posted_io.PostedIo
     return read, write
 
 
-def _wait(state: _Run, timeout: float | None, posted: posted_io.PostedIo) -> bool:
-    """Wait for the stop condition (False: ``timeout`` passed first), delivering posted writes
-    every posted_io.INTERVAL meanwhile, so that the console streams."""
-    if not posted.active:
-        return state.done.wait(timeout)
+#: How often the run's wait looks for a noted signal when nothing else wakes it (seconds).
+SIGNAL_POLL_SECONDS = 0.05
+
+
+def _wait(state: _Run, timeout: float | None, posted: posted_io.PostedIo,
+          signals: Sequence[int]) -> bool:
+    """Wait for the stop condition or a noted signal (False: ``timeout`` passed first),
+    delivering posted writes every posted_io.INTERVAL meanwhile, so that the console streams."""
+    interval = posted_io.INTERVAL if posted.active else SIGNAL_POLL_SECONDS
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        wait = posted_io.INTERVAL if deadline is None else min(
-            posted_io.INTERVAL, deadline - time.monotonic())
-        if state.done.wait(max(wait, 0)):
+        wait = interval if deadline is None else min(interval, deadline - time.monotonic())
+        if state.done.wait(max(wait, 0)) or signals:
             return True
-        with state.device_lock:
-            posted.deliver()
+        if posted.active:
+            with state.device_lock:
+                posted.deliver()
         if deadline is not None and time.monotonic() >= deadline:
             return False
 
@@ -568,6 +570,7 @@ def _devices(vm: Vm, console: Console, state: _Run,
 #: Signals only the main thread takes: the kernel then never picks a vCPU thread for them,
 #: so Ctrl-C always wakes the thread that waits for the stop condition.
 MAIN_THREAD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+SIGNAL_DETAIL = "interrupted by a signal (SIGINT, SIGTERM or SIGHUP)"
 
 
 @contextmanager
@@ -581,28 +584,34 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
-class _HeldUntilClosed:
-    """MAIN_THREAD_SIGNALS held from ``hold`` (the run is ending) until the block ends (the VM
-    is closed); those that came meanwhile are then spent, not raised: the run was ending
-    already, and its result is still wanted."""
+class _SignalsNoted:
+    """From ``note`` (the guest is about to run) until the block ends (the VM is closed),
+    MAIN_THREAD_SIGNALS only note themselves in ``seen``, which the run's waits look at. Raised
+    as KeyboardInterrupt they could land anywhere in the main thread: inside threading.Event's
+    wait, after it took its own lock (a later ``set`` then waits for ever), or in the middle of
+    the stop (the VM then closed under a running vCPU: a crash). Measured before: 3 crashes or
+    hangs in 480 double Ctrl-Cs. Signals that come once the block has ended raise as usual."""
 
     def __init__(self) -> None:
-        self._before: set[int | signal.Signals] | None = None
+        self.seen: list[int] = []  # appended by the handler: no lock is taken in it
+        self._previous: dict[signal.Signals, Any] = {}
 
-    def hold(self) -> None:
-        if self._before is None:
-            self._before = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+    def note(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread gets them (signal.signal refuses other threads)
+        for number in MAIN_THREAD_SIGNALS:
+            self._previous[number] = signal.signal(number, self._noted)
 
-    def __enter__(self) -> _HeldUntilClosed:
+    def _noted(self, number: int, frame: object) -> None:
+        self.seen.append(number)
+
+    def __enter__(self) -> _SignalsNoted:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._before is None:
-            return
-        while signal.sigtimedwait(MAIN_THREAD_SIGNALS, 0) is not None:
-            pass  # spent
-        signal.pthread_sigmask(signal.SIG_SETMASK, self._before)
-        self._before = None
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
 
 
 def _vcpu_loop(vcpu: Vcpu, bus: IoBus, state: _Run) -> None:

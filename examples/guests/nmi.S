@@ -24,8 +24,6 @@
         .include "gdt64.inc"
         .include "apic.inc"
 
-        .set NMI_VECTOR, 2                  /* SDM vol. 3A table 6-1 */
-        .set ICR_NMI, 4 << 8                /* ICR delivery mode 100b (10.6.1, figure 10-12) */
         .set WAIT_LOOPS, 200000             /* PAUSEs to wait for an NMI to arrive */
         .set KERNEL_CS, BOOT_CS             /* the VMM's boot GDT */
 
@@ -35,7 +33,7 @@
         .globl  _start
 _start:
         BEGIN   stack_top, msg_start
-        SET_GATE NMI_VECTOR, nmi_handler
+        SET_GATE VECTOR_NMI, nmi_handler
         lidt    [rip + idtr]
         mov     rbx, APIC
         mov     dword ptr [rbx + APIC_SVR], SVR_ENABLE | SPURIOUS_VECTOR

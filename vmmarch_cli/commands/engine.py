@@ -68,7 +68,7 @@ def status_command(as_json: bool) -> None:
     if engine is not None:
         click.echo(f"  built {engine.built_at} in {engine.build_seconds:g} s by "
                    f"{engine.compiler}, for this CPU ({engine.cpu}: -march=native)")
-        click.echo(f"  profile-guided: {engine.profile}")
+        click.echo(f"  profile: {engine.profile}")
     if s.failure is not None:
         click.echo(f"last failed build: {s.failure[1]}: {s.failure[0]}")
     click.echo(f"cache: {s.cache}")

@@ -457,13 +457,22 @@ def _compile_trained(src: Path, work: Path, ident: str, compiler: Compiler,
     instrumented.mkdir()
     shutil.copy2(out / LIB_NAME, instrumented / LIB_NAME)
     trained = training.train(instrumented, profile_dir, work, progress)
-    if not trained.profiles:
-        raise BuildError(f"the engine's training run wrote no profile ({len(trained.guests)} "
-                         f"of {len(training.GUESTS)} guests ran; {training.VARIABLE}=off builds "
-                         "it untrained)")
-    _compile(src, out, ident, compiler, progress, training.use_flags(profile_dir), "trained ")
+    why_not = "" if trained.profiles else (
+        f"its training run wrote no profile ({len(trained.guests)} of "
+        f"{len(training.GUESTS)} guests booted)")
+    if not why_not:
+        try:
+            _compile(src, out, ident, compiler, progress, training.use_flags(profile_dir),
+                     "trained ")
+        except BuildError as e:
+            why_not = str(e)
+    if why_not:  # a slower engine, but an engine: the reason goes into the manifest
+        _compile(src, out, ident, compiler, progress, ())
+        return f"untrained: {why_not}"
+    missing = [name for name in training.GUESTS if name not in trained.guests]
     return (f"trained on {len(trained.guests)} example guests in {trained.seconds:g} s "
-            f"({trained.profiles} profile files)")
+            f"({trained.profiles} profile files)"
+            + (f"; did not finish: {', '.join(missing)}" if missing else ""))
 
 
 def _compile(src: Path, out: Path, ident: str, compiler: Compiler, progress: Progress,

@@ -6,12 +6,14 @@ training workload and writes where its time went into ``.gcda`` files; then agai
 the project's own test guests (examples/guests/, assembled by examples/build.py): they touch the
 paths a kernel boot does (the CPU loop and block lookup, translation, the softmmu, interrupts,
 exceptions, port I/O, TLB flushes, self-modifying code), and they are source in the repository,
-so every machine trains on the same thing. Trained on them the engine reaches Debian's kernel's
-init marker ~4-5% sooner; trained on that boot itself, ~6% (docs/benchmarks.md, session 9).
+so every machine trains on the same thing. Trained on them the engine boots Debian's kernel ~3%
+faster (per-round ratio of 30 interleaved rounds); trained on that boot itself, ~1.6% faster
+again (docs/benchmarks.md, session 9).
 
 Training needs the example guests (a source checkout or an editable install has them, a wheel
-does not), GNU as and ld to assemble them, and GCC (clang's profiles take another tool). Without
-them the engine is built once, untrained, and ``vmm-arch engine`` says why.
+does not), GNU as and ld to assemble them, and GCC 10 or newer (-fprofile-partial-training;
+clang's profiles take another tool). Without them, or when the training or the trained compile
+fails, the engine is built untrained, and ``vmm-arch engine`` says why.
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ from pathlib import Path
 
 #: Where the example guests and their build script sit in a source checkout.
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
-#: The guests the engine trains on: every example guest that ends by itself in under a second
-#: (spin runs until it is stopped, apictimer times its timer for ~10 s).
+#: The guests the engine trains on: every example guest that ends by itself within seconds
+#: (~0.3 s each, irq32 ~2 s; spin runs until it is stopped, apictimer times its timer ~10 s).
 GUESTS = ("blockloop", "bootcheck", "cr3flush", "faultnest", "idtcheck", "irq32", "nmi",
           "outloop", "pvhcheck", "smcalias", "stosb", "syscallcheck", "triplefault", "uartflood",
           "usersyscall")
-#: Seconds one training boot may take on the instrumented engine (each takes ~0.3 s; irq32 ~2).
+#: Seconds one training boot may take on the instrumented engine.
 GUEST_TIMEOUT = 30
 #: Set to "off" to build the engine untrained: half the build time, a slower engine.
 VARIABLE = "VMMARCH_ENGINE_PROFILE"
+
+#: The oldest GCC with -fprofile-partial-training (GCC 10 release notes).
+OLDEST_GCC = 10
 
 Progress = Callable[[str], None]
 
@@ -77,6 +82,10 @@ def unavailable(compiler: str) -> str:
         return f"the C compiler does not run: {e}"
     if "__GNUC__" not in macros or "__clang__" in macros:
         return f"{compiler} is not GCC (the profile files are GCC's)"
+    version = next((line.split()[2] for line in macros.splitlines()
+                    if line.startswith("#define __GNUC__ ")), "0")
+    if not version.isdigit() or int(version) < OLDEST_GCC:
+        return f"{compiler} is GCC {version}; training needs GCC {OLDEST_GCC} or newer"
     return ""
 
 
@@ -95,10 +104,13 @@ def use_flags(profile_dir: Path) -> tuple[str, ...]:
 
 def train(library_dir: Path, profile_dir: Path, work: Path, progress: Progress) -> Training:
     """Boot each training guest on the instrumented library in ``library_dir``, which writes
-    its profile into ``profile_dir``. A guest that fails only leaves the profile thinner."""
+    its profile into ``profile_dir``; one boot per CPU at a time (each process merges its counts
+    into the profile files at exit, under a lock libgcov takes). A guest that fails only leaves
+    the profile thinner."""
     import subprocess
     import sys
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     started = time.monotonic()
     guests = work / "guests"
@@ -107,18 +119,24 @@ def train(library_dir: Path, profile_dir: Path, work: Path, progress: Progress) 
                    capture_output=True, check=False, timeout=300)
     env = {k: v for k, v in os.environ.items() if k != "VMMARCH_ENGINE"}
     env["LIBUNICORN_PATH"] = str(library_dir)
-    ran = []
-    for n, name in enumerate(GUESTS, 1):
-        elf = guests / f"{name}.elf"
+    elves = [(name, guests / f"{name}.elf") for name in GUESTS]
+    booted: list[str] = []
+
+    def boot(guest: tuple[str, Path]) -> None:
+        name, elf = guest
         if not elf.is_file():
-            continue
-        progress(f"training the CPU engine: {name} ({n}/{len(GUESTS)})")
+            return
         try:
             subprocess.run([sys.executable, "-m", "vmmarch_cli", "boot", "--backend", "emulate",
                             "--quiet", "--timeout", str(GUEST_TIMEOUT), str(elf)],
                            env=env, capture_output=True, check=False, timeout=GUEST_TIMEOUT + 30)
         except subprocess.TimeoutExpired:
-            continue
-        ran.append(name)
+            return
+        booted.append(name)
+        progress(f"training the CPU engine: {len(booted)}/{len(GUESTS)} guests")
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(boot, elves))
     profiles = sum(1 for _ in profile_dir.glob("*.gcda")) if profile_dir.is_dir() else 0
-    return Training(tuple(ran), profiles, round(time.monotonic() - started, 1))
+    return Training(tuple(name for name in GUESTS if name in booted), profiles,
+                    round(time.monotonic() - started, 1))

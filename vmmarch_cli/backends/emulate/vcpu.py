@@ -151,6 +151,7 @@ class EmulateVcpu(StateAccess, Interrupts, PortIo, Stopping):
                     return Interrupted()
                 self._burst += 1
                 self._emulating = self._burst
+                self._nmi_raised = False  # an NMI requested so far is taken in this burst
             if not self._system_cpu and self._apic is not None and \
                     self._apic.pending() is not None:
                 # Pending already: either it waits for RFLAGS.IF (a retry is set) or it came

@@ -119,7 +119,7 @@ class VcpuCore:
         self._awaiting_sipi = False
         self._sipi_vector: int | None = None
         self._translations_stale = False  # see receive_ipi
-        self._nmi_raised = False  # an NMI was requested since the vCPU last ran (_raise_nmi)
+        self._nmi_raised = False  # an NMI came between bursts: run one (_raise_nmi)
         self._halted_flag: Any = None  # unicorn's CPUState.halted (native.halted_flag)
         self._reset_flag: Any = None  # unicorn's CPUState.stopped (native.reset_request)
         self._reset_seen = False  # the alarm thread let a stopped CPU out (_watch_reset)

@@ -59,15 +59,19 @@ class Interrupts(VcpuCore):
 
     def _raise_nmi(self) -> None:
         """An NMI for this vCPU (SDM vol. 3A 10.6.1, delivery mode 100b): the engine's CPU takes
-        it at its next instruction boundary, whatever RFLAGS.IF says (patch 0013); a halted vCPU
-        wakes for it. The wheel has no way to raise one: there it is counted and dropped."""
+        it at its next instruction boundary, whatever RFLAGS.IF says (patch 0013). A running
+        burst takes it itself (a HLT in it does not hold it off); a vCPU between bursts, halted
+        with interrupts on, is woken for it (one halted with them off has ended the run). The
+        wheel has no way to raise one: there it is counted and dropped."""
         with self._line:  # the instance may be closing
             raised = self._system is not None and self._system.nmi()
         if not raised:
             self._hook_events["NMI dropped (no engine)"] = \
                 self._hook_events.get("NMI dropped (no engine)", 0) + 1
             return
-        self._nmi_raised = True
+        with self._lock:  # against _run_burst's start, which clears the flag
+            if not self._emulating:
+                self._nmi_raised = True
         self._wake.set()
 
     def raise_interrupt(self, vector: int) -> None:
