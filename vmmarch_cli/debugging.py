@@ -169,15 +169,13 @@ class DebugWait:
         """Before the vCPU threads start: the client connects and says how to begin."""
         self._resume(self._debugger.serve(DebugStop(0, StopKind.ATTACH)))
 
-    def wait(self, done: threading.Event, timeout: float | None, signals: Sequence[int] = ()
-             ) -> bool:
-        """Like machine._wait: True when the run ended or a signal was noted in ``signals``,
-        False when ``timeout`` passed (time spent stopped for the debugger does not count). A
-        client may come, go and come back (after a detach, or when it did not wait) while the
-        guest runs."""
+    def wait(self, done: threading.Event, timeout: float | None) -> bool:
+        """Like machine._wait: True when the run ended, False when ``timeout`` passed (time
+        spent stopped for the debugger does not count). A client may come, go and come back
+        (after a detach, or when it did not wait) while the guest runs."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if done.is_set() or signals:
+            if done.is_set():
                 return True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:

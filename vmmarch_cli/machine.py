@@ -392,9 +392,9 @@ def run(
                                                args=(prepared.vcpus, state, config.profile_hz),
                                                name="profiler", daemon=True)
                     sampler.start()
-            ended = (debug_wait.wait(state.done, config.timeout, signals.seen)
-                     if debug_wait is not None else
-                     _wait(state, config.timeout, posted, signals.seen))
+            # (With a debugger signals raise, so only _wait looks at the noted ones.)
+            ended = (debug_wait.wait(state.done, config.timeout) if debug_wait is not None
+                     else _wait(state, config.timeout, posted, signals.seen))
             if signals.seen:
                 state.stop(StopReason.INTERRUPTED, SIGNAL_DETAIL)
             elif not ended:
