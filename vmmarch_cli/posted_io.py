@@ -33,6 +33,7 @@ class PostedIo:
 
         self._posted: dict[int, Post] = {}  # port -> what the vCPUs were told
         self._ports: dict[int, set[int]] = {}  # device base port -> its ports posted
+        self._postings: dict[int, Posting] = {}  # device base port -> its last Posting
         self.queued_writes = 0
         self.active = False
         for base, device in bus.posting_devices():
@@ -60,6 +61,9 @@ class PostedIo:
 
     def _update(self, base: int, device: PostingDevice) -> None:
         posting: Posting = device.posting()
+        if self._postings.get(base) == posting:
+            return  # most exits leave it as it was
+        self._postings[base] = posting
         wanted: dict[int, Post] = {}
         for offset, value in posting.reads.items():
             wanted[base + offset] = (value, offset in posting.queued)

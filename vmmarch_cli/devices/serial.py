@@ -86,16 +86,22 @@ class Serial8250:
         return value
 
     def posting(self) -> Posting:
-        """While the divisor latch is closed, loopback is off and nothing was received, LSR
-        and MSR read the same, without a side effect (the transmitter is always empty: see the
-        module docstring), and while the THRE interrupt is off a write to THR only sends the
-        byte (it sets THRE pending, which matters only once IER enables it, and enabling it
-        sets it anyway). A kernel's console writes poll LSR and write THR: 2 exits a byte
-        otherwise."""
+        """While the divisor latch is closed, loopback is off and nothing was received, LSR,
+        MSR and IER read the same, without a side effect (the transmitter is always empty: see
+        the module docstring; IER changes only by a write, which exits), and while the THRE
+        interrupt is off, or on with THRE already pending, a write to THR only sends the byte
+        (it sets THRE pending, which matters only once IER enables it, and enabling it sets it
+        anyway). A kernel's console writes poll LSR and write THR: 2 exits a byte otherwise;
+        Linux's 8250 console reads IER before each message, and its interrupt handler writes
+        a FIFO's worth of bytes to THR."""
         if self._lcr & UART_LCR_DLAB or self._mcr & UART_MCR_LOOP or self._rx:
             return Posting()
-        reads = {UART_LSR: self._read(UART_LSR), UART_MSR: self._read(UART_MSR)}
-        queued = frozenset() if self._ier & UART_IER_THRI else frozenset({UART_TX})
+        reads = {UART_LSR: self._read(UART_LSR), UART_MSR: self._read(UART_MSR),
+                 UART_IER: self._ier}
+        # With the THRE interrupt on, a write changes nothing either while THRE is already
+        # pending (the line stays up): the driver's interrupt handler writes a FIFO's worth.
+        sends_only = not self._ier & UART_IER_THRI or self._thre_pending
+        queued = frozenset({UART_TX}) if sends_only else frozenset()
         return Posting(reads, queued)
 
     def write_queued(self, offset: int, data: bytes) -> None:
