@@ -367,6 +367,14 @@ class PostedPorts:
     def collect(self) -> list[tuple[int, bytes]]:
         """The queued writes as (port, bytes) runs, oldest first."""
         count = self._lib.vmmarch_port_collect(self._uc, self._buffer, self.QUEUE)
+        if not count:
+            return []
+        # A record is port << 8 | byte (uc_priv.h), little-endian: the byte, then the port.
+        raw = memoryview(self._buffer).cast("B")[: 4 * count]
+        low, high = bytes(raw[1::4]), bytes(raw[2::4])
+        if low.count(low[0]) == count and high.count(high[0]) == count:
+            # One port, the usual case (a console's THR): no per-byte work in Python.
+            return [(high[0] << 8 | low[0], bytes(raw[0::4]))]
         runs: list[tuple[int, bytearray]] = []
         for record in self._buffer[:count]:
             port = record >> 8
