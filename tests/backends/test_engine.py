@@ -229,5 +229,31 @@ def test_the_layout_the_engine_tells_is_the_one_a_search_finds() -> None:
     if library.chosen() is None or not hasattr(library.loaded_library(), "vmmarch_layout"):
         pytest.skip("this process runs on a library without patch 0009 (VMMARCH_ENGINE=wheel)")
     told = native.layout()
-    # The search finds uc_struct.no_exit_request per instance, not once (None in its layout).
-    assert replace(native._scanned_layout(), no_exit_request=told.no_exit_request) == told
+    # The search finds uc_struct.no_exit_request per instance, not once (None in its layout),
+    # and cannot find the TSC offset (the test below checks that one by running RDTSC).
+    assert replace(native._scanned_layout(), no_exit_request=told.no_exit_request,
+                   tsc_offset=told.tsc_offset) == told
+
+
+def test_the_tsc_offset_the_engine_tells_is_the_one_rdtsc_adds() -> None:
+    """Patch 0009's tsc_offset: a guest's RDTSC is the host's TSC plus the field it names."""
+    from vmmarch_cli.backends.emulate import binding, library, native
+    from vmmarch_cli.backends.emulate.hosttsc import HostTsc
+
+    assert binding.Uc is not None
+    if library.chosen() is None or not hasattr(library.loaded_library(), "vmmarch_layout"):
+        pytest.skip("this process runs on a library without patch 0009 (VMMARCH_ENGINE=wheel)")
+    uc = binding.Uc(binding.uc_const.UC_ARCH_X86, binding.uc_const.UC_MODE_64)
+    uc.mem_map(0x1000, 0x1000)
+    uc.mem_write(0x1000, bytes.fromhex("0f31"))  # rdtsc
+    offset = native.tsc_offset(uc)
+    assert offset is not None
+    shift = 1 << 62
+    offset.value = shift
+    host = HostTsc()
+    before = host.read()
+    uc.emu_start(0x1000, 0x1002)
+    after = host.read()
+    guest = (int(uc.reg_read(binding.x86.UC_X86_REG_RDX)) << 32) | (
+        int(uc.reg_read(binding.x86.UC_X86_REG_RAX)) & 0xFFFF_FFFF)
+    assert before + shift <= guest <= after + shift

@@ -111,6 +111,7 @@ class Layout:
     hflags: int  # env->hflags
     invalid_error: int  # uc_struct.invalid_error (Kick)
     no_exit_request: int | None  # uc_struct.no_exit_request; None: found per instance
+    tsc_offset: int | None = None  # env->tsc_offset; None: not told (the wheel)
 
 
 class EngineLayout(ctypes.Structure):
@@ -119,7 +120,7 @@ class EngineLayout(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_uint32) for name in (
         "size", "dr", "exception_index", "halted", "env", "segs", "eip", "hflags",
-        "invalid_error", "no_exit_request")]
+        "invalid_error", "no_exit_request", "tsc_offset")]
 
 
 def _cpu_state(uc: Any) -> int:
@@ -194,7 +195,8 @@ def layout() -> Layout:
                            "(vmm-arch engine build --force)")
     return Layout(dr=told.dr, exception_index=told.exception_index, env=told.env,
                   segs=told.segs, eip=told.eip, halted=told.halted, hflags=told.hflags,
-                  invalid_error=told.invalid_error, no_exit_request=told.no_exit_request)
+                  invalid_error=told.invalid_error, no_exit_request=told.no_exit_request,
+                  tsc_offset=told.tsc_offset)
 
 
 def _scanned_layout() -> Layout:
@@ -413,6 +415,13 @@ def reset_request(uc: Any) -> ctypes.c_bool:
     spins in resume_all_vcpus while the CPU stays stopped. Clearing it lets that loop run to
     the next block start, where a kick ends emu_start."""
     return ctypes.c_bool.from_address(_cpu_state(uc) + _STOPPED)
+
+
+def tsc_offset(uc: Any) -> ctypes.c_int64 | None:
+    """env->tsc_offset of ``uc``: the guest's RDTSC is the host's TSC plus it (misc_helper.c,
+    helper_rdtsc). None where the library does not say where it is (the wheel)."""
+    offset = layout().tsc_offset
+    return None if offset is None else ctypes.c_int64.from_address(_cpu_state(uc) + offset)
 
 
 def halted_flag(uc: Any) -> ctypes.c_uint32:
