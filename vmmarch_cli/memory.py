@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,15 @@ from vmmarch_cli.errors import GuestMemoryError
 #: mmap(2)'s "do not reserve swap space" flag (include/uapi/asm-generic/mman.h, which x86 uses).
 #: Python's mmap module names it only from 3.13 on.
 MAP_NORESERVE = 0x4000
+#: mmap(2)'s "exactly here, replacing what was there" flag (uapi/asm-generic/mman-common.h).
+MAP_FIXED = 0x10
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_long]
+_mmap.restype = ctypes.c_void_p
+MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 @dataclass
@@ -98,6 +108,20 @@ class MmapGuestMemory:
 
     def read_u64(self, address: int) -> int:
         return int.from_bytes(self.read(address, 8), "little")
+
+    def map_private(self, fd: int, offset: int) -> None:
+        """Replace guest RAM with a copy-on-write mapping of ``fd``'s image at ``offset``
+        (page-aligned): the regions one after another, as a snapshot keeps them. The backend
+        keeps the same host addresses. Raises GuestMemoryError."""
+        at = offset
+        for region in self._regions:
+            got = _mmap(region.host_address, region.length, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, at)
+            if got != region.host_address:
+                error = ctypes.get_errno()
+                raise GuestMemoryError(f"cannot map the memory image at {region.start:#x}: "
+                                       f"{os.strerror(error)}")
+            at += region.length
 
     def close(self) -> None:
         for region in self._regions:

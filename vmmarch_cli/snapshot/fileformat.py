@@ -1,0 +1,174 @@
+"""The snapshot file: a header record, a description, state sections and guest memory.
+
+Layout (all offsets from the start of the file, little-endian):
+
+    Header        fixed size (``Header``), with a CRC-32 of its own fields
+    description   JSON: who made the snapshot (backend, engine, CPU fingerprint), the machine
+                  configuration it needs, and where each state section lies
+    sections      named byte strings: each vCPU's state, each device's state
+    memory        guest RAM, region after region, at a page-aligned offset: a sparse file
+                  whose zero pages are holes, so that the file takes only what the guest wrote
+                  and a restore maps it copy-on-write (image.py)
+
+``state_crc`` covers the description and the sections, ``memory_crc`` the memory image's pages
+that are not holes, in order. A reader refuses, in one line (exit 65): a short or foreign file,
+another format version, a CRC mismatch, and a description that does not parse. Whether the
+snapshot suits this machine (backend, engine, configuration) is for the caller to compare.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import tempfile
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmmarch_cli import files
+from vmmarch_cli.arch.x86_64.record import Record
+from vmmarch_cli.errors import BadInputError
+from vmmarch_cli.snapshot import image
+
+MAGIC = b"VMMARCH\x1a"  # \x1a: a text reader stops at once (as PNG's signature does)
+VERSION = 1
+
+
+class SnapshotError(BadInputError):
+    """A snapshot file vmm-arch cannot use; the message names the file and why (exit 65)."""
+
+
+class Header(Record):
+    _fields_ = (
+        ("magic", ctypes.c_char * 8),
+        ("version", ctypes.c_uint32),
+        ("header_crc", ctypes.c_uint32),  # CRC-32 of this header with this field zero
+        ("description_offset", ctypes.c_uint64),
+        ("description_length", ctypes.c_uint64),
+        ("state_length", ctypes.c_uint64),  # description and sections
+        ("state_crc", ctypes.c_uint32),
+        ("memory_crc", ctypes.c_uint32),
+        ("memory_offset", ctypes.c_uint64),  # page-aligned
+        ("memory_length", ctypes.c_uint64),  # guest RAM bytes, holes included
+    )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a snapshot holds. ``description`` is plain JSON data; ``sections`` the state blobs
+    by name; ``memory_offset`` and ``memory_length`` locate guest RAM in ``path``."""
+
+    path: Path
+    description: Mapping[str, Any]
+    sections: Mapping[str, bytes]
+    memory_offset: int
+    memory_length: int
+
+
+def write(path: Path, description: Mapping[str, Any], sections: Mapping[str, bytes],
+          memory: image.MemorySource) -> None:
+    """Write a snapshot to ``path`` atomically: into a temporary file beside it, synced, then
+    renamed into place, so that a crash leaves either the old file or none, never a file that
+    looks complete. Raises OSError."""
+    table = []
+    blobs = bytearray()
+    for name, data in sections.items():
+        table.append({"name": name, "length": len(data)})
+        blobs += data
+    text = json.dumps({**description, "sections": table}, sort_keys=True).encode()
+    state = text + bytes(blobs)
+    start = Header.sizeof()
+    memory_offset = image.page_align(start + len(state))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o644)
+        os.pwrite(fd, state, start)
+        memory_crc = image.write(fd, memory_offset, memory)
+        header = Header(magic=MAGIC, version=VERSION, description_offset=start,
+                        description_length=len(text), state_length=len(state),
+                        state_crc=zlib.crc32(state), memory_crc=memory_crc,
+                        memory_offset=memory_offset, memory_length=memory.length)
+        header.header_crc = zlib.crc32(header.pack())
+        os.pwrite(fd, header.pack(), 0)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read(path: Path) -> Snapshot:
+    """Read and check ``path``'s header, description and sections, and its memory image's CRC.
+    Raises SnapshotError (one line) for anything but a snapshot this version wrote intact."""
+    return _read(path, check_memory=True)
+
+
+def describe(path: Path) -> Snapshot:
+    """``read`` without the memory image's CRC: what the snapshot says of itself, checked."""
+    return _read(path, check_memory=False)
+
+
+def _read(path: Path, check_memory: bool) -> Snapshot:
+    name = str(path)
+    try:
+        with files.open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(Header.sizeof())
+            header = _header(raw, name)
+            if header.memory_offset + header.memory_length > size or \
+                    header.description_offset + header.state_length > header.memory_offset:
+                raise SnapshotError(f"{name}: truncated snapshot ({size} bytes)")
+            f.seek(header.description_offset)
+            state = f.read(header.state_length)
+            if len(state) != header.state_length or zlib.crc32(state) != header.state_crc:
+                raise SnapshotError(f"{name}: corrupted snapshot (its state fails the CRC)")
+            if check_memory and image.crc(f.fileno(), header.memory_offset,
+                                          header.memory_length) != header.memory_crc:
+                raise SnapshotError(f"{name}: corrupted snapshot (its memory fails the CRC)")
+    except OSError as e:
+        raise SnapshotError(f"cannot read snapshot {name}: {e.strerror}") from None
+    except files.NotRegularFile as e:
+        raise SnapshotError(f"snapshot {name} {e}") from None
+    return _parse(path, header, state)
+
+
+def _header(raw: bytes, name: str) -> Header:
+    if len(raw) < len(MAGIC) or raw[: len(MAGIC)] != MAGIC:
+        raise SnapshotError(f"{name}: not a vmm-arch snapshot")
+    if len(raw) < Header.sizeof():
+        raise SnapshotError(f"{name}: truncated snapshot ({len(raw)} bytes)")
+    header = Header.read(raw)
+    if header.version != VERSION:
+        raise SnapshotError(f"{name}: snapshot format version {header.version}; this vmm-arch "
+                            f"reads version {VERSION} (take the snapshot again)")
+    check = Header.read(raw)
+    check.header_crc = 0
+    if zlib.crc32(check.pack()) != header.header_crc:
+        raise SnapshotError(f"{name}: corrupted snapshot (its header fails the CRC)")
+    return header
+
+
+def _parse(path: Path, header: Header, state: bytes) -> Snapshot:
+    name = str(path)
+    text = state[: header.description_length]
+    try:
+        description = json.loads(text)
+        sections: dict[str, bytes] = {}
+        at = header.description_length
+        for entry in description.pop("sections"):
+            length = int(entry["length"])
+            if length < 0 or at + length > len(state):
+                raise ValueError("a section runs past the state")
+            sections[str(entry["name"])] = state[at : at + length]
+            at += length
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        # Only a writer's bug gets here: the CRC matched what was written.
+        raise SnapshotError(f"{name}: unreadable snapshot description ({e})") from None
+    return Snapshot(path, description, sections, header.memory_offset, header.memory_length)
