@@ -423,6 +423,37 @@ class PostedPortIo(Protocol):
         ...
 
 
+@runtime_checkable
+class SnapshotVcpu(Protocol):
+    """A vCPU whose whole state a snapshot can keep (an optional capability; snapshot/)."""
+
+    def save_state(self) -> bytes:
+        """Everything this vCPU holds, taken while it does not run (between ``run`` calls)."""
+        ...
+
+    def restore_state(self, data: bytes) -> None:
+        """Take ``save_state``'s bytes (from the same backend and engine) before the first
+        ``run``; the guest then goes on as if it never stopped."""
+        ...
+
+
+@runtime_checkable
+class SnapshotVm(Protocol):
+    """A VM that can keep its own devices' state (interrupt controllers) in a snapshot."""
+
+    def snapshot_identity(self) -> str:
+        """What must be the same to restore this VM's vCPU state: the backend's build."""
+        ...
+
+    def snapshot_refusal(self) -> str | None:
+        """Why this VM cannot take or restore snapshots here; None when it can."""
+        ...
+
+    def save_state(self) -> bytes: ...
+
+    def restore_state(self, data: bytes) -> None: ...
+
+
 class Vm(Protocol):
     """A virtual machine: memory, interrupt lines and vCPUs."""
 

@@ -55,6 +55,11 @@ class IoBus:
         posting = device if isinstance(device, PostingDevice) else None
         self._ranges.insert(i, (base, base + length, device, posting))
 
+    def devices(self) -> Iterator[tuple[int, PortDevice]]:
+        """(base port, device) of every device, by port."""
+        for start, _, device, _ in self._ranges:
+            yield start, device
+
     def posting_devices(self) -> Iterator[tuple[int, PostingDevice]]:
         """(base port, device) of every device that can post its registers."""
         for start, _, _, posting in self._ranges:

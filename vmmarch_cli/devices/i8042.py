@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 I8042_STR_OBF = 0x01  # output buffer full: data for the CPU at port 0x60
 I8042_STR_SYSFLAG = 0x04
@@ -21,6 +22,14 @@ I8042_CTR_KBDINT = 0x01
 I8042_CTR_XLATE = 0x40
 
 
+@dataclass(frozen=True)
+class I8042State:
+    ctr: int
+    out: tuple[int, ...]
+    pending_command: int
+    status: int
+
+
 class I8042:
     """Occupies ports 0x60-0x64 (offsets 0 and 4)."""
 
@@ -30,6 +39,13 @@ class I8042:
         self._out: deque[int] = deque()
         self._pending_command = 0
         self._status = I8042_STR_SYSFLAG
+
+    def save(self) -> I8042State:
+        return I8042State(self._ctr, tuple(self._out), self._pending_command, self._status)
+
+    def restore(self, state: I8042State) -> None:
+        self._ctr, self._out = state.ctr, deque(state.out)
+        self._pending_command, self._status = state.pending_command, state.status
 
     def read(self, offset: int, size: int) -> int:
         if offset == 0:

@@ -7,6 +7,7 @@ time out. Registers: the MC146818A datasheet, "Address map"; Linux include/linux
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 RTC_SECONDS = 0x00
 RTC_MINUTES = 0x02
@@ -30,6 +31,14 @@ def _bcd(n: int) -> int:
     return ((n // 10) << 4) | (n % 10)
 
 
+@dataclass(frozen=True)
+class RtcState:
+    """The index register and the CMOS RAM; the clock registers read the host's time."""
+
+    index: int
+    ram: tuple[int, ...]
+
+
 class CmosRtc:
     def __init__(self) -> None:
         self._index = 0
@@ -37,6 +46,14 @@ class CmosRtc:
         self._ram[RTC_REG_A] = RTC_REG_A_DV_32K
         self._ram[RTC_REG_B] = RTC_REG_B_24H
         self._ram[RTC_REG_D] = RTC_REG_D_VRT
+
+    def save(self) -> RtcState:
+        return RtcState(self._index, tuple(self._ram))
+
+    def restore(self, state: RtcState) -> None:
+        if len(state.ram) != CMOS_SIZE:
+            raise ValueError(f"CMOS RAM is {CMOS_SIZE} bytes, not {len(state.ram)}")
+        self._index, self._ram = state.index, bytearray(state.ram)
 
     def read(self, offset: int, size: int) -> int:
         if offset == 0:

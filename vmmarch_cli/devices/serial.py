@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from vmmarch_cli.devices.bus import Posting
 
@@ -46,6 +47,22 @@ UART_MSR_CTS = 0x10
 
 
 
+@dataclass(frozen=True)
+class SerialState:
+    """Everything a UART holds (a snapshot's record of it)."""
+
+    ier: int
+    lcr: int
+    mcr: int
+    scr: int
+    fcr: int
+    dll: int
+    dlm: int
+    thre_pending: bool
+    rx: tuple[int, ...]
+    level: bool
+
+
 class Serial8250:
     def __init__(self, output: Callable[[bytes], None], irq: Callable[[bool], None]) -> None:
         self._output = output
@@ -60,6 +77,20 @@ class Serial8250:
         self._thre_pending = False
         self._rx: deque[int] = deque()
         self._level = False
+
+    def save(self) -> SerialState:
+        return SerialState(self._ier, self._lcr, self._mcr, self._scr, self._fcr, self._dll,
+                           self._dlm, self._thre_pending, tuple(self._rx), self._level)
+
+    def restore(self, state: SerialState) -> None:
+        """Take ``state`` before the guest runs; a line it held high is driven high again."""
+        self._ier, self._lcr, self._mcr, self._scr = state.ier, state.lcr, state.mcr, state.scr
+        self._fcr, self._dll, self._dlm = state.fcr, state.dll, state.dlm
+        self._thre_pending = state.thre_pending
+        self._rx = deque(state.rx)
+        self._level = state.level
+        if state.level:
+            self._irq(True)
 
     def feed(self, data: bytes) -> None:
         """Bytes typed at the console (host -> guest)."""

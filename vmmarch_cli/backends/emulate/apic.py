@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from vmmarch_cli.arch.x86_64 import board, layout
 from vmmarch_cli.arch.x86_64.lapic import (
@@ -226,6 +227,19 @@ class LocalApic:
         with self._lock:
             return self._timer_deadline
 
+    def timer_left(self) -> int | None:
+        """Nanoseconds until the timer fires (0: due now), None when it is not armed: what a
+        snapshot keeps of the timer, whose deadline is on this process's monotonic clock."""
+        with self._lock:
+            if self._timer_deadline is None:
+                return None
+            return max(self._timer_deadline - self._now(), 0)
+
+    def resume_timer(self, left_ns: int | None) -> None:
+        """Arm the timer to fire ``left_ns`` from now (None: disarmed), as a restore does."""
+        with self._lock:
+            self._timer_deadline = None if left_ns is None else self._now() + left_ns
+
     def tick(self, now: int) -> None:
         """Fire the timer if its deadline has passed (reloading it in periodic mode)."""
         with self._lock:
@@ -244,6 +258,14 @@ class LocalApic:
         self.on_change()
 
 
+@dataclass(frozen=True)
+class IoApicState:
+    select: int
+    id: int
+    redirection: tuple[int, ...]
+    levels: tuple[bool, ...]
+
+
 class IoApic:
     """The I/O APIC: ISA interrupt lines to redirection entries, which ``deliver`` routes to
     the local APICs their destination names (the VM's job). Edge-triggered inputs fire on a
@@ -256,6 +278,21 @@ class IoApic:
         self._levels = [False] * IOAPIC_PINS
         self._deliver = deliver
         self._lock = threading.Lock()
+
+    def save(self) -> IoApicState:
+        with self._lock:
+            return IoApicState(self._select, self._id, tuple(self._redirection),
+                               tuple(self._levels))
+
+    def restore(self, state: IoApicState) -> None:
+        """Take ``state`` as it was, without delivering anything (the lines' levels included:
+        an edge delivered before the snapshot is not delivered again)."""
+        if len(state.redirection) != IOAPIC_PINS or len(state.levels) != IOAPIC_PINS:
+            raise ValueError(f"an I/O APIC state for {len(state.redirection)} pins, not "
+                             f"{IOAPIC_PINS}")
+        with self._lock:
+            self._select, self._id = state.select, state.id
+            self._redirection, self._levels = list(state.redirection), list(state.levels)
 
     def set_id(self, apic_id: int) -> None:
         """The ID the VMM assigned (board.ioapic_id), before the guest runs."""

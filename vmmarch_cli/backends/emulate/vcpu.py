@@ -40,9 +40,8 @@ from vmmarch_cli.backends.emulate.vcpu_core import (
     VECTOR_UD,
     cpu_mode_name,
 )
-from vmmarch_cli.backends.emulate.vcpu_interrupts import Interrupts
 from vmmarch_cli.backends.emulate.vcpu_ports import PortIo
-from vmmarch_cli.backends.emulate.vcpu_state import StateAccess
+from vmmarch_cli.backends.emulate.vcpu_snapshot import Snapshots
 from vmmarch_cli.backends.emulate.vcpu_stopping import Stopping
 from vmmarch_cli.errors import BackendError
 from vmmarch_cli.vcpu import (
@@ -57,7 +56,7 @@ from vmmarch_cli.vcpu import (
 )
 
 
-class EmulateVcpu(StateAccess, Interrupts, PortIo, Stopping):
+class EmulateVcpu(Snapshots, PortIo, Stopping):
     def run(self) -> VcpuExit:
         if self._awaiting_sipi:
             waited = self._await_sipi()
@@ -337,6 +336,7 @@ class EmulateVcpu(StateAccess, Interrupts, PortIo, Stopping):
             # burst at a block start (native.Kick).
             native.exit_checks_at_block_start_only(engine.uc)
             self._kicker = native.Kick(engine.uc)
+        self._apply_restore(engine)  # a snapshot's state, when one was given (before the alarm)
         self._engine = engine
         if self._alarm_thread is not None:
             self._alarm_thread.start()

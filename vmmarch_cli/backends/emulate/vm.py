@@ -4,14 +4,18 @@ to the local APICs its redirection entries name."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import threading
 
 from vmmarch_cli.arch.x86_64 import board, lapic
-from vmmarch_cli.backends.emulate import smp
-from vmmarch_cli.backends.emulate.apic import IoApic
+from vmmarch_cli.backends.emulate import library, native, smp
+from vmmarch_cli.backends.emulate.apic import IoApic, IoApicState
 from vmmarch_cli.backends.emulate.cpuid import model_cpuid, with_timing_leaf
 from vmmarch_cli.backends.emulate.hosttsc import TscClock
 from vmmarch_cli.backends.emulate.vcpu import EmulateVcpu
+from vmmarch_cli.snapshot.fileformat import SnapshotError
 from vmmarch_cli.vcpu import CpuidEntry, HostMemory
 
 
@@ -66,6 +70,35 @@ class EmulateVm:
             targets = targets[:1]  # one of them; the first, as with QEMU's round-robin off
         for vcpu in targets:
             vcpu.raise_interrupt(ipi.vector)
+
+    # --- snapshots (vcpu.SnapshotVm) ---------------------------------------------------------
+
+    def snapshot_identity(self) -> str:
+        """The CPU engine this process runs on: a vCPU's saved context is its CPU state's
+        bytes, which only the same build lays out the same way."""
+        choice = library.chosen()
+        if choice is None or choice.engine is None:
+            return f"unicorn {choice.kind if choice else 'unknown'} library (not the engine)"
+        return os.path.basename(choice.engine.directory)
+
+    def snapshot_refusal(self) -> str | None:
+        if native.layout().tsc_offset is None:
+            return ("snapshots need the vmm-arch engine: this unicorn library does not say "
+                    "where the guest's TSC offset is")
+        return None
+
+    def save_state(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self.ioapic.save())).encode()
+
+    def restore_state(self, data: bytes) -> None:
+        try:
+            fields = json.loads(data)
+            state = IoApicState(int(fields["select"]), int(fields["id"]),
+                                tuple(int(v) for v in fields["redirection"]),
+                                tuple(bool(v) for v in fields["levels"]))
+            self.ioapic.restore(state)
+        except (ValueError, KeyError, TypeError) as e:
+            raise SnapshotError(f"the I/O APIC's state does not parse: {e}") from None
 
     def close(self) -> None:
         for vcpu in self._vcpus:
