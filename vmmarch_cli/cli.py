@@ -39,6 +39,9 @@ COMMANDS = {
     "run": ("vmmarch_cli.commands.run", "run_command",
             "Boot KERNEL with a generated initramfs that runs COMMAND, and exit with its "
             "status."),
+    "resume": ("vmmarch_cli.commands.resume", "resume_command",
+               "Go on with the guest a `vmm-arch boot --snapshot` saved, from where it "
+               "stopped."),
     "mkinitramfs": ("vmmarch_cli.commands.mkinitramfs", "mkinitramfs_command",
                     "Write a newc cpio initramfs with a static busybox to OUTPUT."),
     "inspect": ("vmmarch_cli.commands.inspect", "inspect_command",

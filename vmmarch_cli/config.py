@@ -78,3 +78,5 @@ class BootConfig:
     boot_protocol: BootProtocol | None = None  # None: auto (machine.choose_protocol)
     decompress: Decompress = Decompress.AUTO  # a bzImage's payload: by the host or the guest
     profile_hz: float = 0.0  # sample the guest RIP this often (0: off)
+    snapshot: Path | None = None  # save the guest here when --expect stops the run
+    restore: Path | None = None  # start from this snapshot instead of loading ``kernel``

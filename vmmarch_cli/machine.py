@@ -8,6 +8,7 @@ every vCPU. The first stop condition wins; the result records it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import itertools
 import signal
@@ -38,7 +39,7 @@ from vmmarch_cli.devices.exit_port import ExitPort
 from vmmarch_cli.devices.i8042 import I8042
 from vmmarch_cli.devices.rtc import CmosRtc
 from vmmarch_cli.devices.serial import Serial8250
-from vmmarch_cli.loader import KernelImage
+from vmmarch_cli.loader import KernelFormat, KernelImage
 from vmmarch_cli.loader.host_decompress import Decompress, Decompression
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.stop import STATUS_FOR_REASON, StopReason
@@ -63,6 +64,7 @@ from vmmarch_cli.vcpu import (
 
 if TYPE_CHECKING:
     from vmmarch_cli.debugging import AllStop, Debugger
+    from vmmarch_cli.snapshot.fileformat import Snapshot
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ class Prepared:
     setup: list[StepRecord]
     timings: dict[str, float]
     backend: backends.Pick  # which backend, and why (--backend auto: backends.pick)
+    restored: Snapshot | None = None  # the snapshot the VM started from (config.restore)
 
 
 class _Loading:
@@ -222,7 +225,12 @@ def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
     reported on stderr in one line (unless ``quiet``) once everything else has succeeded.
 
     The kernel is read into guest memory while the backend opens; a backend that cannot open
-    is still the error reported, whatever the kernel."""
+    is still the error reported, whatever the kernel. With ``config.restore`` the VM starts from
+    that snapshot instead (``_restored``)."""
+    if config.restore is not None:
+        with _restored(config, quiet) as prepared:
+            yield prepared
+        return
     t0 = time.monotonic()
     chosen = backends.resolve(config.backend)
     decompression = choose_decompression(
@@ -285,6 +293,68 @@ def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
         memory.close()
 
 
+#: What a snapshot's description says of the machine (``snapshot_machine``), read back by
+#: ``_restored`` and ``vmm-arch resume``.
+KERNEL_FIELDS = ("path", "format", "entry", "load_start", "load_end", "pvh_entry")
+
+
+def snapshot_machine(prepared: Prepared, config: BootConfig) -> dict[str, Any]:
+    kernel = prepared.kernel
+    return {
+        "mem_size": config.mem_size,
+        "cpus": len(prepared.vcpus),
+        "kernel": {name: getattr(kernel, name) for name in KERNEL_FIELDS},
+        "protocol": str(prepared.protocol),
+        "entry": prepared.plan_entry,
+        "cmdline": prepared.cmdline,
+        "cpu_mask": sorted(prepared.cpu_mask),
+    }
+
+
+@contextmanager
+def _restored(config: BootConfig, quiet: bool) -> Iterator[Prepared]:
+    """``prepare`` for ``config.restore``: guest RAM is the snapshot's (mapped copy-on-write),
+    the vCPUs and the VM take its state; nothing is loaded and the pipeline does not run."""
+    from vmmarch_cli.snapshot import guest
+    from vmmarch_cli.snapshot.fileformat import SnapshotError
+
+    assert config.restore is not None
+    t0 = time.monotonic()
+    snapshot = guest.open_snapshot(config.restore)
+    try:
+        machine = snapshot.description["machine"]
+        kernel = KernelImage(**{name: machine["kernel"][name] for name in KERNEL_FIELDS})
+        kernel = dataclasses.replace(kernel, format=KernelFormat(kernel.format))
+        protocol = BootProtocol(machine["protocol"])
+        entry, cmdline = int(machine["entry"]), str(machine["cmdline"])
+        mask = frozenset(str(f) for f in machine["cpu_mask"])
+        backend = str(snapshot.description["backend"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"{snapshot.path}: its description lacks {e}") from None
+    chosen = backends.resolve(config.backend)
+    if chosen.name != backend:
+        raise SnapshotError(f"{snapshot.path}: taken on the {backend} backend, not "
+                            f"{chosen.name} (resume it with --backend {backend})")
+    memory = MmapGuestMemory(e820.ram_layout(config.mem_size))
+    try:
+        guest.map_memory(snapshot, memory)
+        hv = backends.open_backend(chosen.name, quiet)
+        try:
+            vm = hv.create_vm(memory)
+            try:
+                vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
+                guest.restore_vm(snapshot, chosen.name, vm, vcpus)
+                timings = {"open": time.monotonic() - t0, "load": 0.0, "setup": 0.0}
+                yield Prepared(hv, vm, vcpus, kernel, protocol, entry, cmdline, mask, [],
+                               timings, chosen, restored=snapshot)
+            finally:
+                vm.close()
+        finally:
+            hv.close()
+    finally:
+        memory.close()
+
+
 class _Run:
     """The state shared by the vCPU threads and the waiting main thread of one boot."""
 
@@ -336,12 +406,20 @@ def run(
     start = time.monotonic()
     signals = _SignalsNoted()
     with signals, prepare(config, quiet) as prepared:
+        if config.snapshot is not None:
+            from vmmarch_cli.snapshot import guest
+
+            guest.require_snapshots(prepared.backend.name, prepared.vm, prepared.vcpus)
         if on_ready is not None:
             on_ready(prepared)
         state = _Run(prepared)
         console = Console(console_sink, lambda kind, text: state.stop(kind, text),
                           config.expect, console_log)
         bus = _devices(prepared.vm, console, state, serial_sinks)
+        if prepared.restored is not None:
+            from vmmarch_cli.snapshot import guest
+
+            guest.restore_devices(prepared.restored, bus)
         posted = posted_io.PostedIo(bus, prepared.vcpus)
         if posted.active or len(prepared.vcpus) > 1:
             state.device_lock = threading.Lock()
@@ -421,6 +499,12 @@ def run(
             posted.deliver()  # what the guest wrote last, before the instances close
             state.exits["posted_io"] = posted.reads() + posted.queued_writes
         console.flush()
+        if config.snapshot is not None and state.reason is StopReason.EXPECT:
+            from vmmarch_cli.snapshot import guest
+
+            assert isinstance(prepared.vm.memory, MmapGuestMemory)
+            guest.save(config.snapshot, prepared.backend.name, prepared.vm, prepared.vcpus,
+                       prepared.vm.memory, bus, snapshot_machine(prepared, config))
         end = time.monotonic()
         timings = dict(prepared.timings)
         timings["run"] = end - running_at

@@ -43,11 +43,12 @@ from vmmarch_cli.vcpu import ATTR_L
               help="Sample the guest RIP HZ times a second and print the hottest places.")
 @click.option("--symbols", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Kernel symbols (/proc/kallsyms or System.map format) for --profile.")
+@options.snapshot_option
 @options.gdb_option
 @click.pass_context
 def boot_command(ctx: click.Context, /, as_json: bool, quiet: bool, verbose: bool,
                  console_log: Path | None, profile_hz: float, symbols: Path | None,
-                 gdb_address: str | None, **kwargs: Any) -> None:
+                 gdb_address: str | None, snapshot: Path | None, **kwargs: Any) -> None:
     """Boot KERNEL and stream the guest console to stdout.
 
     KERNEL is an ELF vmlinux (x86_64) or a bzImage (--decompress says who decompresses its
@@ -59,9 +60,22 @@ def boot_command(ctx: click.Context, /, as_json: bool, quiet: bool, verbose: boo
     A phase timing summary goes to stderr. On this kind of host (a KVM that emulates ring 0)
     the default CPU mask and `mitigations=off` are applied; `vmm-arch backends` says which.
     """
-    config = replace(options.boot_config(kwargs), profile_hz=profile_hz)
+    config = replace(options.boot_config(kwargs), profile_hz=profile_hz, snapshot=snapshot)
+    check_snapshot_use(config, gdb_address)
     syms = Symbols.load(symbols) if symbols is not None else None
     execute(ctx, config, as_json, quiet, verbose, console_log, syms, gdb_address)
+
+
+def check_snapshot_use(config: BootConfig, gdb_address: str | None) -> None:
+    """--snapshot saves the guest when --expect stops it; a debugger's breakpoints would not
+    survive it (status 64 for either)."""
+    if config.snapshot is None:
+        return
+    if not config.expect:
+        raise click.UsageError("--snapshot needs --expect: the guest is saved when every "
+                               "--expect has matched")
+    if gdb_address is not None:
+        raise click.UsageError("--snapshot cannot be used with --gdb")
 
 
 def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, verbose: bool,
@@ -75,7 +89,10 @@ def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, 
         sink = sys.stderr.buffer if as_json else sys.stdout.buffer
     log = console_log.open("wb") if console_log is not None else None
     def announce(p: machine.Prepared) -> None:
-        if not quiet:
+        if not quiet and p.restored is not None:
+            click.echo(f"vmm-arch: resuming {p.restored.path} ({p.kernel.format} "
+                       f"{p.kernel.path}) on {p.backend.name}, cmdline: {p.cmdline}", err=True)
+        elif not quiet:
             d = p.kernel.decompression
             how = f", {d.describe()}" if d is not None else ""
             why = f" ({p.backend.reason})" if config.backend == backends.AUTO else ""
@@ -100,11 +117,15 @@ def execute(ctx: click.Context, config: BootConfig, as_json: bool, quiet: bool, 
         doc = result_json(result)
         if console_log is not None:
             doc["console_log"] = str(console_log)
+        if config.snapshot is not None and result.reason is StopReason.EXPECT:
+            doc["snapshot"] = str(config.snapshot)
         if config.profile_hz:
             doc["profile"] = [{"where": w, "samples": n} for w, n in hot]
         click.echo(json.dumps(doc, indent=2))
     else:
         report(result, quiet=quiet, verbose=verbose)
+        if config.snapshot is not None and result.reason is StopReason.EXPECT and not quiet:
+            _say(f"vmm-arch: saved the guest to {config.snapshot}")
         if config.profile_hz:
             total = sum(result.rip_samples.values())
             click.echo(f"profile: {total} samples at {config.profile_hz:g} Hz", err=True)

@@ -97,6 +97,24 @@ def boot_config(kwargs: dict[str, Any]) -> BootConfig:
     )
 
 
+def _snapshot_path(ctx: click.Context, param: click.Parameter, value: Path | None
+                   ) -> Path | None:
+    """A snapshot is written at the end of the run: refuse a path that cannot be one now."""
+    if value is not None and not value.parent.is_dir():
+        raise click.BadParameter(f"{value.parent} is not a directory", ctx, param)
+    if value is not None and value.is_dir():
+        raise click.BadParameter(f"{value} is a directory", ctx, param)
+    return value
+
+
+snapshot_option = click.option(
+    "--snapshot", type=click.Path(dir_okay=False, path_type=Path), callback=_snapshot_path,
+    metavar="FILE",
+    help="When every --expect has matched, save the stopped guest to FILE (written whole or "
+         "not at all); `vmm-arch resume FILE` goes on from there. Needs --expect; the emulate "
+         "backend (docs/snapshots.md).")
+
+
 def regexes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
             ) -> tuple[str, ...]:
     """Refuse a pattern Python's ``re`` cannot compile while the options are read (status 64),

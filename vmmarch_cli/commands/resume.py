@@ -1,0 +1,69 @@
+"""``vmm-arch resume``: go on with a guest saved by ``boot --snapshot``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vmmarch_cli import backends
+from vmmarch_cli.commands import options
+from vmmarch_cli.commands.boot import check_snapshot_use, execute
+from vmmarch_cli.config import BootConfig, parse_mem_size
+from vmmarch_cli.snapshot import fileformat
+from vmmarch_cli.snapshot.fileformat import SnapshotError
+
+
+@click.command("resume")
+@click.argument("snapshot_file", metavar="SNAPSHOT", type=click.Path(path_type=Path))
+@options.backend_option
+@click.option("--mem", default=None, metavar="SIZE",
+              help="Guest RAM; a snapshot has its own, and a different size is refused (65).")
+@click.option("--cpus", type=click.IntRange(min=1), default=None,
+              help="vCPUs; a snapshot has its own, and a different count is refused (65).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop the guest after SECONDS and exit 124, saying what was last seen.")
+@click.option("--expect", "expect", multiple=True, metavar="REGEX", callback=options.regexes,
+              help="Stop with status 0 once the console has matched every REGEX, in order. "
+                   "Repeatable.")
+@options.snapshot_option
+@click.option("--console-log", type=click.Path(dir_okay=False, writable=True, path_type=Path),
+              help="Also write the guest console from here on to this file.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but the result.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON result on stdout; the console goes to stderr (or nowhere "
+                   "with --quiet).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also show unhandled ports, exit counts and injected events.")
+@click.pass_context
+def resume_command(ctx: click.Context, /, snapshot_file: Path, backend: str, mem: str | None,
+                   cpus: int | None, snapshot: Path | None, as_json: bool, quiet: bool,
+                   verbose: bool, console_log: Path | None, **kwargs: Any) -> None:
+    """Go on with the guest a `vmm-arch boot --snapshot` saved, from where it stopped.
+
+    The snapshot holds guest RAM (mapped copy-on-write: nothing is read until the guest touches
+    it), every vCPU and every device; the guest's clocks go on from where they were, as if no
+    time had passed. It ends as `boot` does (exit port, --expect, --timeout, ...), and
+    --snapshot saves it again. A snapshot that is truncated, corrupted, from another format
+    version, another backend or another CPU engine build is refused in one line (65).
+    """
+    made = fileformat.describe(snapshot_file)
+    try:
+        machine = made.description["machine"]
+        saved_mem, saved_cpus = int(machine["mem_size"]), int(machine["cpus"])
+        kernel, taken_on = Path(machine["kernel"]["path"]), str(made.description["backend"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"{snapshot_file}: its description lacks {e}") from None
+    if mem is not None and parse_mem_size(mem) != saved_mem:
+        raise SnapshotError(f"{snapshot_file}: the guest has {saved_mem >> 20} MiB of RAM, not "
+                            f"--mem {mem}")
+    if cpus is not None and cpus != saved_cpus:
+        raise SnapshotError(f"{snapshot_file}: the guest has {saved_cpus} vCPUs, not "
+                            f"--cpus {cpus}")
+    config = BootConfig(kernel=kernel, backend=taken_on if backend == backends.AUTO else backend,
+                        mem_size=saved_mem, cpus=saved_cpus, timeout=kwargs.pop("timeout"),
+                        expect=tuple(kwargs.pop("expect")), snapshot=snapshot,
+                        restore=snapshot_file)
+    check_snapshot_use(config, None)
+    execute(ctx, config, as_json, quiet, verbose, console_log)

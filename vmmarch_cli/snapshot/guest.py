@@ -1,0 +1,150 @@
+"""A stopped guest into a snapshot file, and a snapshot into a new VM before it first runs.
+
+What a snapshot keeps (sections of the file, fileformat.py):
+
+* ``vm``: the VM's own state (the emulate backend's I/O APIC), from ``SnapshotVm``;
+* ``cpu<N>``: each vCPU's state, from ``SnapshotVcpu``;
+* ``device <port>``: each device on the port bus with state (UART, i8042, RTC), as JSON;
+* guest RAM, as the memory image.
+
+Its description names the backend and the engine build that made it, the machine (RAM size,
+vCPUs) and the kernel that booted, for the checks a restore makes and for ``vmm-arch resume``
+to report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+from vmmarch_cli import files
+from vmmarch_cli.devices.bus import IoBus
+from vmmarch_cli.devices.i8042 import I8042, I8042State
+from vmmarch_cli.devices.rtc import CmosRtc, RtcState
+from vmmarch_cli.devices.serial import Serial8250, SerialState
+from vmmarch_cli.errors import BackendUnavailableError
+from vmmarch_cli.memory import MmapGuestMemory
+from vmmarch_cli.snapshot import fileformat, image
+from vmmarch_cli.snapshot.fileformat import Snapshot, SnapshotError
+from vmmarch_cli.vcpu import SnapshotVcpu, SnapshotVm, Vcpu, Vm
+
+#: Device kinds by class, and the state record each keeps.
+DEVICES: dict[type, tuple[str, type]] = {
+    Serial8250: ("uart", SerialState),
+    I8042: ("i8042", I8042State),
+    CmosRtc: ("rtc", RtcState),
+}
+VM_SECTION = "vm"
+
+
+class StatefulDevice(Protocol):
+    """A device with a state record (``DEVICES``): ``save`` gives it, ``restore`` takes it."""
+
+    def save(self) -> Any: ...
+    def restore(self, state: Any) -> None: ...
+
+
+def cpu_section(index: int) -> str:
+    return f"cpu{index}"
+
+
+def device_section(port: int) -> str:
+    return f"device {port:#x}"
+
+
+def require_snapshots(backend: str, vm: Vm, vcpus: Sequence[Vcpu]) -> None:
+    """Refuse, before the guest runs, a backend that could not save it at the end."""
+    if not isinstance(vm, SnapshotVm) or not all(isinstance(v, SnapshotVcpu) for v in vcpus):
+        raise BackendUnavailableError(f"the {backend} backend cannot take snapshots yet")
+    refusal = vm.snapshot_refusal()
+    if refusal is not None:
+        raise BackendUnavailableError(refusal)
+
+
+def save(path: Path, backend: str, vm: Vm, vcpus: Sequence[Vcpu], memory: MmapGuestMemory,
+         bus: IoBus, machine: Mapping[str, Any]) -> None:
+    """Write what ``vm`` (stopped: no vCPU runs) holds to ``path``. Raises
+    BackendUnavailableError when the backend cannot, BadInputError when ``path`` cannot be
+    written."""
+    require_snapshots(backend, vm, vcpus)
+    assert isinstance(vm, SnapshotVm)
+    sections: dict[str, bytes] = {VM_SECTION: vm.save_state()}
+    for v in vcpus:
+        assert isinstance(v, SnapshotVcpu)
+        sections[cpu_section(v.index)] = v.save_state()
+    for port, device in bus.devices():
+        kind = DEVICES.get(type(device))
+        if kind is not None:
+            state = dataclasses.asdict(cast(StatefulDevice, device).save())
+            sections[device_section(port)] = json.dumps({"kind": kind[0], **state}).encode()
+    description = {"backend": backend, "engine": vm.snapshot_identity(), "machine": machine}
+    source = image.MemorySource([(host, length) for _, length, host in memory.host_regions()])
+    try:
+        fileformat.write(path, description, sections, source)
+    except OSError as e:
+        raise files.output_error(path, e) from None
+
+
+def open_snapshot(path: Path) -> Snapshot:
+    """Read and check ``path`` (SnapshotError: one line, exit 65)."""
+    return fileformat.read(path)
+
+
+def map_memory(snapshot: Snapshot, memory: MmapGuestMemory) -> None:
+    """Put the snapshot's guest RAM under ``memory``, copy-on-write."""
+    if memory.size != snapshot.memory_length:
+        raise SnapshotError(f"{snapshot.path}: holds {snapshot.memory_length >> 20} MiB of "
+                            f"guest RAM; this VM has {memory.size >> 20} MiB")
+    fd = os.open(snapshot.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        memory.map_private(fd, snapshot.memory_offset)
+    finally:
+        os.close(fd)  # the mappings keep the file
+
+
+def restore_vm(snapshot: Snapshot, backend: str, vm: Vm, vcpus: Sequence[Vcpu]) -> None:
+    """Give a new VM and its vCPUs (none has run) the snapshot's state."""
+    if not isinstance(vm, SnapshotVm) or not all(isinstance(v, SnapshotVcpu) for v in vcpus):
+        raise BackendUnavailableError(f"the {backend} backend cannot restore snapshots yet")
+    refusal = vm.snapshot_refusal()
+    if refusal is not None:
+        raise BackendUnavailableError(refusal)
+    made_by = snapshot.description.get("engine")
+    if made_by != vm.snapshot_identity():
+        raise SnapshotError(f"{snapshot.path}: taken on CPU engine {made_by}; this one is "
+                            f"{vm.snapshot_identity()} (take the snapshot again)")
+    vm.restore_state(_section(snapshot, VM_SECTION))
+    for v in vcpus:
+        assert isinstance(v, SnapshotVcpu)
+        v.restore_state(_section(snapshot, cpu_section(v.index)))
+
+
+def restore_devices(snapshot: Snapshot, bus: IoBus) -> None:
+    """Give the devices on ``bus`` (new, the guest not started) the snapshot's state."""
+    for port, device in bus.devices():
+        kind = DEVICES.get(type(device))
+        if kind is None:
+            continue
+        name, record = kind
+        try:
+            fields = json.loads(_section(snapshot, device_section(port)))
+            if fields.pop("kind") != name:
+                raise ValueError(f"not a {name}")
+            state = record(**{k: tuple(v) if isinstance(v, list) else v
+                              for k, v in fields.items()})
+            cast(StatefulDevice, device).restore(state)
+        except (ValueError, KeyError, TypeError) as e:
+            raise SnapshotError(f"{snapshot.path}: the device at port {port:#x} does not "
+                                f"restore: {e}") from None
+
+
+def _section(snapshot: Snapshot, name: str) -> bytes:
+    data = snapshot.sections.get(name)
+    if data is None:
+        raise SnapshotError(f"{snapshot.path}: has no {name} state (another machine's "
+                            "snapshot?)")
+    return data
