@@ -33,10 +33,10 @@ class Interrupts(VcpuCore):
 
     def accepts_ipi(self, ipi: smp.Ipi, source: EmulateVcpu | None) -> bool:
         """``ipi`` from ``source`` (None: the I/O APIC) names this vCPU."""
-        model = self._apic
-        apic_id = model.apic_id if model is not None else self.index
-        ldr = model.logical_id if model is not None else 0
-        return ipi.reaches(source is self, apic_id, ldr)
+        # Before the vCPU first runs, its APIC is its page: the reset one (ID = index), or a
+        # restored snapshot's, whose logical ID the I/O APIC's entries may name.
+        model = self._apic or apic.LocalApic(self._lapic, cpuid.CRYSTAL_HZ)
+        return ipi.reaches(source is self, model.apic_id, model.logical_id)
 
     def receive_ipi(self, ipi: smp.Ipi, source: EmulateVcpu) -> None:
         """An IPI that reached this vCPU (from another vCPU's thread)."""
@@ -75,9 +75,15 @@ class Interrupts(VcpuCore):
         self._wake.set()
 
     def raise_interrupt(self, vector: int) -> None:
-        """A fixed interrupt for this vCPU's local APIC (from the I/O APIC)."""
+        """A fixed interrupt for this vCPU's local APIC (from the I/O APIC). Before the vCPU
+        first runs, its APIC is its page, whose IRR keeps the interrupt until then (a device
+        raises its line between a snapshot's restore and the first instruction: runjob.py)."""
         if self._apic is not None:
             self._apic.raise_vector(vector)
+        else:
+            model = apic.LocalApic(self._lapic, cpuid.CRYSTAL_HZ)
+            model.raise_vector(vector)
+            self._lapic = model.page()
 
     def _new_apic(self, page: Lapic) -> apic.LocalApic:
         model = apic.LocalApic(page, cpuid.CRYSTAL_HZ)

@@ -5,9 +5,10 @@ halted and wait-for-SIPI state, the CPUID table, and the guest's TSC.
 The engine's context is unicorn's ``uc_context`` data: CPUX86State up to ``end_reset_fields``
 (every register, MSR, FPU and SSE state, hflags; unicorn.c ``cpu_context_size``), valid only for
 the same engine build, which the snapshot's description names. A restore sets it after the
-instance is made, then moves the TSC offset so that the guest's TSC goes on from where it was:
-to the guest, the time between snapshot and restore did not pass. Its local APIC timer is kept
-as the time it had left, for the same reason.
+instance is made, then moves the TSC offset back by the host TSC that passed since the snapshot
+(the VM's ``tsc_shift``, one for all its vCPUs, so that their TSCs stay as far apart as they
+were): to the guest, the time between snapshot and restore did not pass. Its local APIC timer
+is kept as the time it had left, for the same reason.
 
 Layout of the section: ``VcpuRecord``, the context, the LAPIC page, then ``CpuidRecord``s.
 """
@@ -47,7 +48,7 @@ class VcpuRecord(Record):
         ("sipi_vector", ctypes.c_uint32),
         ("context_length", ctypes.c_uint32),
         ("cpuid_count", ctypes.c_uint32),
-        ("guest_tsc", ctypes.c_uint64),
+        ("tsc_offset", ctypes.c_uint64),  # env->tsc_offset, two's complement
         ("timer_left_ns", ctypes.c_uint64),
     )
 
@@ -62,19 +63,21 @@ class Restoring:
     """What the restore applies once the engine instance exists (``_start``)."""
 
     context: bytes
-    guest_tsc: int
+    tsc_offset: int
     timer_left_ns: int | None
 
 
 class Snapshots(StateAccess, Interrupts):
     _restoring: Restoring | None = None
+    #: Host TSC ticks from the snapshot to its restore (set by the VM's restore_state).
+    tsc_shift = 0
 
     def save_state(self) -> bytes:
         """This vCPU's state, taken while it does not run (between ``run`` calls)."""
         engine = self._engine
         flags = 0
         context = b""
-        guest_tsc = 0
+        tsc = 0
         left: int | None = None
         if engine is not None:
             flags |= FLAG_STARTED
@@ -86,7 +89,7 @@ class Snapshots(StateAccess, Interrupts):
                 raise BackendError("the guest has hardware breakpoints set (DR7): a snapshot "
                                    "cannot keep them yet")
             context = _context_data(engine)
-            guest_tsc = (_host_tsc() + offset.value) & U64
+            tsc = offset.value & U64
             left = self._apic.timer_left() if self._apic is not None else None
         if self._halted:
             flags |= FLAG_HALTED
@@ -98,7 +101,7 @@ class Snapshots(StateAccess, Interrupts):
             flags |= FLAG_TIMER
         record = VcpuRecord(flags=flags, sipi_vector=self._sipi_vector or 0,
                             context_length=len(context), cpuid_count=len(self._cpuid),
-                            guest_tsc=guest_tsc, timer_left_ns=left or 0)
+                            tsc_offset=tsc, timer_left_ns=left or 0)
         cpuid = b"".join(CpuidRecord(e.function, e.index, e.eax, e.ebx, e.ecx, e.edx,
                                      int(e.indexed)).pack() for e in self._cpuid)
         page: bytes = self.get_lapic().page
@@ -132,7 +135,7 @@ class Snapshots(StateAccess, Interrupts):
         self._sipi_vector = record.sipi_vector if record.flags & FLAG_SIPI else None
         if record.flags & FLAG_STARTED:
             left = record.timer_left_ns if record.flags & FLAG_TIMER else None
-            self._restoring = Restoring(context, record.guest_tsc, left)
+            self._restoring = Restoring(context, record.tsc_offset, left)
 
     def _apply_restore(self, engine: Engine) -> None:
         """The engine side of ``restore_state``, once the instance exists and before the
@@ -151,7 +154,8 @@ class Snapshots(StateAccess, Interrupts):
         offset = native.tsc_offset(engine.uc)
         if offset is None:
             raise BackendError("snapshots need the vmm-arch engine (this is the unicorn wheel)")
-        offset.value = (restoring.guest_tsc - _host_tsc()) & U64
+        shifted = (restoring.tsc_offset - self.tsc_shift) & U64
+        offset.value = shifted - (1 << 64) if shifted >> 63 else shifted
         if self._apic is not None:
             self._apic.resume_timer(restoring.timer_left_ns)
             self._apic.on_change()  # interrupts pending in its IRR raise the INTR line again
@@ -162,7 +166,8 @@ def _tsc_reader() -> HostTsc:
     return HostTsc()  # kept: its page holds the code the reader calls
 
 
-def _host_tsc() -> int:
+def host_tsc() -> int:
+    """The host's TSC now (what the guest's RDTSC adds its offset to)."""
     return _tsc_reader().read()
 
 

@@ -15,6 +15,7 @@ from vmmarch_cli.backends.emulate.apic import IoApic, IoApicState
 from vmmarch_cli.backends.emulate.cpuid import model_cpuid, with_timing_leaf
 from vmmarch_cli.backends.emulate.hosttsc import TscClock
 from vmmarch_cli.backends.emulate.vcpu import EmulateVcpu
+from vmmarch_cli.backends.emulate.vcpu_snapshot import host_tsc
 from vmmarch_cli.snapshot.fileformat import SnapshotError
 from vmmarch_cli.vcpu import CpuidEntry, HostMemory
 
@@ -88,17 +89,29 @@ class EmulateVm:
         return None
 
     def save_state(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self.ioapic.save())).encode()
+        """The I/O APIC, and the host's TSC now: every vCPU's TSC offset is moved back by what
+        passed from here to the restore (vcpu_snapshot.py)."""
+        state = {"ioapic": dataclasses.asdict(self.ioapic.save()), "host_tsc": host_tsc()}
+        return json.dumps(state).encode()
 
     def restore_state(self, data: bytes) -> None:
+        """Before the vCPUs take their state (snapshot/guest.py, restore_vm)."""
         try:
             fields = json.loads(data)
-            state = IoApicState(int(fields["select"]), int(fields["id"]),
-                                tuple(int(v) for v in fields["redirection"]),
-                                tuple(bool(v) for v in fields["levels"]))
-            self.ioapic.restore(state)
+            io = fields["ioapic"]
+            state = IoApicState(int(io["select"]), int(io["id"]),
+                                tuple(int(v) for v in io["redirection"]),
+                                tuple(bool(v) for v in io["levels"]))
+            saved_tsc = int(fields["host_tsc"])
         except (ValueError, KeyError, TypeError) as e:
-            raise SnapshotError(f"the I/O APIC's state does not parse: {e}") from None
+            raise SnapshotError(f"the VM's state does not parse: {e}") from None
+        try:
+            self.ioapic.restore(state)
+        except ValueError as e:
+            raise SnapshotError(f"the I/O APIC's state does not fit: {e}") from None
+        shift = host_tsc() - saved_tsc  # negative after a host reboot: the offset grows
+        for vcpu in self._vcpus:
+            vcpu.tsc_shift = shift
 
     def close(self) -> None:
         for vcpu in self._vcpus:
