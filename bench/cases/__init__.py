@@ -40,9 +40,11 @@ def registry() -> dict[str, ModuleType]:
         milestones,
         rss,
         smp,
+        snapshot,
         startup,
         userspace,
     )
 
-    mods = (startup, first_run, exit_cost, abstraction, rss, milestones, smp, userspace, gdb)
+    mods = (startup, first_run, exit_cost, abstraction, rss, milestones, smp, userspace, gdb,
+            snapshot)
     return {m.NAME: m for m in mods}

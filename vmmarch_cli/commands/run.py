@@ -7,7 +7,9 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -16,6 +18,7 @@ import click
 from vmmarch_cli import files, machine
 from vmmarch_cli.commands import options
 from vmmarch_cli.commands.boot import report, result_json
+from vmmarch_cli.config import BootConfig
 from vmmarch_cli.errors import BadInputError
 from vmmarch_cli.stop import StopReason
 
@@ -68,11 +71,15 @@ def _stream(out: BinaryIO) -> Callable[[bytes], None]:
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON document; the command's output is in it, not streamed.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the kernel log on stderr.")
+@click.option("--no-snapshot", is_flag=True,
+              help="Boot a fresh guest with the command in its initramfs, instead of restoring "
+                   "the cached snapshot of one booted to its init (the emulate backend's "
+                   "default; docs/snapshots.md).")
 @options.gdb_option
 @click.pass_context
 def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path | None,
                 adds: tuple[str, ...], as_json: bool, verbose: bool, console_log: Path | None,
-                gdb_address: str | None, **kwargs: Any) -> None:
+                no_snapshot: bool, gdb_address: str | None, **kwargs: Any) -> None:
     """Boot KERNEL with a generated initramfs that runs COMMAND, and exit with its status.
 
     \b
@@ -82,49 +89,56 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
     stdout and stderr reach this process's stdout and stderr (through the guest's COM2 and
     COM3); the kernel log (COM1) is shown only with -v or written to --console-log. A kernel
     panic exits 255, a timeout 124, a guest fault 70.
+
+    On the emulate backend the first run for a kernel and settings boots it to where its init
+    waits, and saves that guest in the cache; every later run restores it and hands it the
+    command, the --add files and the host's time (--no-snapshot boots afresh).
     """
     from vmmarch_cli import initramfs
-    from vmmarch_cli.assets import AssetError, fetch_busybox
+    from vmmarch_cli.assets import fetch_busybox
 
     if kwargs.get("initrd") is not None:
         raise BadInputError("run builds its own initramfs; use --add to put files in it")
     from vmmarch_cli.progress import status
 
     extra = [parse_add(spec) for spec in adds]
+    job = initramfs.job_archive(command, extra, time.time())  # checks the command too
     # Piped, run's stderr is the command's alone: no status lines there.
     with status("building the initramfs", quiet=as_json or not sys.stderr.isatty()) as progress:
         box = busybox if busybox is not None else _static_busybox() or fetch_busybox(progress)
-        # Uncompressed, as for `stock`: no inflate in guest ring 0 (minutes on a PVM host).
-        image = initramfs.busybox_initramfs(box, initramfs.command_init_script(command), extra,
-                                            compress=False)
-    with tempfile.NamedTemporaryFile(prefix="vmm-arch-run-", suffix=".cpio") as rd:
-        try:
-            rd.write(image)
-            rd.flush()
-        except OSError as exc:
-            raise AssetError(f"cannot write the initramfs in {tempfile.gettempdir()}: "
-                             f"{exc.strerror}; {files.advice(exc)} (set TMPDIR)") from None
-        kwargs["initrd"] = Path(rd.name)
-        config = options.boot_config(kwargs)
-        debugger = options.open_debugger(gdb_address)
-        out, err = _Capture(), _Capture()
-        sinks = ((out.write, err.write) if as_json
-                 else (_stream(sys.stdout.buffer), _stream(sys.stderr.buffer)))
-        console = sys.stderr.buffer if verbose and not as_json else None
-        log = console_log.open("wb") if console_log is not None else None
-        try:
-            result = machine.run(config, console, log, serial_sinks=sinks,
-                                 on_ready=options.attach_debugger(debugger),
-                                 debugger=debugger)
-            if debugger is not None:
-                debugger.finish(result.status)
-        finally:
-            if log is not None:
-                # A write error was already reported (Console.warnings); closing retries it.
-                with contextlib.suppress(OSError):
-                    log.close()
+    out, err = _Capture(), _Capture()
+    sinks = ((out.write, err.write) if as_json
+             else (_stream(sys.stdout.buffer), _stream(sys.stderr.buffer)))
+    console = sys.stderr.buffer if verbose and not as_json else None
+    log = console_log.open("wb") if console_log is not None else None
+    snapshot: dict[str, Any] | None = None
+    try:
+        runs = _Runs(console, log, sinks)
+        if not no_snapshot and gdb_address is None:
+            snapshot = runs.from_snapshot(kwargs, box, job)
+        if snapshot is None:
+            # Uncompressed, as for `stock`: no inflate in guest ring 0 (minutes on a PVM host).
+            image = initramfs.busybox_initramfs(box, initramfs.command_init_script(command),
+                                                extra, compress=False)
+            with _initrd(image) as rd:
+                config = options.boot_config({**kwargs, "initrd": rd})
+                debugger = options.open_debugger(gdb_address)
+                runs.result = machine.run(config, console, log, serial_sinks=sinks,
+                                          on_ready=options.attach_debugger(debugger),
+                                          debugger=debugger)
+                if debugger is not None:
+                    debugger.finish(runs.result.status)
+    finally:
+        if log is not None:
+            # A write error was already reported (Console.warnings); closing retries it.
+            with contextlib.suppress(OSError):
+                log.close()
+    result = runs.result
+    assert result is not None
     if as_json:
         doc = result_json(result)
+        if snapshot is not None:
+            doc["snapshot"] = snapshot
         doc["command"] = list(command)
         doc["stdout"] = out.data.decode(errors="replace")
         doc["stderr"] = err.data.decode(errors="replace")
@@ -135,6 +149,77 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
     elif result.reason is not StopReason.EXIT_PORT or verbose or result.warnings:
         report(result, quiet=not verbose, verbose=verbose)
     ctx.exit(result.status)
+
+
+@contextlib.contextmanager
+def _initrd(image: bytes) -> Iterator[Path]:
+    """``image`` in a temporary file, for as long as a boot reads it."""
+    from vmmarch_cli.assets import AssetError
+
+    with tempfile.NamedTemporaryFile(prefix="vmm-arch-run-", suffix=".cpio") as rd:
+        try:
+            rd.write(image)
+            rd.flush()
+        except OSError as exc:
+            raise AssetError(f"cannot write the initramfs in {tempfile.gettempdir()}: "
+                             f"{exc.strerror}; {files.advice(exc)} (set TMPDIR)") from None
+        yield Path(rd.name)
+
+
+class _Runs:
+    """The boots of one ``run``: with a snapshot, maybe one that saves it, then the one that
+    restores it and runs the job; ``result`` is the last one's."""
+
+    def __init__(self, console: BinaryIO | None, log: BinaryIO | None,
+                 sinks: Sequence[Callable[[bytes], None]]) -> None:
+        self.console, self.log, self.sinks = console, log, sinks
+        self.result: machine.BootResult | None = None
+
+    def from_snapshot(self, kwargs: dict[str, Any], box: Path, job: bytes
+                      ) -> dict[str, Any] | None:
+        """Run ``job`` in the cached snapshot (taken now if there is none or it does not fit
+        this engine); None when this backend cannot, or the job does not fit the window."""
+        from vmmarch_cli import backends, initramfs, runjob
+        from vmmarch_cli.errors import BackendUnavailableError
+        from vmmarch_cli.snapshot.fileformat import SnapshotError
+
+        if backends.resolve(kwargs["backend"]).name != "emulate" or not runjob.fits(job):
+            return None
+        base = options.boot_config({**kwargs, "initrd": None})
+        init = initramfs.job_init_script()
+        settings = [repr(v) for v in (base.backend, base.mem_size, base.cpus, base.cmdline,
+                                      base.append, base.cpu_mask, base.boot_protocol,
+                                      base.decompress)]
+        path = runjob.snapshot_path(base.kernel, box, init, settings)
+        taken = False
+        for attempt in range(2):
+            if attempt or not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image = initramfs.busybox_initramfs(box, init, compress=False)
+                with _initrd(image) as rd:
+                    boot = replace(base, initrd=rd, expect=(initramfs.JOB_READY,),
+                                   snapshot=path)
+                    try:
+                        self.result = machine.run(boot, self.console, self.log, quiet=True)
+                    except BackendUnavailableError:
+                        return None  # the wheel: no snapshots here, boot afresh
+                if self.result.reason is not StopReason.EXPECT:
+                    return {"path": str(path), "taken": False}  # the boot itself failed
+                taken = True
+            restore = BootConfig(kernel=base.kernel, backend=base.backend,
+                                 mem_size=base.mem_size, cpus=base.cpus, timeout=base.timeout,
+                                 restore=path)
+            try:
+                self.result = machine.run(restore, self.console, self.log,
+                                          serial_sinks=self.sinks, quiet=True,
+                                          before_start=runjob.hand_over(job))
+            except SnapshotError:
+                if attempt:
+                    raise
+                path.unlink(missing_ok=True)  # another engine's, or damaged: take it again
+                continue
+            return {"path": str(path), "taken": taken}
+        return None  # not reached: the second attempt returns or raises
 
 
 def _static_busybox() -> Path | None:

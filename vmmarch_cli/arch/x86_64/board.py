@@ -45,6 +45,10 @@ I8042_PORT_COUNT = 5
 RTC_BASE = 0x70
 RTC_PORT_COUNT = 2
 
+#: ``vmm-arch run`` from a snapshot (runjob.py): the UART through which a restored guest
+#: receives its job.
+RUN_JOB_PORT = SERIAL_PORTS[3]
+
 #: The I/O APIC's inputs: 24, as KVM's in-kernel IOAPIC and the 82093AA have.
 IOAPIC_PINS = 24
 
