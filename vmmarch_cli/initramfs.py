@@ -66,6 +66,9 @@ GZIP_LEVEL = 6
 
 # Where the helper that writes the exit port without /dev/port lives in the guest.
 OUTB_HELPER = "/bin/vmm-outb"
+# ioctl(2) request "send a break, or with a nonzero argument wait until output is sent"
+# (include/uapi/asm-generic/ioctls.h): what tcdrain(3) uses.
+TCSBRK = 0x5409
 
 
 @dataclass(frozen=True)
@@ -177,20 +180,31 @@ def build_cpio(entries: Iterable[CpioEntry]) -> bytes:
 
 
 def _outb_helper(port: int) -> bytes:
-    """A tiny static x86_64 ELF (197 bytes) that reads one byte from stdin and OUTs it to ``port``.
+    """A tiny static x86_64 ELF (241 bytes) that waits until what its stdout and stderr hold has
+    been sent (when they are ttys), reads one byte from stdin and OUTs it to ``port``.
 
     Debian's cloud kernel is built with ``# CONFIG_DEVPORT is not set`` (in
     config-6.1.0-56-cloud-amd64; the generic flavour has it), so /dev/port fails with ENXIO there
     and the dd route of marker_init_script cannot reach the exit port. ioperm(2) works instead
     (CONFIG_X86_IOPL_IOPERM=y). Exit status: 0 after the OUT (if the VMM did not stop the guest),
-    1 if stdin gave no byte, 2 if ioperm failed.
+    1 if stdin gave no byte, 2 if ioperm failed. The wait is ioctl(TCSBRK, 1), what tcdrain(3)
+    does (include/uapi/asm-generic/ioctls.h; drivers/tty/tty_io.c); on a fd that is not a tty it
+    fails and is ignored. It lets ``vmm-arch run``'s job init end without waiting in stty.
     """
     if not 0 <= port <= 0xFFFF:
         raise BadInputError(f"I/O port {port:#x} is not a 16-bit port")
     imm_port = struct.pack("<I", port)
     # Assembled with GNU as (Intel syntax) and checked with objdump -d. Syscall numbers are from
-    # arch/x86/entry/syscalls/syscall_64.tbl: read 0, ioperm 173, exit 60.
-    code = b"".join(
+    # arch/x86/entry/syscalls/syscall_64.tbl: read 0, ioctl 16, ioperm 173, exit 60.
+    drain = b"".join(
+        b"\xb8\x10\x00\x00\x00"  # mov eax, 16           ; SYS_ioctl(fd, TCSBRK, 1)
+        + b"\xbf" + struct.pack("<I", fd)  # mov edi, fd
+        + b"\xbe" + struct.pack("<I", TCSBRK)  # mov esi, TCSBRK
+        + b"\xba\x01\x00\x00\x00"  # mov edx, 1
+        + b"\x0f\x05"  # syscall
+        for fd in (1, 2)
+    )
+    code = drain + b"".join(
         (
             b"\x6a\x00",  # push 0                 ; a zeroed byte on the stack for read()
             b"\x31\xc0",  # xor eax, eax           ; SYS_read
@@ -380,18 +394,30 @@ def _checked_command(argv: Sequence[str]) -> str:
 #: What the job init prints on the console once it waits for its job: where ``vmm-arch run``
 #: saves the guest.
 JOB_READY = "VMM-RUN-READY"
-#: The job's first line on its UART: the magic and the job archive's length.
-JOB_HEADER = "VMMJOB {length}\n"
-#: The job's script in its archive, run by the job init.
+#: The job's first line on its UART: the magic, the length of the archive that follows (0: none)
+#: and the shell line that runs the job.
+JOB_HEADER = "VMMJOB {length} {line}\n"
+#: The job's script in its archive, when its command does not fit on one line.
 JOB_SCRIPT = "/vmm-job"
+
+
+@dataclass(frozen=True)
+class Job:
+    """What ``job_init_script`` receives: ``line`` to run, after unpacking ``archive``."""
+
+    line: str
+    archive: bytes
+
+    def header(self) -> bytes:
+        return JOB_HEADER.format(length=len(self.archive), line=self.line).encode()
 
 
 def job_init_script() -> str:
     """The ``/init`` of ``vmm-arch run`` from a snapshot: it waits for its job, which comes
     after the restore, runs it as ``command_init_script`` runs a command, and reports its exit
-    status. The job arrives on COM4 (board.RUN_JOB_PORT): JOB_HEADER, then a newc archive,
-    unpacked into /. COM4 is opened before JOB_READY is printed, so no byte can come before the
-    driver listens; raw mode passes every byte as it is."""
+    status. The job arrives on COM4 (board.RUN_JOB_PORT): JOB_HEADER, then the newc archive it
+    announces (if any), unpacked into /. COM4 is opened before JOB_READY is printed, so no byte
+    can come before the driver listens; raw mode passes every byte as it is."""
     port = board.RUN_JOB_PORT.tty
     return f"""{_prologue("job_init_script")}
 # Raw mode: no newline translation or echo, so the host's bytes pass unchanged both ways.
@@ -400,33 +426,43 @@ for tty in {COMMAND_STDOUT_TTY} {COMMAND_STDERR_TTY} {port}; do
 done
 exec 3<{port}
 echo {JOB_READY}
-read -r magic length <&3
+read -r magic length line <&3
 if [ "$magic" != VMMJOB ] || [ -z "$length" ]; then
     echo "vmm-arch: no job on {port}" >{COMMAND_STDERR_TTY}
     vmm_exit 70
 fi
-# cpio stops at the archive's trailer, the last thing sent: no byte count is needed.
 cd /
-cpio -i -d -m -u <&3 2>/dev/null
+if [ "$length" != 0 ]; then
+    # cpio stops at the archive's trailer, the last thing sent: no byte count is needed.
+    cpio -i -d -m -u <&3 2>/dev/null
+fi
 exec 3<&-
 # A subshell, not a new shell: one fork, no exec (each costs the emulated guest ~15 ms).
-( . {JOB_SCRIPT} ) >{COMMAND_STDOUT_TTY} 2>{COMMAND_STDERR_TTY} </dev/null
-vmm_exit $?
+( eval "$line" ) >{COMMAND_STDOUT_TTY} 2>{COMMAND_STDERR_TTY} </dev/null
+status=$?
+# The command's last output may still be on its way out of COM2 and COM3: the helper waits
+# until its stdout and stderr are sent, then writes the status (no stty: two execs fewer).
+esc=$(printf '%03o' $(( status & 255 )))
+printf "\\\\$esc" | {OUTB_HELPER} >{COMMAND_STDOUT_TTY} 2>{COMMAND_STDERR_TTY}
+vmm_exit $status
 /bin/busybox reboot -f
 """
 
 
-def job_archive(argv: Sequence[str], extra: Sequence[tuple[Path, str]], now: float) -> bytes:
-    """The job for ``job_init_script``: JOB_SCRIPT, which sets the guest's clock to ``now`` (UTC
-    seconds) and runs ``argv``, and the ``extra`` files."""
+def job(argv: Sequence[str], extra: Sequence[tuple[Path, str]], now: float) -> Job:
+    """The job for ``job_init_script``: set the guest's clock to ``now`` (UTC seconds), then run
+    ``argv``; with the ``extra`` files in an archive. The command goes on the header line when
+    it fits on one, else into JOB_SCRIPT in the archive."""
     command = _checked_command(argv)
     clock = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now))
-    script = f"""# Generated by vmm-arch (vmmarch_cli/initramfs.py:job_archive).
-/bin/busybox date -u -s '{clock}' >/dev/null 2>&1
-{command}
-"""
-    entries = [CpioEntry(JOB_SCRIPT, stat.S_IFREG | 0o755, script.encode())]
-    return build_cpio(_with_extra(entries, extra))
+    line = f"/bin/busybox date -u -s '{clock}' >/dev/null 2>&1; {command}"
+    entries: list[CpioEntry] = []
+    if "\n" in line or "\r" in line:
+        script = f"# Generated by vmm-arch (vmmarch_cli/initramfs.py:job).\n{line}\n"
+        entries.append(CpioEntry(JOB_SCRIPT, stat.S_IFREG | 0o755, script.encode()))
+        line = f". {JOB_SCRIPT}"
+    entries = _with_extra(entries, extra)
+    return Job(line, build_cpio(entries) if entries else b"")
 
 
 def marker_init_script(marker: str, commands: Sequence[str] = ()) -> str:

@@ -336,6 +336,7 @@ def _restored(config: BootConfig, quiet: bool) -> Iterator[Prepared]:
     if chosen.name != backend:
         raise SnapshotError(f"{snapshot.path}: taken on the {backend} backend, not "
                             f"{chosen.name} (resume it with --backend {backend})")
+    checking = guest.MemoryCheck(snapshot)
     memory = MmapGuestMemory(e820.ram_layout(config.mem_size))
     try:
         guest.map_memory(snapshot, memory)
@@ -345,7 +346,9 @@ def _restored(config: BootConfig, quiet: bool) -> Iterator[Prepared]:
             try:
                 vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
                 guest.restore_vm(snapshot, chosen.name, vm, vcpus)
-                timings = {"open": time.monotonic() - t0, "load": 0.0, "setup": 0.0}
+                t1 = time.monotonic()
+                checking.result()  # before the guest runs on what the file holds
+                timings = {"open": t1 - t0, "load": time.monotonic() - t1, "setup": 0.0}
                 yield Prepared(hv, vm, vcpus, kernel, protocol, entry, cmdline, mask, [],
                                timings, chosen, restored=snapshot)
             finally:

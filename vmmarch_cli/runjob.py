@@ -1,7 +1,7 @@
 """``vmm-arch run`` from a snapshot: one guest booted once to where its init waits for a job,
 saved in the cache; every run restores it and hands it the job.
 
-The job (the command, its files and the host's time: initramfs.job_archive) goes to the guest
+The job (the command, its files and the host's time: initramfs.job) goes to the guest
 through COM4's receiver (board.RUN_JOB_PORT), queued after the restore and before the first
 instruction, where the waiting init reads it (initramfs.job_init_script). Each byte costs the
 guest two port exits (~30 us), so a job larger than MAX_JOB boots afresh instead, its files in
@@ -20,7 +20,7 @@ from vmmarch_cli.arch.x86_64 import board
 from vmmarch_cli.devices.bus import IoBus
 from vmmarch_cli.devices.serial import Serial8250
 from vmmarch_cli.errors import BadInputError
-from vmmarch_cli.initramfs import JOB_HEADER
+from vmmarch_cli.initramfs import Job
 from vmmarch_cli.vcpu import GuestMemory
 
 #: The largest job sent through the UART: ~0.5 s of port exits at most.
@@ -29,8 +29,8 @@ MAX_JOB = 16 << 10
 KEY_VERSION = b"vmm-arch run snapshot 1"
 
 
-def fits(job: bytes) -> bool:
-    return len(job) <= MAX_JOB
+def fits(job: Job) -> bool:
+    return len(job.header()) + len(job.archive) <= MAX_JOB
 
 
 def snapshot_path(kernel: Path, busybox: Path, init: str, settings: Sequence[str]) -> Path:
@@ -50,14 +50,14 @@ def _identity(path: Path) -> list[str]:
     return [str(path.resolve()), str(st.st_size), str(st.st_mtime_ns), str(st.st_ino)]
 
 
-def hand_over(job: bytes) -> Callable[[GuestMemory, IoBus], None]:
+def hand_over(job: Job) -> Callable[[GuestMemory, IoBus], None]:
     """What queues ``job`` on the job UART of a restored guest before it runs (machine.run's
     ``before_start``)."""
 
     def deliver(memory: GuestMemory, bus: IoBus) -> None:
         for port, device in bus.devices():
             if port == board.RUN_JOB_PORT.base and isinstance(device, Serial8250):
-                device.feed(JOB_HEADER.format(length=len(job)).encode() + job)
+                device.feed(job.header() + job.archive)
                 return
         raise BadInputError(f"no UART at {board.RUN_JOB_PORT.name} to hand the job to")
 

@@ -84,7 +84,7 @@ def damaged(path: Path, at: int, data: bytes) -> Path:
     ("foreign", "not a vmm-arch snapshot"),
     ("short header", "truncated snapshot"),
     ("cut", "truncated snapshot"),
-    ("version", "format version 7; this vmm-arch reads version 1"),
+    ("version", "format version 7; this vmm-arch reads version 2"),
     ("header", "its header fails the CRC"),
     ("description", "its state fails the CRC"),
     ("section", "its state fails the CRC"),

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
 
@@ -21,6 +21,9 @@ from vmmarch_cli.commands.boot import report, result_json
 from vmmarch_cli.config import BootConfig
 from vmmarch_cli.errors import BadInputError
 from vmmarch_cli.stop import StopReason
+
+if TYPE_CHECKING:
+    from vmmarch_cli.initramfs import Job
 
 #: With --json the command's output is kept for the document, up to this many bytes each.
 CAPTURE_LIMIT = 1 << 20
@@ -102,7 +105,7 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
     from vmmarch_cli.progress import status
 
     extra = [parse_add(spec) for spec in adds]
-    job = initramfs.job_archive(command, extra, time.time())  # checks the command too
+    job = initramfs.job(command, extra, time.time())  # checks the command too
     # Piped, run's stderr is the command's alone: no status lines there.
     with status("building the initramfs", quiet=as_json or not sys.stderr.isatty()) as progress:
         box = busybox if busybox is not None else _static_busybox() or fetch_busybox(progress)
@@ -175,7 +178,7 @@ class _Runs:
         self.console, self.log, self.sinks = console, log, sinks
         self.result: machine.BootResult | None = None
 
-    def from_snapshot(self, kwargs: dict[str, Any], box: Path, job: bytes
+    def from_snapshot(self, kwargs: dict[str, Any], box: Path, job: Job
                       ) -> dict[str, Any] | None:
         """Run ``job`` in the cached snapshot (taken now if there is none or it does not fit
         this engine); None when this backend cannot, or the job does not fit the window."""

@@ -10,9 +10,10 @@ Layout (all offsets from the start of the file, little-endian):
                   whose zero pages are holes, so that the file takes only what the guest wrote
                   and a restore maps it copy-on-write (image.py)
 
-``state_crc`` covers the description and the sections, ``memory_crc`` the memory image's pages
-that are not holes, in order. A reader refuses, in one line (exit 65): a short or foreign file,
-another format version, a CRC mismatch, and a description that does not parse. Whether the
+``state_crc`` covers the description and the sections, ``memory_crc`` the memory image's runs
+of pages that are not all zeros, in order (image.py). A reader refuses, in one line (exit 65):
+a short or foreign file, another format version, a CRC mismatch, and a description that does
+not parse. Whether the
 snapshot suits this machine (backend, engine, configuration) is for the caller to compare.
 """
 
@@ -34,7 +35,7 @@ from vmmarch_cli.errors import BadInputError
 from vmmarch_cli.snapshot import image
 
 MAGIC = b"VMMARCH\x1a"  # \x1a: a text reader stops at once (as PNG's signature does)
-VERSION = 1
+VERSION = 2  # 2: the memory CRC sums runs of pages, not pages
 
 
 class SnapshotError(BadInputError):
@@ -66,6 +67,7 @@ class Snapshot:
     sections: Mapping[str, bytes]
     memory_offset: int
     memory_length: int
+    memory_crc: int
 
 
 def write(path: Path, description: Mapping[str, Any], sections: Mapping[str, bytes],
@@ -111,8 +113,20 @@ def read(path: Path) -> Snapshot:
 
 
 def describe(path: Path) -> Snapshot:
-    """``read`` without the memory image's CRC: what the snapshot says of itself, checked."""
+    """``read`` without the memory image's CRC (``check_memory``): what the snapshot says of
+    itself, checked."""
     return _read(path, check_memory=False)
+
+
+def check_memory(snapshot: Snapshot) -> None:
+    """The memory image's CRC, which ``describe`` leaves out. Raises SnapshotError."""
+    try:
+        with files.open_regular(snapshot.path) as f:
+            got = image.crc(f.fileno(), snapshot.memory_offset, snapshot.memory_length)
+    except (OSError, files.NotRegularFile) as e:
+        raise SnapshotError(f"cannot read snapshot {snapshot.path}: {e}") from None
+    if got != snapshot.memory_crc:
+        raise SnapshotError(f"{snapshot.path}: corrupted snapshot (its memory fails the CRC)")
 
 
 def _read(path: Path, check_memory: bool) -> Snapshot:
@@ -171,4 +185,5 @@ def _parse(path: Path, header: Header, state: bytes) -> Snapshot:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         # Only a writer's bug gets here: the CRC matched what was written.
         raise SnapshotError(f"{name}: unreadable snapshot description ({e})") from None
-    return Snapshot(path, description, sections, header.memory_offset, header.memory_length)
+    return Snapshot(path, description, sections, header.memory_offset, header.memory_length,
+                    header.memory_crc)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -90,8 +91,31 @@ def save(path: Path, backend: str, vm: Vm, vcpus: Sequence[Vcpu], memory: MmapGu
 
 
 def open_snapshot(path: Path) -> Snapshot:
-    """Read and check ``path`` (SnapshotError: one line, exit 65)."""
-    return fileformat.read(path)
+    """Read and check ``path``, all but its memory image (``MemoryCheck``); SnapshotError: one
+    line, exit 65."""
+    return fileformat.describe(path)
+
+
+class MemoryCheck:
+    """The memory image's CRC on a thread of its own (zlib sums without the GIL), beside the
+    restore's other work; ``result`` waits for it and raises what it found."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._error: SnapshotError | None = None
+        self._thread = threading.Thread(target=self._check, args=(snapshot,),
+                                        name="snapshot-crc", daemon=True)
+        self._thread.start()
+
+    def _check(self, snapshot: Snapshot) -> None:
+        try:
+            fileformat.check_memory(snapshot)
+        except SnapshotError as e:
+            self._error = e
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def map_memory(snapshot: Snapshot, memory: MmapGuestMemory) -> None:

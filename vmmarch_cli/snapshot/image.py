@@ -6,8 +6,9 @@ the image MAP_PRIVATE over guest RAM (memory.py, ``map_private``), so that nothi
 until the guest touches it, and any number of guests restored from one file share its page
 cache until they write.
 
-The image's CRC covers each page that is not all zeros, with its page number (so that it does
-not depend on which zeros a file system keeps as holes, or whether ``cp`` kept them).
+The image's CRC covers each run of pages that are not all zeros, with where it starts and its
+length (so that it does not depend on which zeros a file system keeps as holes, or whether
+``cp`` kept them).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def write(fd: int, offset: int, source: MemorySource) -> int:
     """Write ``source`` as a sparse image at ``offset`` (page-aligned) of ``fd``; return its
     CRC. Raises OSError."""
     os.ftruncate(fd, offset + source.length)
-    crc = 0
+    runs: list[tuple[int, int]] = []
     base_page = 0
     for address, length in source.regions:
         for first, count in nonzero_runs(address, length):
@@ -83,37 +84,51 @@ def write(fd: int, offset: int, source: MemorySource) -> int:
             while written < len(view):
                 written += os.pwrite(fd, view[written:],
                                      offset + (base_page + first) * PAGE + written)
-            for i in range(count):
-                crc = _page_crc(crc, base_page + first + i, view[i * PAGE : (i + 1) * PAGE])
+            runs.append((base_page + first, count))
         base_page += length // PAGE
-    return crc
+    with mmap.mmap(fd, source.length, access=mmap.ACCESS_READ, offset=offset) as image:
+        return _runs_crc(image, _merged(runs))
 
 
 def crc(fd: int, offset: int, length: int) -> int:
     """The CRC of the image at ``offset`` of ``fd``, reading only what is not a hole (where
-    the file system can tell: SEEK_DATA). Raises OSError."""
+    the file system can tell: SEEK_DATA). Raises OSError. zlib releases the GIL while it sums,
+    so this can run beside other work (machine.py runs it beside the backend's setup)."""
     if not length:
         return 0
-    result = 0
     # A private mapping is writable, so ctypes can take its address; nothing writes to it.
     with mmap.mmap(fd, length, access=mmap.ACCESS_COPY, offset=offset) as view:
         anchor = ctypes.c_char.from_buffer(view)
         address = ctypes.addressof(anchor)
         del anchor  # no export may outlive the mapping's close
-        pages = memoryview(view)
-        try:
-            for start, end in _data_extents(fd, offset, length):
-                for first, count in nonzero_runs(address + start, end - start):
-                    page = start // PAGE + first
-                    for i in range(page, page + count):
-                        result = _page_crc(result, i, pages[i * PAGE : (i + 1) * PAGE])
-        finally:
-            pages.release()
+        runs = []
+        for start, end in _data_extents(fd, offset, length):
+            for first, count in nonzero_runs(address + start, end - start):
+                runs.append((start // PAGE + first, count))
+        return _runs_crc(view, _merged(runs))
+
+
+def _merged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent runs as one: the CRC must not depend on where regions or a file system's
+    extents split them."""
+    out: list[tuple[int, int]] = []
+    for first, count in runs:
+        if out and out[-1][0] + out[-1][1] == first:
+            out[-1] = (out[-1][0], out[-1][1] + count)
+        else:
+            out.append((first, count))
+    return out
+
+
+def _runs_crc(image: mmap.mmap, runs: list[tuple[int, int]]) -> int:
+    """CRC-32 over each run of non-zero pages: its first page and count, then its bytes."""
+    result = 0
+    with memoryview(image) as pages:
+        for first, count in runs:
+            header = first.to_bytes(8, "little") + count.to_bytes(8, "little")
+            result = zlib.crc32(header, result)
+            result = zlib.crc32(pages[first * PAGE : (first + count) * PAGE], result)
     return result
-
-
-def _page_crc(crc: int, page: int, data: bytes | memoryview) -> int:
-    return zlib.crc32(data, zlib.crc32(page.to_bytes(8, "little"), crc))
 
 
 def _data_extents(fd: int, offset: int, length: int) -> Iterator[tuple[int, int]]:
