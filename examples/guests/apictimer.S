@@ -77,20 +77,14 @@ spin_with_interrupts:
         IRQ_WINDOW
         ret
 
-/* The timer: count, note whether 0xec is in service (ISR bit), EOI. */
+/* The timer: count, note whether 0xec is in service (ISR bit), EOI; and IF in the frame. */
 timer_handler:
         push    rax
         push    rbx
-        inc     qword ptr [rip + ticks]
-        mov     rbx, APIC
-        mov     eax, dword ptr [rbx + TIMER_ISR]
-        bt      eax, TIMER_ISR_BIT
-        jnc     4f
-        inc     qword ptr [rip + in_service]
-4:      mov     rax, [rsp + 16 + 16]                /* RFLAGS in the frame */
+        COUNT_TICK ticks, in_service
+        mov     rax, [rsp + 16 + 16]                /* RFLAGS in the frame */
         and     rax, RFLAGS_IF
         mov     [rip + frame_if], rax
-        mov     dword ptr [rbx + APIC_EOI], 0
         pop     rbx
         pop     rax
         iretq

@@ -119,13 +119,7 @@ count_pattern_misses:
 timer_handler:
         push    rax
         push    rbx
-        inc     qword ptr [rip + ticks]
-        mov     rbx, APIC
-        mov     eax, dword ptr [rbx + TIMER_ISR]
-        bt      eax, TIMER_ISR_BIT
-        jnc     1f
-        inc     qword ptr [rip + in_service]
-1:      mov     dword ptr [rbx + APIC_EOI], 0
+        COUNT_TICK ticks, in_service
         pop     rbx
         pop     rax
         iretq

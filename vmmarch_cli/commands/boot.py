@@ -26,19 +26,7 @@ from vmmarch_cli.vcpu import ATTR_L
 @click.command("boot")
 @options.kernel_argument
 @options.boot_options
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Stop the guest after SECONDS and exit 124, saying what was last seen.")
-@click.option("--expect", "expect", multiple=True, metavar="REGEX", callback=options.regexes,
-              help="Stop with status 0 once the console has matched every REGEX, in order. "
-                   "Repeatable.")
-@click.option("--console-log", type=click.Path(dir_okay=False, writable=True, path_type=Path),
-              help="Also write the full guest console to this file.")
-@click.option("--quiet", "-q", is_flag=True, help="Print nothing but the result.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON result on stdout; the console goes to stderr (or nowhere "
-                   "with --quiet).")
-@click.option("-v", "--verbose", is_flag=True,
-              help="Also show unhandled ports, exit counts and injected events.")
+@options.run_options
 @click.option("--profile", "profile_hz", type=click.FloatRange(min=0), default=0, metavar="HZ",
               help="Sample the guest RIP HZ times a second and print the hottest places.")
 @click.option("--symbols", type=click.Path(exists=True, dir_okay=False, path_type=Path),

@@ -97,6 +97,32 @@ def boot_config(kwargs: dict[str, Any]) -> BootConfig:
     )
 
 
+def run_options(f: F) -> F:
+    """How a run ends and what it prints: --timeout, --expect, --console-log, --quiet, --json,
+    -v (``boot`` and ``resume``)."""
+    decorators = [
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+                     metavar="SECONDS",
+                     help="Stop the guest after SECONDS and exit 124, saying what was last "
+                          "seen."),
+        click.option("--expect", "expect", multiple=True, metavar="REGEX", callback=regexes,
+                     help="Stop with status 0 once the console has matched every REGEX, in "
+                          "order. Repeatable."),
+        click.option("--console-log",
+                     type=click.Path(dir_okay=False, writable=True, path_type=Path),
+                     help="Also write the full guest console to this file."),
+        click.option("--quiet", "-q", is_flag=True, help="Print nothing but the result."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print one JSON result on stdout; the console goes to stderr (or "
+                          "nowhere with --quiet)."),
+        click.option("-v", "--verbose", is_flag=True,
+                     help="Also show unhandled ports, exit counts and injected events."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
 def _snapshot_path(ctx: click.Context, param: click.Parameter, value: Path | None
                    ) -> Path | None:
     """A snapshot is written at the end of the run: refuse a path that cannot be one now."""

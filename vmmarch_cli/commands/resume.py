@@ -22,20 +22,8 @@ from vmmarch_cli.snapshot.fileformat import SnapshotError
               help="Guest RAM; a snapshot has its own, and a different size is refused (65).")
 @click.option("--cpus", type=click.IntRange(min=1), default=None,
               help="vCPUs; a snapshot has its own, and a different count is refused (65).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Stop the guest after SECONDS and exit 124, saying what was last seen.")
-@click.option("--expect", "expect", multiple=True, metavar="REGEX", callback=options.regexes,
-              help="Stop with status 0 once the console has matched every REGEX, in order. "
-                   "Repeatable.")
+@options.run_options
 @options.snapshot_option
-@click.option("--console-log", type=click.Path(dir_okay=False, writable=True, path_type=Path),
-              help="Also write the guest console from here on to this file.")
-@click.option("--quiet", "-q", is_flag=True, help="Print nothing but the result.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON result on stdout; the console goes to stderr (or nowhere "
-                   "with --quiet).")
-@click.option("-v", "--verbose", is_flag=True,
-              help="Also show unhandled ports, exit counts and injected events.")
 @click.pass_context
 def resume_command(ctx: click.Context, /, snapshot_file: Path, backend: str, mem: str | None,
                    cpus: int | None, snapshot: Path | None, as_json: bool, quiet: bool,
