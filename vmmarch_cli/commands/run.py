@@ -216,6 +216,8 @@ class _Runs:
                 self.result = machine.run(restore, self.console, self.log,
                                           serial_sinks=self.sinks, quiet=True,
                                           before_start=runjob.hand_over(job))
+            except BackendUnavailableError:
+                return None  # the wheel, with another process's snapshot cached: boot afresh
             except SnapshotError:
                 if attempt:
                     raise
