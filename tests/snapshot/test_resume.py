@@ -201,6 +201,7 @@ def test_a_hundred_restores_leak_nothing(saved: Path, tmp_path: Path) -> None:
     for _ in range(100):
         restore()
     after = resources()
-    assert after[:2] == (fds, threads), (after, (fds, threads))
+    # No more than before (a vCPU's daemon threads may still have been ending then).
+    assert after[0] <= fds and after[1] <= threads, (after, (fds, threads))
     assert after[2] <= maps + 8, (after[2], maps)
-    assert after[3] - rss < 32 << 20, (after[3] - rss) >> 20
+    assert after[3] - rss < 32 << 20, ((after[3] - rss) >> 20, rss >> 20)

@@ -61,6 +61,9 @@ class Stopping(VcpuCore):
             if self._system is not None:  # its counters live in the instance: keep them
                 for name, count in self._engine_events().items():
                     self._hook_events[name] = self._hook_events.get(name, 0) + count
+            engine = self._engine
             self._engine, self._kicker, self._native, self._system = None, None, None, None
             self._debug_cpu = None
             self._posted = None
+            if engine is not None:
+                engine.close()

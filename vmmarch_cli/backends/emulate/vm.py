@@ -117,6 +117,7 @@ class EmulateVm:
         for vcpu in self._vcpus:
             vcpu.close()
         self._vcpus.clear()
+        self._tsc = None  # its code page: a VM that never asked for the rate (a restore) made one
 
 
 #: The host TSC rate, measured once per process by the first VM's clock (under the lock: two
