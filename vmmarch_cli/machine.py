@@ -316,47 +316,48 @@ def snapshot_machine(prepared: Prepared, config: BootConfig) -> dict[str, Any]:
 def _restored(config: BootConfig, quiet: bool) -> Iterator[Prepared]:
     """``prepare`` for ``config.restore``: guest RAM is the snapshot's (mapped copy-on-write),
     the vCPUs and the VM take its state; nothing is loaded and the pipeline does not run."""
-    from vmmarch_cli.snapshot import guest
+    from vmmarch_cli.snapshot import fileformat, guest
     from vmmarch_cli.snapshot.fileformat import SnapshotError
 
     assert config.restore is not None
     t0 = time.monotonic()
-    snapshot = guest.open_snapshot(config.restore)
-    try:
-        machine = snapshot.description["machine"]
-        kernel = KernelImage(**{name: machine["kernel"][name] for name in KERNEL_FIELDS})
-        kernel = dataclasses.replace(kernel, format=KernelFormat(kernel.format))
-        protocol = BootProtocol(machine["protocol"])
-        entry, cmdline = int(machine["entry"]), str(machine["cmdline"])
-        mask = frozenset(str(f) for f in machine["cpu_mask"])
-        backend = str(snapshot.description["backend"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise SnapshotError(f"{snapshot.path}: its description lacks {e}") from None
-    chosen = backends.resolve(config.backend)
-    if chosen.name != backend:
-        raise SnapshotError(f"{snapshot.path}: taken on the {backend} backend, not "
-                            f"{chosen.name} (resume it with --backend {backend})")
-    checking = guest.MemoryCheck(snapshot)
-    memory = MmapGuestMemory(e820.ram_layout(config.mem_size))
-    try:
-        guest.map_memory(snapshot, memory)
-        hv = backends.open_backend(chosen.name, quiet)
+    with fileformat.open_file(config.restore) as f:  # one opening for all of it
+        snapshot = fileformat.read_from(f, config.restore)
         try:
-            vm = hv.create_vm(memory)
+            machine = snapshot.description["machine"]
+            kernel = KernelImage(**{name: machine["kernel"][name] for name in KERNEL_FIELDS})
+            kernel = dataclasses.replace(kernel, format=KernelFormat(kernel.format))
+            protocol = BootProtocol(machine["protocol"])
+            entry, cmdline = int(machine["entry"]), str(machine["cmdline"])
+            mask = frozenset(str(feature) for feature in machine["cpu_mask"])
+            backend = str(snapshot.description["backend"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SnapshotError(f"{snapshot.path}: its description lacks {e}") from None
+        chosen = backends.resolve(config.backend)
+        if chosen.name != backend:
+            raise SnapshotError(f"{snapshot.path}: taken on the {backend} backend, not "
+                                f"{chosen.name} (resume it with --backend {backend})")
+        checking = guest.MemoryCheck(snapshot, f)
+        memory = MmapGuestMemory(e820.ram_layout(config.mem_size))
+        try:
+            guest.map_memory(snapshot, f, memory)
+            hv = backends.open_backend(chosen.name, quiet)
             try:
-                vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
-                guest.restore_vm(snapshot, chosen.name, vm, vcpus)
-                t1 = time.monotonic()
-                checking.result()  # before the guest runs on what the file holds
-                timings = {"open": t1 - t0, "load": time.monotonic() - t1, "setup": 0.0}
-                yield Prepared(hv, vm, vcpus, kernel, protocol, entry, cmdline, mask, [],
-                               timings, chosen, restored=snapshot)
+                vm = hv.create_vm(memory)
+                try:
+                    vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
+                    guest.restore_vm(snapshot, chosen.name, vm, vcpus)
+                    t1 = time.monotonic()
+                    checking.result()  # before the guest runs on what the file holds
+                    timings = {"open": t1 - t0, "load": time.monotonic() - t1, "setup": 0.0}
+                    yield Prepared(hv, vm, vcpus, kernel, protocol, entry, cmdline, mask, [],
+                                   timings, chosen, restored=snapshot)
+                finally:
+                    vm.close()
             finally:
-                vm.close()
+                hv.close()
         finally:
-            hv.close()
-    finally:
-        memory.close()
+            memory.close()
 
 
 class _Run:

@@ -26,6 +26,7 @@ import tempfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
@@ -109,48 +110,59 @@ def write(path: Path, description: Mapping[str, Any], sections: Mapping[str, byt
 def read(path: Path) -> Snapshot:
     """Read and check ``path``'s header, description and sections, and its memory image's CRC.
     Raises SnapshotError (one line) for anything but a snapshot this version wrote intact."""
-    return _read(path, check_memory=True)
+    with open_file(path) as f:
+        snapshot = read_from(f, path)
+        check_memory(snapshot, f)
+        return snapshot
 
 
 def describe(path: Path) -> Snapshot:
     """``read`` without the memory image's CRC (``check_memory``): what the snapshot says of
     itself, checked."""
-    return _read(path, check_memory=False)
+    with open_file(path) as f:
+        return read_from(f, path)
 
 
-def check_memory(snapshot: Snapshot) -> None:
-    """The memory image's CRC, which ``describe`` leaves out. Raises SnapshotError."""
+def open_file(path: Path) -> BufferedReader:
+    """``path`` opened for reading if it is a regular file; SnapshotError (one line) if not. A
+    restore reads everything through this one opening: a snapshot renamed into place meanwhile
+    (two first runs at once) cannot give it one file's state and another's memory."""
     try:
-        with files.open_regular(snapshot.path) as f:
-            got = image.crc(f.fileno(), snapshot.memory_offset, snapshot.memory_length)
-    except (OSError, files.NotRegularFile) as e:
+        return files.open_regular(path)
+    except OSError as e:
+        raise SnapshotError(f"cannot read snapshot {path}: {e.strerror}") from None
+    except files.NotRegularFile as e:
+        raise SnapshotError(f"snapshot {path} {e}") from None
+
+
+def read_from(f: BufferedReader, path: Path) -> Snapshot:
+    """The header, description and sections of the snapshot open as ``f`` (named ``path``)."""
+    name = str(path)
+    try:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        raw = f.read(Header.sizeof())
+        header = _header(raw, name)
+        if header.memory_offset + header.memory_length > size or \
+                header.description_offset + header.state_length > header.memory_offset:
+            raise SnapshotError(f"{name}: truncated snapshot ({size} bytes)")
+        f.seek(header.description_offset)
+        state = f.read(header.state_length)
+    except OSError as e:
+        raise SnapshotError(f"cannot read snapshot {name}: {e.strerror}") from None
+    if len(state) != header.state_length or zlib.crc32(state) != header.state_crc:
+        raise SnapshotError(f"{name}: corrupted snapshot (its state fails the CRC)")
+    return _parse(path, header, state)
+
+
+def check_memory(snapshot: Snapshot, f: BufferedReader) -> None:
+    """The memory image's CRC, which ``read_from`` leaves out. Raises SnapshotError."""
+    try:
+        got = image.crc(f.fileno(), snapshot.memory_offset, snapshot.memory_length)
+    except (OSError, ValueError) as e:
         raise SnapshotError(f"cannot read snapshot {snapshot.path}: {e}") from None
     if got != snapshot.memory_crc:
         raise SnapshotError(f"{snapshot.path}: corrupted snapshot (its memory fails the CRC)")
-
-
-def _read(path: Path, check_memory: bool) -> Snapshot:
-    name = str(path)
-    try:
-        with files.open_regular(path) as f:
-            size = os.fstat(f.fileno()).st_size
-            raw = f.read(Header.sizeof())
-            header = _header(raw, name)
-            if header.memory_offset + header.memory_length > size or \
-                    header.description_offset + header.state_length > header.memory_offset:
-                raise SnapshotError(f"{name}: truncated snapshot ({size} bytes)")
-            f.seek(header.description_offset)
-            state = f.read(header.state_length)
-            if len(state) != header.state_length or zlib.crc32(state) != header.state_crc:
-                raise SnapshotError(f"{name}: corrupted snapshot (its state fails the CRC)")
-            if check_memory and image.crc(f.fileno(), header.memory_offset,
-                                          header.memory_length) != header.memory_crc:
-                raise SnapshotError(f"{name}: corrupted snapshot (its memory fails the CRC)")
-    except OSError as e:
-        raise SnapshotError(f"cannot read snapshot {name}: {e.strerror}") from None
-    except files.NotRegularFile as e:
-        raise SnapshotError(f"snapshot {name} {e}") from None
-    return _parse(path, header, state)
 
 
 def _header(raw: bytes, name: str) -> Header:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import threading
 from collections.abc import Mapping, Sequence
+from io import BufferedReader
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -90,25 +90,19 @@ def save(path: Path, backend: str, vm: Vm, vcpus: Sequence[Vcpu], memory: MmapGu
         raise files.output_error(path, e) from None
 
 
-def open_snapshot(path: Path) -> Snapshot:
-    """Read and check ``path``, all but its memory image (``MemoryCheck``); SnapshotError: one
-    line, exit 65."""
-    return fileformat.describe(path)
-
-
 class MemoryCheck:
     """The memory image's CRC on a thread of its own (zlib sums without the GIL), beside the
     restore's other work; ``result`` waits for it and raises what it found."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, f: BufferedReader) -> None:
         self._error: SnapshotError | None = None
-        self._thread = threading.Thread(target=self._check, args=(snapshot,),
+        self._thread = threading.Thread(target=self._check, args=(snapshot, f),
                                         name="snapshot-crc", daemon=True)
         self._thread.start()
 
-    def _check(self, snapshot: Snapshot) -> None:
+    def _check(self, snapshot: Snapshot, f: BufferedReader) -> None:
         try:
-            fileformat.check_memory(snapshot)
+            fileformat.check_memory(snapshot, f)
         except SnapshotError as e:
             self._error = e
 
@@ -118,16 +112,12 @@ class MemoryCheck:
             raise self._error
 
 
-def map_memory(snapshot: Snapshot, memory: MmapGuestMemory) -> None:
-    """Put the snapshot's guest RAM under ``memory``, copy-on-write."""
+def map_memory(snapshot: Snapshot, f: BufferedReader, memory: MmapGuestMemory) -> None:
+    """Put the snapshot's guest RAM (the file open as ``f``) under ``memory``, copy-on-write."""
     if memory.size != snapshot.memory_length:
         raise SnapshotError(f"{snapshot.path}: holds {snapshot.memory_length >> 20} MiB of "
                             f"guest RAM; this VM has {memory.size >> 20} MiB")
-    fd = os.open(snapshot.path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        memory.map_private(fd, snapshot.memory_offset)
-    finally:
-        os.close(fd)  # the mappings keep the file
+    memory.map_private(f.fileno(), snapshot.memory_offset)  # the mappings keep the file
 
 
 def restore_vm(snapshot: Snapshot, backend: str, vm: Vm, vcpus: Sequence[Vcpu]) -> None:
