@@ -45,7 +45,6 @@ from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.stop import STATUS_FOR_REASON, StopReason
 from vmmarch_cli.vcpu import (
     Debug,
-    GuestMemory,
     Halt,
     Hypervisor,
     InlinePortIo,
@@ -400,7 +399,7 @@ def run(
     serial_sinks: Sequence[Callable[[bytes], None]] = (),
     quiet: bool = False,
     debugger: Debugger | None = None,
-    before_start: Callable[[GuestMemory, IoBus], None] | None = None,
+    before_start: Callable[[IoBus], None] | None = None,
 ) -> BootResult:
     """Boot ``config`` and return how it ended. Raises only for problems before the guest runs,
     and for what ``debugger`` raises to end the run (debugging.py: it holds the guest from
@@ -408,8 +407,8 @@ def run(
 
     ``serial_sinks`` receive what the guest writes to COM2, COM3, ... (``vmm-arch run`` puts
     the command's stdout and stderr there, apart from the kernel log on COM1).
-    ``before_start`` sees guest memory and the devices once everything is set up (a restored
-    snapshot's state too), before the first instruction (runjob.py hands over a job there).
+    ``before_start`` sees the devices once everything is set up (a restored snapshot's state
+    too), before the first instruction (runjob.py hands over a job there).
     """
     start = time.monotonic()
     signals = _SignalsNoted()
@@ -429,7 +428,7 @@ def run(
 
             guest.restore_devices(prepared.restored, bus)
         if before_start is not None:
-            before_start(prepared.vm.memory, bus)
+            before_start(bus)
         posted = posted_io.PostedIo(bus, prepared.vcpus)
         if posted.active or len(prepared.vcpus) > 1:
             state.device_lock = threading.Lock()

@@ -21,7 +21,6 @@ from vmmarch_cli.devices.bus import IoBus
 from vmmarch_cli.devices.serial import Serial8250
 from vmmarch_cli.errors import BadInputError
 from vmmarch_cli.initramfs import Job
-from vmmarch_cli.vcpu import GuestMemory
 
 #: The largest job sent through the UART: ~0.5 s of port exits at most.
 MAX_JOB = 16 << 10
@@ -50,11 +49,11 @@ def _identity(path: Path) -> list[str]:
     return [str(path.resolve()), str(st.st_size), str(st.st_mtime_ns), str(st.st_ino)]
 
 
-def hand_over(job: Job) -> Callable[[GuestMemory, IoBus], None]:
+def hand_over(job: Job) -> Callable[[IoBus], None]:
     """What queues ``job`` on the job UART of a restored guest before it runs (machine.run's
     ``before_start``)."""
 
-    def deliver(memory: GuestMemory, bus: IoBus) -> None:
+    def deliver(bus: IoBus) -> None:
         for port, device in bus.devices():
             if port == board.RUN_JOB_PORT.base and isinstance(device, Serial8250):
                 device.feed(job.header() + job.archive)

@@ -181,7 +181,7 @@ class _Runs:
     def from_snapshot(self, kwargs: dict[str, Any], box: Path, job: Job
                       ) -> dict[str, Any] | None:
         """Run ``job`` in the cached snapshot (taken now if there is none or it does not fit
-        this engine); None when this backend cannot, or the job does not fit the window."""
+        this engine); None when this backend cannot, or the job is too large for the UART."""
         from vmmarch_cli import backends, initramfs, runjob
         from vmmarch_cli.errors import BackendUnavailableError
         from vmmarch_cli.snapshot.fileformat import SnapshotError
