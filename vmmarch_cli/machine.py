@@ -311,6 +311,42 @@ def snapshot_machine(prepared: Prepared, config: BootConfig) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class SnapshotMachine:
+    """The machine a snapshot's description names (``snapshot_machine`` writes it)."""
+
+    backend: str
+    mem_size: int
+    cpus: int
+    kernel: KernelImage
+    protocol: BootProtocol
+    entry: int
+    cmdline: str
+    cpu_mask: frozenset[str]
+
+
+def described_machine(snapshot: Snapshot) -> SnapshotMachine:
+    """The machine ``snapshot`` was taken of; SnapshotError (65) when its description lacks a
+    part."""
+    from vmmarch_cli.snapshot.fileformat import SnapshotError
+
+    try:
+        machine = snapshot.description["machine"]
+        kernel = KernelImage(**{name: machine["kernel"][name] for name in KERNEL_FIELDS})
+        return SnapshotMachine(
+            backend=str(snapshot.description["backend"]),
+            mem_size=int(machine["mem_size"]),
+            cpus=int(machine["cpus"]),
+            kernel=dataclasses.replace(kernel, format=KernelFormat(kernel.format)),
+            protocol=BootProtocol(machine["protocol"]),
+            entry=int(machine["entry"]),
+            cmdline=str(machine["cmdline"]),
+            cpu_mask=frozenset(str(feature) for feature in machine["cpu_mask"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"{snapshot.path}: its description lacks {e}") from None
+
+
 @contextmanager
 def _restored(config: BootConfig, quiet: bool) -> Iterator[Prepared]:
     """``prepare`` for ``config.restore``: guest RAM is the snapshot's (mapped copy-on-write),
@@ -322,20 +358,11 @@ def _restored(config: BootConfig, quiet: bool) -> Iterator[Prepared]:
     t0 = time.monotonic()
     with fileformat.open_file(config.restore) as f:  # one opening for all of it
         snapshot = fileformat.read_from(f, config.restore)
-        try:
-            machine = snapshot.description["machine"]
-            kernel = KernelImage(**{name: machine["kernel"][name] for name in KERNEL_FIELDS})
-            kernel = dataclasses.replace(kernel, format=KernelFormat(kernel.format))
-            protocol = BootProtocol(machine["protocol"])
-            entry, cmdline = int(machine["entry"]), str(machine["cmdline"])
-            mask = frozenset(str(feature) for feature in machine["cpu_mask"])
-            backend = str(snapshot.description["backend"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise SnapshotError(f"{snapshot.path}: its description lacks {e}") from None
+        taken = described_machine(snapshot)
         chosen = backends.resolve(config.backend)
-        if chosen.name != backend:
-            raise SnapshotError(f"{snapshot.path}: taken on the {backend} backend, not "
-                                f"{chosen.name} (resume it with --backend {backend})")
+        if chosen.name != taken.backend:
+            raise SnapshotError(f"{snapshot.path}: taken on the {taken.backend} backend, not "
+                                f"{chosen.name} (resume it with --backend {taken.backend})")
         checking = guest.MemoryCheck(snapshot, f)
         memory = MmapGuestMemory(e820.ram_layout(config.mem_size))
         try:
@@ -349,8 +376,9 @@ def _restored(config: BootConfig, quiet: bool) -> Iterator[Prepared]:
                     t1 = time.monotonic()
                     checking.result()  # before the guest runs on what the file holds
                     timings = {"open": t1 - t0, "load": time.monotonic() - t1, "setup": 0.0}
-                    yield Prepared(hv, vm, vcpus, kernel, protocol, entry, cmdline, mask, [],
-                                   timings, chosen, restored=snapshot)
+                    yield Prepared(hv, vm, vcpus, taken.kernel, taken.protocol, taken.entry,
+                                   taken.cmdline, taken.cpu_mask, [], timings, chosen,
+                                   restored=snapshot)
                 finally:
                     vm.close()
             finally:

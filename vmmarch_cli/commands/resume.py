@@ -11,6 +11,7 @@ from vmmarch_cli import backends
 from vmmarch_cli.commands import options
 from vmmarch_cli.commands.boot import check_snapshot_use, execute
 from vmmarch_cli.config import BootConfig, parse_mem_size
+from vmmarch_cli.machine import described_machine
 from vmmarch_cli.snapshot import fileformat
 from vmmarch_cli.snapshot.fileformat import SnapshotError
 
@@ -36,21 +37,16 @@ def resume_command(ctx: click.Context, /, snapshot_file: Path, backend: str, mem
     --snapshot saves it again. A snapshot that is truncated, corrupted, from another format
     version, another backend or another CPU engine build is refused in one line (65).
     """
-    made = fileformat.describe(snapshot_file)
-    try:
-        machine = made.description["machine"]
-        saved_mem, saved_cpus = int(machine["mem_size"]), int(machine["cpus"])
-        kernel, taken_on = Path(machine["kernel"]["path"]), str(made.description["backend"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise SnapshotError(f"{snapshot_file}: its description lacks {e}") from None
-    if mem is not None and parse_mem_size(mem) != saved_mem:
-        raise SnapshotError(f"{snapshot_file}: the guest has {saved_mem >> 20} MiB of RAM, not "
-                            f"--mem {mem}")
-    if cpus is not None and cpus != saved_cpus:
-        raise SnapshotError(f"{snapshot_file}: the guest has {saved_cpus} vCPUs, not "
+    taken = described_machine(fileformat.describe(snapshot_file))
+    if mem is not None and parse_mem_size(mem) != taken.mem_size:
+        raise SnapshotError(f"{snapshot_file}: the guest has {taken.mem_size >> 20} MiB of RAM, "
+                            f"not --mem {mem}")
+    if cpus is not None and cpus != taken.cpus:
+        raise SnapshotError(f"{snapshot_file}: the guest has {taken.cpus} vCPUs, not "
                             f"--cpus {cpus}")
-    config = BootConfig(kernel=kernel, backend=taken_on if backend == backends.AUTO else backend,
-                        mem_size=saved_mem, cpus=saved_cpus, timeout=kwargs.pop("timeout"),
+    config = BootConfig(kernel=Path(taken.kernel.path),
+                        backend=taken.backend if backend == backends.AUTO else backend,
+                        mem_size=taken.mem_size, cpus=taken.cpus, timeout=kwargs.pop("timeout"),
                         expect=tuple(kwargs.pop("expect")), snapshot=snapshot,
                         restore=snapshot_file)
     check_snapshot_use(config, None)
