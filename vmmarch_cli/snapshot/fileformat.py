@@ -13,8 +13,8 @@ Layout (all offsets from the start of the file, little-endian):
 ``state_crc`` covers the description and the sections, ``memory_crc`` the memory image's runs
 of pages that are not all zeros, in order (image.py). A reader refuses, in one line (exit 65):
 a short or foreign file, another format version, a CRC mismatch, and a description that does
-not parse. Whether the
-snapshot suits this machine (backend, engine, configuration) is for the caller to compare.
+not parse. Whether the snapshot suits this machine (backend, engine, configuration) is for the
+caller to compare.
 """
 
 from __future__ import annotations

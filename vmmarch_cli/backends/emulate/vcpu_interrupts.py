@@ -33,9 +33,7 @@ class Interrupts(VcpuCore):
 
     def accepts_ipi(self, ipi: smp.Ipi, source: EmulateVcpu | None) -> bool:
         """``ipi`` from ``source`` (None: the I/O APIC) names this vCPU."""
-        # Before the vCPU first runs, its APIC is its page: the reset one (ID = index), or a
-        # restored snapshot's, whose logical ID the I/O APIC's entries may name.
-        model = self._apic or apic.LocalApic(self._lapic, cpuid.CRYSTAL_HZ)
+        model = self._apic or self._page_apic()
         return ipi.reaches(source is self, model.apic_id, model.logical_id)
 
     def receive_ipi(self, ipi: smp.Ipi, source: EmulateVcpu) -> None:
@@ -81,9 +79,15 @@ class Interrupts(VcpuCore):
         if self._apic is not None:
             self._apic.raise_vector(vector)
         else:
-            model = apic.LocalApic(self._lapic, cpuid.CRYSTAL_HZ)
+            model = self._page_apic()
             model.raise_vector(vector)
             self._lapic = model.page()
+
+    def _page_apic(self) -> apic.LocalApic:
+        """Before the vCPU first runs, its APIC is its page: the reset one (ID = index), or a
+        restored snapshot's, whose IDs the I/O APIC's entries may name. A model of it, wired to
+        nothing, to read it or to set a bit in it."""
+        return apic.LocalApic(self._lapic, cpuid.CRYSTAL_HZ)
 
     def _new_apic(self, page: Lapic) -> apic.LocalApic:
         model = apic.LocalApic(page, cpuid.CRYSTAL_HZ)

@@ -16,7 +16,6 @@ Layout of the section: ``VcpuRecord``, the context, the LAPIC page, then ``Cpuid
 from __future__ import annotations
 
 import ctypes
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,6 @@ from vmmarch_cli.arch.x86_64.record import Record
 from vmmarch_cli.backends.emulate import native
 from vmmarch_cli.backends.emulate.binding import x86
 from vmmarch_cli.backends.emulate.engine import Engine
-from vmmarch_cli.backends.emulate.hosttsc import HostTsc
 from vmmarch_cli.backends.emulate.vcpu_interrupts import Interrupts
 from vmmarch_cli.backends.emulate.vcpu_state import StateAccess
 from vmmarch_cli.errors import BackendError
@@ -159,16 +157,6 @@ class Snapshots(StateAccess, Interrupts):
         if self._apic is not None:
             self._apic.resume_timer(restoring.timer_left_ns)
             self._apic.on_change()  # interrupts pending in its IRR raise the INTR line again
-
-
-@functools.cache
-def _tsc_reader() -> HostTsc:
-    return HostTsc()  # kept: its page holds the code the reader calls
-
-
-def host_tsc() -> int:
-    """The host's TSC now (what the guest's RDTSC adds its offset to)."""
-    return _tsc_reader().read()
 
 
 def _context_data(engine: Engine) -> bytes:

@@ -13,9 +13,8 @@ from vmmarch_cli.arch.x86_64 import board, lapic
 from vmmarch_cli.backends.emulate import library, native, smp
 from vmmarch_cli.backends.emulate.apic import IoApic, IoApicState
 from vmmarch_cli.backends.emulate.cpuid import model_cpuid, with_timing_leaf
-from vmmarch_cli.backends.emulate.hosttsc import TscClock
+from vmmarch_cli.backends.emulate.hosttsc import TscClock, host_tsc
 from vmmarch_cli.backends.emulate.vcpu import EmulateVcpu
-from vmmarch_cli.backends.emulate.vcpu_snapshot import host_tsc
 from vmmarch_cli.snapshot.fileformat import SnapshotError
 from vmmarch_cli.vcpu import CpuidEntry, HostMemory
 
