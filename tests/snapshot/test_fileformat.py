@@ -123,3 +123,15 @@ def test_damage_is_refused_in_one_line(memory: MmapGuestMemory, tmp_path: Path, 
 def test_a_missing_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(SnapshotError, match="No such file"):
         fileformat.read(tmp_path / "nothing")
+
+
+def test_a_run_across_two_regions_sums_the_same_from_ram_and_from_the_file(
+        tmp_path: Path) -> None:
+    """The image puts regions one after another, so non-zero pages at the end of one and the
+    start of the next are one run in the file: the writer (from guest RAM, region by region)
+    and the reader (from the file) must sum it alike."""
+    memory = MmapGuestMemory([(0, MIB), (4 * MIB, MIB)])
+    memory.write(MIB - 16, b"end of the first")
+    memory.write(4 * MIB, b"start of the second")
+    snap = fileformat.read(save(memory, tmp_path / "s"))  # raises on a CRC mismatch
+    assert snap.memory_length == 2 * MIB

@@ -17,7 +17,7 @@ import ctypes
 import mmap
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 PAGE = mmap.PAGESIZE
@@ -86,8 +86,7 @@ def write(fd: int, offset: int, source: MemorySource) -> int:
                                      offset + (base_page + first) * PAGE + written)
             runs.append((base_page + first, count))
         base_page += length // PAGE
-    with mmap.mmap(fd, source.length, access=mmap.ACCESS_READ, offset=offset) as image:
-        return _runs_crc(image, _merged(runs))
+    return _runs_crc(_merged(runs), lambda first, count: _source_pages(source, first, count))
 
 
 def crc(fd: int, offset: int, length: int) -> int:
@@ -105,7 +104,9 @@ def crc(fd: int, offset: int, length: int) -> int:
         for start, end in _data_extents(fd, offset, length):
             for first, count in nonzero_runs(address + start, end - start):
                 runs.append((start // PAGE + first, count))
-        return _runs_crc(view, _merged(runs))
+        with memoryview(view) as pages:
+            return _runs_crc(_merged(runs), lambda first, count: [
+                pages[first * PAGE : (first + count) * PAGE]])
 
 
 def _merged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -120,15 +121,30 @@ def _merged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _runs_crc(image: mmap.mmap, runs: list[tuple[int, int]]) -> int:
-    """CRC-32 over each run of non-zero pages: its first page and count, then its bytes."""
+def _runs_crc(runs: list[tuple[int, int]],
+              pages: Callable[[int, int], Iterable[memoryview]]) -> int:
+    """CRC-32 over each run of non-zero pages: its first page and count, then its bytes, which
+    ``pages(first, count)`` gives (in pieces where the run spans guest RAM regions)."""
     result = 0
-    with memoryview(image) as pages:
-        for first, count in runs:
-            header = first.to_bytes(8, "little") + count.to_bytes(8, "little")
-            result = zlib.crc32(header, result)
-            result = zlib.crc32(pages[first * PAGE : (first + count) * PAGE], result)
+    for first, count in runs:
+        result = zlib.crc32(first.to_bytes(8, "little") + count.to_bytes(8, "little"), result)
+        for piece in pages(first, count):
+            result = zlib.crc32(piece, result)
     return result
+
+
+def _source_pages(source: MemorySource, first: int, count: int) -> Iterator[memoryview]:
+    """Pages ``first`` .. ``first + count`` of the image as ``source``'s regions hold them:
+    the CRC of what was written, from guest RAM, not read back from the file."""
+    base = 0
+    for address, length in source.regions:
+        pages = length // PAGE
+        start, end = max(first, base), min(first + count, base + pages)
+        if start < end:
+            data = (ctypes.c_char * ((end - start) * PAGE)).from_address(
+                address + (start - base) * PAGE)
+            yield memoryview(data).cast("B")
+        base += pages
 
 
 def _data_extents(fd: int, offset: int, length: int) -> Iterator[tuple[int, int]]:
