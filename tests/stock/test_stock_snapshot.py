@@ -122,3 +122,13 @@ def test_run_without_a_snapshot(stock: dict[str, Path], tmp_path: Path) -> None:
     status, doc, _ = run_job(stock, data, "--no-snapshot")
     check_job(status, doc, "fresh")
     assert "snapshot" not in doc
+
+
+def test_run_of_a_missing_kernel_is_one_line(stock: dict[str, Path], tmp_path: Path) -> None:
+    """The snapshot's cache key reads the kernel's file first; a kernel that is not there is
+    still the loader's one-line error (65), as with --no-snapshot."""
+    for extra in ((), ("--no-snapshot",)):
+        done = run_cli("run", "--backend", "emulate", *extra, str(tmp_path / "vmlinux"), "--",
+                       "true", env=ENGINE)
+        assert done.returncode == 65, done.stderr
+        assert done.stderr.strip() == f"vmm-arch: error: {tmp_path / 'vmlinux'}: no such file"

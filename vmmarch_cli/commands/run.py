@@ -193,7 +193,10 @@ class _Runs:
         settings = [repr(v) for v in (base.backend, base.mem_size, base.cpus, base.cmdline,
                                       base.append, base.cpu_mask, base.boot_protocol,
                                       base.decompress)]
-        path = runjob.snapshot_path(base.kernel, box, init, settings)
+        try:
+            path = runjob.snapshot_path(base.kernel, box, init, settings)
+        except OSError:
+            return None  # no such kernel or busybox: the fresh boot says so, in one line
         taken = False
         for attempt in range(2):
             if attempt or not path.is_file():
