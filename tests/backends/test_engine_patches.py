@@ -201,6 +201,17 @@ def test_an_nmi_is_taken_with_interrupts_off_and_held_until_iret(guests: dict[st
     assert wheel.events.get("NMI dropped (no engine)") == 1, wheel.events
 
 
+# --- 0014: IA32_ARCH_CAPABILITIES --------------------------------------------------------
+
+
+def test_the_cpu_says_it_is_not_affected_by_speculative_attacks(guests: dict[str, Path]
+                                                                 ) -> None:
+    engine, wheel = boot(guests["archcaps"], ENGINE), boot(guests["archcaps"], WHEEL)
+    assert_passes(engine, 2)
+    assert (wheel.status, wheel.failed) == (2, {"cpuid_reports_msr", "not_affected"}), \
+        wheel.says()
+
+
 # --- 0007 and 0008: a TLB flush clears what was filled; the jump cache survives it ---------
 
 

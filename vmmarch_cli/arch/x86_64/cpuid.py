@@ -207,6 +207,13 @@ def without(entries: Sequence[CpuidEntry], names: Iterable[str]) -> list[CpuidEn
     return [_apply_mask(e, clear) for e in entries]
 
 
+def with_feature(entries: Sequence[CpuidEntry], name: str) -> list[CpuidEntry]:
+    """``entries`` with the named feature reported (its leaf must be there already)."""
+    f = FEATURES[name]
+    return [replace(e, **{f.register: getattr(e, f.register) | 1 << f.bit})
+            if (e.function, e.index) == (f.function, f.index) else e for e in entries]
+
+
 def _clear_bits(mask: frozenset[str]) -> dict[tuple[int, int], dict[Register, int]]:
     """(leaf, subleaf) -> register -> the bits the mask clears there."""
     out: dict[tuple[int, int], dict[Register, int]] = {}

@@ -6,6 +6,7 @@ from vmmarch_cli.vcpu import MsrEntry
 
 MSR_IA32_TSC = 0x10
 MSR_IA32_APIC_BASE = 0x1B
+MSR_IA32_ARCH_CAPABILITIES = 0x10A
 MSR_IA32_SYSENTER_CS = 0x174
 MSR_IA32_SYSENTER_ESP = 0x175
 MSR_IA32_SYSENTER_EIP = 0x176
@@ -24,9 +25,34 @@ MISC_ENABLE_FAST_STRING = 1 << 0
 MTRR_ENABLE = 1 << 11
 MTRR_TYPE_WRBACK = 6
 
+#: IA32_ARCH_CAPABILITIES bits that say the CPU is not affected by a speculative-execution
+#: attack (SDM vol. 4, table 2-2; bit 62 from Intel's "Indirect Target Selection" guidance,
+#: 2025; Linux names them ARCH_CAP_*_NO in msr-index.h).
+ARCH_CAP_RDCL_NO = 1 << 0  # Meltdown (rogue data cache load)
+ARCH_CAP_SSB_NO = 1 << 4  # speculative store bypass
+ARCH_CAP_MDS_NO = 1 << 5  # microarchitectural data sampling
+ARCH_CAP_PSCHANGE_MC_NO = 1 << 6  # machine check on a page-size change
+ARCH_CAP_TAA_NO = 1 << 8  # TSX asynchronous abort
+ARCH_CAP_SBDR_SSDP_NO = 1 << 13  # MMIO stale data: shared buffers, sideband stale data
+ARCH_CAP_FBSDP_NO = 1 << 14  # MMIO stale data: fill buffer
+ARCH_CAP_PSDP_NO = 1 << 15  # MMIO stale data: primary stale data
+ARCH_CAP_BHI_NO = 1 << 20  # branch history injection
+ARCH_CAP_PBRSB_NO = 1 << 24  # post-barrier return stack buffer predictions
+ARCH_CAP_GDS_NO = 1 << 26  # gather data sampling
+ARCH_CAP_RFDS_NO = 1 << 27  # register file data sampling
+ARCH_CAP_ITS_NO = 1 << 62  # indirect target selection
+#: All of them: a CPU that executes nothing speculatively.
+ARCH_CAP_NOT_AFFECTED = (
+    ARCH_CAP_RDCL_NO | ARCH_CAP_SSB_NO | ARCH_CAP_MDS_NO | ARCH_CAP_PSCHANGE_MC_NO
+    | ARCH_CAP_TAA_NO | ARCH_CAP_SBDR_SSDP_NO | ARCH_CAP_FBSDP_NO | ARCH_CAP_PSDP_NO
+    | ARCH_CAP_BHI_NO | ARCH_CAP_PBRSB_NO | ARCH_CAP_GDS_NO | ARCH_CAP_RFDS_NO
+    | ARCH_CAP_ITS_NO
+)
+
 MSR_NAMES = {
     MSR_IA32_TSC: "IA32_TSC",
     MSR_IA32_APIC_BASE: "IA32_APIC_BASE",
+    MSR_IA32_ARCH_CAPABILITIES: "IA32_ARCH_CAPABILITIES",
     MSR_IA32_SYSENTER_CS: "IA32_SYSENTER_CS",
     MSR_IA32_SYSENTER_ESP: "IA32_SYSENTER_ESP",
     MSR_IA32_SYSENTER_EIP: "IA32_SYSENTER_EIP",

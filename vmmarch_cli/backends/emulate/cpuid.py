@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 
-from vmmarch_cli.arch.x86_64.cpuid import without
+from vmmarch_cli.arch.x86_64 import msr
+from vmmarch_cli.arch.x86_64.cpuid import with_feature, without
 from vmmarch_cli.vcpu import CpuidEntry
 
 #: Leaves whose ECX selects a subleaf (SDM vol. 2A, CPUID, "INPUT EAX = ..." notes).
@@ -101,15 +102,28 @@ def _out_of_range(table: Sequence[CpuidEntry], function: int, index: int) -> Cpu
 SLOW_ON_TCG = ("erms", "fsrm")
 
 
+#: What RDMSR of IA32_ARCH_CAPABILITIES gives the guest (patch 0014): not affected by any
+#: speculative-execution attack, which is true of a CPU that executes nothing speculatively.
+#: Told nothing, Linux assumes the worst of the Haswell model unicorn reports and turns on
+#: page-table isolation (a CR3 switch on every kernel entry and exit), ITS return thunks (every
+#: ``ret`` a jump to a thunk) and MDS buffer clearing; QEMU's TCG, which reports an AMD CPU,
+#: gets none of them. Measured: a boot of Debian's kernel to its init marker 3.2% faster (dev
+#: builds, 7 interleaved pairs). The enhanced-IBRS bit stays clear: with it Linux trades its
+#: retpolines for branch-history clearing on every system call, and the boot was slower than
+#: this (1.5% faster than none).
+ARCH_CAPABILITIES = msr.ARCH_CAP_NOT_AFFECTED
+
+
 @functools.cache
 def model_cpuid() -> tuple[CpuidEntry, ...]:
     """Every leaf unicorn's CPU model reports, read by running CPUID in a scratch engine, less
-    ``SLOW_ON_TCG``.
+    ``SLOW_ON_TCG``, and IA32_ARCH_CAPABILITIES where the engine gives it (``ARCH_CAPABILITIES``).
 
     This is what the emulator can run (TCG implements what its model advertises), the
     counterpart of KVM_GET_SUPPORTED_CPUID. It is the same on every call, so it is cached.
     """
     from vmmarch_cli.backends.emulate.engine import scratch_cpuid
+    from vmmarch_cli.backends.emulate.library import SystemCpu
 
     query = scratch_cpuid()
     entries: list[CpuidEntry] = []
@@ -117,7 +131,10 @@ def model_cpuid() -> tuple[CpuidEntry, ...]:
         top = min(query(base, 0)[0], base + MAX_LEAVES_PER_RANGE)
         for function in range(base, top + 1):
             entries.extend(_leaf(query, function))
-    return tuple(without(entries, SLOW_ON_TCG))
+    entries = without(entries, SLOW_ON_TCG)
+    if SystemCpu.reports_arch_capabilities():
+        entries = with_feature(entries, "arch_capabilities")
+    return tuple(entries)
 
 
 def _leaf(query: QueryFn, function: int) -> list[CpuidEntry]:

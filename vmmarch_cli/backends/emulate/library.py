@@ -28,7 +28,7 @@ from enum import StrEnum
 from typing import Any
 
 from vmmarch_cli.backends.emulate import libbuild
-from vmmarch_cli.errors import BackendUnavailableError
+from vmmarch_cli.errors import BackendError, BackendUnavailableError
 from vmmarch_cli.progress import status as status_line
 from vmmarch_cli.vcpu import GuestDebug, WatchKind, Watchpoint
 
@@ -217,6 +217,10 @@ class SystemCpu:
         self._nmi = getattr(lib, "vmmarch_nmi_request", None)  # patch 0013
         if self._nmi is not None:
             self._nmi.restype, self._nmi.argtypes = None, [ctypes.c_void_p]
+        self._arch_capabilities = getattr(lib, "vmmarch_set_arch_capabilities", None)  # 0014
+        if self._arch_capabilities is not None:
+            self._arch_capabilities.restype = ctypes.c_int
+            self._arch_capabilities.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
         self._ack: Any = None  # the ctypes callback must outlive the engine's use of it
         counts = lib.vmmarch_event_counts(self._uc)
         self.counts = ctypes.cast(counts, ctypes.POINTER(
@@ -226,6 +230,17 @@ class SystemCpu:
     def available() -> bool:
         """The loaded library is an engine with the system CPU."""
         return hasattr(loaded_library(), "vmmarch_irq_request")
+
+    @staticmethod
+    def reports_arch_capabilities() -> bool:
+        """The loaded library gives the guest IA32_ARCH_CAPABILITIES as the VMM sets it."""
+        return hasattr(loaded_library(), "vmmarch_set_arch_capabilities")
+
+    def set_arch_capabilities(self, value: int) -> None:
+        """What RDMSR of IA32_ARCH_CAPABILITIES gives the guest (needs
+        ``reports_arch_capabilities``); after the instance's first memory map."""
+        if self._arch_capabilities is None or self._arch_capabilities(self._uc, value) != 0:
+            raise BackendError("this engine cannot set IA32_ARCH_CAPABILITIES")
 
     def enable(self, ack: Callable[[], int]) -> None:
         """Exceptions, INT n and SYSCALL as the CPU does them from now on, and external

@@ -281,6 +281,8 @@ class EmulateVcpu(Snapshots, PortIo, Stopping):
             self._system = SystemCpu(engine.uc)
             self._system.enable(self._acknowledge)
             self._system_cpu = True
+            if SystemCpu.reports_arch_capabilities():
+                self._system.set_arch_capabilities(cpuid.ARCH_CAPABILITIES)
         else:  # the wheel: the Python path below does it, from hooks and between bursts
             engine.add_hook(uc_const.UC_HOOK_INSN, self._on_syscall, x86.UC_X86_INS_SYSCALL)
             engine.add_hook(uc_const.UC_HOOK_INTR, self._on_interrupt)
