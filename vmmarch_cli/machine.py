@@ -250,15 +250,17 @@ def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
             mask = config.cpu_mask if config.cpu_mask is not None else host_mask
             vm = hv.create_vm(memory)
             try:
+                # What does not depend on the kernel, while it is still being read (measured:
+                # the CPUID model took 7-13 ms of the ~25 ms the copy of Debian's takes).
+                vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
+                supported = vm.supported_cpuid()
+                leaked = (probe_cpuid_mask(vcpus[0], supported, mask, config.cpus)
+                          if mask else [])
                 t1 = time.monotonic()
                 kernel = loading.result()
                 initrd = (0, 0)
                 if config.initrd is not None:
                     initrd = loader.load_initrd(config.initrd, memory, kernel)
-                vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
-                supported = vm.supported_cpuid()
-                leaked = (probe_cpuid_mask(vcpus[0], supported, mask, config.cpus)
-                          if mask else [])
                 cmdline = build_cmdline(config, bool(mask and host_mask), leaked)
                 raw_cmdline = loader.check_cmdline(cmdline, kernel)
                 protocol, entry = choose_protocol(kernel, config.boot_protocol)

@@ -52,8 +52,8 @@ class HostTsc:
 
 class TscClock:
     """The TSC rate, timed between the clock's creation and ``hz()``, at least ``MIN_NS``
-    apart: a VM makes its clock before the kernel is loaded and asks after, so a boot waits for
-    it only when the load took less time."""
+    apart: a VM makes its clock when it is created and asks while the kernel is read, so a
+    boot's wait for it overlaps the load."""
 
     MIN_NS = 5_000_000
 

@@ -26,7 +26,7 @@ class EmulateVm:
         self._cpu = smp.CpuLock()
         # Its ID follows the CPUs', as the MADT and the MP table say (create_vcpu renumbers it).
         self.ioapic = IoApic(board.ioapic_id(1), self._deliver)
-        # Started now, read when the CPUID model is asked for (after the kernel is loaded).
+        # Started now, read when the CPUID model is asked for (while the kernel is read).
         self._tsc = None if _TSC_HZ else TscClock()
 
     def supported_cpuid(self) -> list[CpuidEntry]:
