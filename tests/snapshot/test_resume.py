@@ -136,7 +136,7 @@ def test_bad_snapshots_are_refused_in_one_line(saved: Path, tmp_path: Path) -> N
 def test_another_engine_backend_or_machine_is_refused(saved: Path, tmp_path: Path) -> None:
     engine = rewritten(saved, tmp_path / "engine.snap", engine="unicorn-2.1.4-000000-000000")
     one_line(run_cli("resume", str(engine), env=ENGINE), 65,
-             "taken on CPU engine unicorn-2.1.4-000000-000000")
+             "taken on unicorn-2.1.4-000000-000000; this emulate backend runs unicorn-")
     one_line(run_cli("resume", str(saved), "--backend", "kvm", env=ENGINE), 65,
              "taken on the emulate backend, not kvm")
     one_line(run_cli("resume", str(saved), "--mem", "512M", env=ENGINE), 65,
@@ -147,15 +147,14 @@ def test_another_engine_backend_or_machine_is_refused(saved: Path, tmp_path: Pat
     assert wheel.returncode == 69 and "snapshots need the vmm-arch engine" in wheel.stderr
 
 
-def test_backends_that_cannot_are_refused_before_the_guest_runs(
-        guests: dict[str, Path], tmp_path: Path, kvm: None) -> None:
-    for env, backend, text in ((ENGINE, "kvm", "the kvm backend cannot take snapshots yet"),
-                               ({"VMMARCH_ENGINE": "wheel", "LIBUNICORN_PATH": ""}, "emulate",
-                                "snapshots need the vmm-arch engine")):
-        done = run_cli("boot", str(guests["resume"]), "--backend", backend, "--expect",
-                       "RESUME READY", "--snapshot", str(tmp_path / "s"), env=env)
-        assert done.returncode == 69, done.stderr
-        assert text in done.stderr and "RESUME START" not in done.stdout
+def test_a_backend_that_cannot_is_refused_before_the_guest_runs(
+        guests: dict[str, Path], tmp_path: Path) -> None:
+    done = run_cli("boot", str(guests["resume"]), "--backend", "emulate", "--expect",
+                   "RESUME READY", "--snapshot", str(tmp_path / "s"),
+                   env={"VMMARCH_ENGINE": "wheel", "LIBUNICORN_PATH": ""})
+    assert done.returncode == 69, done.stderr
+    assert "snapshots need the vmm-arch engine" in done.stderr
+    assert "RESUME START" not in done.stdout
     assert not list(tmp_path.iterdir())
 
 

@@ -129,7 +129,7 @@ def restore_vm(snapshot: Snapshot, backend: str, vm: Vm, vcpus: Sequence[Vcpu]) 
         raise BackendUnavailableError(refusal)
     made_by = snapshot.description.get("engine")
     if made_by != vm.snapshot_identity():
-        raise SnapshotError(f"{snapshot.path}: taken on CPU engine {made_by}; this one is "
+        raise SnapshotError(f"{snapshot.path}: taken on {made_by}; this {backend} backend runs "
                             f"{vm.snapshot_identity()} (take the snapshot again)")
     vm.restore_state(_section(snapshot, VM_SECTION))
     for v in vcpus:

@@ -12,6 +12,14 @@ MSR_IA32_SYSENTER_ESP = 0x175
 MSR_IA32_SYSENTER_EIP = 0x176
 MSR_IA32_MISC_ENABLE = 0x1A0
 MSR_MTRR_DEF_TYPE = 0x2FF
+#: The MTRRs a guest programs (SDM vol. 3A 11.11.2): variable ranges as base/mask pairs from
+#: 200H (as many pairs as IA32_MTRRCAP.VCNT says; 8 here, the most KVM offers), and the
+#: fixed ranges below 1 MiB.
+MSR_MTRR_PHYS_BASE0 = 0x200
+MTRR_VARIABLE_PAIRS = 8
+MSR_MTRR_FIXED = (0x250, 0x258, 0x259, *range(0x268, 0x270))
+MTRR_MSRS = (*range(MSR_MTRR_PHYS_BASE0, MSR_MTRR_PHYS_BASE0 + 2 * MTRR_VARIABLE_PAIRS),
+             *MSR_MTRR_FIXED, MSR_MTRR_DEF_TYPE)
 MSR_EFER = 0xC000_0080
 MSR_STAR = 0xC000_0081
 MSR_LSTAR = 0xC000_0082

@@ -17,6 +17,7 @@ c_u8 = ctypes.c_uint8
 c_u16 = ctypes.c_uint16
 c_u32 = ctypes.c_uint32
 c_u64 = ctypes.c_uint64
+c_s64 = ctypes.c_int64
 
 KVM_API_VERSION = 12
 KVMIO = 0xAE
@@ -213,6 +214,70 @@ class kvm_enable_cap(ctypes.Structure):
     _fields_ = [("cap", c_u32), ("flags", c_u32), ("args", c_u64 * 4), ("pad", c_u8 * 64)]
 
 
+# --- snapshots (backends/kvm/snapshot.py) ----------------------------------------------------
+
+
+class kvm_mp_state(ctypes.Structure):
+    _fields_ = [("mp_state", c_u32)]
+
+
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_UNINITIALIZED = 1
+KVM_MP_STATE_INIT_RECEIVED = 2
+KVM_MP_STATE_HALTED = 3
+KVM_MP_STATE_SIPI_RECEIVED = 4
+
+
+class kvm_debugregs(ctypes.Structure):
+    _fields_ = [("db", c_u64 * 4), ("dr6", c_u64), ("dr7", c_u64), ("flags", c_u64),
+                ("reserved", c_u64 * 9)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcr(ctypes.Structure):
+    _fields_ = [("xcr", c_u32), ("reserved", c_u32), ("value", c_u64)]
+
+
+class kvm_xcrs(ctypes.Structure):
+    _fields_ = [("nr_xcrs", c_u32), ("flags", c_u32), ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+                ("padding", c_u64 * 16)]
+
+
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+
+
+class kvm_irqchip(ctypes.Structure):
+    """The chip's state is a union of struct kvm_pic_state and struct kvm_ioapic_state in 512
+    bytes; a snapshot keeps it whole, so it is declared as the bytes."""
+
+    _fields_ = [("chip_id", c_u32), ("pad", c_u32), ("chip", c_u8 * 512)]
+
+
+class kvm_pit_channel_state(ctypes.Structure):
+    _fields_ = [("count", c_u32), ("latched_count", c_u16), ("count_latched", c_u8),
+                ("status_latched", c_u8), ("status", c_u8), ("read_state", c_u8),
+                ("write_state", c_u8), ("write_latch", c_u8), ("rw_mode", c_u8),
+                ("mode", c_u8), ("bcd", c_u8), ("gate", c_u8), ("count_load_time", c_s64)]
+
+
+class kvm_pit_state2(ctypes.Structure):
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", c_u32),
+                ("reserved", c_u32 * 9)]
+
+
+class kvm_clock_data(ctypes.Structure):
+    _fields_ = [("clock", c_u64), ("flags", c_u32), ("pad0", c_u32), ("realtime", c_u64),
+                ("host_tsc", c_u64), ("pad", c_u32 * 4)]
+
+
+class kvm_msr_list(ctypes.Structure):
+    _fields_ = [("nmsrs", c_u32)]  # followed by nmsrs __u32 indices (msr_list_buffer)
+
+
 # --- kvm_run (the shared page mmap'ed from the vCPU fd) ---------------------------------------
 
 
@@ -324,9 +389,13 @@ KVM_CAP_USER_MEMORY = 3
 KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_EXT_CPUID = 7
 KVM_CAP_NR_VCPUS = 9
+KVM_CAP_MP_STATE = 14
 KVM_CAP_PIT2 = 33
+KVM_CAP_ADJUST_CLOCK = 39
 KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_DEBUGREGS = 50
 KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_TSC_DEADLINE_TIMER = 72
 KVM_CAP_IMMEDIATE_EXIT = 136
@@ -336,6 +405,7 @@ KVM_GET_API_VERSION = IO(KVMIO, 0x00)
 KVM_CREATE_VM = IO(KVMIO, 0x01)
 KVM_CHECK_EXTENSION = IO(KVMIO, 0x03)
 KVM_GET_VCPU_MMAP_SIZE = IO(KVMIO, 0x04)
+KVM_GET_MSR_INDEX_LIST = IOWR(KVMIO, 0x02, kvm_msr_list)
 KVM_GET_SUPPORTED_CPUID = IOWR(KVMIO, 0x05, kvm_cpuid2)
 # ioctls on a VM fd
 KVM_CREATE_VCPU = IO(KVMIO, 0x41)
@@ -343,7 +413,13 @@ KVM_SET_USER_MEMORY_REGION = IOW(KVMIO, 0x46, kvm_userspace_memory_region)
 KVM_SET_TSS_ADDR = IO(KVMIO, 0x47)
 KVM_CREATE_IRQCHIP = IO(KVMIO, 0x60)
 KVM_IRQ_LINE = IOW(KVMIO, 0x61, kvm_irq_level)
+KVM_GET_IRQCHIP = IOWR(KVMIO, 0x62, kvm_irqchip)
+KVM_SET_IRQCHIP = IOR(KVMIO, 0x63, kvm_irqchip)  # sic: _IOR in linux/kvm.h
 KVM_CREATE_PIT2 = IOW(KVMIO, 0x77, kvm_pit_config)
+KVM_SET_CLOCK = IOW(KVMIO, 0x7B, kvm_clock_data)
+KVM_GET_CLOCK = IOR(KVMIO, 0x7C, kvm_clock_data)
+KVM_GET_PIT2 = IOR(KVMIO, 0x9F, kvm_pit_state2)  # VM ioctls: the numbers are reused on vCPUs
+KVM_SET_PIT2 = IOW(KVMIO, 0xA0, kvm_pit_state2)
 # ioctls on a vCPU fd
 KVM_RUN = IO(KVMIO, 0x80)
 KVM_GET_REGS = IOR(KVMIO, 0x81, kvm_regs)
@@ -358,12 +434,18 @@ KVM_GET_LAPIC = IOR(KVMIO, 0x8E, kvm_lapic_state)
 KVM_SET_LAPIC = IOW(KVMIO, 0x8F, kvm_lapic_state)
 KVM_SET_CPUID2 = IOW(KVMIO, 0x90, kvm_cpuid2)
 KVM_GET_CPUID2 = IOWR(KVMIO, 0x91, kvm_cpuid2)
+KVM_GET_MP_STATE = IOR(KVMIO, 0x98, kvm_mp_state)
+KVM_SET_MP_STATE = IOW(KVMIO, 0x99, kvm_mp_state)
 KVM_GET_VCPU_EVENTS = IOR(KVMIO, 0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = IOW(KVMIO, 0xA0, kvm_vcpu_events)
+KVM_GET_DEBUGREGS = IOR(KVMIO, 0xA1, kvm_debugregs)
+KVM_SET_DEBUGREGS = IOW(KVMIO, 0xA2, kvm_debugregs)
 KVM_SET_GUEST_DEBUG = IOW(KVMIO, 0x9B, kvm_guest_debug)
 KVM_ENABLE_CAP = IOW(KVMIO, 0xA3, kvm_enable_cap)
 KVM_GET_XSAVE = IOR(KVMIO, 0xA4, kvm_xsave)
 KVM_SET_XSAVE = IOW(KVMIO, 0xA5, kvm_xsave)
+KVM_GET_XCRS = IOR(KVMIO, 0xA6, kvm_xcrs)
+KVM_SET_XCRS = IOW(KVMIO, 0xA7, kvm_xcrs)
 
 
 @functools.cache

@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vmmarch_cli.arch.x86_64 import fxsave
 from vmmarch_cli.arch.x86_64.opcodes import OPCODE_FWAIT, OPCODE_INT3
@@ -19,7 +19,7 @@ from vmmarch_cli.arch.x86_64.regs import (
     DR6_BREAKPOINT_HITS,
     dr7_execute_breakpoints,
 )
-from vmmarch_cli.backends.kvm import abi, convert
+from vmmarch_cli.backends.kvm import abi, convert, snapshot
 from vmmarch_cli.backends.kvm.emulation import (
     SoftwareEvent,
     decode_software_event,
@@ -76,9 +76,13 @@ def _fxsave_of(f: abi.kvm_fpu) -> fxsave.Fxsave:
 
 
 class KvmVcpu:
-    def __init__(self, index: int, fd: int, mmap_size: int, has_xsave: bool) -> None:
+    def __init__(self, index: int, fd: int, mmap_size: int, has_xsave: bool,
+                 has_xcrs: bool = False,
+                 snapshot_msrs: Callable[[], list[int]] = list) -> None:
         self.index = index
         self._fd = fd
+        self._has_xcrs = has_xcrs
+        self._snapshot_msrs = snapshot_msrs  # the MSRs a snapshot keeps (KVM's index list)
         self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         # from_address, not from_buffer: a buffer export would make close() fail while any
         # frame (a traceback, a finished thread's) still holds the structure.
@@ -203,6 +207,24 @@ class KvmVcpu:
     def set_lapic(self, lapic: Lapic) -> None:
         k = abi.kvm_lapic_state.from_buffer_copy(lapic.page.ljust(abi.KVM_APIC_REG_SIZE, b"\0"))
         checked(self._fd, abi.KVM_SET_LAPIC, k, "KVM_SET_LAPIC")
+
+    # --- snapshots (vcpu.SnapshotVcpu; snapshot.py) ------------------------------------
+
+    def save_state(self) -> bytes:
+        """Everything KVM holds of this vCPU, which does not run now. An exit's port or MMIO
+        access is completed first, as KVM_RUN with immediate_exit does it (api.rst 4.2: KVM
+        finishes the instruction before it returns EINTR), so the state is between
+        instructions."""
+        run = self.run_struct
+        run.immediate_exit = 1
+        raw_ioctl(self._fd, abi.KVM_RUN, None)  # EINTR by design
+        if not self._stop.is_set():
+            run.immediate_exit = 0
+        return snapshot.save_vcpu(self._fd, self._has_xsave, self._has_xcrs,
+                                  self._snapshot_msrs())
+
+    def restore_state(self, data: bytes) -> None:
+        snapshot.restore_vcpu(self._fd, self._has_xsave, data, self.index)
 
     # --- running -----------------------------------------------------------------------
 

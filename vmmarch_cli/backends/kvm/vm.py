@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from vmmarch_cli.arch.x86_64 import layout
-from vmmarch_cli.backends.kvm import abi
+from vmmarch_cli.backends.kvm import abi, snapshot
 from vmmarch_cli.backends.kvm.system import check_extension, checked, ioctl
 from vmmarch_cli.backends.kvm.vcpu import KvmVcpu, cpuid_from_kvm
 from vmmarch_cli.vcpu import CpuidEntry, HostMemory
@@ -25,6 +25,8 @@ class KvmVm:
             self._mmap_size = checked(kvm_fd, abi.KVM_GET_VCPU_MMAP_SIZE, None,
                                       "KVM_GET_VCPU_MMAP_SIZE")
             self._has_xsave = check_extension(kvm_fd, abi.KVM_CAP_XSAVE) > 0
+            self._has_xcrs = check_extension(kvm_fd, abi.KVM_CAP_XCRS) > 0
+            self._msrs: list[int] | None = None
             # The VMX real-mode TSS needs three pages of guest-physical space outside RAM.
             checked(self._fd, abi.KVM_SET_TSS_ADDR, layout.KVM_TSS_ADDRESS, "KVM_SET_TSS_ADDR")
             # The irqchip must exist before any vCPU (Documentation/virt/kvm/api.rst 4.24).
@@ -50,12 +52,32 @@ class KvmVm:
     def create_vcpu(self, index: int) -> KvmVcpu:
         fd = checked(self._fd, abi.KVM_CREATE_VCPU, index, f"KVM_CREATE_VCPU {index}")
         try:
-            vcpu = KvmVcpu(index, fd, self._mmap_size, self._has_xsave)
+            vcpu = KvmVcpu(index, fd, self._mmap_size, self._has_xsave, self._has_xcrs,
+                           self._snapshot_msrs)
         except BaseException:
             os.close(fd)
             raise
         self._vcpus.append(vcpu)
         return vcpu
+
+    # --- snapshots (vcpu.SnapshotVm; snapshot.py) --------------------------------------
+
+    def snapshot_identity(self) -> str:
+        return snapshot.identity(self.supported_cpuid())
+
+    def snapshot_refusal(self) -> str | None:
+        return snapshot.refusal(self._kvm_fd)
+
+    def save_state(self) -> bytes:
+        return snapshot.save_vm(self._fd)
+
+    def restore_state(self, data: bytes) -> None:
+        snapshot.restore_vm(self._fd, data)
+
+    def _snapshot_msrs(self) -> list[int]:
+        if self._msrs is None:
+            self._msrs = snapshot.msrs_to_save(self._kvm_fd)
+        return self._msrs
 
     def set_irq_line(self, irq: int, level: bool) -> None:
         line = abi.kvm_irq_level()
