@@ -84,11 +84,12 @@ def damaged(path: Path, at: int, data: bytes) -> Path:
     ("foreign", "not a vmm-arch snapshot"),
     ("short header", "truncated snapshot"),
     ("cut", "truncated snapshot"),
-    ("version", "format version 7; this vmm-arch reads version 2"),
+    ("version", "format version 7; this vmm-arch reads version 3"),
     ("header", "its header fails the CRC"),
     ("description", "its state fails the CRC"),
     ("section", "its state fails the CRC"),
     ("memory", "its memory fails the CRC"),
+    ("outside", "its memory fails the CRC"),  # a page the runs leave out (zeros) written
 ])
 def test_damage_is_refused_in_one_line(memory: MmapGuestMemory, tmp_path: Path, how: str,
                                        message: str) -> None:
@@ -112,8 +113,10 @@ def test_damage_is_refused_in_one_line(memory: MmapGuestMemory, tmp_path: Path, 
         bad = damaged(path, at + 1, b"kvm!")
     elif how == "section":
         bad = damaged(path, header.description_offset + header.state_length - 5, b"\x02")
-    else:
+    elif how == "memory":
         bad = damaged(path, header.memory_offset + 3 * image.PAGE + 100, b"\xff")
+    else:
+        bad = damaged(path, header.memory_offset + 1 * image.PAGE + 100, b"\xff")
     with pytest.raises(SnapshotError) as raised:
         fileformat.read(bad)
     assert message in str(raised.value) and "\n" not in str(raised.value)

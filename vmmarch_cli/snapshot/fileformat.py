@@ -36,7 +36,10 @@ from vmmarch_cli.errors import BadInputError
 from vmmarch_cli.snapshot import image
 
 MAGIC = b"VMMARCH\x1a"  # \x1a: a text reader stops at once (as PNG's signature does)
-VERSION = 2  # 2: the memory CRC sums runs of pages, not pages
+#: The description's list of the memory image's runs of non-zero pages, [[first, count], ...]
+#: in pages (image.py), which its CRC covers.
+MEMORY_RUNS = "memory_runs"
+VERSION = 3  # 2: the memory CRC sums runs of pages, not pages; 3: the description lists them
 
 
 class SnapshotError(BadInputError):
@@ -69,6 +72,7 @@ class Snapshot:
     memory_offset: int
     memory_length: int
     memory_crc: int
+    memory_runs: tuple[image.Run, ...] = ()
 
 
 def write(path: Path, description: Mapping[str, Any], sections: Mapping[str, bytes],
@@ -81,7 +85,9 @@ def write(path: Path, description: Mapping[str, Any], sections: Mapping[str, byt
     for name, data in sections.items():
         table.append({"name": name, "length": len(data)})
         blobs += data
-    text = json.dumps({**description, "sections": table}, sort_keys=True).encode()
+    memory_runs = image.runs(memory)
+    text = json.dumps({**description, "sections": table, MEMORY_RUNS: memory_runs},
+                      sort_keys=True).encode()
     state = text + bytes(blobs)
     start = Header.sizeof()
     memory_offset = image.page_align(start + len(state))
@@ -89,7 +95,7 @@ def write(path: Path, description: Mapping[str, Any], sections: Mapping[str, byt
     try:
         os.fchmod(fd, 0o644)
         os.pwrite(fd, state, start)
-        memory_crc = image.write(fd, memory_offset, memory)
+        memory_crc = image.write(fd, memory_offset, memory, memory_runs)
         header = Header(magic=MAGIC, version=VERSION, description_offset=start,
                         description_length=len(text), state_length=len(state),
                         state_crc=zlib.crc32(state), memory_crc=memory_crc,
@@ -158,7 +164,8 @@ def read_from(f: BufferedReader, path: Path) -> Snapshot:
 def check_memory(snapshot: Snapshot, f: BufferedReader) -> None:
     """The memory image's CRC, which ``read_from`` leaves out. Raises SnapshotError."""
     try:
-        got = image.crc(f.fileno(), snapshot.memory_offset, snapshot.memory_length)
+        got = image.crc(f.fileno(), snapshot.memory_offset, snapshot.memory_length,
+                        snapshot.memory_runs)
     except (OSError, ValueError) as e:
         raise SnapshotError(f"cannot read snapshot {snapshot.path}: {e}") from None
     if got != snapshot.memory_crc:
@@ -186,6 +193,8 @@ def _parse(path: Path, header: Header, state: bytes) -> Snapshot:
     text = state[: header.description_length]
     try:
         description = json.loads(text)
+        memory_runs = tuple((int(first), int(count))
+                            for first, count in description.pop(MEMORY_RUNS))
         sections: dict[str, bytes] = {}
         at = header.description_length
         for entry in description.pop("sections"):
@@ -198,4 +207,4 @@ def _parse(path: Path, header: Header, state: bytes) -> Snapshot:
         # Only a writer's bug gets here: the CRC matched what was written.
         raise SnapshotError(f"{name}: unreadable snapshot description ({e})") from None
     return Snapshot(path, description, sections, header.memory_offset, header.memory_length,
-                    header.memory_crc)
+                    header.memory_crc, memory_runs)

@@ -8,7 +8,9 @@ cache until they write.
 
 The image's CRC covers each run of pages that are not all zeros, with where it starts and its
 length (so that it does not depend on which zeros a file system keeps as holes, or whether
-``cp`` kept them).
+``cp`` kept them). The snapshot's description lists the runs, so a restore sums them without
+looking for zeros first; it only checks that nothing outside them holds data (where the file
+system keeps the zeros as holes, nothing is read for that).
 """
 
 from __future__ import annotations
@@ -70,29 +72,48 @@ def nonzero_runs(address: int, length: int) -> Iterator[tuple[int, int]]:
         yield first, length // PAGE - first
 
 
-def write(fd: int, offset: int, source: MemorySource) -> int:
-    """Write ``source`` as a sparse image at ``offset`` (page-aligned) of ``fd``; return its
-    CRC. Raises OSError."""
-    os.ftruncate(fd, offset + source.length)
-    runs: list[tuple[int, int]] = []
+#: (first page, page count) of a run of pages of the image that are not all zeros.
+Run = tuple[int, int]
+
+
+def runs(source: MemorySource) -> list[Run]:
+    """The runs of non-zero pages of ``source``, in image pages, adjacent runs as one."""
+    found: list[Run] = []
     base_page = 0
     for address, length in source.regions:
-        for first, count in nonzero_runs(address, length):
-            data = (ctypes.c_char * (count * PAGE)).from_address(address + first * PAGE)
-            view = memoryview(data).cast("B")
-            written = 0
-            while written < len(view):
-                written += os.pwrite(fd, view[written:],
-                                     offset + (base_page + first) * PAGE + written)
-            runs.append((base_page + first, count))
+        found += [(base_page + first, count) for first, count in nonzero_runs(address, length)]
         base_page += length // PAGE
-    return _runs_crc(_merged(runs), lambda first, count: _source_pages(source, first, count))
+    return _merged(found)
 
 
-def crc(fd: int, offset: int, length: int) -> int:
-    """The CRC of the image at ``offset`` of ``fd``, reading only what is not a hole (where
-    the file system can tell: SEEK_DATA). Raises OSError. zlib releases the GIL while it sums,
-    so this can run beside other work (machine.py runs it beside the backend's setup)."""
+def write(fd: int, offset: int, source: MemorySource, image_runs: Sequence[Run]) -> int:
+    """Write ``source``'s ``image_runs`` (``runs``) as a sparse image at ``offset``
+    (page-aligned) of ``fd``; return its CRC, of what was written, from guest RAM. Raises
+    OSError."""
+    os.ftruncate(fd, offset + source.length)
+    for first, count in image_runs:
+        at = offset + first * PAGE
+        for piece in _source_pages(source, first, count):  # a piece per region it spans
+            written = 0
+            while written < len(piece):
+                written += os.pwrite(fd, piece[written:], at + written)
+            at += len(piece)
+    return _runs_crc(list(image_runs), lambda first, count: _source_pages(source, first, count))
+
+
+def crc(fd: int, offset: int, length: int, image_runs: Sequence[Run]) -> int | None:
+    """The CRC of the image at ``offset`` of ``fd`` over ``image_runs``, as the snapshot's
+    description lists them; None when a page outside them is not all zeros (a damaged or
+    rewritten image). Only the runs and what the file system keeps as data outside them
+    (SEEK_DATA: nothing, where it keeps holes) are read. Raises OSError, and ValueError for
+    runs that do not fit the image. zlib releases the GIL while it sums, so this can run beside
+    other work (machine.py runs it beside the backend's setup)."""
+    pages = length // PAGE
+    at = 0
+    for first, count in image_runs:
+        if first < at or count <= 0 or first + count > pages:
+            raise ValueError("its memory runs do not fit the image")
+        at = first + count
     if not length:
         return 0
     # A private mapping is writable, so ctypes can take its address; nothing writes to it.
@@ -100,13 +121,28 @@ def crc(fd: int, offset: int, length: int) -> int:
         anchor = ctypes.c_char.from_buffer(view)
         address = ctypes.addressof(anchor)
         del anchor  # no export may outlive the mapping's close
-        runs = []
-        for start, end in _data_extents(fd, offset, length):
-            for first, count in nonzero_runs(address + start, end - start):
-                runs.append((start // PAGE + first, count))
-        with memoryview(view) as pages:
-            return _runs_crc(_merged(runs), lambda first, count: [
-                pages[first * PAGE : (first + count) * PAGE]])
+        for start, end in _outside(_data_extents(fd, offset, length), image_runs):
+            if next(nonzero_runs(address + start, end - start), None) is not None:
+                return None
+        with memoryview(view) as image:
+            return _runs_crc(list(image_runs), lambda first, count: [
+                image[first * PAGE : (first + count) * PAGE]])
+
+
+def _outside(extents: Iterable[tuple[int, int]], image_runs: Sequence[Run]
+             ) -> Iterator[tuple[int, int]]:
+    """The parts of the data ``extents`` ([start, end) in bytes) that no run covers."""
+    covered = [(first * PAGE, (first + count) * PAGE) for first, count in image_runs]
+    for start, end in extents:
+        at = start
+        for run_start, run_end in covered:
+            if run_end <= at or run_start >= end:
+                continue
+            if run_start > at:
+                yield at, run_start
+            at = max(at, run_end)
+        if at < end:
+            yield at, end
 
 
 def _merged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
