@@ -24,12 +24,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from vmmarch_cli import backends, errors, loader, posted_io
 from vmmarch_cli.arch.x86_64 import board, e820
-from vmmarch_cli.arch.x86_64.pipeline import (
-    BootPlan,
-    StepRecord,
-    configure,
-    probe_cpuid_mask,
-)
 from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.config import BASE_CMDLINE, EMULATED_RING0_CMDLINE, BootConfig
 from vmmarch_cli.console import Console
@@ -63,6 +57,7 @@ from vmmarch_cli.vcpu import (
 )
 
 if TYPE_CHECKING:
+    from vmmarch_cli.arch.x86_64.pipeline import StepRecord
     from vmmarch_cli.debugging import AllStop, Debugger
     from vmmarch_cli.snapshot.fileformat import Snapshot
 
@@ -231,6 +226,9 @@ def prepare(config: BootConfig, quiet: bool = False) -> Iterator[Prepared]:
         with _restored(config, quiet) as prepared:
             yield prepared
         return
+    # Here, not at the top: a restore runs no pipeline (~8 ms of imports).
+    from vmmarch_cli.arch.x86_64.pipeline import BootPlan, configure, probe_cpuid_mask
+
     t0 = time.monotonic()
     chosen = backends.resolve(config.backend)
     decompression = choose_decompression(

@@ -7,10 +7,11 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from io import BufferedReader
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmmarch_cli.arch.x86_64 import layout, paging
 from vmmarch_cli.files import NotRegularFile, open_regular
-from vmmarch_cli.loader import bzimage, elf, elf64, errors
+from vmmarch_cli.loader import bzimage, elf64, errors
 from vmmarch_cli.loader.host_decompress import (
     Decompress,
     Decompression,
@@ -20,6 +21,12 @@ from vmmarch_cli.loader.host_decompress import (
     host_vmlinux,
 )
 from vmmarch_cli.vcpu import GuestMemory
+
+if TYPE_CHECKING:
+    from vmmarch_cli.loader import elf
+
+# ``elf`` (pyelftools: ~10 ms of imports) is imported where an ELF is parsed or loaded: a
+# snapshot's restore, --help and the commands that load no kernel never pay for it.
 
 #: boot.rst: without a header saying otherwise the initrd must end below 0x37FFFFFF + 1.
 DEFAULT_INITRD_ADDR_MAX = 0x37FF_FFFF
@@ -118,6 +125,8 @@ def parse_kernel(path: Path, plan: Decompression = GUEST_DECOMPRESSES,
                 f"{name}: neither an ELF vmlinux nor a bzImage (starts with "
                 f"{head[:4].hex(' ')})"
             )
+        from vmmarch_cli.loader import elf
+
         info = elf.parse(f, size, name)
         if not describe_only:
             elf.require_bootable(info, name)
@@ -137,6 +146,8 @@ def _decompressed(parsed: ParsedKernel, bz: bzimage.BzImageInfo, data: bytes,
     """The bzImage's vmlinux (decompressed now, or cached) as the kernel to load: an ELF entered
     through the 64-bit protocol at its own entry, with the bzImage's setup header for
     boot_params (code32_start saying where the kernel is)."""
+    from vmmarch_cli.loader import elf
+
     name = _vmlinux_name(parsed.path)
 
     def parse(f: VmlinuxFile) -> elf.ElfInfo:
@@ -170,6 +181,8 @@ def load_kernel(path: Path, memory: GuestMemory,
                 plan: Decompression = GUEST_DECOMPRESSES) -> KernelImage:
     """Parse (decompressing a bzImage on the host if ``plan`` says so, see ``parse_kernel``),
     check against guest RAM, then copy the image in."""
+    from vmmarch_cli.loader import elf
+
     parsed = parse_kernel(path, plan)
     name = str(path)
     if parsed.vmlinux is not None and parsed.elf is not None:
