@@ -510,8 +510,9 @@ class HypervisorClass(Protocol):
         """Open the backend; what it has to say while opening goes to stderr unless ``quiet``."""
         ...
 
-    def probe(self) -> HypervisorInfo:
-        """Whether it can run here, and why not (``vmm-arch backends``); opens nothing."""
+    def probe(self, facts: bool = True) -> HypervisorInfo:
+        """Whether it can run here, and why not (``vmm-arch backends``); opens nothing. Without
+        ``facts`` only whether (``auto`` choosing a backend), which may cost less."""
         ...
 
     def runs_ring0_in_hardware(self) -> bool:

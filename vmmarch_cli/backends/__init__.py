@@ -40,10 +40,10 @@ def pick() -> Pick:
     /dev/kvm is missing, unusable, or emulates guest ring 0 (a nested KVM without VMX runs
     guest kernel code ~1000x slower and cannot enter ring 0 from a user SYSCALL:
     docs/limited-kvm.md); KVM as it is when the emulate backend is unavailable."""
-    kvm = probe("kvm")
+    kvm = probe("kvm", facts=False)
     if kvm.usable and runs_ring0_in_hardware("kvm"):
         return Pick("kvm", "/dev/kvm runs guest ring 0 in hardware")
-    emulate = probe("emulate")
+    emulate = probe("emulate", facts=False)
     why_not_kvm = kvm.reason if not kvm.usable else "this host's KVM emulates guest ring 0"
     if emulate.usable:
         return Pick("emulate", why_not_kvm)
@@ -86,8 +86,8 @@ def open_backend(name: str, quiet: bool = False) -> Hypervisor:
     return _class(name)(quiet=quiet)
 
 
-def probe(name: str) -> HypervisorInfo:
+def probe(name: str, facts: bool = True) -> HypervisorInfo:
     try:
-        return _class(name).probe()
+        return _class(name).probe(facts)
     except BackendUnavailableError as e:
         return HypervisorInfo(name, False, str(e))
