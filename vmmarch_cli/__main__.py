@@ -1,3 +1,3 @@
-from vmmarch_cli.cli import main
+from vmmarch_cli.cli import run
 
-main()
+run()
