@@ -342,7 +342,7 @@ def test_state_read_back_from_unicorn_equals_what_was_set(guests: dict[str, Path
                                                           guest: str) -> None:
     """Before the first run the backend holds the state; after it unicorn does (64-bit and
     32-bit engines): a HLT must change nothing but RIP."""
-    from vmmarch_cli.commands.dump_regs import READBACK_MSRS
+    from vmmarch_cli.readback import READBACK_MSRS
 
     config = BootConfig(kernel=guests[guest], backend="emulate", cpu_mask=frozenset())
     with machine.prepare(config) as p:

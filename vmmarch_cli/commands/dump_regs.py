@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import click
@@ -12,47 +13,12 @@ from rich.console import Console
 from rich.table import Table
 
 from vmmarch_cli import machine
-from vmmarch_cli.arch.x86_64 import lapic, msr, tables
+from vmmarch_cli.arch.x86_64 import tables
 from vmmarch_cli.commands import options
 from vmmarch_cli.config import BootConfig
-from vmmarch_cli.render import (
-    hex64,
-    kv_table,
-    regs_dict,
-    regs_table,
-    sregs_dict,
-    sregs_tables,
-)
-from vmmarch_cli.vcpu import Regs, Sregs, Vcpu
-
-#: MSRs read back: the boot list plus the two the CPU state depends on.
-READBACK_MSRS = (
-    *(e.index for e in msr.boot_msrs()),
-    msr.MSR_EFER,
-    msr.MSR_IA32_APIC_BASE,
-)
-
-
-def readback(vcpu: Vcpu) -> dict[str, Any]:
-    """Everything dump-regs shows, read from the vCPU (never from our own inputs)."""
-    fpu = vcpu.get_fpu()
-    lap = vcpu.get_lapic()
-    return {
-        "index": vcpu.index,
-        "regs": regs_dict(vcpu.get_regs()),
-        "sregs": sregs_dict(vcpu.get_sregs()),
-        "fpu": {"fcw": f"{fpu.fcw:#06x}", "mxcsr": f"{fpu.mxcsr:#010x}"},
-        "msrs": {msr.MSR_NAMES.get(e.index, f"{e.index:#x}"): hex64(e.value)
-                 for e in vcpu.get_msrs(READBACK_MSRS)},
-        "lapic": {"lvt0": f"{lap.register(lapic.APIC_LVT0):#010x}",
-                  "lvt1": f"{lap.register(lapic.APIC_LVT1):#010x}"},
-        "cpuid": [
-            {"function": f"{e.function:#x}", "index": f"{e.index:#x}", "eax": f"{e.eax:#010x}",
-             "ebx": f"{e.ebx:#010x}", "ecx": f"{e.ecx:#010x}", "edx": f"{e.edx:#010x}"}
-            for e in vcpu.get_cpuid()
-        ],
-    }
-
+from vmmarch_cli.readback import readback
+from vmmarch_cli.render import kv_table, regs_table, sregs_tables
+from vmmarch_cli.vcpu import Regs, Sregs
 
 #: Read-back values that legitimately differ between backends (docs/backends.md, "Backend-
 #: specific values"), as paths below ``cpus.<n>.``: the TSC counts on KVM and is kept as written
@@ -125,10 +91,10 @@ def state_document(config: BootConfig) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (64-bit values as hex strings).")
 @click.option("--cpuid/--no-cpuid", "show_cpuid", default=False,
               help="Also list every CPUID leaf set (always in --json).")
-@click.option("--compare", "compare", default=None, metavar="BACKEND",
-              help="Also run the pipeline on BACKEND and show both states side by side, "
-                   "differences in red (JSON: {a, b, diff}). Backend-specific values (TSC, CR2, "
-                   "CPUID) are not counted as differences.")
+@click.option("--compare", "compare", default=None, metavar="BACKEND|SNAPSHOT",
+              help="Also run the pipeline on BACKEND, or read SNAPSHOT, and show both states "
+                   "side by side, differences in red (JSON: {a, b, diff}). Backend-specific "
+                   "values (TSC, CR2, CPUID) are not counted as differences.")
 @click.option("--cpu", "cpu", type=click.IntRange(min=0), default=None, metavar="N",
               help="Show only vCPU N (default: every vCPU).")
 @click.option("--tables", "show_tables", is_flag=True,
@@ -140,14 +106,24 @@ def dump_regs_command(as_json: bool, show_cpuid: bool, compare: str | None, cpu:
     from the hypervisor, without starting the guest.
 
     The steps and what each set are listed first, so a difference can be traced to a step.
+    KERNEL (or --compare) may be a snapshot (`boot --snapshot`): its vCPUs are shown as their
+    backend read them when it was taken. Two snapshots of one guest taken at the same console
+    line on KVM and on the emulate backend show where the two CPUs' states part.
     """
+    from vmmarch_cli.snapshot import fileformat
+
+    if fileformat.is_snapshot(kwargs["kernel"]):
+        _snapshot_command(kwargs["kernel"], compare, as_json, show_cpuid, cpu, show_tables)
+        return
     config = options.boot_config(kwargs)
     if cpu is not None and cpu >= config.cpus:
         raise click.BadParameter(f"vCPU {cpu} does not exist with --cpus {config.cpus} "
                                  f"(vCPUs are numbered 0..{config.cpus - 1})",
                                  param_hint="'--cpu'")
     if compare is not None:
-        _compare(config, replace(config, backend=compare), as_json)
+        other = (snapshot_document(Path(compare)) if fileformat.is_snapshot(Path(compare))
+                 else state_document(replace(config, backend=compare)))
+        _compare(state_document(config), other, as_json)
         return
     with machine.prepare(config) as prepared:
         doc = _document(config, prepared, cpu, show_tables)
@@ -239,8 +215,67 @@ def tables_view(doc: dict[str, Any]) -> list[Table]:
     return out
 
 
-def _compare(config_a: BootConfig, config_b: BootConfig, as_json: bool) -> None:
-    a, b = state_document(config_a), state_document(config_b)
+def snapshot_document(path: Path) -> dict[str, Any]:
+    """A snapshot's vCPUs as ``_document`` shows a boot's, from the file alone (its description
+    and each vCPU's readback section: snapshot/guest.py)."""
+    from vmmarch_cli.snapshot import fileformat, guest
+
+    snapshot = fileformat.describe(path)
+    taken = machine.described_machine(snapshot)
+    return {
+        "backend": taken.backend,
+        "label": f"{taken.backend} {path.name}",
+        "snapshot": str(path),
+        "kernel": {"path": taken.kernel.path, "format": taken.kernel.format,
+                   "entry": f"{taken.kernel.entry:#x}", "boot_protocol": taken.protocol},
+        "cmdline": taken.cmdline,
+        "cpu_mask": sorted(taken.cpu_mask),
+        "steps": [],
+        "cpus": guest.readbacks(snapshot),
+    }
+
+
+def _snapshot_command(path: Path, compare: str | None, as_json: bool, show_cpuid: bool,
+                      cpu: int | None, show_tables: bool) -> None:
+    """dump-regs of a snapshot: its vCPUs as saved, or compared with another snapshot's."""
+    from vmmarch_cli.snapshot import fileformat
+
+    if show_tables:
+        raise click.UsageError("--tables decodes a booting guest's memory, not a snapshot's")
+    doc = snapshot_document(path)
+    if compare is not None:
+        if not fileformat.is_snapshot(Path(compare)):
+            raise click.BadParameter(
+                f"{compare} is not a snapshot: a snapshot restores only on the backend that "
+                "took it (docs/snapshots.md), so it is compared with another snapshot",
+                param_hint="'--compare'")
+        _compare(doc, snapshot_document(Path(compare)), as_json)
+        return
+    if cpu is not None and cpu >= len(doc["cpus"]):
+        raise click.BadParameter(f"vCPU {cpu} does not exist in {path} (vCPUs are numbered "
+                                 f"0..{len(doc['cpus']) - 1})", param_hint="'--cpu'")
+    doc["cpus"] = [c for c in doc["cpus"] if cpu is None or c["index"] == cpu]
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    out = Console(highlight=False)
+    out.print(kv_table("snapshot", [("file", str(path)), ("backend", doc["backend"]),
+                                    ("kernel", doc["kernel"]["path"])]))
+    for state in doc["cpus"]:
+        index = state["index"]
+        out.print(kv_table(f"cpu{index} registers (when saved)", state["regs"]))
+        out.print(kv_table(f"cpu{index} special registers",
+                           {k: str(v) for k, v in flatten(state["sregs"]).items()}))
+        for part in ("fpu", "msrs", "lapic"):
+            out.print(kv_table(f"cpu{index} {part}", state[part]))
+        if show_cpuid:
+            rows = [(f"{e['function']}.{e['index']}",
+                     f"eax={e['eax']} ebx={e['ebx']} ecx={e['ecx']} edx={e['edx']}")
+                    for e in state["cpuid"]]
+            out.print(kv_table(f"cpu{index} cpuid", rows))
+
+
+def _compare(a: dict[str, Any], b: dict[str, Any], as_json: bool) -> None:
     diff = diff_states(a, b)
     if as_json:
         click.echo(json.dumps({"a": a, "b": b, "diff": diff}, indent=2))
@@ -248,15 +283,20 @@ def _compare(config_a: BootConfig, config_b: BootConfig, as_json: bool) -> None:
     out = Console(highlight=False, width=max(Console().width, COMPARE_WIDTH))
     out.print(compare_table(a, b, {d["path"] for d in diff}))
     verdict = (f"[red]{len(diff)} difference(s)[/]" if diff else "[green]no differences[/]")
-    out.print(f"{config_a.backend} vs {config_b.backend}: {verdict} "
+    out.print(f"{_label(a)} vs {_label(b)}: {verdict} "
               f"(not counted: {', '.join(BACKEND_SPECIFIC)})")
 
 
+def _label(doc: dict[str, Any]) -> str:
+    """How a state is named: its backend, and the snapshot it came from."""
+    return str(doc.get("label", doc["backend"]))
+
+
 def compare_table(a: dict[str, Any], b: dict[str, Any], differing: set[str]) -> Table:
-    t = Table(title=f"boot state: {a['backend']} vs {b['backend']}", padding=(0, 1))
+    t = Table(title=f"vCPU state: {_label(a)} vs {_label(b)}", padding=(0, 1))
     t.add_column("value", no_wrap=True)
-    t.add_column(a["backend"], no_wrap=True)
-    t.add_column(b["backend"], no_wrap=True)
+    t.add_column(_label(a), no_wrap=True)
+    t.add_column(_label(b), no_wrap=True)
     fa, fb = flatten(a["cpus"], "cpus"), flatten(b["cpus"], "cpus")
     for path in [p for p in fa if ".cpuid." not in p] + [p for p in fb if p not in fa
                                                           and ".cpuid." not in p]:

@@ -129,6 +129,15 @@ def describe(path: Path) -> Snapshot:
         return read_from(f, path)
 
 
+def is_snapshot(path: Path) -> bool:
+    """Whether ``path`` is a regular file that starts as a snapshot does (its magic)."""
+    try:
+        with files.open_regular(path) as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except (OSError, files.NotRegularFile):
+        return False
+
+
 def open_file(path: Path) -> BufferedReader:
     """``path`` opened for reading if it is a regular file; SnapshotError (one line) if not. A
     restore reads everything through this one opening: a snapshot renamed into place meanwhile

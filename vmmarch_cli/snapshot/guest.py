@@ -4,6 +4,8 @@ What a snapshot keeps (sections of the file, fileformat.py):
 
 * ``vm``: the VM's own state (the emulate backend's I/O APIC), from ``SnapshotVm``;
 * ``cpu<N>``: each vCPU's state, from ``SnapshotVcpu``;
+* ``cpu<N> readback``: the same vCPU as the neutral interface reads it (readback.py), JSON, for
+  ``dump-regs`` to show and compare without a restore;
 * ``device <port>``: each device on the port bus with state (UART, i8042, RTC), as JSON;
 * guest RAM, as the memory image.
 
@@ -29,6 +31,7 @@ from vmmarch_cli.devices.rtc import CmosRtc, RtcState
 from vmmarch_cli.devices.serial import Serial8250, SerialState
 from vmmarch_cli.errors import BackendUnavailableError
 from vmmarch_cli.memory import MmapGuestMemory
+from vmmarch_cli.readback import readback
 from vmmarch_cli.snapshot import fileformat, image
 from vmmarch_cli.snapshot.fileformat import Snapshot, SnapshotError
 from vmmarch_cli.vcpu import SnapshotVcpu, SnapshotVm, Vcpu, Vm
@@ -57,6 +60,20 @@ def device_section(port: int) -> str:
     return f"device {port:#x}"
 
 
+def readback_section(index: int) -> str:
+    return f"cpu{index} readback"
+
+
+def readbacks(snapshot: Snapshot) -> list[dict[str, Any]]:
+    """Each vCPU's state as its backend reported it when the snapshot was taken
+    (readback.py: what ``dump-regs`` shows), from the snapshot alone."""
+    try:
+        cpus = int(snapshot.description["machine"]["cpus"])
+        return [json.loads(_section(snapshot, readback_section(i))) for i in range(cpus)]
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"{snapshot.path}: its vCPU state does not parse: {e}") from None
+
+
 def require_snapshots(backend: str, vm: Vm, vcpus: Sequence[Vcpu]) -> None:
     """Refuse, before the guest runs, a backend that could not save it at the end."""
     if not isinstance(vm, SnapshotVm) or not all(isinstance(v, SnapshotVcpu) for v in vcpus):
@@ -77,6 +94,8 @@ def save(path: Path, backend: str, vm: Vm, vcpus: Sequence[Vcpu], memory: MmapGu
     for v in vcpus:
         assert isinstance(v, SnapshotVcpu)
         sections[cpu_section(v.index)] = v.save_state()
+        # After save_state: on KVM it completes an exit's I/O first.
+        sections[readback_section(v.index)] = json.dumps(readback(v)).encode()
     for port, device in bus.devices():
         kind = DEVICES.get(type(device))
         if kind is not None:
