@@ -149,6 +149,8 @@ def run() -> NoReturn:
         code = 0
     except SystemExit as e:
         code = _status(e.code)
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)  # a profiler or coverage tool writes its data at the shutdown
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stream
             stream.flush()
