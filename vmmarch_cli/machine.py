@@ -58,7 +58,7 @@ from vmmarch_cli.vcpu import (
 
 if TYPE_CHECKING:
     from vmmarch_cli.arch.x86_64.pipeline import StepRecord
-    from vmmarch_cli.debugging import AllStop, Debugger
+    from vmmarch_cli.debugging import AllStop, Debugger, DebugWait
     from vmmarch_cli.snapshot.fileformat import Snapshot
 
 
@@ -95,6 +95,8 @@ class BootResult:
     rip_samples: Counter[int] = field(default_factory=Counter)
     setup: list[StepRecord] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: Where the guest was saved (``config.snapshot``, once every --expect had matched).
+    snapshot: Path | None = None
 
 
 #: clearcpuid= is parsed into a 128-byte buffer (arch/x86/kernel/cpu/common.c,
@@ -404,6 +406,15 @@ class _Run:
         self.exits: Counter[str] = Counter()
         self.allstop: AllStop | None = None  # a debugger holds the VM (debugging.py)
 
+    def go_on(self) -> None:
+        """After a stop that saved a snapshot, the guest goes on (``run``'s ``after_snapshot``):
+        no reason yet, every vCPU free to run again."""
+        with self.lock:
+            self.reason, self.detail, self.guest_status = None, "", None
+        self.done.clear()
+        for vcpu in self.prepared.vcpus:
+            vcpu.clear_stop()
+
     def stop(self, reason: StopReason, detail: str = "", guest_status: int | None = None
              ) -> None:
         """Record why the run ends (the first reason wins) and stop every vCPU. The stopping is
@@ -428,6 +439,7 @@ def run(
     quiet: bool = False,
     debugger: Debugger | None = None,
     before_start: Callable[[IoBus], None] | None = None,
+    after_snapshot: Callable[[IoBus], None] | None = None,
 ) -> BootResult:
     """Boot ``config`` and return how it ended. Raises only for problems before the guest runs,
     and for what ``debugger`` raises to end the run (debugging.py: it holds the guest from
@@ -436,7 +448,11 @@ def run(
     ``serial_sinks`` receive what the guest writes to COM2, COM3, ... (``vmm-arch run`` puts
     the command's stdout and stderr there, apart from the kernel log on COM1).
     ``before_start`` sees the devices once everything is set up (a restored snapshot's state
-    too), before the first instruction (runjob.py hands over a job there).
+    too), before the first instruction (runjob.py hands over a job there). With
+    ``after_snapshot`` the guest goes on once it is saved (``config.snapshot``): the callback
+    sees the devices first (the first ``vmm-arch run`` hands its job over there, instead of
+    restoring what it just saved in a second VM), and the run then ends as one without
+    ``--expect`` does.
     """
     start = time.monotonic()
     signals = _SignalsNoted()
@@ -463,11 +479,6 @@ def run(
         for v in prepared.vcpus:
             if isinstance(v, InlinePortIo):  # completes port I/O inside run: takes the bus
                 v.attach_io(*_io_handlers(bus, state, posted))
-        threads = [
-            threading.Thread(target=_vcpu_loop, args=(v, bus, state), name=f"vcpu{v.index}",
-                             daemon=True)
-            for v in prepared.vcpus
-        ]
         debug_wait = None
         if debugger is not None:
             # Imported here: a run without a debugger (nearly all) does not pay for it.
@@ -482,66 +493,29 @@ def run(
 
             debug_wait = DebugWait(debugger, state.allstop, deliver, posted_io.INTERVAL)
         running_at = time.monotonic()
-        # The objects made so far live for the whole run: keep the cyclic collector off them,
-        # and off the run itself, whose hot paths (port I/O, APIC) make garbage without cycles
-        # (measured: ~10 ms of collections in a 1 s boot on the emulate backend).
         collecting = gc.isenabled()
-        gc.freeze()
-        gc.disable()
-        sampler = None
-        try:
-            if debug_wait is not None:
-                debug_wait.attach()  # the client has the guest before its first instruction
-            # From here until the VM is closed a signal is noted, not raised (_SignalsNoted);
-            # with a debugger it still raises KeyboardInterrupt, which is what ends the stub's
-            # service of a client while the guest is stopped. One that arrives while the
-            # threads start waits until they all run (they inherit the mask, as _vcpu_loop
-            # wants it).
-            if debug_wait is None:
-                signals.note()
-            with _signals_held():
-                for t in threads:
-                    t.start()
-                if config.profile_hz:
-                    sampler = threading.Thread(target=_sampler,
-                                               args=(prepared.vcpus, state, config.profile_hz),
-                                               name="profiler", daemon=True)
-                    sampler.start()
-            # (With a debugger signals raise, so only _wait looks at the noted ones.)
-            ended = (debug_wait.wait(state.done, config.timeout) if debug_wait is not None
-                     else _wait(state, config.timeout, posted, signals.seen))
-            if signals.seen:
-                state.stop(StopReason.INTERRUPTED, SIGNAL_DETAIL)
-            elif not ended:
-                state.stop(StopReason.TIMEOUT, f"no stop condition within {config.timeout:g} s")
-        except KeyboardInterrupt:  # before signals.note, or with a debugger
-            state.stop(StopReason.INTERRUPTED, SIGNAL_DETAIL)
-        finally:
-            # Nothing may cut this short (a second Ctrl-C): the VM is closed next, and closing
-            # it under a vCPU thread that still runs the guest crashes (measured). Without a
-            # debugger a signal is only noted by now; with one, it is held meanwhile.
-            with contextlib.suppress(KeyboardInterrupt), _signals_held():
-                state.stop(StopReason.INTERRUPTED)  # the reason stays the first one
-                for t in threads:
-                    if t.ident is not None:  # started
-                        t.join()
-                if sampler is not None:
-                    sampler.join()  # done is set: it ends after its current round of samples
-            if state.allstop is not None:
-                state.allstop.close()
-                state.allstop = None
-            gc.unfreeze()
-            if collecting:
-                gc.enable()
-            posted.deliver()  # what the guest wrote last, before the instances close
-            state.exits["posted_io"] = posted.reads() + posted.queued_writes
-        console.flush()
-        if config.snapshot is not None and state.reason is StopReason.EXPECT:
+        saved: Path | None = None
+        while True:  # a second round only after a snapshot, with ``after_snapshot``
+            threads = [
+                threading.Thread(target=_vcpu_loop, args=(v, bus, state),
+                                 name=f"vcpu{v.index}", daemon=True)
+                for v in prepared.vcpus
+            ]
+            _run_round(config, prepared, state, threads, posted, signals, debug_wait,
+                       collecting)
+            console.flush()
+            if config.snapshot is None or state.reason is not StopReason.EXPECT or saved:
+                break
             from vmmarch_cli.snapshot import guest
 
             assert isinstance(prepared.vm.memory, MmapGuestMemory)
             guest.save(config.snapshot, prepared.backend.name, prepared.vm, prepared.vcpus,
                        prepared.vm.memory, bus, snapshot_machine(prepared, config))
+            saved = config.snapshot
+            if after_snapshot is None:
+                break
+            after_snapshot(bus)
+            state.go_on()
         end = time.monotonic()
         timings = dict(prepared.timings)
         timings["run"] = end - running_at
@@ -576,9 +550,67 @@ def run(
             rip_samples=_merged_samples(prepared.vcpus),
             setup=prepared.setup,
             warnings=console.warnings,
+            snapshot=saved,
         )
 
 
+def _run_round(config: BootConfig, prepared: Prepared, state: _Run,
+               threads: list[threading.Thread], posted: posted_io.PostedIo,
+               signals: _SignalsNoted, debug_wait: DebugWait | None, collecting: bool) -> None:
+    """Run the vCPU ``threads`` until the run stops (``state.reason`` says why), then join them:
+    one round of ``run`` (a second one goes on after a snapshot)."""
+    # The objects made so far live for the whole run: keep the cyclic collector off them,
+    # and off the run itself, whose hot paths (port I/O, APIC) make garbage without cycles
+    # (measured: ~10 ms of collections in a 1 s boot on the emulate backend).
+    gc.freeze()
+    gc.disable()
+    sampler = None
+    try:
+        if debug_wait is not None:
+            debug_wait.attach()  # the client has the guest before its first instruction
+        # From here until the VM is closed a signal is noted, not raised (_SignalsNoted);
+        # with a debugger it still raises KeyboardInterrupt, which is what ends the stub's
+        # service of a client while the guest is stopped. One that arrives while the
+        # threads start waits until they all run (they inherit the mask, as _vcpu_loop
+        # wants it).
+        if debug_wait is None:
+            signals.note()
+        with _signals_held():
+            for t in threads:
+                t.start()
+            if config.profile_hz:
+                sampler = threading.Thread(target=_sampler,
+                                           args=(prepared.vcpus, state, config.profile_hz),
+                                           name="profiler", daemon=True)
+                sampler.start()
+        # (With a debugger signals raise, so only _wait looks at the noted ones.)
+        ended = (debug_wait.wait(state.done, config.timeout) if debug_wait is not None
+                 else _wait(state, config.timeout, posted, signals.seen))
+        if signals.seen:
+            state.stop(StopReason.INTERRUPTED, SIGNAL_DETAIL)
+        elif not ended:
+            state.stop(StopReason.TIMEOUT, f"no stop condition within {config.timeout:g} s")
+    except KeyboardInterrupt:  # before signals.note, or with a debugger
+        state.stop(StopReason.INTERRUPTED, SIGNAL_DETAIL)
+    finally:
+        # Nothing may cut this short (a second Ctrl-C): the VM is closed next, and closing
+        # it under a vCPU thread that still runs the guest crashes (measured). Without a
+        # debugger a signal is only noted by now; with one, it is held meanwhile.
+        with contextlib.suppress(KeyboardInterrupt), _signals_held():
+            state.stop(StopReason.INTERRUPTED)  # the reason stays the first one
+            for t in threads:
+                if t.ident is not None:  # started
+                    t.join()
+            if sampler is not None:
+                sampler.join()  # done is set: it ends after its current round of samples
+        if state.allstop is not None:
+            state.allstop.close()
+            state.allstop = None
+        gc.unfreeze()
+        if collecting:
+            gc.enable()
+        posted.deliver()  # what the guest wrote last, before the instances close
+        state.exits["posted_io"] = posted.reads() + posted.queued_writes
 
 
 class IrqLines:
@@ -721,7 +753,8 @@ class _SignalsNoted:
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread gets them (signal.signal refuses other threads)
         for number in MAIN_THREAD_SIGNALS:
-            self._previous[number] = signal.signal(number, self._noted)
+            if number not in self._previous:  # a second round of the run keeps the first's
+                self._previous[number] = signal.signal(number, self._noted)
 
     def _noted(self, number: int, frame: object) -> None:
         self.seen.append(number)

@@ -105,7 +105,11 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
     from vmmarch_cli.progress import status
 
     extra = [parse_add(spec) for spec in adds]
-    job = initramfs.job(command, extra, time.time())  # checks the command too
+    def job_now() -> Job:
+        """The job, with the guest's clock set to the host's now (it is handed over late)."""
+        return initramfs.job(command, extra, time.time())
+
+    job = job_now()  # checks the command too
     # Piped, run's stderr is the command's alone: no status lines there.
     with status("building the initramfs", quiet=as_json or not sys.stderr.isatty()) as progress:
         box = busybox if busybox is not None else _static_busybox() or fetch_busybox(progress)
@@ -118,7 +122,7 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
     try:
         runs = _Runs(console, log, sinks)
         if not no_snapshot and gdb_address is None:
-            snapshot = runs.from_snapshot(kwargs, box, job)
+            snapshot = runs.from_snapshot(kwargs, box, job, job_now)
         if snapshot is None:
             # Uncompressed, as for `stock`: no inflate in guest ring 0 (minutes on a PVM host).
             image = initramfs.busybox_initramfs(box, initramfs.command_init_script(command),
@@ -178,10 +182,12 @@ class _Runs:
         self.console, self.log, self.sinks = console, log, sinks
         self.result: machine.BootResult | None = None
 
-    def from_snapshot(self, kwargs: dict[str, Any], box: Path, job: Job
-                      ) -> dict[str, Any] | None:
-        """Run ``job`` in the cached snapshot (taken now if there is none or it does not fit
-        this engine); None when this backend cannot, or the job is too large for the UART."""
+    def from_snapshot(self, kwargs: dict[str, Any], box: Path, job: Job,
+                      job_now: Callable[[], Job]) -> dict[str, Any] | None:
+        """Run ``job`` in the cached snapshot; None when this backend cannot, or the job is too
+        large for the UART. Without a snapshot (or with one that does not fit this engine) the
+        guest boots, is saved, and goes on with the job in the same VM (``job_now``: made when
+        it is handed over, so that the guest's clock is the host's then)."""
         from vmmarch_cli import backends, initramfs, runjob
         from vmmarch_cli.errors import BackendUnavailableError
         from vmmarch_cli.snapshot.fileformat import SnapshotError
@@ -197,7 +203,6 @@ class _Runs:
             path = runjob.snapshot_path(base.kernel, box, init, settings)
         except OSError:
             return None  # no such kernel or busybox: the fresh boot says so, in one line
-        taken = False
         for attempt in range(2):
             if attempt or not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,19 +211,20 @@ class _Runs:
                     boot = replace(base, initrd=rd, expect=(initramfs.JOB_READY,),
                                    snapshot=path)
                     try:
-                        self.result = machine.run(boot, self.console, self.log, quiet=True)
+                        self.result = machine.run(
+                            boot, self.console, self.log, serial_sinks=self.sinks, quiet=True,
+                            after_snapshot=lambda bus: runjob.hand_over(job_now())(bus))
                     except BackendUnavailableError:
                         return None  # the wheel: no snapshots here, boot afresh
-                if self.result.reason is not StopReason.EXPECT:
-                    return {"path": str(path), "taken": False}  # the boot itself failed
-                taken = True
+                # Saved, then the job ran in this VM; or the boot itself failed.
+                return {"path": str(path), "taken": self.result.snapshot is not None}
             restore = BootConfig(kernel=base.kernel, backend=base.backend,
                                  mem_size=base.mem_size, cpus=base.cpus, timeout=base.timeout,
                                  restore=path)
             try:
                 self.result = machine.run(restore, self.console, self.log,
                                           serial_sinks=self.sinks, quiet=True,
-                                          before_start=runjob.hand_over(job))
+                                          before_start=runjob.hand_over(job_now()))
             except BackendUnavailableError:
                 return None  # the wheel, with another process's snapshot cached: boot afresh
             except SnapshotError:
@@ -226,7 +232,7 @@ class _Runs:
                     raise
                 path.unlink(missing_ok=True)  # another engine's, or damaged: take it again
                 continue
-            return {"path": str(path), "taken": taken}
+            return {"path": str(path), "taken": False}
         return None  # not reached: the second attempt returns or raises
 
 
