@@ -79,4 +79,8 @@ class BootConfig:
     decompress: Decompress = Decompress.AUTO  # a bzImage's payload: by the host or the guest
     profile_hz: float = 0.0  # sample the guest RIP this often (0: off)
     snapshot: Path | None = None  # save the guest here when --expect stops the run
+    #: The snapshot is a cache entry (``vmm-arch run``): written without an fsync (~40 ms of a
+    #: first run). A crash may then leave it torn, which its CRCs find at the next restore,
+    #: and it is taken again; a user's ``--snapshot FILE`` is synced before it is renamed.
+    snapshot_cached: bool = False
     restore: Path | None = None  # start from this snapshot instead of loading ``kernel``

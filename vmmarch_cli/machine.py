@@ -510,7 +510,8 @@ def run(
 
             assert isinstance(prepared.vm.memory, MmapGuestMemory)
             guest.save(config.snapshot, prepared.backend.name, prepared.vm, prepared.vcpus,
-                       prepared.vm.memory, bus, snapshot_machine(prepared, config))
+                       prepared.vm.memory, bus, snapshot_machine(prepared, config),
+                       sync=not config.snapshot_cached)
             saved = config.snapshot
             if after_snapshot is None:
                 break

@@ -76,10 +76,11 @@ class Snapshot:
 
 
 def write(path: Path, description: Mapping[str, Any], sections: Mapping[str, bytes],
-          memory: image.MemorySource) -> None:
+          memory: image.MemorySource, sync: bool = True) -> None:
     """Write a snapshot to ``path`` atomically: into a temporary file beside it, synced, then
     renamed into place, so that a crash leaves either the old file or none, never a file that
-    looks complete. Raises OSError."""
+    looks complete. Without ``sync`` a crash may leave a renamed file whose data never reached
+    the disk, which its CRCs refuse (for a cache entry, taken again). Raises OSError."""
     table = []
     blobs = bytearray()
     for name, data in sections.items():
@@ -102,7 +103,8 @@ def write(path: Path, description: Mapping[str, Any], sections: Mapping[str, byt
                         memory_offset=memory_offset, memory_length=memory.length)
         header.header_crc = zlib.crc32(header.pack())
         os.pwrite(fd, header.pack(), 0)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, path)

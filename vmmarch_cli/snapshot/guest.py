@@ -84,10 +84,10 @@ def require_snapshots(backend: str, vm: Vm, vcpus: Sequence[Vcpu]) -> None:
 
 
 def save(path: Path, backend: str, vm: Vm, vcpus: Sequence[Vcpu], memory: MmapGuestMemory,
-         bus: IoBus, machine: Mapping[str, Any]) -> None:
-    """Write what ``vm`` (stopped: no vCPU runs) holds to ``path``. Raises
-    BackendUnavailableError when the backend cannot, BadInputError when ``path`` cannot be
-    written."""
+         bus: IoBus, machine: Mapping[str, Any], sync: bool = True) -> None:
+    """Write what ``vm`` (stopped: no vCPU runs) holds to ``path`` (``sync``: on disk before it
+    is renamed into place; fileformat.write). Raises BackendUnavailableError when the backend
+    cannot, BadInputError when ``path`` cannot be written."""
     require_snapshots(backend, vm, vcpus)
     assert isinstance(vm, SnapshotVm)
     sections: dict[str, bytes] = {VM_SECTION: vm.save_state()}
@@ -104,7 +104,7 @@ def save(path: Path, backend: str, vm: Vm, vcpus: Sequence[Vcpu], memory: MmapGu
     description = {"backend": backend, "engine": vm.snapshot_identity(), "machine": machine}
     source = image.MemorySource([(host, length) for _, length, host in memory.host_regions()])
     try:
-        fileformat.write(path, description, sections, source)
+        fileformat.write(path, description, sections, source, sync)
     except OSError as e:
         raise files.output_error(path, e) from None
 
