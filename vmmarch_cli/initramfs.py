@@ -373,7 +373,7 @@ def command_init_script(argv: Sequence[str]) -> str:
     return f"""{_prologue("command_init_script")}
 # Raw mode: no newline translation or echo, so the host gets the command's bytes unchanged.
 for tty in {COMMAND_STDOUT_TTY} {COMMAND_STDERR_TTY}; do
-    /bin/busybox stty -F $tty raw -echo 2>/dev/null
+    stty -F $tty raw -echo 2>/dev/null
 done
 cd /
 {command} >{COMMAND_STDOUT_TTY} 2>{COMMAND_STDERR_TTY} </dev/null
@@ -422,7 +422,7 @@ def job_init_script() -> str:
     return f"""{_prologue("job_init_script")}
 # Raw mode: no newline translation or echo, so the host's bytes pass unchanged both ways.
 for tty in {COMMAND_STDOUT_TTY} {COMMAND_STDERR_TTY} {port}; do
-    /bin/busybox stty -F $tty raw -echo 2>/dev/null
+    stty -F $tty raw -echo 2>/dev/null
 done
 exec 3<{port}
 echo {JOB_READY}
