@@ -55,6 +55,14 @@ def test_the_guest_goes_on_as_if_never_stopped(saved: Path) -> None:
     assert f"resuming {saved}" in done.stderr
 
 
+def test_a_resumed_guest_can_be_profiled(saved: Path) -> None:
+    """resume takes boot's --profile: the samples are of the resumed part alone."""
+    done = run_cli("resume", str(saved), "--profile", "2000", env=ENGINE)
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"^profile: (\d+) samples at 2000 Hz$", done.stderr, re.M)
+    assert found and int(found.group(1)) > 0, done.stderr
+
+
 def test_the_snapshot_is_sparse(saved: Path) -> None:
     """A 256 MiB guest that touched a few pages keeps only those (and its own page tables)."""
     assert os.stat(saved).st_size > 256 << 20

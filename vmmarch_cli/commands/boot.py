@@ -27,10 +27,7 @@ from vmmarch_cli.vcpu import ATTR_L
 @options.kernel_argument
 @options.boot_options
 @options.run_options
-@click.option("--profile", "profile_hz", type=click.FloatRange(min=0), default=0, metavar="HZ",
-              help="Sample the guest RIP HZ times a second and print the hottest places.")
-@click.option("--symbols", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Kernel symbols (/proc/kallsyms or System.map format) for --profile.")
+@options.profile_options
 @options.snapshot_option
 @options.gdb_option
 @click.pass_context

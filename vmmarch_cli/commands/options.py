@@ -22,6 +22,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 kernel_argument = click.argument("kernel", type=click.Path(path_type=Path))
 
+
+def profile_options(f: F) -> F:
+    """--profile HZ and --symbols FILE: where the guest spends its time (boot, resume)."""
+    f = click.option("--symbols", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Kernel symbols (/proc/kallsyms or System.map format) for "
+                          "--profile.")(f)
+    return click.option("--profile", "profile_hz", type=click.FloatRange(min=0), default=0,
+                        metavar="HZ", help="Sample the guest RIP HZ times a second and print "
+                                           "the hottest places.")(f)
+
 backend_option = click.option(
     "--backend", default="auto", show_default=True,
     help="Hypervisor backend: kvm, emulate, or auto: KVM where /dev/kvm runs guest ring 0 in "

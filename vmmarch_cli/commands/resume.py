@@ -12,6 +12,7 @@ from vmmarch_cli.commands import options
 from vmmarch_cli.commands.boot import check_snapshot_use, execute
 from vmmarch_cli.config import BootConfig, parse_mem_size
 from vmmarch_cli.machine import described_machine
+from vmmarch_cli.profile import Symbols
 from vmmarch_cli.snapshot import fileformat
 from vmmarch_cli.snapshot.fileformat import SnapshotError
 
@@ -24,11 +25,13 @@ from vmmarch_cli.snapshot.fileformat import SnapshotError
 @click.option("--cpus", type=click.IntRange(min=1), default=None,
               help="vCPUs; a snapshot has its own, and a different count is refused (65).")
 @options.run_options
+@options.profile_options
 @options.snapshot_option
 @click.pass_context
 def resume_command(ctx: click.Context, /, snapshot_file: Path, backend: str, mem: str | None,
                    cpus: int | None, snapshot: Path | None, as_json: bool, quiet: bool,
-                   verbose: bool, console_log: Path | None, **kwargs: Any) -> None:
+                   verbose: bool, console_log: Path | None, profile_hz: float,
+                   symbols: Path | None, **kwargs: Any) -> None:
     """Go on with the guest a `vmm-arch boot --snapshot` saved, from where it stopped.
 
     The snapshot holds guest RAM (mapped copy-on-write: nothing is read until the guest touches
@@ -48,6 +51,7 @@ def resume_command(ctx: click.Context, /, snapshot_file: Path, backend: str, mem
                         backend=taken.backend if backend == backends.AUTO else backend,
                         mem_size=taken.mem_size, cpus=taken.cpus, timeout=kwargs.pop("timeout"),
                         expect=tuple(kwargs.pop("expect")), snapshot=snapshot,
-                        restore=snapshot_file)
+                        restore=snapshot_file, profile_hz=profile_hz)
     check_snapshot_use(config, None)
-    execute(ctx, config, as_json, quiet, verbose, console_log)
+    syms = Symbols.load(symbols) if symbols is not None else None
+    execute(ctx, config, as_json, quiet, verbose, console_log, syms)
