@@ -140,10 +140,7 @@ def dump_regs_command(as_json: bool, show_cpuid: bool, compare: str | None, cpu:
         for t in cpu_tables(index, regs, sregs, state):
             out.print(t)
         if show_cpuid:
-            rows = [(f"{e['function']}.{e['index']}",
-                     f"eax={e['eax']} ebx={e['ebx']} ecx={e['ecx']} edx={e['edx']}")
-                    for e in state["cpuid"]]
-            out.print(kv_table(f"cpu{index} cpuid", rows))
+            out.print(cpuid_table(index, state))
     if show_tables:
         for t in tables_view(doc["tables"]):
             out.print(t)
@@ -269,10 +266,15 @@ def _snapshot_command(path: Path, compare: str | None, as_json: bool, show_cpuid
         for part in ("fpu", "msrs", "lapic"):
             out.print(kv_table(f"cpu{index} {part}", state[part]))
         if show_cpuid:
-            rows = [(f"{e['function']}.{e['index']}",
-                     f"eax={e['eax']} ebx={e['ebx']} ecx={e['ecx']} edx={e['edx']}")
-                    for e in state["cpuid"]]
-            out.print(kv_table(f"cpu{index} cpuid", rows))
+            out.print(cpuid_table(index, state))
+
+
+def cpuid_table(index: int, state: dict[str, Any]) -> Table:
+    """One vCPU's CPUID leaves (``state``: its ``readback``)."""
+    rows = [(f"{e['function']}.{e['index']}",
+             f"eax={e['eax']} ebx={e['ebx']} ecx={e['ecx']} edx={e['edx']}")
+            for e in state["cpuid"]]
+    return kv_table(f"cpu{index} cpuid", rows)
 
 
 def _compare(a: dict[str, Any], b: dict[str, Any], as_json: bool) -> None:
