@@ -83,4 +83,7 @@ class BootConfig:
     #: first run). A crash may then leave it torn, which its CRCs find at the next restore,
     #: and it is taken again; a user's ``--snapshot FILE`` is synced before it is renamed.
     snapshot_cached: bool = False
+    #: Files whose pages the snapshot may keep by reference instead of in its image
+    #: (snapshot/refs.py): only files vmm-arch keeps unchanged (``vmm-arch run``'s busybox).
+    snapshot_refs: tuple[Path, ...] = ()
     restore: Path | None = None  # start from this snapshot instead of loading ``kernel``

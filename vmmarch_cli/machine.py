@@ -511,7 +511,7 @@ def run(
             assert isinstance(prepared.vm.memory, MmapGuestMemory)
             guest.save(config.snapshot, prepared.backend.name, prepared.vm, prepared.vcpus,
                        prepared.vm.memory, bus, snapshot_machine(prepared, config),
-                       sync=not config.snapshot_cached)
+                       sync=not config.snapshot_cached, ref_files=config.snapshot_refs)
             saved = config.snapshot
             if after_snapshot is None:
                 break

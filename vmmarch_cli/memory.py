@@ -123,6 +123,18 @@ class MmapGuestMemory:
                                        f"{os.strerror(error)}")
             at += region.length
 
+    def map_file(self, fd: int, offset: int, address: int, length: int) -> None:
+        """Map ``length`` bytes of ``fd`` from ``offset`` (page-aligned) copy-on-write over
+        guest RAM at ``address`` (page-aligned, inside one region): a snapshot's pages kept by
+        reference to a file (snapshot/refs.py). Raises GuestMemoryError."""
+        region, at = self._locate(address, length)
+        host = region.host_address + at
+        got = _mmap(host, length, mmap.PROT_READ | mmap.PROT_WRITE,
+                    mmap.MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, offset)
+        if got != host:
+            error = ctypes.get_errno()
+            raise GuestMemoryError(f"cannot map a file at {address:#x}: {os.strerror(error)}")
+
     def close(self) -> None:
         for region in self._regions:
             region.mapping.close()

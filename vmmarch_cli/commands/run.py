@@ -209,7 +209,8 @@ class _Runs:
                 image = initramfs.busybox_initramfs(box, init, compress=False)
                 with _initrd(image) as rd:
                     boot = replace(base, initrd=rd, expect=(initramfs.JOB_READY,),
-                                   snapshot=path, snapshot_cached=True)
+                                   snapshot=path, snapshot_cached=True,
+                                   snapshot_refs=(box,))
                     try:
                         self.result = machine.run(
                             boot, self.console, self.log, serial_sinks=self.sinks, quiet=True,

@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from io import BufferedReader
 from pathlib import Path
@@ -76,17 +76,20 @@ class Snapshot:
 
 
 def write(path: Path, description: Mapping[str, Any], sections: Mapping[str, bytes],
-          memory: image.MemorySource, sync: bool = True) -> None:
+          memory: image.MemorySource, sync: bool = True,
+          memory_runs: Sequence[image.Run] | None = None) -> None:
     """Write a snapshot to ``path`` atomically: into a temporary file beside it, synced, then
     renamed into place, so that a crash leaves either the old file or none, never a file that
     looks complete. Without ``sync`` a crash may leave a renamed file whose data never reached
-    the disk, which its CRCs refuse (for a cache entry, taken again). Raises OSError."""
+    the disk, which its CRCs refuse (for a cache entry, taken again). ``memory_runs``: the runs
+    of the image to write (default: every run of non-zero pages; refs.py leaves some out).
+    Raises OSError."""
     table = []
     blobs = bytearray()
     for name, data in sections.items():
         table.append({"name": name, "length": len(data)})
         blobs += data
-    memory_runs = image.runs(memory)
+    memory_runs = image.runs(memory) if memory_runs is None else list(memory_runs)
     text = json.dumps({**description, "sections": table, MEMORY_RUNS: memory_runs},
                       sort_keys=True).encode()
     state = text + bytes(blobs)

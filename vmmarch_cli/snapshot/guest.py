@@ -32,7 +32,7 @@ from vmmarch_cli.devices.serial import Serial8250, SerialState
 from vmmarch_cli.errors import BackendUnavailableError
 from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.readback import readback
-from vmmarch_cli.snapshot import fileformat, image
+from vmmarch_cli.snapshot import fileformat, image, refs
 from vmmarch_cli.snapshot.fileformat import Snapshot, SnapshotError
 from vmmarch_cli.vcpu import SnapshotVcpu, SnapshotVm, Vcpu, Vm
 
@@ -84,10 +84,12 @@ def require_snapshots(backend: str, vm: Vm, vcpus: Sequence[Vcpu]) -> None:
 
 
 def save(path: Path, backend: str, vm: Vm, vcpus: Sequence[Vcpu], memory: MmapGuestMemory,
-         bus: IoBus, machine: Mapping[str, Any], sync: bool = True) -> None:
+         bus: IoBus, machine: Mapping[str, Any], sync: bool = True,
+         ref_files: Sequence[Path] = ()) -> None:
     """Write what ``vm`` (stopped: no vCPU runs) holds to ``path`` (``sync``: on disk before it
-    is renamed into place; fileformat.write). Raises BackendUnavailableError when the backend
-    cannot, BadInputError when ``path`` cannot be written."""
+    is renamed into place; fileformat.write). Pages equal to pages of ``ref_files`` are kept
+    by reference to them (refs.py). Raises BackendUnavailableError when the backend cannot,
+    BadInputError when ``path`` cannot be written."""
     require_snapshots(backend, vm, vcpus)
     assert isinstance(vm, SnapshotVm)
     sections: dict[str, bytes] = {VM_SECTION: vm.save_state()}
@@ -101,10 +103,17 @@ def save(path: Path, backend: str, vm: Vm, vcpus: Sequence[Vcpu], memory: MmapGu
         if kind is not None:
             state = dataclasses.asdict(cast(StatefulDevice, device).save())
             sections[device_section(port)] = json.dumps({"kind": kind[0], **state}).encode()
-    description = {"backend": backend, "engine": vm.snapshot_identity(), "machine": machine}
+    description: dict[str, Any] = {"backend": backend, "engine": vm.snapshot_identity(),
+                                   "machine": machine}
     source = image.MemorySource([(host, length) for _, length, host in memory.host_regions()])
+    memory_runs = image.runs(source)
+    kept = [ref for ref in (refs.find(source, memory_runs, f) for f in ref_files)
+            if ref is not None]
+    if kept:
+        description[refs.MEMORY_REFS] = [ref.as_json() for ref in kept]
+        memory_runs = refs.without(memory_runs, kept)
     try:
-        fileformat.write(path, description, sections, source, sync)
+        fileformat.write(path, description, sections, source, sync, memory_runs)
     except OSError as e:
         raise files.output_error(path, e) from None
 
@@ -137,6 +146,8 @@ def map_memory(snapshot: Snapshot, f: BufferedReader, memory: MmapGuestMemory) -
         raise SnapshotError(f"{snapshot.path}: holds {snapshot.memory_length >> 20} MiB of "
                             f"guest RAM; this VM has {memory.size >> 20} MiB")
     memory.map_private(f.fileno(), snapshot.memory_offset)  # the mappings keep the file
+    refs.map_refs(refs.parse(snapshot.description, str(snapshot.path)), memory,
+                  str(snapshot.path))
 
 
 def restore_vm(snapshot: Snapshot, backend: str, vm: Vm, vcpus: Sequence[Vcpu]) -> None:
