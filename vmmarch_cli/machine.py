@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from vmmarch_cli.arch.x86_64.pipeline import StepRecord
     from vmmarch_cli.debugging import AllStop, Debugger, DebugWait
     from vmmarch_cli.snapshot.fileformat import Snapshot
+    from vmmarch_cli.snapshot.guest import Writing
 
 
 @dataclass(frozen=True)
@@ -495,6 +496,7 @@ def run(
         running_at = time.monotonic()
         collecting = gc.isenabled()
         saved: Path | None = None
+        writing: Writing | None = None
         while True:  # a second round only after a snapshot, with ``after_snapshot``
             threads = [
                 threading.Thread(target=_vcpu_loop, args=(v, bus, state),
@@ -509,14 +511,22 @@ def run(
             from vmmarch_cli.snapshot import guest
 
             assert isinstance(prepared.vm.memory, MmapGuestMemory)
-            guest.save(config.snapshot, prepared.backend.name, prepared.vm, prepared.vcpus,
-                       prepared.vm.memory, bus, snapshot_machine(prepared, config),
-                       sync=not config.snapshot_cached, ref_files=config.snapshot_refs)
+            # A cache entry the guest goes on from is written beside its run (guest.Writing).
+            writing = guest.save(
+                config.snapshot, prepared.backend.name, prepared.vm, prepared.vcpus,
+                prepared.vm.memory, bus, snapshot_machine(prepared, config),
+                sync=not config.snapshot_cached, ref_files=config.snapshot_refs,
+                background=config.snapshot_cached and after_snapshot is not None)
             saved = config.snapshot
             if after_snapshot is None:
                 break
             after_snapshot(bus)
             state.go_on()
+        if writing is not None:
+            failed = writing.wait()
+            if failed is not None:
+                console.warnings.append(f"the snapshot was not saved: {failed}")
+                saved = None
         end = time.monotonic()
         timings = dict(prepared.timings)
         timings["run"] = end - running_at

@@ -138,3 +138,24 @@ def test_a_run_across_two_regions_sums_the_same_from_ram_and_from_the_file(
     memory.write(4 * MIB, b"start of the second")
     snap = fileformat.read(save(memory, tmp_path / "s"))  # raises on a CRC mismatch
     assert snap.memory_length == 2 * MIB
+
+
+def test_a_snapshot_written_in_the_background(memory: MmapGuestMemory, tmp_path: Path) -> None:
+    """guest.Writing: a child process writes guest RAM as it was at the fork while the parent
+    changes it; a failure comes back as one line."""
+    from vmmarch_cli.snapshot.guest import Writing
+
+    before = memory.read(0, 8 * MIB)
+    writing = Writing(lambda: save(memory, tmp_path / "bg"))
+    memory.write(0, b"after the fork")  # the child's copy keeps what was there
+    assert writing.wait() is None
+    snap = fileformat.read(tmp_path / "bg")
+    restored = MmapGuestMemory(REGIONS)
+    with open(snap.path, "rb") as f:
+        restored.map_private(f.fileno(), snap.memory_offset)
+    assert restored.read(0, 8 * MIB) == before
+
+    def fail() -> None:
+        raise OSError("no room on the device")
+
+    assert Writing(fail).wait() == "no room on the device"
