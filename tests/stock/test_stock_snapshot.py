@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from stockboots import init_facts
 
 pytestmark = [pytest.mark.stock]
@@ -95,9 +98,9 @@ def test_run_takes_its_snapshot_once_then_restores_it(stock: dict[str, Path],
     status, doc, _ = run_job(stock, data)
     check_job(status, doc, "added-file")
     assert doc["snapshot"] == {"path": str(snapshot), "taken": True}
-    # Sparse: what the guest wrote (61 MiB here, issue 18 asks 60; docs/snapshots.md), not
-    # its 256 MiB.
-    assert snapshot.stat().st_blocks * 512 <= 64 << 20
+    # Sparse: what the guest wrote (59 MiB here: issue 18 asks 60; busybox's pages are kept
+    # by reference to the file; docs/snapshots.md), not its 256 MiB.
+    assert snapshot.stat().st_blocks * 512 <= 60 << 20
     data.write_text("changed-file\n")  # the job, not the snapshot, carries the files
     status, doc, _ = run_job(stock, data)
     check_job(status, doc, "changed-file")
@@ -114,6 +117,34 @@ def test_run_takes_a_damaged_snapshot_again(stock: dict[str, Path], tmp_path: Pa
     status, doc, _ = run_job(stock, data)
     check_job(status, doc, "x")
     assert doc["snapshot"]["taken"] is True
+
+
+def test_runs_killed_while_they_restore_leave_the_cache_usable(stock: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    """Runs killed (SIGKILL) or interrupted (SIGINT) at moments from their start to their
+    guest's run, the restore among them: the cached snapshot stays as it was, and the next
+    run restores it."""
+    data = tmp_path / "data.txt"
+    data.write_text("after\n")
+    _, doc, _ = run_job(stock, data)  # the snapshot is cached from here on
+    snapshot = Path(doc["snapshot"]["path"])
+    before = snapshot.stat()
+    argv = [sys.executable, "-m", "vmmarch_cli", "run", "--backend", "emulate",
+            str(stock["vmlinux"]), "--", "true"]
+    for delay, sig in ((0.05, signal.SIGKILL), (0.1, signal.SIGKILL), (0.12, signal.SIGINT),
+                       (0.15, signal.SIGKILL), (0.2, signal.SIGINT), (0.25, signal.SIGKILL)):
+        proc = subprocess.Popen(argv, env={**os.environ, **ENGINE}, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=120) in (0, 130, -signal.SIGKILL)
+    after = snapshot.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == \
+        (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert not [p for p in snapshot.parent.iterdir() if p.name.startswith(".")]  # no leftovers
+    status, doc, _ = run_job(stock, data)
+    check_job(status, doc, "after")
+    assert doc["snapshot"]["taken"] is False
 
 
 def test_run_without_a_snapshot(stock: dict[str, Path], tmp_path: Path) -> None:
