@@ -108,7 +108,7 @@ def initramfs_command(data: bytes) -> None:
 
     argv = _text(data).split("\x00") or [""]
     try:
-        script = initramfs.command_init_script(argv)
+        script = initramfs.command_init_script(initramfs.Command(tuple(argv)))
     except BadInputError:
         return
     assert script.startswith("#!/bin/busybox sh\n")

@@ -147,6 +147,25 @@ def test_runs_killed_while_they_restore_leave_the_cache_usable(stock: dict[str, 
     assert doc["snapshot"]["taken"] is False
 
 
+@pytest.mark.parametrize("extra", [(), ("--no-snapshot",)], ids=["snapshot", "fresh"])
+def test_run_hands_over_environment_and_directory(stock: dict[str, Path],
+                                                  extra: tuple[str, ...]) -> None:
+    """--env and --cwd reach the command, restored or booted afresh; a directory the guest
+    lacks ends the run with cd's status and message, a bad name before the boot (65)."""
+    vmlinux = str(stock["vmlinux"])
+    done = run_cli("run", "--backend", "emulate", *extra, "--env", "GREETING=hello world",
+                   "--env", "EMPTY=", "--cwd", "/proc", vmlinux, "--", "sh", "-c",
+                   'echo "$GREETING|${EMPTY-unset}|$(pwd)"', timeout=400, env=ENGINE)
+    assert (done.returncode, done.stdout) == (0, "hello world||/proc\n"), done.stderr
+    missing = run_cli("run", "--backend", "emulate", *extra, "--cwd", "/nowhere", vmlinux,
+                      "--", "true", timeout=400, env=ENGINE)
+    assert missing.returncode not in (0, 65) and "/nowhere" in missing.stderr, missing.stderr
+    bad = run_cli("run", "--backend", "emulate", *extra, "--env", "1X=y", vmlinux, "--",
+                  "true", env=ENGINE)
+    assert bad.returncode == 65 and "'1X' is not a shell variable name" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_run_without_a_snapshot(stock: dict[str, Path], tmp_path: Path) -> None:
     data = tmp_path / "data.txt"
     data.write_text("fresh\n")

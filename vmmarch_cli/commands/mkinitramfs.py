@@ -33,7 +33,7 @@ def mkinitramfs_command(output: Path, command: tuple[str, ...], busybox: Path | 
     from vmmarch_cli.assets import fetch_busybox
 
     box = busybox if busybox is not None else fetch_busybox()
-    script = (initramfs.command_init_script(command) if command
+    script = (initramfs.command_init_script(initramfs.Command(command)) if command
               else initramfs.marker_init_script(marker))
     image = initramfs.busybox_initramfs(box, script, [parse_add(a) for a in adds], compress)
     try:

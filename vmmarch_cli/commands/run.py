@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 CAPTURE_LIMIT = 1 << 20
 
 
+def _parse_env(spec: str) -> tuple[str, str]:
+    """``NAME=VALUE`` of --env (the name is checked where the command is built)."""
+    name, sep, value = spec.partition("=")
+    if not sep:
+        raise BadInputError(f"--env {spec}: give NAME=VALUE")
+    return name, value
+
+
 def parse_add(spec: str) -> tuple[Path, str]:
     """``HOST[:GUEST]``; GUEST defaults to /root/<name of HOST>."""
     host, sep, guest = spec.partition(":")
@@ -67,6 +75,12 @@ def _stream(out: BinaryIO) -> Callable[[bytes], None]:
 @click.option("--add", "adds", multiple=True, metavar="HOST[:GUEST]",
               help="Copy a host file into the initramfs (default guest path /root/NAME). "
                    "Repeatable.")
+@click.option("--env", "env", multiple=True, metavar="NAME=VALUE",
+              help="Set NAME to VALUE in COMMAND's environment (init's otherwise: PATH=/bin). "
+                   "Repeatable.")
+@click.option("--cwd", default="/", show_default=True, metavar="DIR",
+              help="The guest directory COMMAND runs in (an absolute path; a missing one ends "
+                   "the run with cd's status and message).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Stop after SECONDS and exit 124.")
 @click.option("--console-log", type=click.Path(dir_okay=False, path_type=Path),
@@ -81,8 +95,9 @@ def _stream(out: BinaryIO) -> Callable[[bytes], None]:
 @options.gdb_option
 @click.pass_context
 def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path | None,
-                adds: tuple[str, ...], as_json: bool, verbose: bool, console_log: Path | None,
-                no_snapshot: bool, gdb_address: str | None, **kwargs: Any) -> None:
+                adds: tuple[str, ...], env: tuple[str, ...], cwd: str, as_json: bool,
+                verbose: bool, console_log: Path | None, no_snapshot: bool,
+                gdb_address: str | None, **kwargs: Any) -> None:
     """Boot KERNEL with a generated initramfs that runs COMMAND, and exit with its status.
 
     \b
@@ -95,7 +110,8 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
 
     On the emulate backend the first run for a kernel and settings boots it to where its init
     waits, and saves that guest in the cache; every later run restores it and hands it the
-    command, the --add files and the host's time (--no-snapshot boots afresh).
+    command, its --env and --cwd, the --add files and the host's time (--no-snapshot boots
+    afresh).
     """
     from vmmarch_cli import initramfs
     from vmmarch_cli.assets import fetch_busybox
@@ -105,9 +121,10 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
     from vmmarch_cli.progress import status
 
     extra = [parse_add(spec) for spec in adds]
+    what = initramfs.Command(command, tuple(_parse_env(e) for e in env), cwd)
     def job_now() -> Job:
         """The job, with the guest's clock set to the host's now (it is handed over late)."""
-        return initramfs.job(command, extra, time.time())
+        return initramfs.job(what, extra, time.time())
 
     job = job_now()  # checks the command too
     # Piped, run's stderr is the command's alone: no status lines there.
@@ -125,7 +142,7 @@ def run_command(ctx: click.Context, /, command: tuple[str, ...], busybox: Path |
             snapshot = runs.from_snapshot(kwargs, box, job, job_now)
         if snapshot is None:
             # Uncompressed, as for `stock`: no inflate in guest ring 0 (minutes on a PVM host).
-            image = initramfs.busybox_initramfs(box, initramfs.command_init_script(command),
+            image = initramfs.busybox_initramfs(box, initramfs.command_init_script(what),
                                                 extra, compress=False)
             with _initrd(image) as rd:
                 config = options.boot_config({**kwargs, "initrd": rd})
