@@ -215,11 +215,7 @@ class KvmVcpu:
         access is completed first, as KVM_RUN with immediate_exit does it (api.rst 4.2: KVM
         finishes the instruction before it returns EINTR), so the state is between
         instructions."""
-        run = self.run_struct
-        run.immediate_exit = 1
-        raw_ioctl(self._fd, abi.KVM_RUN, None)  # EINTR by design
-        if not self._stop.is_set():
-            run.immediate_exit = 0
+        self._complete_exit_io(self.run_struct)
         return snapshot.save_vcpu(self._fd, self._has_xsave, self._has_xcrs,
                                   self._snapshot_msrs())
 
@@ -261,11 +257,16 @@ class KvmVcpu:
         and returns at once (EINTR), with RIP after the instruction, where the step ends
         (a plain KVM_RUN would run one more instruction first)."""
         self._step_io = False
+        self._complete_exit_io(run)
+        return Debug(self.get_regs().rip, breakpoint=False)
+
+    def _complete_exit_io(self, run: abi.kvm_run) -> None:
+        """KVM_RUN with immediate_exit: KVM completes the last exit's port or MMIO access and
+        returns at once (EINTR), without running the guest further."""
         run.immediate_exit = 1
         raw_ioctl(self._fd, abi.KVM_RUN, None)  # EINTR by design
         if not self._stop.is_set():  # a stop request keeps it set
             run.immediate_exit = 0
-        return Debug(self.get_regs().rip, breakpoint=False)
 
     def _run_failed(self, err: int) -> VcpuExit | None:
         if err not in (errno.EINTR, errno.EAGAIN):
