@@ -115,12 +115,8 @@ class MmapGuestMemory:
         keeps the same host addresses. Raises GuestMemoryError."""
         at = offset
         for region in self._regions:
-            got = _mmap(region.host_address, region.length, mmap.PROT_READ | mmap.PROT_WRITE,
-                        mmap.MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, at)
-            if got != region.host_address:
-                error = ctypes.get_errno()
-                raise GuestMemoryError(f"cannot map the memory image at {region.start:#x}: "
-                                       f"{os.strerror(error)}")
+            _map_fixed(region.host_address, region.length, fd, at,
+                       f"the memory image at {region.start:#x}")
             at += region.length
 
     def map_file(self, fd: int, offset: int, address: int, length: int) -> None:
@@ -128,12 +124,7 @@ class MmapGuestMemory:
         guest RAM at ``address`` (page-aligned, inside one region): a snapshot's pages kept by
         reference to a file (snapshot/refs.py). Raises GuestMemoryError."""
         region, at = self._locate(address, length)
-        host = region.host_address + at
-        got = _mmap(host, length, mmap.PROT_READ | mmap.PROT_WRITE,
-                    mmap.MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, offset)
-        if got != host:
-            error = ctypes.get_errno()
-            raise GuestMemoryError(f"cannot map a file at {address:#x}: {os.strerror(error)}")
+        _map_fixed(region.host_address + at, length, fd, offset, f"a file at {address:#x}")
 
     def close(self) -> None:
         for region in self._regions:
@@ -167,3 +158,12 @@ class MmapGuestMemory:
 
     def _describe(self) -> str:
         return ", ".join(f"[{r.start:#x}, {r.end:#x})" for r in self._regions) or "no RAM"
+
+
+def _map_fixed(host: int, length: int, fd: int, offset: int, what: str) -> None:
+    """``fd`` from ``offset``, copy-on-write, at host address ``host`` in place of what was
+    mapped there (the backend keeps using the address). Raises GuestMemoryError."""
+    got = _mmap(host, length, mmap.PROT_READ | mmap.PROT_WRITE,
+                mmap.MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, offset)
+    if got != host:
+        raise GuestMemoryError(f"cannot map {what}: {os.strerror(ctypes.get_errno())}")
