@@ -169,18 +169,28 @@ def _runs_crc(runs: list[tuple[int, int]],
     return result
 
 
-def _source_pages(source: MemorySource, first: int, count: int) -> Iterator[memoryview]:
-    """Pages ``first`` .. ``first + count`` of the image as ``source``'s regions hold them:
-    the CRC of what was written, from guest RAM, not read back from the file."""
+def pieces(regions: Sequence[tuple[int, int]], first: int, count: int
+           ) -> Iterator[tuple[int, int, int]]:
+    """Where pages ``first`` .. ``first + count`` of the image are, given the (address, length)
+    of each region it lays one after another (host addresses of guest RAM, or guest-physical
+    ones): (address, pages into the run, page count), a piece per region the run spans.
+    ValueError when the run goes past the last region."""
     base = 0
-    for address, length in source.regions:
+    for address, length in regions:
         pages = length // PAGE
         start, end = max(first, base), min(first + count, base + pages)
         if start < end:
-            data = (ctypes.c_char * ((end - start) * PAGE)).from_address(
-                address + (start - base) * PAGE)
-            yield memoryview(data).cast("B")
+            yield address + (start - base) * PAGE, start - first, end - start
         base += pages
+    if first + count > base:
+        raise ValueError(f"image pages up to {first + count} are past its {base} pages")
+
+
+def _source_pages(source: MemorySource, first: int, count: int) -> Iterator[memoryview]:
+    """Pages ``first`` .. ``first + count`` of the image as ``source``'s regions hold them:
+    the CRC of what was written, from guest RAM, not read back from the file."""
+    for address, _, pages in pieces(source.regions, first, count):
+        yield memoryview((ctypes.c_char * (pages * PAGE)).from_address(address)).cast("B")
 
 
 def _data_extents(fd: int, offset: int, length: int) -> Iterator[tuple[int, int]]:

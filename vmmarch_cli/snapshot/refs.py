@@ -25,6 +25,7 @@ from typing import Any
 
 from vmmarch_cli import files
 from vmmarch_cli.memory import MmapGuestMemory
+from vmmarch_cli.snapshot import image
 from vmmarch_cli.snapshot.fileformat import SnapshotError
 from vmmarch_cli.snapshot.image import PAGE, MemorySource, Run
 
@@ -135,7 +136,7 @@ def map_refs(refs: Sequence[FileRef], memory: MmapGuestMemory, name: str) -> Non
                 if crc != ref.crc:
                     raise ValueError("the pages it kept changed")
                 for first, count, file_page in ref.runs:
-                    for address, skip, pages in _in_regions(memory, first, count):
+                    for address, skip, pages in image.pieces(memory.regions(), first, count):
                         memory.map_file(f.fileno(), (file_page + skip) * PAGE, address,
                                         pages * PAGE)
         except (OSError, files.NotRegularFile, ValueError) as e:
@@ -143,32 +144,9 @@ def map_refs(refs: Sequence[FileRef], memory: MmapGuestMemory, name: str) -> Non
                                 f"{e} (take the snapshot again)") from None
 
 
-def _in_regions(memory: MmapGuestMemory, first: int, count: int
-                ) -> Iterator[tuple[int, int, int]]:
-    """(guest-physical address, pages into the run, page count) of each piece of the image's
-    pages ``first`` .. ``first + count``: a run of the image may go on from one RAM region
-    into the next, which guest-physical addresses do not."""
-    base = 0
-    for start, length in memory.regions():
-        pages = length // PAGE
-        lo, hi = max(first, base), min(first + count, base + pages)
-        if lo < hi:
-            yield start + (lo - base) * PAGE, lo - first, hi - lo
-        base += pages
-    if first + count > base:
-        raise ValueError(f"image pages up to {first + count} are past guest RAM")
-
-
 def _pages(source: MemorySource, image_runs: Sequence[Run]) -> Iterator[tuple[int, int]]:
     """(image page, host address) of every page in ``image_runs``."""
-    bounds = []
-    base = 0
-    for address, length in source.regions:
-        bounds.append((base, base + length // PAGE, address))
-        base += length // PAGE
     for first, count in image_runs:
-        for page in range(first, first + count):
-            for lo, hi, address in bounds:
-                if lo <= page < hi:
-                    yield page, address + (page - lo) * PAGE
-                    break
+        for address, skip, pages in image.pieces(source.regions, first, count):
+            for i in range(pages):
+                yield first + skip + i, address + i * PAGE
