@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from vmmarch_cli.arch.x86_64.pipeline import StepRecord
     from vmmarch_cli.debugging import AllStop, Debugger, DebugWait
     from vmmarch_cli.snapshot.fileformat import Snapshot
-    from vmmarch_cli.snapshot.guest import Writing
+    from vmmarch_cli.snapshot.writer import Writing
 
 
 @dataclass(frozen=True)
@@ -496,6 +496,7 @@ def run(
         running_at = time.monotonic()
         collecting = gc.isenabled()
         saved: Path | None = None
+        taken = False
         writing: Writing | None = None
         while True:  # a second round only after a snapshot, with ``after_snapshot``
             threads = [
@@ -506,24 +507,27 @@ def run(
             _run_round(config, prepared, state, threads, posted, signals, debug_wait,
                        collecting)
             console.flush()
-            if config.snapshot is None or state.reason is not StopReason.EXPECT or saved:
+            if config.snapshot is None or state.reason is not StopReason.EXPECT or taken:
                 break
             from vmmarch_cli.snapshot import guest
 
             assert isinstance(prepared.vm.memory, MmapGuestMemory)
-            # A cache entry the guest goes on from is written beside its run (guest.Writing).
+            # A cache entry the guest goes on from is written by a child that outlives the
+            # run (writer.py); none when another run is writing that entry.
+            background = config.snapshot_cached and after_snapshot is not None
             writing = guest.save(
                 config.snapshot, prepared.backend.name, prepared.vm, prepared.vcpus,
                 prepared.vm.memory, bus, snapshot_machine(prepared, config),
                 sync=not config.snapshot_cached, ref_files=config.snapshot_refs,
-                background=config.snapshot_cached and after_snapshot is not None)
-            saved = config.snapshot
+                background=background)
+            taken = True
+            saved = config.snapshot if writing is not None or not background else None
             if after_snapshot is None:
                 break
             after_snapshot(bus)
             state.go_on()
         if writing is not None:
-            failed = writing.wait()
+            failed = writing.poll()
             if failed is not None:
                 console.warnings.append(f"the snapshot was not saved: {failed}")
                 saved = None

@@ -220,6 +220,10 @@ class _Runs:
             path = runjob.snapshot_path(base.kernel, box, init, settings)
         except OSError:
             return None  # no such kernel or busybox: the fresh boot says so, in one line
+        if not path.is_file():  # it may be on its way: a writer finishes it in ~0.1 s
+            from vmmarch_cli.snapshot.writer import wait_for_writer
+
+            wait_for_writer(path)
         for attempt in range(2):
             if attempt or not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from io import BufferedReader
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -35,6 +34,7 @@ from vmmarch_cli.memory import MmapGuestMemory
 from vmmarch_cli.readback import readback
 from vmmarch_cli.snapshot import fileformat, image, refs
 from vmmarch_cli.snapshot.fileformat import Snapshot, SnapshotError
+from vmmarch_cli.snapshot.writer import Writing
 from vmmarch_cli.vcpu import SnapshotVcpu, SnapshotVm, Vcpu, Vm
 
 #: Device kinds by class, and the state record each keeps.
@@ -92,9 +92,9 @@ def save(path: Path, backend: str, vm: Vm, vcpus: Sequence[Vcpu], memory: MmapGu
     by reference to them (refs.py). Raises BackendUnavailableError when the backend cannot,
     BadInputError when ``path`` cannot be written.
 
-    With ``background`` the state is taken now and the file is written by a child process
-    (``Writing``), which holds guest RAM as it was at the fork (a private mapping: the guest
-    may run on meanwhile); the caller waits for it before it exits."""
+    With ``background`` (a cache entry) the state is taken now and the file is written by a
+    child process that outlives the caller (writer.py); None then means another process is
+    writing it."""
     require_snapshots(backend, vm, vcpus)
     assert isinstance(vm, SnapshotVm)
     sections: dict[str, bytes] = {VM_SECTION: vm.save_state()}
@@ -112,7 +112,8 @@ def save(path: Path, backend: str, vm: Vm, vcpus: Sequence[Vcpu], memory: MmapGu
                                    "machine": machine}
     source = image.MemorySource([(host, length) for _, length, host in memory.host_regions()])
     if background:
-        return Writing(lambda: _write(path, description, sections, source, sync, ref_files))
+        return Writing.start(path, lambda: _write(path, description, sections, source, sync,
+                                                  ref_files))
     _write(path, description, sections, source, sync, ref_files)
     return None
 
@@ -130,40 +131,6 @@ def _write(path: Path, description: dict[str, Any], sections: Mapping[str, bytes
         fileformat.write(path, description, sections, source, sync, memory_runs)
     except OSError as e:
         raise files.output_error(path, e) from None
-
-
-class Writing:
-    """A snapshot written by a child process: ``write`` runs there, on guest RAM as it was at
-    the fork, while this process goes on (the first ``vmm-arch run`` runs its job meanwhile:
-    the ~90 ms a 61 MiB image takes to scan, write and sum leave its critical path). Only the
-    forking thread lives on in the child, which runs the snapshot code alone and ends with
-    os._exit; what it could not do comes back through a pipe."""
-
-    def __init__(self, write: Callable[[], None]) -> None:
-        reader, writer = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child
-            os.close(reader)
-            status = 0
-            try:
-                write()
-            except BaseException as e:  # whatever it is goes back to the parent
-                os.write(writer, str(e).encode(errors="replace")[:4096])
-                status = 1
-            os._exit(status)
-        os.close(writer)
-        self._pid, self._errors = pid, reader
-
-    def wait(self) -> str | None:
-        """Wait for the file to be complete; what went wrong, or None."""
-        _, status = os.waitpid(self._pid, 0)
-        chunks = []
-        while chunk := os.read(self._errors, 4096):
-            chunks.append(chunk)
-        os.close(self._errors)
-        if status == 0:
-            return None
-        return b"".join(chunks).decode(errors="replace") or f"wait status {status}"
 
 
 class MemoryCheck:

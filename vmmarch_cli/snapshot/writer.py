@@ -1,0 +1,143 @@
+"""A cache entry's snapshot written by a child process that outlives the run that took it.
+
+The first ``vmm-arch run`` saves the booted guest and goes on with its job in the same VM. The
+file (~90 ms for a 61 MiB image: scan, write, sum) is written by a forked child, which holds
+guest RAM as it was at the fork (a private mapping: the guest runs on meanwhile). The run does
+not wait for it: it ends when its job does, and the child finishes the entry on its own.
+
+Each entry has a lock file beside it, held (``flock``, exclusive) from before the fork until
+the child has renamed the file into place or given up. So:
+
+* a run that finds no entry waits for a writer that holds the lock (``wait_for_writer``), which
+  is far shorter than the boot it would do instead;
+* of runs that took the same entry at once, one writes it (``Writing.start``);
+* temporary files left by a writer that was killed are removed by the next one, which holds
+  the lock and so knows no other writer is at work.
+
+The lock is released by the kernel when the child ends, however it ends. Lock files stay: one
+that is removed while a process waits on it would let two writers in.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of the entry at ``path``; not a dot file: those are fileformat.write's
+    temporary files, which the next writer may remove."""
+    return path.with_suffix(".lock")
+
+
+def wait_for_writer(path: Path) -> None:
+    """Return once no process is writing the entry at ``path``."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no writer ever took this entry
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
+def _claim(path: Path) -> int | None:
+    """The entry's lock, held; None when another process is writing it or it cannot be
+    taken (the cache cannot be written: the run goes on without saving)."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """fileformat.write's temporary files for ``path`` that a killed writer left."""
+    for stale in path.parent.glob(f".{path.name}.*"):
+        stale.unlink(missing_ok=True)
+
+
+def _detach_from_caller(keep: set[int]) -> None:
+    """Leave the caller's terminal session and streams: a Ctrl-C or hang-up meant for the run
+    does not cut the file short, and a caller reading the run's output to its end does not wait
+    for this child. Every descriptor but ``keep`` becomes /dev/null rather than being closed,
+    so that an object inherited from the parent that closes its descriptor later cannot close a
+    number this child has since reused."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    # (The listing includes its own descriptor, closed by then: it becomes /dev/null too.)
+    for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+        if fd not in keep and fd != null:
+            os.dup2(null, fd, inheritable=fd <= 2)
+    os.close(null)
+
+
+#: Children a ``poll`` left at work; a long-lived caller (the library, the tests) reaps them at
+#: its next ``Writing.start``, so that they do not stay zombies. The CLI just exits.
+_unreaped: list[int] = []
+
+
+def _reap() -> None:
+    for pid in list(_unreaped):
+        if os.waitpid(pid, os.WNOHANG)[0] != 0:
+            _unreaped.remove(pid)
+
+
+class Writing:
+    """The child that writes one entry; ``poll`` reports on it without waiting."""
+
+    @classmethod
+    def start(cls, path: Path, write: Callable[[], object]) -> Writing | None:
+        """Fork a child that runs ``write`` (which makes ``path``); None when another process
+        is already writing that entry or has just written it."""
+        _reap()
+        lock = _claim(path)
+        if lock is None:
+            return None
+        if path.is_file():  # written by another run between our look and our claim
+            os.close(lock)
+            return None
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: only the forking thread lives on in it
+            os.close(reader)
+            status = 0
+            try:
+                _detach_from_caller(keep={writer, lock})
+                _remove_stale_temporaries(path)
+                write()
+            except BaseException as e:  # whatever it is goes back to the parent
+                os.write(writer, str(e).encode(errors="replace")[:4096])
+                status = 1
+            os._exit(status)  # releases the lock
+        os.close(writer)
+        os.close(lock)  # the child's copy holds it
+        return cls(pid, reader)
+
+    def __init__(self, pid: int, errors: int) -> None:
+        self.pid = pid  #: the child's
+        self._errors = errors
+
+    def poll(self) -> str | None:
+        """What went wrong, if the child has ended with an error; None if it succeeded or is
+        still at work (it finishes on its own; a later run waits for it)."""
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            _unreaped.append(self.pid)
+            os.close(self._errors)  # its report, if any, goes nowhere
+            return None
+        chunks = []
+        while chunk := os.read(self._errors, 4096):
+            chunks.append(chunk)
+        os.close(self._errors)
+        if status == 0:
+            return None
+        return b"".join(chunks).decode(errors="replace") or f"wait status {status}"
