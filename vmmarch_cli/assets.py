@@ -26,7 +26,6 @@ from vmmarch_cli import files
 from vmmarch_cli.errors import EX_UNAVAILABLE, BadInputError, VmmArchError
 from vmmarch_cli.files import cache_dir
 from vmmarch_cli.initramfs import busybox_initramfs, marker_init_script
-from vmmarch_cli.loader.bzimage_payload import extract_vmlinux
 
 Progress = Callable[[str], None]
 
@@ -335,6 +334,9 @@ def fetch_debian_kernel(flavour: str = "cloud", progress: Progress | None = None
             raise AssetError(f"{package} has no {path.relative_to(root)}; delete {root} and retry")
     vmlinux = boot / f"vmlinux-{release}"
     if not vmlinux.is_file():
+        # Here, not at the top: ``run`` imports this module for busybox alone.
+        from vmmarch_cli.loader.bzimage_payload import extract_vmlinux
+
         _say(progress, f"extracting {vmlinux.name} from {bzimage.name}")
         _write_atomic(vmlinux, extract_vmlinux(bzimage.read_bytes()))
     return KernelAssets(bzimage=bzimage, vmlinux=vmlinux, config=config, version=release)

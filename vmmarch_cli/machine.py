@@ -27,7 +27,6 @@ from vmmarch_cli.arch.x86_64 import board, e820
 from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.config import BASE_CMDLINE, EMULATED_RING0_CMDLINE, BootConfig
 from vmmarch_cli.console import Console
-from vmmarch_cli.crash import CodeWindow, read_code
 from vmmarch_cli.devices.bus import IoBus
 from vmmarch_cli.devices.exit_port import ExitPort
 from vmmarch_cli.devices.i8042 import I8042
@@ -58,6 +57,7 @@ from vmmarch_cli.vcpu import (
 
 if TYPE_CHECKING:
     from vmmarch_cli.arch.x86_64.pipeline import StepRecord
+    from vmmarch_cli.crash import CodeWindow
     from vmmarch_cli.debugging import AllStop, Debugger, DebugWait
     from vmmarch_cli.snapshot.fileformat import Snapshot
     from vmmarch_cli.snapshot.writer import Writing
@@ -837,6 +837,8 @@ def _fault(vcpu: Vcpu, state: _Run, reason: str, instruction: bytes) -> None:
     code: CodeWindow | None = None
     try:
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        from vmmarch_cli.crash import read_code  # only at a fault
+
         code = read_code(state.prepared.vm.memory, sregs, regs.rip)
     except errors.VmmArchError:
         regs, sregs = None, None

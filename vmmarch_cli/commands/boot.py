@@ -15,7 +15,6 @@ from vmmarch_cli import backends, machine
 from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.commands import options
 from vmmarch_cli.config import BootConfig
-from vmmarch_cli.crash import disassemble
 from vmmarch_cli.machine import BootResult, Fault
 from vmmarch_cli.profile import Symbols, fold
 from vmmarch_cli.render import regs_dict, regs_table, sregs_dict, sregs_tables, stderr_console
@@ -191,6 +190,8 @@ def report(r: BootResult, quiet: bool, verbose: bool) -> None:
 
 
 def _report_fault(fault: Fault, console_tail: list[str]) -> None:
+    from vmmarch_cli.crash import disassemble  # only after a fault
+
     err = stderr_console()
     err.print(f"[bold red]guest fault[/] on cpu{fault.cpu}: {fault.reason}")
     if fault.instruction:

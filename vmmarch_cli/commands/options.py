@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from vmmarch_cli import backends
-from vmmarch_cli.arch.x86_64 import acpi, cpuid
+from vmmarch_cli.arch.x86_64.lapic import MAX_XAPIC_CPUS
 from vmmarch_cli.arch.x86_64.protocols import BootProtocol
 from vmmarch_cli.config import BASE_CMDLINE, BootConfig, parse_mem_size
 from vmmarch_cli.loader.host_decompress import Decompress
@@ -61,9 +61,9 @@ def boot_options(f: F) -> F:
                      default=AUTO, show_default=True,
                      help="linux64: the 64-bit Linux boot protocol; pvh: the Xen PVH entry of "
                           "an ELF with a PVH note; auto: PVH when the note exists, else linux64."),
-        click.option("--cpus", type=click.IntRange(1, acpi.MAX_CPUS), default=1,
+        click.option("--cpus", type=click.IntRange(1, MAX_XAPIC_CPUS), default=1,
                      show_default=True,
-                     help=f"Number of vCPUs (1-{acpi.MAX_CPUS}: xAPIC IDs are 8 bits, 0xFF is "
+                     help=f"Number of vCPUs (1-{MAX_XAPIC_CPUS}: xAPIC IDs are 8 bits, 0xFF is "
                           "broadcast and the IOAPIC takes one). The APs start as on hardware: "
                           "the kernel wakes them with INIT/SIPI."),
         click.option("--cpu-mask", default=None, metavar="LIST",
@@ -90,6 +90,8 @@ def boot_config(kwargs: dict[str, Any]) -> BootConfig:
     mask_text = kwargs.pop("cpu_mask")
     mask: frozenset[str] | None = None
     if mask_text is not None:
+        from vmmarch_cli.arch.x86_64 import cpuid  # only with --cpu-mask (~1 ms)
+
         mask = frozenset() if mask_text.strip().lower() == "none" else cpuid.parse_mask(mask_text)
     return BootConfig(
         kernel=kwargs.pop("kernel"),

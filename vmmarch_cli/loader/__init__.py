@@ -9,9 +9,9 @@ from io import BufferedReader
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmmarch_cli.arch.x86_64 import layout, paging
+from vmmarch_cli.arch.x86_64 import layout
 from vmmarch_cli.files import NotRegularFile, open_regular
-from vmmarch_cli.loader import bzimage, elf64, errors
+from vmmarch_cli.loader import elf64, errors
 from vmmarch_cli.loader.host_decompress import (
     Decompress,
     Decompression,
@@ -23,10 +23,11 @@ from vmmarch_cli.loader.host_decompress import (
 from vmmarch_cli.vcpu import GuestMemory
 
 if TYPE_CHECKING:
-    from vmmarch_cli.loader import elf
+    from vmmarch_cli.loader import bzimage, elf
 
-# ``elf`` (pyelftools: ~10 ms of imports) is imported where an ELF is parsed or loaded: a
-# snapshot's restore, --help and the commands that load no kernel never pay for it.
+# ``elf`` (pyelftools: ~10 ms of imports) and ``bzimage`` (with boot_params: ~4 ms) are
+# imported where a kernel is parsed or loaded (on a boot, by its loading thread: machine.py):
+# a snapshot's restore, --help and the commands that load no kernel never pay for them.
 
 #: boot.rst: without a header saying otherwise the initrd must end below 0x37FFFFFF + 1.
 DEFAULT_INITRD_ADDR_MAX = 0x37FF_FFFF
@@ -98,6 +99,8 @@ def parse_kernel(path: Path, plan: Decompression = GUEST_DECOMPRESSES,
         f.seek(0)
         if size == 0:
             raise errors.UnknownKernelFormat(f"{name}: empty file")
+        from vmmarch_cli.loader import bzimage
+
         if bzimage.is_bzimage(head):
             bz = bzimage.parse(head, size, name)
             image = KernelImage(
@@ -146,7 +149,7 @@ def _decompressed(parsed: ParsedKernel, bz: bzimage.BzImageInfo, data: bytes,
     """The bzImage's vmlinux (decompressed now, or cached) as the kernel to load: an ELF entered
     through the 64-bit protocol at its own entry, with the bzImage's setup header for
     boot_params (code32_start saying where the kernel is)."""
-    from vmmarch_cli.loader import elf
+    from vmmarch_cli.loader import bzimage, elf
 
     name = _vmlinux_name(parsed.path)
 
@@ -181,7 +184,7 @@ def load_kernel(path: Path, memory: GuestMemory,
                 plan: Decompression = GUEST_DECOMPRESSES) -> KernelImage:
     """Parse (decompressing a bzImage on the host if ``plan`` says so, see ``parse_kernel``),
     check against guest RAM, then copy the image in."""
-    from vmmarch_cli.loader import elf
+    from vmmarch_cli.loader import bzimage, elf
 
     parsed = parse_kernel(path, plan)
     name = str(path)
@@ -203,6 +206,8 @@ def load_initrd(path: Path, memory: GuestMemory, kernel: KernelImage) -> tuple[i
     Returns (address, size). Like Firecracker and Cloud Hypervisor, the top of the first region
     keeps it far from the kernel's own decompression and early allocations.
     """
+    from vmmarch_cli.arch.x86_64 import paging
+
     try:
         f = open_regular(path)
         data_size = os.fstat(f.fileno()).st_size
