@@ -37,7 +37,9 @@ from vmmarch_cli.errors import BackendError
 from vmmarch_cli.vcpu import ATTR_MASK, DescriptorTable, Segment, Sregs
 
 _DRS = [getattr(x86, f"UC_X86_REG_DR{i}") for i in range(8)]
-#: How far past CPUState to look for the planted values (CPUX86State sits inside X86CPU).
+#: How far past CPUState to look for the planted values (CPUX86State sits inside X86CPU) in
+#: the wheel's build. The engine's CPU state is larger (patch 0015's jump cache puts env past
+#: 192 KiB) and it tells its layout instead (patch 0009).
 _SCAN = 0x20000
 #: Offsets from dr[0] (cpu.h: int error_code; int exception_is_int; target_ulong
 #: exception_next_eip; target_ulong dr[8]; void *cpu_breakpoint[4]; int old_exception).
@@ -165,8 +167,8 @@ def _holds(uc: Any, cpu: int, registers: list[int], marks: list[int], offset: in
 _DR_MARKS = [0x5AFE_0000_D0D0_0000 + i for i in range(8)]
 
 
-def _find_dr(uc: Any, cpu: int) -> int:
-    return _planted(uc, cpu, _DRS, _DR_MARKS, _SCAN, "debug registers")
+def _find_dr(uc: Any, cpu: int, span: int) -> int:
+    return _planted(uc, cpu, _DRS, _DR_MARKS, span, "debug registers")
 
 
 #: SegmentCaches from env->segs[0]: segs[6], ldt, tr, gdt, idt (cpu.h); then target_ulong cr[5].
@@ -199,9 +201,9 @@ def layout() -> Layout:
                   tsc_offset=told.tsc_offset)
 
 
-def _scanned_layout() -> Layout:
+def _scanned_layout(span: int = _SCAN) -> Layout:
     """Find the offsets once, in a scratch instance, and check them against a live INT n and
-    a live HLT."""
+    a live HLT. ``span``: how many bytes of the CPU state to search (read: they must exist)."""
     from vmmarch_cli.backends.emulate.binding import Uc
 
     uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
@@ -209,7 +211,7 @@ def _scanned_layout() -> Layout:
     uc.mem_map(code, 0x1000)
     uc.mem_write(code, bytes.fromhex("cd77" "cd78" "f4" "90"))  # int 0x77; int 0x78; hlt; nop
     cpu = _cpu_state(uc)
-    dr = _find_dr(uc, cpu)
+    dr = _find_dr(uc, cpu, span)
     seen: list[tuple[int, set[int], int, int]] = []
 
     def hook(uc: Any, vector: int, _: object) -> None:
