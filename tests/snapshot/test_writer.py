@@ -102,3 +102,31 @@ def test_a_caller_reading_the_runs_output_does_not_wait_for_the_writer(tmp_path:
     assert took < WORK, took
     writer.wait_for_writer(entry)
     assert entry.read_text() == "done"
+
+
+def test_a_write_that_fails_after_the_run_stopped_listening_ends_the_child(tmp_path: Path
+                                                                           ) -> None:
+    """The run polls once and closes its end of the error pipe; a write that fails later
+    cannot report (EPIPE), and the child must still end there, not return or raise into the
+    run's code: the ``finally`` around ``start`` runs once, in the run."""
+    entry = tmp_path / "run-x.snap"
+    after = tmp_path / "after-start"
+    program = textwrap.dedent(f"""
+        import os, time
+        from pathlib import Path
+        from vmmarch_cli.snapshot import writer
+        def write():
+            time.sleep({WORK})
+            raise OSError("disk full")
+        try:
+            writing = writer.Writing.start(Path({str(entry)!r}), write)
+        finally:
+            with open({str(after)!r}, "a") as f:
+                f.write(f"{{os.getpid()}}\\n")
+        assert writing is not None and writing.poll() is None
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    writer.wait_for_writer(entry)
+    assert len(after.read_text().splitlines()) == 1 and not entry.exists()

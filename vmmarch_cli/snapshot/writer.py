@@ -20,6 +20,7 @@ that is removed while a process waits on it would let two writers in.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Callable
@@ -108,16 +109,18 @@ class Writing:
         reader, writer = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: only the forking thread lives on in it
-            os.close(reader)
-            status = 0
+            status = 1
             try:
+                os.close(reader)
                 _detach_from_caller(keep={writer, lock})
                 _remove_stale_temporaries(path)
                 write()
-            except BaseException as e:  # whatever it is goes back to the parent
-                os.write(writer, str(e).encode(errors="replace")[:4096])
-                status = 1
-            os._exit(status)  # releases the lock
+                status = 0
+            except BaseException as e:  # whatever it is goes back to the parent, if it listens
+                with contextlib.suppress(OSError):  # it may have stopped (poll): EPIPE
+                    os.write(writer, str(e).encode(errors="replace")[:4096])
+            finally:
+                os._exit(status)  # never returns into the caller's code; releases the lock
         os.close(writer)
         os.close(lock)  # the child's copy holds it
         return cls(pid, reader)
