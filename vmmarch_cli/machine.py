@@ -515,12 +515,18 @@ def run(
             # A cache entry the guest goes on from is written by a child that outlives the
             # run (writer.py); none when another run is writing that entry.
             background = config.snapshot_cached and after_snapshot is not None
-            writing = guest.save(
-                config.snapshot, prepared.backend.name, prepared.vm, prepared.vcpus,
-                prepared.vm.memory, bus, snapshot_machine(prepared, config),
-                sync=not config.snapshot_cached, ref_files=config.snapshot_refs,
-                background=background)
             taken = True
+            try:
+                writing = guest.save(
+                    config.snapshot, prepared.backend.name, prepared.vm, prepared.vcpus,
+                    prepared.vm.memory, bus, snapshot_machine(prepared, config),
+                    sync=not config.snapshot_cached, ref_files=config.snapshot_refs,
+                    background=background)
+            except OSError as e:  # the cache entry's lock or the fork (writer.py)
+                if not background:
+                    raise
+                console.warnings.append(f"the snapshot was not saved: {e}")
+                writing = None
             saved = config.snapshot if writing is not None or not background else None
             if after_snapshot is None:
                 break

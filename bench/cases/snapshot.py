@@ -118,8 +118,8 @@ def run(ctx: Context) -> CaseResult:
     second = Table("the run that takes the snapshot", "vmm-arch run (snapshot taken)",
                    "vmm-arch run --no-snapshot")
     second.rows.append(paired_row("wall_s", "s", first, plain, target="<= 1.1x",
-                                  note="boot to init, save, restore, run; against a fresh "
-                                       "boot with the command in the initramfs"))
+                                  note="boot to init, save, run the command in the same VM; "
+                                       "against a fresh boot with the command in the initramfs"))
     second.rows.append(paired_row("writer_after_s", "s", first, [None] * len(first),
                                   note="the file's writer, a child, ends this long after the "
                                        "run (a run started meanwhile waits for it)"))

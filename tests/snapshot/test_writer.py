@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from vmmarch_cli.snapshot import writer
 
 #: How long each test's writer works: long enough to tell waiting from not waiting.
@@ -61,6 +63,7 @@ def test_a_failed_write_is_reported_and_releases_the_entry(tmp_path: Path) -> No
     os.waitid(os.P_PID, writing.pid, os.WEXITED | os.WNOWAIT)  # ended; poll reaps it
     assert writing.poll() == "disk full"
     assert not entry.exists()
+    assert writer.last_failure(entry) is None  # reported by its run: not again by the next
     again = writer.Writing.start(entry, lambda: entry.write_text("second try"))
     assert again is not None
     writer.wait_for_writer(entry)
@@ -130,3 +133,24 @@ def test_a_write_that_fails_after_the_run_stopped_listening_ends_the_child(tmp_p
     assert done.returncode == 0, done.stderr
     writer.wait_for_writer(entry)
     assert len(after.read_text().splitlines()) == 1 and not entry.exists()
+    # Its run was gone: the next run that takes the entry says why, once.
+    assert writer.last_failure(entry) == "disk full"
+    assert writer.last_failure(entry) is None
+
+
+def test_a_write_that_succeeds_clears_an_earlier_failure(tmp_path: Path) -> None:
+    entry = tmp_path / "run-x.snap"
+    writer.failure_path(entry).write_text("disk full\n")
+    assert writer.Writing.start(entry, lambda: entry.write_text("whole")) is not None
+    writer.wait_for_writer(entry)
+    assert entry.read_text() == "whole" and writer.last_failure(entry) is None
+
+
+def test_an_entry_whose_lock_cannot_be_made_raises_and_holds_nothing(tmp_path: Path) -> None:
+    """No folder for the lock (as a cache that cannot be written): OSError, which the run
+    reports as a warning before it goes on (machine.run); no child, nothing left open."""
+    entry = tmp_path / "missing" / "run-x.snap"
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileNotFoundError):
+        writer.Writing.start(entry, lambda: entry.write_text("never"))
+    assert set(os.listdir("/proc/self/fd")) == before

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vmmarch_cli.snapshot.writer import wait_for_writer
+from vmmarch_cli.snapshot.writer import failure_path, wait_for_writer
 
 from conftest import ROOT, run_cli
 from stockboots import init_facts
@@ -122,6 +122,26 @@ def test_run_takes_a_damaged_snapshot_again(stock: dict[str, Path], tmp_path: Pa
     status, doc, _ = run_job(stock, data)
     check_job(status, doc, "x")
     assert doc["snapshot"]["taken"] is True
+
+
+def test_run_says_once_that_an_earlier_snapshot_was_not_saved(stock: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """A writer that failed after its run had ended left why beside the entry (writer.py);
+    the run that takes the entry again says it in one line, once."""
+    data = tmp_path / "data.txt"
+    data.write_text("y\n")
+    _, doc, _ = run_job(stock, data)
+    snapshot = Path(doc["snapshot"]["path"])
+    wait_for_writer(snapshot)
+    snapshot.unlink()
+    failure_path(snapshot).write_text("no room on the device\n")
+    status, doc, stderr = run_job(stock, data)
+    check_job(status, doc, "y")
+    assert doc["snapshot"]["taken"] is True
+    assert stderr.count("vmm-arch: warning: the snapshot an earlier run took was not saved: "
+                        "no room on the device\n") == 1, stderr
+    _, _, stderr = run_job(stock, data)
+    assert "not saved" not in stderr
 
 
 def test_runs_killed_while_they_restore_leave_the_cache_usable(stock: dict[str, Path],

@@ -221,9 +221,14 @@ class _Runs:
         except OSError:
             return None  # no such kernel or busybox: the fresh boot says so, in one line
         if not path.is_file():  # it may be on its way: a writer finishes it in ~0.1 s
-            from vmmarch_cli.snapshot.writer import wait_for_writer
+            from vmmarch_cli.snapshot.writer import last_failure, wait_for_writer
 
             wait_for_writer(path)
+            # A writer that failed after its run had ended left why (writer.py): say it once.
+            failure = None if path.is_file() else last_failure(path)
+            if failure is not None:
+                click.echo("vmm-arch: warning: the snapshot an earlier run took was not saved: "
+                           f"{failure}", err=True)
         for attempt in range(2):
             if attempt or not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,10 @@ the child has renamed the file into place or given up. So:
 
 The lock is released by the kernel when the child ends, however it ends. Lock files stay: one
 that is removed while a process waits on it would let two writers in.
+
+A write that fails after its run has ended cannot be reported by that run: the child leaves
+what went wrong beside the entry (``failure_path``), and the next run that takes the entry
+says it (``last_failure``), so that a cache that never fills does not go unnoticed.
 """
 
 from __future__ import annotations
@@ -33,30 +37,49 @@ def lock_path(path: Path) -> Path:
     return path.with_suffix(".lock")
 
 
+def failure_path(path: Path) -> Path:
+    """Where the writer of the entry at ``path`` leaves what went wrong (not a dot file)."""
+    return path.with_suffix(".failed")
+
+
+def last_failure(path: Path) -> str | None:
+    """What went wrong when the entry at ``path`` was last written, once (the note is
+    removed); None when nothing did."""
+    note = failure_path(path)
+    try:
+        text = note.read_text(errors="replace").strip()
+        note.unlink()
+    except OSError:
+        return None
+    return text or "the writer gave no reason"
+
+
 def wait_for_writer(path: Path) -> None:
-    """Return once no process is writing the entry at ``path``."""
+    """Return once no process is writing the entry at ``path`` (at once where the lock cannot
+    be read or taken: the caller then boots, as without an entry)."""
     try:
         fd = os.open(lock_path(path), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return  # no writer ever took this entry
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        with contextlib.suppress(OSError):  # a file system without flock
+            fcntl.flock(fd, fcntl.LOCK_SH)
     finally:
         os.close(fd)
 
 
 def _claim(path: Path) -> int | None:
-    """The entry's lock, held; None when another process is writing it or it cannot be
-    taken (the cache cannot be written: the run goes on without saving)."""
-    try:
-        fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError:
-        return None
+    """The entry's lock, held; None when another process is writing it. Raises OSError when
+    it cannot be taken at all (the cache cannot be written, no flock there)."""
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         return None
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -88,8 +111,12 @@ _unreaped: list[int] = []
 
 def _reap() -> None:
     for pid in list(_unreaped):
-        if os.waitpid(pid, os.WNOHANG)[0] != 0:
-            _unreaped.remove(pid)
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                continue
+        except ChildProcessError:
+            pass  # reaped elsewhere (a caller's own waitpid(-1), SIGCHLD ignored)
+        _unreaped.remove(pid)
 
 
 class Writing:
@@ -98,7 +125,8 @@ class Writing:
     @classmethod
     def start(cls, path: Path, write: Callable[[], object]) -> Writing | None:
         """Fork a child that runs ``write`` (which makes ``path``); None when another process
-        is already writing that entry or has just written it."""
+        is already writing that entry or has just written it. Raises OSError when the entry's
+        lock cannot be taken or the child cannot be made (nothing is left held)."""
         _reap()
         lock = _claim(path)
         if lock is None:
@@ -106,8 +134,17 @@ class Writing:
         if path.is_file():  # written by another run between our look and our claim
             os.close(lock)
             return None
-        reader, writer = os.pipe()
-        pid = os.fork()
+        try:
+            reader, writer = os.pipe()
+        except BaseException:
+            os.close(lock)
+            raise
+        try:
+            pid = os.fork()
+        except BaseException:  # ENOMEM (a large guest under strict overcommit), EAGAIN
+            for fd in (reader, writer, lock):
+                os.close(fd)
+            raise
         if pid == 0:  # the child: only the forking thread lives on in it
             status = 1
             try:
@@ -116,23 +153,32 @@ class Writing:
                 _remove_stale_temporaries(path)
                 write()
                 status = 0
+                with contextlib.suppress(OSError):  # an earlier writer's note, now stale
+                    failure_path(path).unlink(missing_ok=True)
             except BaseException as e:  # whatever it is goes back to the parent, if it listens
+                report = str(e) or type(e).__name__
                 with contextlib.suppress(OSError):  # it may have stopped (poll): EPIPE
-                    os.write(writer, str(e).encode(errors="replace")[:4096])
+                    os.write(writer, report.encode(errors="replace")[:4096])
+                with contextlib.suppress(OSError):  # for the next run (last_failure)
+                    failure_path(path).write_text(report[:4096] + "\n")
             finally:
                 os._exit(status)  # never returns into the caller's code; releases the lock
         os.close(writer)
         os.close(lock)  # the child's copy holds it
-        return cls(pid, reader)
+        return cls(path, pid, reader)
 
-    def __init__(self, pid: int, errors: int) -> None:
+    def __init__(self, path: Path, pid: int, errors: int) -> None:
         self.pid = pid  #: the child's
-        self._errors = errors
+        self._path, self._errors = path, errors
 
     def poll(self) -> str | None:
         """What went wrong, if the child has ended with an error; None if it succeeded or is
         still at work (it finishes on its own; a later run waits for it)."""
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: whatever it said is in last_failure
+            os.close(self._errors)
+            return None
         if pid == 0:
             _unreaped.append(self.pid)
             os.close(self._errors)  # its report, if any, goes nowhere
@@ -143,4 +189,6 @@ class Writing:
         os.close(self._errors)
         if status == 0:
             return None
+        with contextlib.suppress(OSError):  # reported here: not again by the next run
+            failure_path(self._path).unlink(missing_ok=True)
         return b"".join(chunks).decode(errors="replace") or f"wait status {status}"
