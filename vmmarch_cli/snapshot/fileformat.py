@@ -75,6 +75,12 @@ class Snapshot:
     memory_runs: tuple[image.Run, ...] = ()
 
 
+def temporary_prefix(path: Path) -> str:
+    """How ``write``'s temporary files for ``path`` are named (beside it, hidden): the prefix of
+    each, which a random tail completes."""
+    return f".{path.name}."
+
+
 def write(path: Path, description: Mapping[str, Any], sections: Mapping[str, bytes],
           memory: image.MemorySource, sync: bool = True,
           memory_runs: Sequence[image.Run] | None = None) -> None:
@@ -95,7 +101,7 @@ def write(path: Path, description: Mapping[str, Any], sections: Mapping[str, byt
     state = text + bytes(blobs)
     start = Header.sizeof()
     memory_offset = image.page_align(start + len(state))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path))
     try:
         os.fchmod(fd, 0o644)
         os.pwrite(fd, state, start)

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+from vmmarch_cli.snapshot.fileformat import temporary_prefix
 
 
 def lock_path(path: Path) -> Path:
@@ -85,7 +88,7 @@ def _claim(path: Path) -> int | None:
 
 def _remove_stale_temporaries(path: Path) -> None:
     """fileformat.write's temporary files for ``path`` that a killed writer left."""
-    for stale in path.parent.glob(f".{path.name}.*"):
+    for stale in path.parent.glob(glob.escape(temporary_prefix(path)) + "*"):
         stale.unlink(missing_ok=True)
 
 
