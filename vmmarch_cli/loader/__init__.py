@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from io import BufferedReader
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from vmmarch_cli.arch.x86_64 import layout
 from vmmarch_cli.files import NotRegularFile, open_regular
@@ -130,7 +130,7 @@ def parse_kernel(path: Path, plan: Decompression = GUEST_DECOMPRESSES,
             )
         from vmmarch_cli.loader import elf
 
-        info = elf.parse(f, size, name)
+        info = _elf_headers(f, size, name)
         if not describe_only:
             elf.require_bootable(info, name)
     image = KernelImage(
@@ -142,6 +142,17 @@ def parse_kernel(path: Path, plan: Decompression = GUEST_DECOMPRESSES,
         pvh_entry=info.pvh_entry,
     )
     return ParsedKernel(path, size, image, elf=info)
+
+
+def _elf_headers(f: BinaryIO, size: int, name: str) -> elf.ElfInfo:
+    """``elf.parse``, or what it read from this file before (elf_headers.py)."""
+    from vmmarch_cli.loader import elf, elf_headers
+
+    info = elf_headers.recall(f)
+    if info is None:
+        info = elf.parse(f, size, name)
+        elf_headers.keep(f, info)
+    return info
 
 
 def _decompressed(parsed: ParsedKernel, bz: bzimage.BzImageInfo, data: bytes,
@@ -156,7 +167,7 @@ def _decompressed(parsed: ParsedKernel, bz: bzimage.BzImageInfo, data: bytes,
     def parse(f: VmlinuxFile) -> elf.ElfInfo:
         size = f.seek(0, 2)
         f.seek(0)
-        info = elf.parse(f, size, name)
+        info = _elf_headers(f, size, name)
         elf.require_bootable(info, name)
         return info
 
