@@ -32,8 +32,8 @@ EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 #: The guests the engine trains on: every example guest that ends by itself within seconds
 #: (~0.3 s each, irq32 ~2 s; spin runs until it is stopped, apictimer times its timer ~10 s).
 GUESTS = ("blockloop", "bootcheck", "cr3flush", "faultnest", "globalpages", "idtcheck", "irq32",
-          "jmpcache", "nmi", "outloop", "pvhcheck", "smcalias", "stosb", "syscallcheck",
-          "triplefault", "uartflood", "usersyscall")
+          "jmpcache", "nmi", "outloop", "pvhcheck", "repstring", "smcalias", "stosb",
+          "syscallcheck", "triplefault", "uartflood", "usersyscall")
 #: What a training boot runs: the CLI's ``main``, which ends with Python's own shutdown. The
 #: instrumented library writes its profile from an exit handler (libgcov's), which the
 #: ``vmm-arch`` command's fast exit (cli.run: os._exit) would skip: no profile at all.
