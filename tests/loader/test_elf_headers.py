@@ -76,10 +76,27 @@ def test_a_file_written_again_is_parsed_again(cache: Path, kernel: Path) -> None
     assert after["entry"] == before.entry + 2
 
 
+def test_a_file_written_again_elsewhere_is_parsed_again(cache: Path, kernel: Path) -> None:
+    """A byte changed past the headers and notes, in place, with the old modification time put
+    back: the headers are the same, the file's identity (its change time) is not."""
+    parse_kernel(kernel)
+    stat = kernel.stat()
+    with kernel.open("r+b") as f:
+        f.seek(stat.st_size - 1)
+        last = f.read(1)
+        f.seek(stat.st_size - 1)
+        f.write(bytes([last[0] ^ 0xFF]))
+    os.utime(kernel, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    _, imported = probe(kernel)
+    assert imported, "the record was taken for a file written since"
+    _, imported = probe(kernel)
+    assert not imported
+
+
 def test_a_damaged_record_is_parsed_again_and_replaced(cache: Path, kernel: Path) -> None:
     before = parse_kernel(kernel).image
     (record,) = records(cache)
-    for damage in ("{", json.dumps({"identity": 1}), "[]"):
+    for damage in ("{", json.dumps({"identity": 1}), "[]", "[" * 100_000, " " * (1 << 20)):
         record.write_text(damage)
         image, imported = probe(kernel)
         assert imported and image["entry"] == before.entry

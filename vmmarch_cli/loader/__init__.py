@@ -148,10 +148,10 @@ def _elf_headers(f: BinaryIO, size: int, name: str) -> elf.ElfInfo:
     """``elf.parse``, or what it read from this file before (elf_headers.py)."""
     from vmmarch_cli.loader import elf, elf_headers
 
-    info = elf_headers.recall(f)
+    info, seen = elf_headers.recall(f)
     if info is None:
         info = elf.parse(f, size, name)
-        elf_headers.keep(f, info)
+        elf_headers.keep(seen, info)
     return info
 
 
