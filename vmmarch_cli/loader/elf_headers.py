@@ -47,15 +47,13 @@ def _guarded(f: BinaryIO) -> bytes | None:
 
 def _read_guarded(f: BinaryIO) -> bytes | None:
     f.seek(0)
-    head = f.read(Elf64Header.sizeof())
-    data = head
-    if len(head) == Elf64Header.sizeof():
-        ehdr = Elf64Header.read(head)
+    data = f.read(Elf64Header.sizeof())
+    if len(data) == Elf64Header.sizeof():
+        ehdr = Elf64Header.read(data)
         size = ehdr.e_phoff + ehdr.e_phnum * Elf64ProgramHeader.sizeof()
         if size > GUARDED_MAX:
             return None
-        f.seek(0)
-        data = f.read(size)
+        data += f.read(max(size - len(data), 0))  # on from the end of the ELF header
         for index in range(ehdr.e_phnum):
             at = ehdr.e_phoff + index * Elf64ProgramHeader.sizeof()
             if at + Elf64ProgramHeader.sizeof() > len(data):
