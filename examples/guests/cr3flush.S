@@ -25,13 +25,12 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "x86.inc"
         .include "report64.inc"
         .include "timing64.inc"
         .include "paging64.inc"
 
         .set REMAP, 0x40000000                  /* PDPT[1]: outside the shared identity map */
-        .set MOV_EAX_IMM32, 0xb8
-        .set RET, 0xc3
         .set ROUNDS, 1000
         .set SPREAD_PAGES, 8192                 /* 32 MiB of .bss, one store per 4 KiB page */
         .set FLUSHES, 4000

@@ -36,12 +36,11 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "x86.inc"
         .include "report64.inc"
         .include "timing64.inc"
         .include "paging64.inc"
 
-        .set PTE_G, 1 << 8                      /* SDM vol. 3A table 4-19 (4-18 for a PDE) */
-        .set CR4_PGE, 1 << 7                    /* SDM vol. 3A 2.5 */
         .set GLOBAL, 0x40000000                 /* PDPT[1] -> PD_HIGH[0] -> PT_GLOBAL */
         .set LOCAL, 0x40200000                  /* PD_HIGH[1] -> PT_LOCAL */
         .set BIG, 0x40400000                    /* PD_HIGH[2]: a 2 MiB global page */

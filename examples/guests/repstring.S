@@ -32,6 +32,7 @@
 
         .intel_syntax noprefix
         .include "board.inc"  /* EXIT_PORT, COM1: the VMM's ports (examples/build.py) */
+        .include "x86.inc"
         .include "report64.inc"
         .include "timing64.inc"
 
@@ -39,8 +40,6 @@
         .set PASSES, 4
         .set STOS_QWORDS, 1000
         .set STOS_VALUE, 0x1122334455667788
-        .set MOV_EAX_IMM32, 0xb8
-        .set RET, 0xc3
 
         .section .text.entry, "ax", @progbits
         .globl  _start

@@ -32,8 +32,6 @@
         .set EXEC_VIEW, 0x40000000
         .set NX_VIEW, 0x40200000
         .set FUNC, 0x100                        /* the function's offset in the page */
-        .set MOV_EAX_IMM32, 0xb8
-        .set RET, 0xc3
 
         .section .text.entry, "ax", @progbits
         .globl  _start
